@@ -1,0 +1,3 @@
+DROP TABLE deposits;
+DROP TABLE payments;
+DROP TABLE accounts;

@@ -1,0 +1,75 @@
+//! PostgreSQL plumbing that every service shares.
+//!
+//! - [`migrate`]: applies embedded diesel migrations at start-up, in order,
+//!   skipping those already applied, so several replicas may start at once.
+//! - [`pool`]: a deadpool of diesel-async connections.
+//!
+//! Services own their SQL under `migrations/<service>/` and embed it with
+//! `diesel_migrations::embed_migrations!`.
+
+use diesel::migration::MigrationSource;
+use diesel::pg::Pg;
+use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
+use diesel_async::pooled_connection::AsyncDieselConnectionManager;
+use diesel_async::pooled_connection::deadpool::Pool;
+use diesel_async::{AsyncConnection as _, AsyncPgConnection, SimpleAsyncConnection as _};
+use diesel_migrations::MigrationHarness as _;
+
+/// A pool of connections to one service's database.
+pub type PgPool = Pool<AsyncPgConnection>;
+
+/// Why the database could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The database could not be reached.
+    #[error("cannot connect to the database: {0}")]
+    Connect(#[from] diesel::ConnectionError),
+    /// A migration failed; the transaction it ran in was rolled back.
+    #[error("migration failed: {0}")]
+    Migrate(String),
+    /// The pool could not be built.
+    #[error("cannot build the connection pool: {0}")]
+    Pool(String),
+}
+
+/// Applies the pending migrations of each source in turn and returns the
+/// versions applied. Holds a session-level advisory lock meanwhile, so that
+/// replicas starting together apply each migration once.
+pub async fn migrate<S>(
+    database_url: impl AsRef<str>,
+    sources: Vec<S>,
+) -> Result<Vec<String>, DbError>
+where
+    S: MigrationSource<Pg> + Send + 'static,
+{
+    let mut connection = AsyncPgConnection::establish(database_url.as_ref()).await?;
+    // Session-level lock: released when this connection closes, even on error.
+    connection
+        .batch_execute("SELECT pg_advisory_lock(7220189462)")
+        .await
+        .map_err(|error| DbError::Migrate(format!("cannot take the migration lock: {error}")))?;
+    let mut wrapper = AsyncConnectionWrapper::<AsyncPgConnection>::from(connection);
+    // diesel's migration harness is synchronous: keep it off the async workers.
+    tokio::task::spawn_blocking(move || {
+        let mut applied = Vec::new();
+        for source in sources {
+            let versions = wrapper
+                .run_pending_migrations(source)
+                .map_err(|error| DbError::Migrate(error.to_string()))?;
+            applied.extend(versions.into_iter().map(|version| version.to_string()));
+        }
+        Ok(applied)
+    })
+    .await
+    .map_err(|error| DbError::Migrate(format!("the migration task failed: {error}")))?
+}
+
+/// A pool of at most `max_size` connections to `database_url`. Connections
+/// are opened lazily, so building the pool does not wait for the database.
+pub fn pool(database_url: &str, max_size: usize) -> Result<PgPool, DbError> {
+    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(database_url);
+    Pool::builder(manager)
+        .max_size(max_size)
+        .build()
+        .map_err(|error| DbError::Pool(error.to_string()))
+}

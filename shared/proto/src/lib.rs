@@ -1,0 +1,141 @@
+//! The shop's public contract, generated from `proto/` at build time.
+//!
+//! - [`user::v1`], [`order::v1`], [`inventory::v1`], [`payment::v1`]: each
+//!   package's messages, its gRPC client (`*_client`) and server (`*_server`),
+//!   and the events that service publishes.
+//! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors of every file, for gRPC
+//!   server reflection.
+//!
+//! Services convert these types to their domain types at the edge; nothing
+//! past a service's gRPC or event adapter should handle them.
+
+/// `shop.user.v1`: the user service and `UserCreated`.
+pub mod user {
+    /// Version 1 of the package.
+    pub mod v1 {
+        #![allow(missing_docs, unreachable_pub, clippy::all)]
+        tonic::include_proto!("shop.user.v1");
+    }
+}
+
+/// `shop.order.v1`: the order service and the order events.
+pub mod order {
+    /// Version 1 of the package.
+    pub mod v1 {
+        #![allow(missing_docs, unreachable_pub, clippy::all)]
+        tonic::include_proto!("shop.order.v1");
+    }
+}
+
+/// `shop.inventory.v1`: the inventory service and the inventory events.
+pub mod inventory {
+    /// Version 1 of the package.
+    pub mod v1 {
+        #![allow(missing_docs, unreachable_pub, clippy::all)]
+        tonic::include_proto!("shop.inventory.v1");
+    }
+}
+
+/// `shop.payment.v1`: the payment service and the payment events.
+pub mod payment {
+    /// Version 1 of the package.
+    pub mod v1 {
+        #![allow(missing_docs, unreachable_pub, clippy::all)]
+        tonic::include_proto!("shop.payment.v1");
+    }
+}
+
+/// The encoded `google.protobuf.FileDescriptorSet` of every file in `proto/`
+/// (well-known imports included), as gRPC server reflection wants it.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/shop_descriptor.bin"));
+
+#[cfg(test)]
+mod tests {
+    use prost::Message as _;
+
+    use super::*;
+
+    #[test]
+    fn descriptor_set_names_every_service_and_event() {
+        let set = prost_types::FileDescriptorSet::decode(FILE_DESCRIPTOR_SET).unwrap();
+        let mut services = Vec::new();
+        let mut messages = Vec::new();
+        for file in &set.file {
+            let package = file.package();
+            for service in &file.service {
+                let methods: Vec<_> = service.method.iter().map(|m| m.name().to_owned()).collect();
+                services.push((format!("{package}.{}", service.name()), methods));
+            }
+            for message in &file.message_type {
+                messages.push(format!("{package}.{}", message.name()));
+            }
+        }
+        let expected_services: &[(&str, &[&str])] = &[
+            (
+                "shop.user.v1.UserService",
+                &["CreateUser", "GetUser", "ListUsers"],
+            ),
+            (
+                "shop.order.v1.OrderService",
+                &["PlaceOrder", "GetOrder", "ListOrders"],
+            ),
+            (
+                "shop.inventory.v1.InventoryService",
+                &["CreateProduct", "GetProduct", "AddStock", "ListProducts"],
+            ),
+            (
+                "shop.payment.v1.PaymentService",
+                &["GetAccount", "Deposit", "GetPayment"],
+            ),
+        ];
+        for (name, methods) in expected_services {
+            let (_, found) = services
+                .iter()
+                .find(|(service, _)| service == name)
+                .unwrap_or_else(|| panic!("{name} missing from the descriptor set"));
+            assert_eq!(found, methods, "RPCs of {name}");
+        }
+        for event in [
+            "shop.user.v1.UserCreated",
+            "shop.order.v1.OrderPlaced",
+            "shop.order.v1.OrderConfirmed",
+            "shop.order.v1.OrderCancelled",
+            "shop.inventory.v1.InventoryReserved",
+            "shop.inventory.v1.InventoryRejected",
+            "shop.inventory.v1.InventoryReleased",
+            "shop.payment.v1.PaymentCompleted",
+            "shop.payment.v1.PaymentFailed",
+            "shop.payment.v1.PaymentRefunded",
+        ] {
+            assert!(messages.iter().any(|m| m == event), "{event} missing");
+        }
+    }
+
+    #[test]
+    fn generated_messages_round_trip_with_unknown_fields_ignored() {
+        let placed = order::v1::OrderPlaced {
+            order_id: "0190f0c2-0000-7000-8000-000000000001".into(),
+            user_id: "0190f0c2-0000-7000-8000-000000000002".into(),
+            items: vec![order::v1::OrderItem {
+                sku: "SKU-1".into(),
+                quantity: 2,
+            }],
+            placed_at: None,
+            deadline: None,
+        };
+        let bytes = placed.encode_to_vec();
+        assert_eq!(
+            order::v1::OrderPlaced::decode(bytes.as_slice()).unwrap(),
+            placed
+        );
+
+        // A newer producer may add fields: an older consumer still decodes the rest.
+        let mut newer = bytes.clone();
+        prost::encoding::string::encode(99, &"added later".to_owned(), &mut newer);
+        assert_eq!(
+            order::v1::OrderPlaced::decode(newer.as_slice()).unwrap(),
+            placed
+        );
+    }
+}

@@ -1,0 +1,77 @@
+//! Real infrastructure for tests: a `nats-server -js` and a throwaway
+//! PostgreSQL cluster, each on a free port with its data in a temporary
+//! directory, stopped when its handle is dropped (a panicking test included).
+//!
+//! - [`TestNats`]: one JetStream server per test; [`TestNats::kill`],
+//!   [`TestNats::stop`] and [`TestNats::start_again`] keep the port and the
+//!   store, for fault tests.
+//! - [`TestPostgres`]: one cluster per test (`initdb`, fsync off); each call to
+//!   [`TestPostgres::create_database`] hands out a fresh, empty database.
+//! - [`TestInfra`]: both at once, started concurrently.
+//!
+//! Binaries are found through `NATS_SERVER_BIN` / `PG_BIN_DIR`, on `PATH`, or
+//! under `/usr/lib/postgresql/*/bin`; when one is missing, starting fails with
+//! one line that says how to install it. PostgreSQL refuses to run as root, so
+//! when the tests run as root the cluster runs as the `postgres` user.
+
+mod binaries;
+mod nats;
+mod postgres;
+mod process;
+
+pub use nats::TestNats;
+pub use postgres::TestPostgres;
+
+/// Why a test server could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    /// A binary is missing; the message says how to install it.
+    #[error("{0}")]
+    Missing(String),
+    /// The server did not start or did not become ready.
+    #[error("{what} did not start: {detail}")]
+    Start {
+        /// Which server.
+        what: &'static str,
+        /// What went wrong, with the tail of the server's log.
+        detail: String,
+    },
+    /// Preparing a directory or spawning a process failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What the harness was doing.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A statement against the test cluster failed.
+    #[error("{context}: {detail}")]
+    Database {
+        /// What the harness was doing.
+        context: String,
+        /// The database's error.
+        detail: String,
+    },
+}
+
+/// A NATS server and a PostgreSQL cluster for one test.
+#[derive(Debug)]
+pub struct TestInfra {
+    /// The JetStream server.
+    pub nats: TestNats,
+    /// The PostgreSQL cluster.
+    pub postgres: TestPostgres,
+}
+
+impl TestInfra {
+    /// Starts both servers concurrently; panics with a one-line reason if
+    /// either cannot start.
+    pub async fn start() -> Self {
+        let (nats, postgres) = tokio::join!(TestNats::try_start(), TestPostgres::try_start());
+        match (nats, postgres) {
+            (Ok(nats), Ok(postgres)) => Self { nats, postgres },
+            (Err(error), _) | (_, Err(error)) => panic!("{error}"),
+        }
+    }
+}

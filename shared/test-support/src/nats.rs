@@ -1,0 +1,183 @@
+//! A real `nats-server -js` for one test.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use crate::HarnessError;
+use crate::binaries;
+use crate::process::{ServerProcess, free_port};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A JetStream-enabled NATS server on a free port of 127.0.0.1, storing its
+/// streams in a temporary directory. Dropping it stops the server and deletes
+/// the store.
+#[derive(Debug)]
+pub struct TestNats {
+    binary: PathBuf,
+    port: u16,
+    process: Option<ServerProcess>,
+    // Declared last so that the server is gone before its store is removed.
+    dir: TempDir,
+}
+
+impl TestNats {
+    /// Starts a server; panics with a one-line reason if it cannot.
+    pub async fn start() -> Self {
+        Self::try_start()
+            .await
+            .unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// Starts a server, or says why it could not.
+    pub async fn try_start() -> Result<Self, HarnessError> {
+        let binary = binaries::nats_server()?;
+        let dir = tempfile::Builder::new()
+            .prefix("shop-test-nats-")
+            .tempdir()
+            .map_err(|source| HarnessError::Io {
+                context: "cannot create a NATS store".into(),
+                source,
+            })?;
+        let mut nats = Self {
+            binary,
+            port: 0,
+            process: None,
+            dir,
+        };
+        let mut last_error = None;
+        // A free port can be taken between probing and binding: try a few.
+        for _ in 0..3 {
+            nats.port = free_port()?;
+            match nats.launch().await {
+                Ok(()) => return Ok(nats),
+                Err(error) => last_error = Some(error),
+            }
+        }
+        Err(last_error.expect("at least one attempt"))
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The client port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A new client connection to this server.
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(self.url())
+            .await
+            .unwrap_or_else(|error| {
+                panic!(
+                    "cannot connect to the test NATS server at {}: {error}",
+                    self.url()
+                )
+            })
+    }
+
+    /// Whether the server process is running.
+    pub fn is_running(&mut self) -> bool {
+        self.process
+            .as_mut()
+            .is_some_and(|process| process.exited().is_none())
+    }
+
+    /// Kills the server with SIGKILL, as a crash would; the store stays.
+    pub fn kill(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            process.terminate(libc::SIGKILL, Duration::from_secs(5));
+        }
+    }
+
+    /// Stops the server gracefully (SIGTERM); the store stays.
+    pub fn stop(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            process.terminate(libc::SIGTERM, Duration::from_secs(10));
+        }
+    }
+
+    /// Starts the server again on the same port and store, after [`kill`] or
+    /// [`stop`], and waits until JetStream answers.
+    ///
+    /// [`kill`]: Self::kill
+    /// [`stop`]: Self::stop
+    pub async fn start_again(&mut self) {
+        assert!(
+            self.process.is_none(),
+            "the test NATS server is still running"
+        );
+        // The old socket may linger for a moment after a kill.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.launch().await {
+                Ok(()) => return,
+                Err(error) if Instant::now() >= deadline => panic!("{error}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    async fn launch(&mut self) -> Result<(), HarnessError> {
+        let mut command = Command::new(&self.binary);
+        command
+            .arg("--jetstream")
+            .args(["--addr", "127.0.0.1"])
+            .args(["--port", &self.port.to_string()])
+            .arg("--store_dir")
+            .arg(self.dir.path().join("store"))
+            .args(["--server_name", "shop-test"]);
+        let mut process = ServerProcess::spawn(command, &self.dir.path().join("nats.log"), None)?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = process.exited() {
+                return Err(HarnessError::Start {
+                    what: "nats-server",
+                    detail: format!(
+                        "exited with {status} on port {}: {}",
+                        self.port,
+                        process.log_tail()
+                    ),
+                });
+            }
+            if self.jetstream_ready().await {
+                self.process = Some(process);
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(HarnessError::Start {
+                    what: "nats-server",
+                    detail: format!(
+                        "JetStream not ready after {READY_TIMEOUT:?}: {}",
+                        process.log_tail()
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// JetStream answers an account query: the server accepts clients and its
+    /// store is open.
+    async fn jetstream_ready(&self) -> bool {
+        let options =
+            async_nats::ConnectOptions::new().connection_timeout(Duration::from_millis(500));
+        let Ok(client) = options.connect(self.url()).await else {
+            return false;
+        };
+        let ready = tokio::time::timeout(
+            Duration::from_secs(2),
+            async_nats::jetstream::new(client.clone()).query_account(),
+        )
+        .await
+        .is_ok_and(|answer| answer.is_ok());
+        drop(client);
+        ready
+    }
+}

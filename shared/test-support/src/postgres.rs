@@ -1,0 +1,293 @@
+//! A throwaway PostgreSQL cluster for one test.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use diesel_async::{AsyncConnection as _, AsyncPgConnection, SimpleAsyncConnection as _};
+use tempfile::TempDir;
+
+use crate::HarnessError;
+use crate::binaries;
+use crate::process::{ServerProcess, free_port, log_tail};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A PostgreSQL cluster initialised into a temporary directory and listening
+/// on a free port of 127.0.0.1, tuned for tests (fsync off: a crash of the
+/// machine would lose it, a crash of the server does not). Dropping it stops the
+/// cluster and deletes its data.
+#[derive(Debug)]
+pub struct TestPostgres {
+    bin_dir: PathBuf,
+    user: Option<(u32, u32)>,
+    port: u16,
+    process: Option<ServerProcess>,
+    // Declared last so that the server is gone before its data is removed.
+    dir: TempDir,
+}
+
+impl TestPostgres {
+    /// Initialises and starts a cluster; panics with a one-line reason if it
+    /// cannot.
+    pub async fn start() -> Self {
+        Self::try_start()
+            .await
+            .unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// Initialises and starts a cluster, or says why it could not.
+    pub async fn try_start() -> Result<Self, HarnessError> {
+        let bin_dir = binaries::postgres_bin_dir()?;
+        let user = server_user()?;
+        let dir = tempfile::Builder::new()
+            .prefix("shop-test-pg-")
+            .tempdir()
+            .map_err(|source| HarnessError::Io {
+                context: "cannot create a PostgreSQL directory".into(),
+                source,
+            })?;
+        let mut postgres = Self {
+            bin_dir,
+            user,
+            port: 0,
+            process: None,
+            dir,
+        };
+        postgres.init().await?;
+        let mut last_error = None;
+        // A free port can be taken between probing and binding: try a few.
+        for _ in 0..3 {
+            postgres.port = free_port()?;
+            match postgres.launch().await {
+                Ok(()) => return Ok(postgres),
+                Err(error) => last_error = Some(error),
+            }
+        }
+        Err(last_error.expect("at least one attempt"))
+    }
+
+    /// The port the cluster listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The URL of database `name` as the superuser `postgres`.
+    pub fn url(&self, name: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// Creates an empty database called `name` and returns its URL; panics if
+    /// it cannot (a name already taken included).
+    pub async fn create_database(&self, name: &str) -> String {
+        assert!(
+            !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+            "test database names are lowercase letters, digits and underscores, not {name:?}"
+        );
+        let mut admin = self
+            .connect("postgres")
+            .await
+            .unwrap_or_else(|error| panic!("{error}"));
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap_or_else(|error| panic!("cannot create test database {name}: {error}"));
+        self.url(name)
+    }
+
+    /// Whether the cluster is running.
+    pub fn is_running(&mut self) -> bool {
+        self.process
+            .as_mut()
+            .is_some_and(|process| process.exited().is_none())
+    }
+
+    /// Stops the cluster at once (SIGQUIT, PostgreSQL's immediate shutdown:
+    /// no checkpoint, as after a crash); the data stays.
+    pub fn kill(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            process.terminate(libc::SIGQUIT, Duration::from_secs(10));
+        }
+    }
+
+    /// Stops the cluster cleanly (SIGINT, PostgreSQL's fast shutdown); the data
+    /// stays.
+    pub fn stop(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            process.terminate(libc::SIGINT, Duration::from_secs(20));
+        }
+    }
+
+    /// Starts the cluster again on the same port and data, after [`kill`] or
+    /// [`stop`], and waits until it accepts connections.
+    ///
+    /// [`kill`]: Self::kill
+    /// [`stop`]: Self::stop
+    pub async fn start_again(&mut self) {
+        assert!(
+            self.process.is_none(),
+            "the test PostgreSQL cluster is still running"
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.launch().await {
+                Ok(()) => return,
+                Err(error) if Instant::now() >= deadline => panic!("{error}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    async fn init(&self) -> Result<(), HarnessError> {
+        let data = self.data_dir();
+        std::fs::create_dir(&data).map_err(|source| HarnessError::Io {
+            context: format!("cannot create {}", data.display()),
+            source,
+        })?;
+        if let Some((uid, gid)) = self.user {
+            for path in [self.dir.path(), data.as_path()] {
+                std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|source| {
+                    HarnessError::Io {
+                        context: format!("cannot hand {} to the postgres user", path.display()),
+                        source,
+                    }
+                })?;
+            }
+        }
+        let mut command = Command::new(self.bin_dir.join("initdb"));
+        command
+            .arg("--pgdata")
+            .arg(&data)
+            .args([
+                "--auth",
+                "trust",
+                "--username",
+                "postgres",
+                "--encoding",
+                "UTF8",
+            ])
+            .args(["--no-locale", "--no-sync", "--no-instructions"]);
+        let log = self.dir.path().join("initdb.log");
+        let mut process = ServerProcess::spawn(command, &log, self.user)?;
+        let status = loop {
+            match process.exited() {
+                Some(status) => break status,
+                None => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        if !status.success() {
+            return Err(HarnessError::Start {
+                what: "initdb",
+                detail: format!("{status}: {}", log_tail(&log)),
+            });
+        }
+        Ok(())
+    }
+
+    async fn launch(&mut self) -> Result<(), HarnessError> {
+        let mut command = Command::new(self.bin_dir.join("postgres"));
+        command
+            .arg("-D")
+            .arg(self.data_dir())
+            .args(["-p", &self.port.to_string()])
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .args(["-c", "unix_socket_directories="])
+            // fsync off skips the disk flushes; synchronous_commit stays on so
+            // that a commit is in the OS's cache before it is acknowledged and
+            // survives a killed server, which the fault tests rely on.
+            .args(["-c", "fsync=off", "-c", "full_page_writes=off"])
+            .args(["-c", "max_connections=300"]);
+        let mut process =
+            ServerProcess::spawn(command, &self.dir.path().join("postgres.log"), self.user)?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = process.exited() {
+                return Err(HarnessError::Start {
+                    what: "postgres",
+                    detail: format!(
+                        "exited with {status} on port {}: {}",
+                        self.port,
+                        process.log_tail()
+                    ),
+                });
+            }
+            if self.connect("postgres").await.is_ok() {
+                self.process = Some(process);
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(HarnessError::Start {
+                    what: "postgres",
+                    detail: format!(
+                        "not accepting connections after {READY_TIMEOUT:?}: {}",
+                        process.log_tail()
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn connect(&self, database: &str) -> Result<AsyncPgConnection, HarnessError> {
+        AsyncPgConnection::establish(&self.url(database))
+            .await
+            .map_err(|error| HarnessError::Database {
+                context: format!("cannot connect to the test cluster on port {}", self.port),
+                detail: error.to_string(),
+            })
+    }
+}
+
+/// The uid and gid to run the server as: the `postgres` user when we are root
+/// (PostgreSQL refuses to run as root), else ourselves.
+fn server_user() -> Result<Option<(u32, u32)>, HarnessError> {
+    if effective_uid() != 0 {
+        return Ok(None);
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").map_err(|source| HarnessError::Io {
+        context: "cannot read /etc/passwd".into(),
+        source,
+    })?;
+    passwd_entry(&passwd, "postgres").map(Some).ok_or_else(|| {
+        HarnessError::Missing(
+            "running as root, but there is no `postgres` user to run PostgreSQL as: run `scripts/bootstrap` (or `apt-get install postgresql`)".into(),
+        )
+    })
+}
+
+fn passwd_entry(passwd: &str, name: &str) -> Option<(u32, u32)> {
+    passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        (fields.next()? == name).then_some(())?;
+        let _password = fields.next()?;
+        Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
+    })
+}
+
+fn effective_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt as _;
+    // /proc/self belongs to the process's effective uid; reading it avoids an
+    // unsafe libc call.
+    std::fs::metadata("/proc/self")
+        .map(|meta| meta.uid())
+        .unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_a_user_in_passwd() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\npostgres:x:101:104:PostgreSQL administrator:/var/lib/postgresql:/bin/bash\n";
+        assert_eq!(passwd_entry(passwd, "postgres"), Some((101, 104)));
+        assert_eq!(passwd_entry(passwd, "nobody"), None);
+    }
+}

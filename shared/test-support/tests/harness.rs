@@ -1,0 +1,222 @@
+//! The harness against the real servers it starts.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull, stream};
+use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
+use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl as _};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness as _, embed_migrations};
+use futures::StreamExt as _;
+use shop_test_support::{TestInfra, TestNats, TestPostgres};
+
+const MIGRATIONS: EmbeddedMigrations = embed_migrations!("tests/migrations");
+
+#[tokio::test]
+async fn jetstream_publish_and_consume_round_trip() {
+    let nats = TestNats::start().await;
+    let js = jetstream::new(nats.client().await);
+    js.create_stream(stream::Config {
+        name: "ORDERS".into(),
+        subjects: vec!["orders.>".into()],
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    js.publish("orders.placed", "first".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    js.publish("orders.placed", "second".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let consumer = js
+        .get_stream("ORDERS")
+        .await
+        .unwrap()
+        .create_consumer(pull::Config {
+            durable_name: Some("reader".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut messages = consumer
+        .fetch()
+        .max_messages(2)
+        .expires(Duration::from_secs(5))
+        .messages()
+        .await
+        .unwrap();
+    let mut bodies = Vec::new();
+    while let Some(message) = messages.next().await {
+        let message = message.unwrap();
+        bodies.push(String::from_utf8(message.payload.to_vec()).unwrap());
+        message.ack().await.unwrap();
+    }
+    assert_eq!(bodies, ["first", "second"]);
+}
+
+#[tokio::test]
+async fn stream_survives_a_killed_and_restarted_server() {
+    let mut nats = TestNats::start().await;
+    let js = jetstream::new(nats.client().await);
+    js.create_stream(stream::Config {
+        name: "KEEP".into(),
+        subjects: vec!["keep.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    js.publish("keep.one", "kept".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let port = nats.port();
+
+    nats.kill();
+    assert!(!nats.is_running());
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "a killed server still accepts connections"
+    );
+
+    nats.start_again().await;
+    assert_eq!(nats.port(), port);
+    let js = jetstream::new(nats.client().await);
+    let mut stream = js.get_stream("KEEP").await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 1);
+    let kept = stream
+        .get_last_raw_message_by_subject("keep.one")
+        .await
+        .unwrap();
+    assert_eq!(kept.payload.as_ref(), b"kept");
+}
+
+#[tokio::test]
+async fn migrations_run_on_a_fresh_database() {
+    let postgres = TestPostgres::start().await;
+    let url = postgres.create_database("fresh").await;
+
+    let connection = AsyncPgConnection::establish(&url).await.unwrap();
+    let mut wrapper = AsyncConnectionWrapper::<AsyncPgConnection>::from(connection);
+    let applied = tokio::task::spawn_blocking(move || {
+        wrapper
+            .run_pending_migrations(MIGRATIONS)
+            .map(|versions| versions.len())
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(applied, 1);
+
+    let mut connection = AsyncPgConnection::establish(&url).await.unwrap();
+    diesel::sql_query("INSERT INTO widgets (id, name) VALUES (1, 'sprocket')")
+        .execute(&mut connection)
+        .await
+        .unwrap();
+    let inserted = diesel::sql_query("SELECT id FROM widgets")
+        .execute(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(inserted, 1);
+}
+
+#[tokio::test]
+async fn each_database_starts_empty_and_apart() {
+    let postgres = TestPostgres::start().await;
+    let first = postgres.create_database("first").await;
+    let second = postgres.create_database("second").await;
+
+    let mut connection = AsyncPgConnection::establish(&first).await.unwrap();
+    diesel::sql_query("CREATE TABLE only_in_first (id INT)")
+        .execute(&mut connection)
+        .await
+        .unwrap();
+
+    let mut connection = AsyncPgConnection::establish(&second).await.unwrap();
+    let error = diesel::sql_query("SELECT * FROM only_in_first")
+        .execute(&mut connection)
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("does not exist"), "{error}");
+}
+
+#[tokio::test]
+async fn postgres_comes_back_after_a_crash_with_its_data() {
+    let mut postgres = TestPostgres::start().await;
+    let url = postgres.create_database("durable").await;
+    let mut connection = AsyncPgConnection::establish(&url).await.unwrap();
+    diesel::sql_query("CREATE TABLE kept (id INT)")
+        .execute(&mut connection)
+        .await
+        .unwrap();
+    diesel::sql_query("INSERT INTO kept VALUES (7)")
+        .execute(&mut connection)
+        .await
+        .unwrap();
+    drop(connection);
+
+    postgres.kill();
+    assert!(
+        AsyncPgConnection::establish(&url).await.is_err(),
+        "a killed cluster still accepts connections"
+    );
+    postgres.start_again().await;
+
+    let mut connection = AsyncPgConnection::establish(&url).await.unwrap();
+    let rows = diesel::sql_query("SELECT id FROM kept WHERE id = 7")
+        .execute(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1);
+}
+
+#[tokio::test]
+async fn dropping_the_handles_stops_the_servers() {
+    let infra = TestInfra::start().await;
+    let nats_port = infra.nats.port();
+    let pg_port = infra.postgres.port();
+    assert!(std::net::TcpStream::connect(("127.0.0.1", nats_port)).is_ok());
+    assert!(std::net::TcpStream::connect(("127.0.0.1", pg_port)).is_ok());
+
+    drop(infra);
+    for port in [nats_port, pg_port] {
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "port {port} still open after drop"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_test_still_stops_its_servers() {
+    let (ports_tx, ports_rx) = std::sync::mpsc::channel();
+    let result = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let infra = TestInfra::start().await;
+            ports_tx
+                .send((infra.nats.port(), infra.postgres.port()))
+                .unwrap();
+            panic!("the test fails while its servers run");
+        })
+    })
+    .join();
+    assert!(result.is_err());
+    let (nats_port, pg_port) = ports_rx.recv().unwrap();
+    for port in [nats_port, pg_port] {
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "port {port} still open after a panic"
+        );
+    }
+}
