@@ -3,6 +3,8 @@
 //! - [`user::v1`], [`order::v1`], [`inventory::v1`], [`payment::v1`]: each
 //!   package's messages, its gRPC client (`*_client`) and server (`*_server`),
 //!   and the events that service publishes.
+//! - [`Event`]: what the messaging runtime needs to know of each saga event,
+//!   its CloudEvents type and its subject.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors of every file, for gRPC
 //!   server reflection.
 //!
@@ -43,6 +45,40 @@ pub mod payment {
         #![allow(missing_docs, unreachable_pub, clippy::all)]
         tonic::include_proto!("shop.payment.v1");
     }
+}
+
+/// A saga event: a protobuf message published on one subject of its producer's
+/// stream.
+pub trait Event: prost::Message + Default + Send + Sync + 'static {
+    /// The message's full protobuf name, sent as the CloudEvents `ce-type`.
+    const TYPE: &'static str;
+    /// The NATS subject the event is published on.
+    const SUBJECT: &'static str;
+}
+
+macro_rules! events {
+    ($($event:ty => $type:literal on $subject:literal;)*) => {
+        $(impl Event for $event {
+            const TYPE: &'static str = $type;
+            const SUBJECT: &'static str = $subject;
+        })*
+
+        /// Every event of the contract as (`ce-type`, subject).
+        pub const EVENTS: &[(&str, &str)] = &[$(($type, $subject)),*];
+    };
+}
+
+events! {
+    user::v1::UserCreated => "shop.user.v1.UserCreated" on "user.created";
+    order::v1::OrderPlaced => "shop.order.v1.OrderPlaced" on "order.placed";
+    order::v1::OrderConfirmed => "shop.order.v1.OrderConfirmed" on "order.confirmed";
+    order::v1::OrderCancelled => "shop.order.v1.OrderCancelled" on "order.cancelled";
+    inventory::v1::InventoryReserved => "shop.inventory.v1.InventoryReserved" on "inventory.reserved";
+    inventory::v1::InventoryRejected => "shop.inventory.v1.InventoryRejected" on "inventory.rejected";
+    inventory::v1::InventoryReleased => "shop.inventory.v1.InventoryReleased" on "inventory.released";
+    payment::v1::PaymentCompleted => "shop.payment.v1.PaymentCompleted" on "payment.completed";
+    payment::v1::PaymentFailed => "shop.payment.v1.PaymentFailed" on "payment.failed";
+    payment::v1::PaymentRefunded => "shop.payment.v1.PaymentRefunded" on "payment.refunded";
 }
 
 /// The encoded `google.protobuf.FileDescriptorSet` of every file in `proto/`
@@ -96,19 +132,16 @@ mod tests {
                 .unwrap_or_else(|| panic!("{name} missing from the descriptor set"));
             assert_eq!(found, methods, "RPCs of {name}");
         }
-        for event in [
-            "shop.user.v1.UserCreated",
-            "shop.order.v1.OrderPlaced",
-            "shop.order.v1.OrderConfirmed",
-            "shop.order.v1.OrderCancelled",
-            "shop.inventory.v1.InventoryReserved",
-            "shop.inventory.v1.InventoryRejected",
-            "shop.inventory.v1.InventoryReleased",
-            "shop.payment.v1.PaymentCompleted",
-            "shop.payment.v1.PaymentFailed",
-            "shop.payment.v1.PaymentRefunded",
-        ] {
+        assert_eq!(EVENTS.len(), 10);
+        for (event, subject) in EVENTS {
             assert!(messages.iter().any(|m| m == event), "{event} missing");
+            // Each event lives in its producer's package, and is published on
+            // that producer's stream.
+            let producer = event.split('.').nth(1).unwrap();
+            assert!(
+                subject.starts_with(&format!("{producer}.")),
+                "{event} on {subject}"
+            );
         }
     }
 

@@ -22,6 +22,7 @@ pub struct TestPostgres {
     bin_dir: PathBuf,
     user: Option<(u32, u32)>,
     port: u16,
+    durable: bool,
     process: Option<ServerProcess>,
     // Declared last so that the server is gone before its data is removed.
     dir: TempDir,
@@ -38,6 +39,18 @@ impl TestPostgres {
 
     /// Initialises and starts a cluster, or says why it could not.
     pub async fn try_start() -> Result<Self, HarnessError> {
+        Self::try_start_with(false).await
+    }
+
+    /// Initialises and starts a cluster that flushes to disk like a
+    /// production server (fsync and full-page writes on), for benchmarks.
+    pub async fn start_durable() -> Self {
+        Self::try_start_with(true)
+            .await
+            .unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    async fn try_start_with(durable: bool) -> Result<Self, HarnessError> {
         let bin_dir = binaries::postgres_bin_dir()?;
         let user = server_user()?;
         let dir = tempfile::Builder::new()
@@ -51,6 +64,7 @@ impl TestPostgres {
             bin_dir,
             user,
             port: 0,
+            durable,
             process: None,
             dir,
         };
@@ -199,11 +213,13 @@ impl TestPostgres {
             .args(["-p", &self.port.to_string()])
             .args(["-c", "listen_addresses=127.0.0.1"])
             .args(["-c", "unix_socket_directories="])
+            .args(["-c", "max_connections=300"]);
+        if !self.durable {
             // fsync off skips the disk flushes; synchronous_commit stays on so
             // that a commit is in the OS's cache before it is acknowledged and
             // survives a killed server, which the fault tests rely on.
-            .args(["-c", "fsync=off", "-c", "full_page_writes=off"])
-            .args(["-c", "max_connections=300"]);
+            command.args(["-c", "fsync=off", "-c", "full_page_writes=off"]);
+        }
         let mut process =
             ServerProcess::spawn(command, &self.dir.path().join("postgres.log"), self.user)?;
         let deadline = Instant::now() + READY_TIMEOUT;

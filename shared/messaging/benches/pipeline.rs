@@ -1,0 +1,229 @@
+//! Events through the whole pipeline against real servers: a writer's
+//! transaction appends to the outbox, the relay publishes to JetStream, the
+//! consumer applies the event in another database with its inbox row.
+//!
+//! Reports events/s from the first commit to the last applied event, and the
+//! hop latency from each writer's commit to the consumer's commit.
+//!
+//! ```sh
+//! cargo bench -p shop-messaging --bench pipeline -- --events 20000 --writers 16
+//! ```
+//!
+//! PostgreSQL runs with fsync on (a durable cluster from the test harness);
+//! the producing and consuming services have a database each, as in the
+//! deployed system.
+
+#![allow(clippy::print_stdout)] // the report is the program's output
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use diesel_async::{AsyncConnection as _, AsyncPgConnection};
+use hdrhistogram::Histogram;
+use shop_messaging::{
+    BoxFuture, ConsumerSpec, Context, EventConsumer, HandlerError, Outbox, OutgoingEvent,
+    Processed, Relay, RelayConfig, Router, StreamSpec,
+};
+use shop_proto::order::v1::OrderPlaced;
+use shop_test_support::{TestNats, TestPostgres};
+use tokio_util::sync::CancellationToken;
+
+struct Options {
+    events: usize,
+    writers: usize,
+    concurrency: usize,
+}
+
+fn options() -> Options {
+    let mut options = Options {
+        events: 20_000,
+        writers: 16,
+        concurrency: 64,
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let mut value = || {
+            args.next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| usage(arg))
+        };
+        match arg.as_str() {
+            "--events" => options.events = value(),
+            "--writers" => options.writers = value(),
+            "--concurrency" => options.concurrency = value(),
+            // cargo bench passes --bench to every bench binary.
+            "--bench" => {}
+            other => usage(other),
+        }
+    }
+    options
+}
+
+fn usage(arg: &str) -> ! {
+    eprintln!(
+        "unexpected argument {arg}; usage: pipeline [--events N] [--writers N] [--concurrency N]"
+    );
+    std::process::exit(2)
+}
+
+fn apply<'a>(
+    _: &'a (),
+    _cx: &'a mut Context<'_>,
+    _event: OrderPlaced,
+) -> BoxFuture<'a, Result<(), HandlerError>> {
+    // The runtime's own work is what is measured: inbox row, commit, ack.
+    Box::pin(async { Ok(()) })
+}
+
+#[tokio::main]
+async fn main() {
+    let options = options();
+    let (nats, postgres) = tokio::join!(TestNats::start(), TestPostgres::start_durable());
+    let producer_url = postgres.create_database("producer").await;
+    let consumer_url = postgres.create_database("consumer").await;
+    for url in [&producer_url, &consumer_url] {
+        shop_db::migrate(url, vec![shop_messaging::MIGRATIONS])
+            .await
+            .expect("migrations apply");
+    }
+    let js = jetstream::new(nats.client().await);
+    StreamSpec::new("ORDER", "order")
+        .provision(&js)
+        .await
+        .expect("stream");
+    StreamSpec::dead_letters()
+        .provision(&js)
+        .await
+        .expect("dead-letter stream");
+
+    let origin = Instant::now();
+    let nanos =
+        move |at: Instant| u64::try_from(at.duration_since(origin).as_nanos()).unwrap_or(u64::MAX);
+    let committed: Arc<Vec<AtomicU64>> =
+        Arc::new((0..options.events).map(|_| AtomicU64::new(0)).collect());
+    let applied: Arc<Vec<AtomicU64>> =
+        Arc::new((0..options.events).map(|_| AtomicU64::new(0)).collect());
+    let applied_count = Arc::new(AtomicU64::new(0));
+
+    let shutdown = CancellationToken::new();
+    let producer_pool = shop_db::pool(&producer_url, 32).expect("pool");
+    let relay = Relay::new(
+        producer_pool,
+        producer_url.clone(),
+        js.clone(),
+        RelayConfig::default(),
+    );
+    let relay = tokio::spawn(relay.run(shutdown.clone()));
+
+    let hook = {
+        let applied = Arc::clone(&applied);
+        let applied_count = Arc::clone(&applied_count);
+        Arc::new(
+            move |message: &jetstream::Message, processed: Processed, _: Duration| {
+                if processed != Processed::Applied {
+                    return;
+                }
+                let index = message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(shop_messaging::envelope::headers::CORRELATION_ID))
+                    .and_then(|id| id.as_str().parse::<usize>().ok());
+                if let Some(index) = index {
+                    applied[index].store(nanos(Instant::now()), Ordering::Relaxed);
+                    applied_count.fetch_add(1, Ordering::Relaxed);
+                }
+            },
+        )
+    };
+    let consumer = EventConsumer::new(
+        js.clone(),
+        shop_db::pool(&consumer_url, options.concurrency).expect("pool"),
+        Outbox::new("shop/bench"),
+        ConsumerSpec::new("bench", "ORDER", &[]),
+        Router::new().on::<OrderPlaced, _>(apply),
+        (),
+    )
+    .with_concurrency(options.concurrency)
+    .with_hook(hook);
+    let consumer = tokio::spawn(consumer.run(shutdown.clone()));
+
+    eprintln!(
+        "pipeline: {} events, {} writers (one commit per event), consumer concurrency {}",
+        options.events, options.writers, options.concurrency
+    );
+    let started = Instant::now();
+    let next = Arc::new(AtomicU64::new(0));
+    let writers: Vec<_> = (0..options.writers)
+        .map(|_| {
+            let url = producer_url.clone();
+            let next = Arc::clone(&next);
+            let committed = Arc::clone(&committed);
+            let total = options.events as u64;
+            tokio::spawn(async move {
+                let outbox = Outbox::new("shop/bench");
+                let mut conn = AsyncPgConnection::establish(&url).await.expect("connect");
+                loop {
+                    let index = next.fetch_add(1, Ordering::Relaxed);
+                    if index >= total {
+                        break;
+                    }
+                    let event = OutgoingEvent::new(&OrderPlaced {
+                        order_id: index.to_string(),
+                        ..Default::default()
+                    })
+                    .correlated(index.to_string());
+                    let outbox = outbox.clone();
+                    conn.transaction::<_, diesel::result::Error, _>(async move |conn| {
+                        outbox.append(conn, &[event]).await
+                    })
+                    .await
+                    .expect("append");
+                    committed[index as usize].store(nanos(Instant::now()), Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    let written = started.elapsed();
+    while applied_count.load(Ordering::Relaxed) < options.events as u64 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed();
+    shutdown.cancel();
+    let _ = tokio::join!(relay, consumer);
+
+    let mut hops = Histogram::<u64>::new(3).expect("histogram");
+    for (commit, apply) in committed.iter().zip(applied.iter()) {
+        let (commit, apply) = (
+            commit.load(Ordering::Relaxed),
+            apply.load(Ordering::Relaxed),
+        );
+        // The writer notes its commit after the call returns, so a very fast
+        // hop can be recorded as slightly negative: count it as zero.
+        hops.record(apply.saturating_sub(commit) / 1000)
+            .expect("record");
+    }
+    let rate = options.events as f64 / elapsed.as_secs_f64();
+    let ms = |q: f64| hops.value_at_quantile(q) as f64 / 1000.0;
+    println!("events               {}", options.events);
+    println!(
+        "written in           {:.2} s ({:.0} commits/s)",
+        written.as_secs_f64(),
+        options.events as f64 / written.as_secs_f64()
+    );
+    println!("all applied in       {:.2} s", elapsed.as_secs_f64());
+    println!("throughput           {rate:.0} events/s");
+    println!("hop latency (commit -> consumer commit)");
+    println!(
+        "  p50 {:.2} ms   p90 {:.2} ms   p99 {:.2} ms   max {:.2} ms",
+        ms(0.5),
+        ms(0.9),
+        ms(0.99),
+        hops.max() as f64 / 1000.0
+    );
+}

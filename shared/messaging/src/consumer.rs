@@ -1,0 +1,779 @@
+//! The idempotent consumer loop.
+//!
+//! Per message: parse the envelope and decode the body (a message that cannot
+//! be decoded goes to the dead-letter queue at once); open a transaction;
+//! insert (consumer, event id) into the inbox (already there: a redelivery,
+//! acked without effect); run the handler, which may emit events into the
+//! outbox; commit; ack.
+//!
+//! A handler fails with a [`HandlerError`]: a transient failure is retried
+//! by a nak with an exponentially growing delay ([`RetryPolicy`]) and
+//! dead-lettered on the last allowed delivery; a permanent one is
+//! dead-lettered at once. A panicking handler counts as a transient failure
+//! and the loop carries on. A dead letter keeps the original body and
+//! headers, adds the reason, the consumer, the delivery count and the stream
+//! sequence, goes to `dlq.<consumer>.<subject>`, and only then is the
+//! original terminated: nothing is lost and nothing blocks the stream.
+//!
+//! Event types without a route are acked and counted, not dead-lettered: an
+//! older consumer ignores the event types a newer producer adds.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, message::PublishMessage};
+use diesel::prelude::*;
+use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl};
+use futures::{FutureExt as _, StreamExt as _};
+use shop_db::PgPool;
+use shop_proto::Event;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
+
+use crate::BoxFuture;
+use crate::envelope::{Envelope, OutgoingEvent};
+use crate::outbox::Outbox;
+use crate::provision::ConsumerSpec;
+use crate::schema::inbox;
+use crate::trace;
+
+/// Headers a dead letter adds to the original's.
+pub mod dead_letter_headers {
+    /// Why the message was dead-lettered.
+    pub const REASON: &str = "dlq-reason";
+    /// The durable consumer that gave up on it.
+    pub const CONSUMER: &str = "dlq-consumer";
+    /// How many times it had been delivered.
+    pub const DELIVERIES: &str = "dlq-delivery-count";
+    /// The stream it came from.
+    pub const STREAM: &str = "dlq-stream";
+    /// Its sequence in that stream.
+    pub const STREAM_SEQUENCE: &str = "dlq-stream-sequence";
+    /// The subject it was published on.
+    pub const SUBJECT: &str = "dlq-subject";
+}
+
+/// How a handler failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// Worth retrying: the database or a dependency was unavailable, a
+    /// serialisation conflict, ... Retried with backoff, then dead-lettered.
+    #[error("transient: {0}")]
+    Transient(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// Never going to succeed for this message: it is dead-lettered at once.
+    #[error("permanent: {0}")]
+    Permanent(String),
+}
+
+impl HandlerError {
+    /// A failure worth retrying.
+    pub fn transient(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Transient(error.into())
+    }
+
+    /// A failure that retrying cannot fix, with a reason for people.
+    pub fn permanent(reason: impl Into<String>) -> Self {
+        Self::Permanent(reason.into())
+    }
+}
+
+impl From<diesel::result::Error> for HandlerError {
+    fn from(error: diesel::result::Error) -> Self {
+        Self::transient(error)
+    }
+}
+
+/// What a handler works with: the transaction's connection, the envelope of
+/// the event being handled, and the events it emits, which are written to
+/// the outbox in the same transaction after the handler returns.
+pub struct Context<'c> {
+    conn: &'c mut AsyncPgConnection,
+    envelope: &'c Envelope,
+    emitted: Vec<OutgoingEvent>,
+}
+
+impl std::fmt::Debug for Context<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("envelope", self.envelope)
+            .field("emitted", &self.emitted)
+            .finish()
+    }
+}
+
+impl Context<'_> {
+    /// The connection of the handler's transaction.
+    pub fn conn(&mut self) -> &mut AsyncPgConnection {
+        self.conn
+    }
+
+    /// The event being handled.
+    pub fn envelope(&self) -> &Envelope {
+        self.envelope
+    }
+
+    /// Emits `event`, correlated like the event being handled and caused by
+    /// it; it is published only if the transaction commits.
+    pub fn emit<E: Event>(&mut self, event: &E) {
+        let mut outgoing = OutgoingEvent::new(event).caused_by(self.envelope.id);
+        outgoing.correlation_id = self.envelope.correlation_id.clone();
+        self.emitted.push(outgoing);
+    }
+}
+
+type Decoded = Box<dyn Any + Send>;
+type Handle<S> = Box<
+    dyn for<'a, 'c> Fn(
+            &'a S,
+            &'a mut Context<'c>,
+            Decoded,
+        ) -> BoxFuture<'a, Result<(), HandlerError>>
+        + Send
+        + Sync,
+>;
+
+struct Route<S> {
+    decode: fn(&[u8]) -> Result<Decoded, prost::DecodeError>,
+    handle: Handle<S>,
+}
+
+/// The routing table from `ce-type` to handler: the whole of a service's
+/// event adapter.
+///
+/// Handlers are functions of the shape
+/// `fn on_x<'a>(state: &'a S, cx: &'a mut Context<'_>, event: X) -> BoxFuture<'a, Result<(), HandlerError>>`.
+pub struct Router<S> {
+    routes: HashMap<&'static str, Route<S>>,
+    subjects: Vec<&'static str>,
+}
+
+impl<S> std::fmt::Debug for Router<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("subjects", &self.subjects)
+            .finish()
+    }
+}
+
+impl<S> Default for Router<S> {
+    fn default() -> Self {
+        Self {
+            routes: HashMap::new(),
+            subjects: Vec::new(),
+        }
+    }
+}
+
+impl<S: Send + Sync + 'static> Router<S> {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Routes events of type `E` to `handler`.
+    #[must_use]
+    pub fn on<E, F>(mut self, handler: F) -> Self
+    where
+        E: Event,
+        F: for<'a, 'c> Fn(&'a S, &'a mut Context<'c>, E) -> BoxFuture<'a, Result<(), HandlerError>>
+            + Send
+            + Sync
+            + 'static,
+    {
+        fn decode<E: Event>(body: &[u8]) -> Result<Decoded, prost::DecodeError> {
+            E::decode(body).map(|event| Box::new(event) as Decoded)
+        }
+        let handle: Handle<S> = Box::new(move |state, cx, decoded| {
+            match decoded.downcast::<E>() {
+                Ok(event) => handler(state, cx, *event),
+                // `decode` above is the only producer of `decoded` for this route.
+                Err(_) => Box::pin(async {
+                    Err(HandlerError::permanent("internal: decoded the wrong type"))
+                }),
+            }
+        });
+        self.routes.insert(
+            E::TYPE,
+            Route {
+                decode: decode::<E>,
+                handle,
+            },
+        );
+        if !self.subjects.contains(&E::SUBJECT) {
+            self.subjects.push(E::SUBJECT);
+        }
+        self
+    }
+
+    /// The subjects of the routed events, for the consumer's filter.
+    pub fn subjects(&self) -> &[&'static str] {
+        &self.subjects
+    }
+}
+
+/// Delays between deliveries of a message whose handler failed transiently:
+/// `initial`, then multiplied by `multiplier` per failure up to `max`; the
+/// `max_deliver`-th failed delivery is dead-lettered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// The delay after the first failure.
+    pub initial: Duration,
+    /// The factor between successive delays.
+    pub multiplier: u32,
+    /// The longest delay.
+    pub max: Duration,
+    /// The most deliveries of one message, the first included.
+    pub max_deliver: i64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_millis(500),
+            multiplier: 2,
+            max: Duration::from_secs(30),
+            max_deliver: 8,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The delay before delivery `delivered + 1`, after delivery `delivered`
+    /// (counted from 1) failed.
+    pub fn delay(&self, delivered: i64) -> Duration {
+        let exponent = u32::try_from(delivered.saturating_sub(1))
+            .unwrap_or(u32::MAX)
+            .min(30);
+        let factor = self.multiplier.saturating_pow(exponent);
+        self.initial.saturating_mul(factor).min(self.max)
+    }
+}
+
+/// Counters of what the consumer did, by outcome.
+#[derive(Debug, Default)]
+pub struct ConsumerStats {
+    /// Events whose handler committed.
+    pub applied: AtomicU64,
+    /// Redeliveries of events already applied, acked without effect.
+    pub duplicates: AtomicU64,
+    /// Events of a type without a route, acked.
+    pub ignored: AtomicU64,
+    /// Failed deliveries nak'ed for a retry.
+    pub retried: AtomicU64,
+    /// Messages moved to the dead-letter queue.
+    pub dead_lettered: AtomicU64,
+}
+
+/// How one delivery ended, as reported to a [`ProcessedHook`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Processed {
+    /// The handler's transaction committed.
+    Applied,
+    /// A redelivery of an event already applied.
+    Duplicate,
+    /// An event type without a route.
+    Ignored,
+    /// The handler failed; the message was nak'ed for a later delivery.
+    Retried,
+    /// The message went to the dead-letter queue.
+    DeadLettered,
+}
+
+/// Called after each delivery is settled in the database and before it is
+/// acknowledged, with how long the delivery took to process: for metrics and
+/// benchmarks.
+pub type ProcessedHook = Arc<dyn Fn(&jetstream::Message, Processed, Duration) + Send + Sync>;
+
+/// A durable consumer that applies each event once, in its own transaction.
+pub struct EventConsumer<S> {
+    inner: Arc<Inner<S>>,
+    spec: ConsumerSpec,
+    concurrency: usize,
+    inbox_retention: Duration,
+}
+
+impl<S> std::fmt::Debug for EventConsumer<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventConsumer")
+            .field("spec", &self.spec)
+            .field("concurrency", &self.concurrency)
+            .finish()
+    }
+}
+
+struct Inner<S> {
+    name: String,
+    js: jetstream::Context,
+    pool: PgPool,
+    outbox: Outbox,
+    router: Router<S>,
+    state: S,
+    retry: RetryPolicy,
+    stats: Arc<ConsumerStats>,
+    hook: Option<ProcessedHook>,
+}
+
+enum Outcome {
+    Applied,
+    Duplicate,
+    Ignored,
+}
+
+enum Failure {
+    Transient(String),
+    Permanent(String),
+}
+
+impl From<HandlerError> for Failure {
+    fn from(error: HandlerError) -> Self {
+        match error {
+            HandlerError::Transient(source) => Self::Transient(error_chain(&*source)),
+            HandlerError::Permanent(reason) => Self::Permanent(reason),
+        }
+    }
+}
+
+impl<S: Send + Sync + 'static> EventConsumer<S> {
+    /// A consumer for `spec` that routes events through `router` with
+    /// `state`, and writes the events its handlers emit to `outbox`. The
+    /// spec's filter subjects are set from the router when left empty.
+    pub fn new(
+        js: jetstream::Context,
+        pool: PgPool,
+        outbox: Outbox,
+        mut spec: ConsumerSpec,
+        router: Router<S>,
+        state: S,
+    ) -> Self {
+        if spec.filter_subjects.is_empty() {
+            spec.filter_subjects = router.subjects().iter().map(|s| (*s).to_owned()).collect();
+        }
+        let inner = Inner {
+            name: spec.durable_name.clone(),
+            js,
+            pool,
+            outbox,
+            router,
+            state,
+            retry: RetryPolicy::default(),
+            stats: Arc::default(),
+            hook: None,
+        };
+        Self {
+            inner: Arc::new(inner),
+            spec,
+            concurrency: 16,
+            inbox_retention: Duration::from_secs(14 * 24 * 3600),
+        }
+    }
+
+    /// Sets the retry policy.
+    #[must_use]
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.inner_mut().retry = retry;
+        self
+    }
+
+    /// Sets how many messages are handled at once (at least 1).
+    #[must_use]
+    pub fn with_concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency.max(1);
+        self
+    }
+
+    /// Sets how long inbox rows are kept; keep it longer than the stream
+    /// keeps messages, or an old redelivery could be applied again.
+    #[must_use]
+    pub fn with_inbox_retention(mut self, retention: Duration) -> Self {
+        self.inbox_retention = retention;
+        self
+    }
+
+    /// Calls `hook` for every settled delivery.
+    #[must_use]
+    pub fn with_hook(mut self, hook: ProcessedHook) -> Self {
+        self.inner_mut().hook = Some(hook);
+        self
+    }
+
+    /// The consumer's counters.
+    pub fn stats(&self) -> Arc<ConsumerStats> {
+        Arc::clone(&self.inner.stats)
+    }
+
+    fn inner_mut(&mut self) -> &mut Inner<S> {
+        Arc::get_mut(&mut self.inner).expect("configured before it runs")
+    }
+
+    /// Provisions the durable consumer and handles messages until `shutdown`
+    /// is cancelled; then stops fetching, lets the messages in hand finish,
+    /// hands the ones fetched but not started back to JetStream (nak), and
+    /// returns. A message still on its way from an open pull request is
+    /// delivered again after the ack wait.
+    pub async fn run(self, shutdown: CancellationToken) {
+        // The broker may be down at start-up or mid-way: keep trying.
+        let mut failures = 0u32;
+        let consumer = loop {
+            match self.spec.provision(&self.inner.js).await {
+                Ok(consumer) => break consumer,
+                Err(error) => {
+                    failures += 1;
+                    tracing::warn!(consumer = %self.inner.name, error = %error, failures, "cannot provision the consumer; retrying");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(reconnect_delay(failures)) => {}
+                    }
+                }
+            }
+        };
+        let tracker = TaskTracker::new();
+        tracker.spawn(prune_inbox(
+            Arc::clone(&self.inner),
+            self.inbox_retention,
+            shutdown.clone(),
+        ));
+        let permits = Arc::new(Semaphore::new(self.concurrency));
+        failures = 0;
+        'fetch: while !shutdown.is_cancelled() {
+            let stream = consumer
+                .stream()
+                .max_messages_per_batch(self.concurrency)
+                .heartbeat(Duration::from_secs(5))
+                .expires(Duration::from_secs(30))
+                .messages()
+                .await;
+            let mut messages = match stream {
+                Ok(messages) => messages,
+                Err(error) => {
+                    failures += 1;
+                    tracing::warn!(consumer = %self.inner.name, error = %error, "cannot pull messages; retrying");
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(reconnect_delay(failures)) => continue,
+                    }
+                }
+            };
+            loop {
+                let permit = tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => {
+                        release_buffered(&mut messages).await;
+                        break 'fetch;
+                    }
+                    permit = Arc::clone(&permits).acquire_owned() => permit.expect("the semaphore is never closed"),
+                };
+                let next = tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => {
+                        release_buffered(&mut messages).await;
+                        break 'fetch;
+                    }
+                    next = messages.next() => next,
+                };
+                match next {
+                    Some(Ok(message)) => {
+                        failures = 0;
+                        let inner = Arc::clone(&self.inner);
+                        tracker.spawn(async move {
+                            inner.process(message).await;
+                            drop(permit);
+                        });
+                    }
+                    Some(Err(error)) => {
+                        // Missed heartbeats, a reconnect: start a fresh pull.
+                        tracing::warn!(consumer = %self.inner.name, error = %error, "pull consumer error; pulling again");
+                        continue 'fetch;
+                    }
+                    None => {
+                        tracing::warn!(consumer = %self.inner.name, "message stream ended; pulling again");
+                        continue 'fetch;
+                    }
+                }
+            }
+        }
+        tracker.close();
+        tracker.wait().await;
+    }
+}
+
+impl<S: Send + Sync + 'static> Inner<S> {
+    async fn process(&self, message: jetstream::Message) {
+        let (delivered, stream, sequence) = match message.info() {
+            Ok(info) => (info.delivered, info.stream.to_owned(), info.stream_sequence),
+            Err(error) => {
+                tracing::error!(consumer = %self.name, error = %error, "message without JetStream metadata");
+                return;
+            }
+        };
+        let started = std::time::Instant::now();
+        let outcome = if delivered > self.retry.max_deliver {
+            // Earlier deliveries died with their process before they could
+            // be dead-lettered.
+            Err(Failure::Permanent(format!(
+                "delivered {delivered} times, more than the {} allowed",
+                self.retry.max_deliver
+            )))
+        } else {
+            match AssertUnwindSafe(self.handle(&message)).catch_unwind().await {
+                Ok(outcome) => outcome,
+                Err(panic) => Err(Failure::Transient(format!(
+                    "handler panicked: {}",
+                    panic_message(&*panic)
+                ))),
+            }
+        };
+        let ack = match outcome {
+            Ok(Outcome::Applied) => {
+                self.stats.applied.fetch_add(1, Ordering::Relaxed);
+                (AckKind::Ack, Processed::Applied)
+            }
+            Ok(Outcome::Duplicate) => {
+                self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                (AckKind::Ack, Processed::Duplicate)
+            }
+            Ok(Outcome::Ignored) => {
+                self.stats.ignored.fetch_add(1, Ordering::Relaxed);
+                (AckKind::Ack, Processed::Ignored)
+            }
+            Err(Failure::Transient(reason)) if delivered < self.retry.max_deliver => {
+                let delay = self.retry.delay(delivered);
+                tracing::warn!(consumer = %self.name, subject = %message.subject, delivered, ?delay, %reason, "handler failed; retrying");
+                self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                (AckKind::Nak(Some(delay)), Processed::Retried)
+            }
+            Err(Failure::Transient(reason)) => {
+                let reason = format!("gave up after {delivered} deliveries: {reason}");
+                self.dead_letter(&message, &reason, delivered, &stream, sequence)
+                    .await
+            }
+            Err(Failure::Permanent(reason)) => {
+                self.dead_letter(&message, &reason, delivered, &stream, sequence)
+                    .await
+            }
+        };
+        let (ack, processed) = ack;
+        if let Some(hook) = &self.hook {
+            hook(&message, processed, started.elapsed());
+        }
+        if let Err(error) = message.ack_with(ack).await {
+            // The message comes back after the ack wait; the inbox makes
+            // that harmless.
+            tracing::warn!(consumer = %self.name, error = %error, "acknowledgement failed");
+        }
+    }
+
+    async fn handle(&self, message: &jetstream::Message) -> Result<Outcome, Failure> {
+        let envelope = Envelope::parse(
+            &message.subject,
+            message.headers.as_ref(),
+            message.payload.clone(),
+        )
+        .map_err(|error| Failure::Permanent(error.to_string()))?;
+        let Some(route) = self.router.routes.get(envelope.event_type.as_str()) else {
+            tracing::debug!(consumer = %self.name, event_type = %envelope.event_type, "no route; acked");
+            return Ok(Outcome::Ignored);
+        };
+        let decoded = (route.decode)(&envelope.body).map_err(|error| {
+            Failure::Permanent(format!(
+                "body is not a valid {}: {error}",
+                envelope.event_type
+            ))
+        })?;
+
+        let span = tracing::info_span!(
+            "process",
+            otel.name = format!("{} process", envelope.subject),
+            otel.kind = "consumer",
+            messaging.system = "nats",
+            messaging.operation.type = "process",
+            messaging.destination.name = %envelope.subject,
+            messaging.consumer.group.name = %self.name,
+            messaging.message.id = %envelope.id,
+            correlation_id = envelope.correlation_id.as_deref().unwrap_or_default(),
+            order_id = envelope.correlation_id.as_deref().unwrap_or_default(),
+        );
+        trace::continue_from(
+            &span,
+            envelope.traceparent.as_deref(),
+            envelope.tracestate.as_deref(),
+        );
+        async {
+            let mut conn =
+                self.pool.get().await.map_err(|error| {
+                    Failure::Transient(format!("no database connection: {error}"))
+                })?;
+            let outcome = conn
+                .transaction::<_, HandlerError, _>(async move |conn| {
+                    let inserted = diesel::insert_into(inbox::table)
+                        .values((
+                            inbox::consumer.eq(&self.name),
+                            inbox::event_id.eq(envelope.id),
+                        ))
+                        .on_conflict_do_nothing()
+                        .execute(conn)
+                        .await?;
+                    if inserted == 0 {
+                        return Ok(Outcome::Duplicate);
+                    }
+                    let mut cx = Context {
+                        conn,
+                        envelope: &envelope,
+                        emitted: Vec::new(),
+                    };
+                    (route.handle)(&self.state, &mut cx, decoded).await?;
+                    let emitted = cx.emitted;
+                    self.outbox.append(conn, &emitted).await?;
+                    Ok(Outcome::Applied)
+                })
+                .await?;
+            Ok(outcome)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Publishes the message to `dlq.<consumer>.<subject>` and returns how to
+    /// settle the original: terminate it once the dead letter is stored, or
+    /// retry later if even that failed, so that it is never lost.
+    async fn dead_letter(
+        &self,
+        message: &jetstream::Message,
+        reason: &str,
+        delivered: i64,
+        stream: &str,
+        sequence: u64,
+    ) -> (AckKind, Processed) {
+        let mut headers = message.headers.clone().unwrap_or_default();
+        // Dead-lettering the same delivery twice (a crash before the
+        // terminate) stores one dead letter.
+        headers.insert(
+            crate::envelope::headers::NATS_MSG_ID,
+            format!("{}:{stream}:{sequence}", self.name).as_str(),
+        );
+        headers.insert(dead_letter_headers::REASON, single_line(reason).as_str());
+        headers.insert(dead_letter_headers::CONSUMER, self.name.as_str());
+        headers.insert(
+            dead_letter_headers::DELIVERIES,
+            delivered.to_string().as_str(),
+        );
+        headers.insert(dead_letter_headers::STREAM, stream);
+        headers.insert(
+            dead_letter_headers::STREAM_SEQUENCE,
+            sequence.to_string().as_str(),
+        );
+        headers.insert(dead_letter_headers::SUBJECT, message.subject.as_str());
+        let subject = format!("dlq.{}.{}", self.name, message.subject);
+        let publish = PublishMessage::build()
+            .payload(message.payload.clone())
+            .headers(headers);
+        let stored = match self.js.send_publish(subject.clone(), publish).await {
+            Ok(ack) => ack.await.map(drop).map_err(|error| error.to_string()),
+            Err(error) => Err(error.to_string()),
+        };
+        match stored {
+            Ok(()) => {
+                self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(consumer = %self.name, %subject, sequence, delivered, %reason, "message dead-lettered");
+                (AckKind::Term, Processed::DeadLettered)
+            }
+            Err(error) => {
+                tracing::error!(consumer = %self.name, %subject, %error, "cannot store the dead letter; will retry");
+                (AckKind::Nak(Some(self.retry.max)), Processed::Retried)
+            }
+        }
+    }
+}
+
+/// Naks the messages already fetched into the client's buffer, so that
+/// another replica gets them at once instead of after the ack wait.
+async fn release_buffered(messages: &mut jetstream::consumer::pull::Stream) {
+    while let Some(Some(Ok(message))) = messages.next().now_or_never() {
+        let _ = message.ack_with(AckKind::Nak(None)).await;
+    }
+}
+
+/// Deletes inbox rows older than `retention`, hourly.
+async fn prune_inbox<S>(inner: Arc<Inner<S>>, retention: Duration, shutdown: CancellationToken) {
+    let mut interval = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        let cutoff = chrono::Utc::now() - retention;
+        let result = async {
+            let mut conn = inner.pool.get().await.map_err(|error| error.to_string())?;
+            diesel::delete(
+                inbox::table
+                    .filter(inbox::consumer.eq(&inner.name))
+                    .filter(inbox::received_at.lt(cutoff)),
+            )
+            .execute(&mut conn)
+            .await
+            .map_err(|error| error.to_string())
+        }
+        .await;
+        if let Err(error) = result {
+            tracing::warn!(consumer = %inner.name, %error, "inbox pruning failed");
+        }
+    }
+}
+
+fn reconnect_delay(failures: u32) -> Duration {
+    Duration::from_millis(200u64 << failures.min(5)).min(Duration::from_secs(5))
+}
+
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string panic".to_owned())
+}
+
+/// Header values cannot hold line breaks.
+fn single_line(text: &str) -> String {
+    text.replace(['\r', '\n'], " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_grow_exponentially_up_to_the_cap() {
+        let policy = RetryPolicy {
+            initial: Duration::from_millis(100),
+            multiplier: 2,
+            max: Duration::from_millis(700),
+            max_deliver: 10,
+        };
+        let delays: Vec<_> = (1..=5)
+            .map(|delivered| policy.delay(delivered).as_millis())
+            .collect();
+        assert_eq!(delays, [100, 200, 400, 700, 700]);
+        assert_eq!(policy.delay(i64::MAX), Duration::from_millis(700));
+    }
+
+    #[test]
+    fn a_dead_letter_reason_stays_on_one_line() {
+        assert_eq!(single_line("bad\r\nthing\nhere"), "bad  thing here");
+    }
+}

@@ -1,0 +1,41 @@
+//! The messaging runtime that every service uses, so that no service loses,
+//! duplicates or blocks on an event.
+//!
+//! - [`envelope`]: the wire format, a protobuf body with CloudEvents
+//!   binary-mode headers, trace context, correlation and causation ids.
+//! - [`provision`]: idempotent create-or-update of the service's stream, its
+//!   durable pull consumers and the `DLQ` stream.
+//! - [`outbox`]: [`Outbox::append`] writes events inside the caller's
+//!   transaction; the [`Relay`] publishes them and waits for JetStream's ack.
+//! - [`consumer`]: the idempotent [`EventConsumer`] loop: inbox, a routing
+//!   table from `ce-type` to handler, retries with exponential backoff, dead
+//!   letters.
+//! - [`trace`]: W3C trace context in and out of headers, outbox rows and
+//!   tonic metadata.
+//!
+//! Every long-running task is `run(self, shutdown)` and returns once the
+//! shutdown token is cancelled and its in-flight work is done. Every service
+//! database gets the outbox and inbox tables through [`MIGRATIONS`].
+
+pub mod consumer;
+pub mod envelope;
+pub mod outbox;
+pub mod provision;
+mod schema;
+pub mod trace;
+
+use diesel_migrations::{EmbeddedMigrations, embed_migrations};
+
+pub use consumer::{
+    Context, EventConsumer, HandlerError, Processed, ProcessedHook, RetryPolicy, Router,
+};
+pub use envelope::{Envelope, EnvelopeError, OutgoingEvent};
+pub use outbox::{Outbox, Relay, RelayConfig};
+pub use provision::{ConsumerSpec, StreamSpec};
+
+/// The outbox and inbox tables, from `migrations/messaging/`. Apply them
+/// before the service's own migrations.
+pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/messaging");
+
+/// A boxed future, as stored handlers return.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;

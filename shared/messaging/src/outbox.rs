@@ -1,0 +1,389 @@
+//! The transactional outbox and its relay.
+//!
+//! A use case never publishes: it calls [`Outbox::append`] inside the same
+//! database transaction as its state change, so the change and its events
+//! commit or vanish together. The [`Relay`] then publishes pending rows in
+//! insertion order, waits for JetStream's ack, and marks them published. A
+//! crash between publish and mark publishes the row again on restart;
+//! JetStream drops the copy because `Nats-Msg-Id` is the row's id.
+//!
+//! Replicas relay side by side: each batch is claimed with
+//! `FOR UPDATE SKIP LOCKED`. The relay is woken by `LISTEN outbox` (a trigger
+//! notifies on insert) and polls as a backstop.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, message::PublishMessage};
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel_async::{
+    AsyncConnection as _, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection as _,
+};
+use futures::StreamExt as _;
+use shop_db::PgPool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+use uuid::Uuid;
+
+use crate::envelope::{OutgoingEvent, build_headers};
+use crate::schema::outbox;
+use crate::trace;
+
+/// Writes events into the outbox of the service named `source`.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    source: Arc<str>,
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = outbox)]
+struct NewOutboxRow<'a> {
+    event_id: Uuid,
+    subject: &'a str,
+    event_type: &'a str,
+    source: &'a str,
+    payload: &'a [u8],
+    correlation_id: Option<&'a str>,
+    causation_id: Option<Uuid>,
+    traceparent: Option<&'a str>,
+    tracestate: Option<&'a str>,
+    created_at: DateTime<Utc>,
+}
+
+impl Outbox {
+    /// An outbox whose events carry `ce-source` = `source` (e.g. `shop/order`).
+    pub fn new(source: impl Into<Arc<str>>) -> Self {
+        Self {
+            source: source.into(),
+        }
+    }
+
+    /// The `ce-source` of this outbox's events.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Writes `events` with the current span's trace context. Call it inside
+    /// the transaction that makes the state change; returns the event ids.
+    pub async fn append(
+        &self,
+        conn: &mut AsyncPgConnection,
+        events: &[OutgoingEvent],
+    ) -> QueryResult<Vec<Uuid>> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let context = trace::current();
+        let now = Utc::now();
+        let ids: Vec<Uuid> = events.iter().map(|_| Uuid::now_v7()).collect();
+        let rows: Vec<NewOutboxRow<'_>> = events
+            .iter()
+            .zip(&ids)
+            .map(|(event, id)| NewOutboxRow {
+                event_id: *id,
+                subject: event.subject,
+                event_type: event.event_type,
+                source: &self.source,
+                payload: &event.payload,
+                correlation_id: event.correlation_id.as_deref(),
+                causation_id: event.causation_id,
+                traceparent: context.traceparent.as_deref(),
+                tracestate: context.tracestate.as_deref(),
+                created_at: now,
+            })
+            .collect();
+        diesel::insert_into(outbox::table)
+            .values(&rows)
+            .execute(conn)
+            .await?;
+        Ok(ids)
+    }
+}
+
+/// How the relay batches, waits and cleans up.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Rows claimed, published and marked per transaction.
+    pub batch_size: i64,
+    /// How long to wait for a notification before looking anyway.
+    pub poll_interval: Duration,
+    /// How long published rows are kept (for inspection) before deletion.
+    pub retention: Duration,
+    /// How often published rows older than `retention` are deleted.
+    pub cleanup_interval: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            poll_interval: Duration::from_secs(1),
+            retention: Duration::from_secs(3600),
+            cleanup_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Why a relay batch failed. The batch's transaction rolled back, so its
+/// rows stay pending and are published by a later batch.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// A query failed.
+    #[error("outbox query failed: {0}")]
+    Database(#[from] diesel::result::Error),
+    /// No connection could be had.
+    #[error("no database connection: {0}")]
+    Pool(String),
+    /// JetStream did not take or did not acknowledge a message.
+    #[error("publish to JetStream failed: {0}")]
+    Publish(#[from] jetstream::context::PublishError),
+}
+
+/// Publishes the outbox's pending rows to JetStream.
+pub struct Relay {
+    pool: PgPool,
+    database_url: String,
+    js: jetstream::Context,
+    config: RelayConfig,
+    published: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = outbox)]
+struct PendingRow {
+    event_id: Uuid,
+    subject: String,
+    event_type: String,
+    source: String,
+    payload: Vec<u8>,
+    correlation_id: Option<String>,
+    causation_id: Option<Uuid>,
+    traceparent: Option<String>,
+    tracestate: Option<String>,
+    created_at: DateTime<Utc>,
+}
+
+const CHANNEL: &str = "outbox";
+
+impl Relay {
+    /// A relay for the outbox in `pool`'s database; `database_url` is used
+    /// for the `LISTEN` connection, which a pool cannot hold.
+    pub fn new(
+        pool: PgPool,
+        database_url: impl Into<String>,
+        js: jetstream::Context,
+        config: RelayConfig,
+    ) -> Self {
+        Self {
+            pool,
+            database_url: database_url.into(),
+            js,
+            config,
+            published: Arc::default(),
+        }
+    }
+
+    /// A counter of the rows this relay has published (and marked).
+    pub fn published_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.published)
+    }
+
+    /// Publishes pending rows until none is left or shutdown is requested.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let wake = Arc::new(Notify::new());
+        let listener = tokio::spawn(listen(
+            self.database_url.clone(),
+            Arc::clone(&wake),
+            shutdown.clone(),
+        ));
+        let mut next_cleanup = tokio::time::Instant::now();
+        let mut failures = 0u32;
+        while !shutdown.is_cancelled() {
+            match self.relay_batch().await {
+                // A full batch: more may be waiting.
+                Ok(count) if count as i64 == self.config.batch_size => {
+                    failures = 0;
+                    continue;
+                }
+                Ok(_) => failures = 0,
+                Err(error) => {
+                    failures += 1;
+                    tracing::warn!(error = %error, failures, "outbox relay batch failed; retrying");
+                    let delay = backoff(failures);
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(delay) => continue,
+                    }
+                }
+            }
+            if tokio::time::Instant::now() >= next_cleanup {
+                match self.delete_published().await {
+                    Ok(deleted) if deleted > 0 => {
+                        tracing::debug!(deleted, "published outbox rows deleted")
+                    }
+                    Ok(_) => {}
+                    Err(error) => tracing::warn!(error = %error, "outbox clean-up failed"),
+                }
+                next_cleanup = tokio::time::Instant::now() + self.config.cleanup_interval;
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = wake.notified() => {}
+                () = tokio::time::sleep(self.config.poll_interval) => {}
+            }
+        }
+        let _ = listener.await;
+    }
+
+    /// Claims, publishes and marks one batch of pending rows; returns how
+    /// many. Holding the row locks until the marks commit keeps other relays
+    /// off these rows.
+    pub async fn relay_batch(&self) -> Result<usize, RelayError> {
+        let mut conn = self
+            .pool
+            .get()
+            .await
+            .map_err(|error| RelayError::Pool(error.to_string()))?;
+        let count = conn
+            .transaction::<_, RelayError, _>(async move |conn| {
+                let rows: Vec<PendingRow> = outbox::table
+                    .filter(outbox::published_at.is_null())
+                    .order(outbox::seq)
+                    .limit(self.config.batch_size)
+                    .for_update()
+                    .skip_locked()
+                    .select(PendingRow::as_select())
+                    .load(conn)
+                    .await?;
+                if rows.is_empty() {
+                    return Ok(0);
+                }
+                // Send every message first, then wait for the acks: one
+                // round trip per batch instead of one per row.
+                let mut acks = Vec::with_capacity(rows.len());
+                for row in &rows {
+                    acks.push(self.publish(row).await?);
+                }
+                for ack in acks {
+                    ack.await?;
+                }
+                let ids: Vec<Uuid> = rows.iter().map(|row| row.event_id).collect();
+                diesel::update(outbox::table.filter(outbox::event_id.eq_any(&ids)))
+                    .set(outbox::published_at.eq(diesel::dsl::now))
+                    .execute(conn)
+                    .await?;
+                Ok(rows.len())
+            })
+            .await?;
+        self.published.fetch_add(count as u64, Ordering::Relaxed);
+        Ok(count)
+    }
+
+    async fn publish(
+        &self,
+        row: &PendingRow,
+    ) -> Result<jetstream::context::PublishAckFuture, RelayError> {
+        let span = tracing::info_span!(
+            "publish",
+            otel.name = format!("{} publish", row.subject),
+            otel.kind = "producer",
+            messaging.system = "nats",
+            messaging.operation.type = "publish",
+            messaging.destination.name = %row.subject,
+            messaging.message.id = %row.event_id,
+            correlation_id = row.correlation_id.as_deref().unwrap_or_default(),
+        );
+        trace::continue_from(&span, row.traceparent.as_deref(), row.tracestate.as_deref());
+        // The consumer continues the publish span when tracing is exported;
+        // otherwise the writer's context passes through unchanged.
+        let context = span.in_scope(trace::current);
+        let headers = build_headers(
+            row.event_id,
+            &row.event_type,
+            &row.source,
+            row.created_at,
+            row.correlation_id.as_deref(),
+            row.causation_id,
+            context
+                .traceparent
+                .as_deref()
+                .or(row.traceparent.as_deref()),
+            context.tracestate.as_deref().or(row.tracestate.as_deref()),
+        );
+        let message = PublishMessage::build()
+            .payload(row.payload.clone().into())
+            .headers(headers);
+        Ok(self
+            .js
+            .send_publish(row.subject.clone(), message)
+            .instrument(span)
+            .await?)
+    }
+
+    async fn delete_published(&self) -> Result<usize, RelayError> {
+        let cutoff = Utc::now() - self.config.retention;
+        let mut conn = self
+            .pool
+            .get()
+            .await
+            .map_err(|error| RelayError::Pool(error.to_string()))?;
+        Ok(
+            diesel::delete(outbox::table.filter(outbox::published_at.lt(cutoff)))
+                .execute(&mut conn)
+                .await?,
+        )
+    }
+}
+
+/// Forwards `NOTIFY outbox` to `wake`, reconnecting when the connection drops.
+async fn listen(database_url: String, wake: Arc<Notify>, shutdown: CancellationToken) {
+    let mut failures = 0u32;
+    while !shutdown.is_cancelled() {
+        let result = async {
+            let mut conn = AsyncPgConnection::establish(&database_url).await?;
+            conn.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+            // Rows written while no one listened are picked up by this wake.
+            wake.notify_one();
+            let mut notifications = std::pin::pin!(conn.notifications_stream());
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok::<_, Box<dyn std::error::Error + Send + Sync>>(()),
+                    notification = notifications.next() => match notification {
+                        Some(Ok(_)) => wake.notify_one(),
+                        Some(Err(error)) => return Err(error.into()),
+                        None => return Err("the LISTEN connection closed".into()),
+                    },
+                }
+            }
+        }
+        .await;
+        match result {
+            Ok(()) => return,
+            Err(error) => {
+                failures += 1;
+                tracing::warn!(error = %error, "outbox LISTEN connection lost; polling until it is back");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(backoff(failures)) => {}
+                }
+            }
+        }
+    }
+}
+
+/// 100 ms doubling up to 5 s.
+fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(100u64.saturating_mul(1 << failures.min(6).saturating_sub(1)))
+        .min(Duration::from_secs(5))
+}

@@ -1,0 +1,170 @@
+//! Idempotent set-up of the JetStream objects a service needs, run at
+//! start-up by every replica: creating what is missing and updating what
+//! changed, so a new configuration takes effect on the next deploy.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+
+/// The stream every dead letter goes to, on `dlq.<consumer>.<subject>`.
+pub const DLQ_STREAM: &str = "DLQ";
+
+/// Why provisioning failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    /// The stream could not be created or updated.
+    #[error("cannot provision stream {name}: {source}")]
+    Stream {
+        /// The stream.
+        name: String,
+        /// JetStream's answer.
+        #[source]
+        source: jetstream::context::CreateStreamError,
+    },
+    /// The consumer could not be created or updated.
+    #[error("cannot provision consumer {name} on {stream}: {source}")]
+    Consumer {
+        /// The durable consumer.
+        name: String,
+        /// Its stream.
+        stream: String,
+        /// JetStream's answer.
+        #[source]
+        source: jetstream::stream::ConsumerError,
+    },
+}
+
+/// A stream as a service owns it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamSpec {
+    /// The stream's name, e.g. `ORDER`.
+    pub name: String,
+    /// Its subjects, e.g. `order.>`.
+    pub subjects: Vec<String>,
+    /// Replicas in a clustered deployment; 1 on a single server.
+    pub replicas: usize,
+    /// How long JetStream remembers a `Nats-Msg-Id` to drop a re-publish.
+    pub duplicate_window: Duration,
+    /// How long messages are kept; zero keeps them until limits are hit.
+    pub max_age: Duration,
+}
+
+impl StreamSpec {
+    /// The stream of a producing service: `name` on `<prefix>.>`, file
+    /// storage, one replica, a two-minute duplicate window, kept for 7 days.
+    pub fn new(name: impl Into<String>, subject_prefix: &str) -> Self {
+        Self {
+            name: name.into(),
+            subjects: vec![format!("{subject_prefix}.>")],
+            replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+            max_age: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+
+    /// The dead-letter stream, `DLQ` on `dlq.>`, kept for 30 days.
+    pub fn dead_letters() -> Self {
+        Self {
+            max_age: Duration::from_secs(30 * 24 * 3600),
+            ..Self::new(DLQ_STREAM, "dlq")
+        }
+    }
+
+    /// Sets the replica count.
+    #[must_use]
+    pub fn with_replicas(mut self, replicas: usize) -> Self {
+        self.replicas = replicas;
+        self
+    }
+
+    /// Creates the stream, or updates it to this spec.
+    pub async fn provision(&self, js: &jetstream::Context) -> Result<(), ProvisionError> {
+        let config = stream::Config {
+            name: self.name.clone(),
+            subjects: self.subjects.clone(),
+            storage: stream::StorageType::File,
+            num_replicas: self.replicas,
+            duplicate_window: self.duplicate_window,
+            max_age: self.max_age,
+            ..Default::default()
+        };
+        js.create_or_update_stream(config)
+            .await
+            .map(drop)
+            .map_err(|source| ProvisionError::Stream {
+                name: self.name.clone(),
+                source,
+            })
+    }
+}
+
+/// A durable pull consumer, shared by every replica of the consuming service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsumerSpec {
+    /// The durable name: the consuming service, e.g. `inventory`.
+    pub durable_name: String,
+    /// The stream to read.
+    pub stream: String,
+    /// The subjects to receive; empty means all of the stream's.
+    pub filter_subjects: Vec<String>,
+    /// How long a delivered message may stay unacknowledged before JetStream
+    /// delivers it again (the consumer was killed or hung). Ignored when
+    /// `ack_backoff` is set: the server then waits its first step.
+    pub ack_wait: Duration,
+    /// Redelivery delays after successive ack timeouts; empty means
+    /// `ack_wait` every time. Handler failures do not wait for these: the
+    /// runtime naks them with its own [`crate::RetryPolicy`].
+    pub ack_backoff: Vec<Duration>,
+    /// How many messages may be delivered and not yet acknowledged, across
+    /// all replicas.
+    pub max_ack_pending: i64,
+}
+
+impl ConsumerSpec {
+    /// A consumer named `durable_name` on `stream`, receiving `filter_subjects`,
+    /// with a 30 s ack wait and up to 1,000 messages in flight.
+    pub fn new(
+        durable_name: impl Into<String>,
+        stream: impl Into<String>,
+        filter_subjects: &[&str],
+    ) -> Self {
+        Self {
+            durable_name: durable_name.into(),
+            stream: stream.into(),
+            filter_subjects: filter_subjects.iter().map(|s| (*s).to_owned()).collect(),
+            ack_wait: Duration::from_secs(30),
+            ack_backoff: Vec::new(),
+            max_ack_pending: 1000,
+        }
+    }
+
+    /// Creates the consumer, or updates it to this spec.
+    ///
+    /// The server's `max_deliver` is left unlimited on purpose: the runtime
+    /// counts deliveries itself and dead-letters a message on its last one,
+    /// so a message whose last delivery died with its process is still
+    /// dead-lettered at the next delivery instead of being stranded.
+    pub async fn provision(
+        &self,
+        js: &jetstream::Context,
+    ) -> Result<consumer::PullConsumer, ProvisionError> {
+        let config = consumer::pull::Config {
+            durable_name: Some(self.durable_name.clone()),
+            filter_subjects: self.filter_subjects.clone(),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: self.ack_wait,
+            backoff: self.ack_backoff.clone(),
+            max_deliver: -1,
+            max_ack_pending: self.max_ack_pending,
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        };
+        js.create_consumer_on_stream(config, &self.stream)
+            .await
+            .map_err(|source| ProvisionError::Consumer {
+                name: self.durable_name.clone(),
+                stream: self.stream.clone(),
+                source,
+            })
+    }
+}

@@ -1,0 +1,230 @@
+//! What the messaging tests share: real servers, a migrated database, and a
+//! handler that records its effects in a table without a unique key, so that
+//! a double effect shows as two rows.
+
+#![allow(
+    dead_code,
+    unreachable_pub,
+    missing_debug_implementations,
+    clippy::unwrap_used
+)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use diesel::sql_types::{BigInt, Text, Uuid as SqlUuid};
+use diesel_async::{
+    AsyncConnection as _, AsyncPgConnection, RunQueryDsl as _, SimpleAsyncConnection as _,
+};
+use shop_db::PgPool;
+use shop_messaging::{
+    BoxFuture, ConsumerSpec, Context, EventConsumer, HandlerError, Outbox, OutgoingEvent,
+    RetryPolicy, Router, StreamSpec,
+};
+use shop_proto::order::v1::OrderPlaced;
+use shop_test_support::TestInfra;
+
+pub struct Setup {
+    pub infra: TestInfra,
+    pub url: String,
+    pub pool: PgPool,
+    pub js: jetstream::Context,
+    pub outbox: Outbox,
+}
+
+pub async fn setup() -> Setup {
+    // Logs only when asked for: TEST_LOG=debug cargo nextest run ...
+    if let Ok(filter) = std::env::var("TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    }
+    let infra = TestInfra::start().await;
+    let url = infra.postgres.create_database("svc").await;
+    shop_db::migrate(&url, vec![shop_messaging::MIGRATIONS])
+        .await
+        .unwrap();
+    let mut conn = AsyncPgConnection::establish(&url).await.unwrap();
+    conn.batch_execute("CREATE TABLE effects (event_id UUID NOT NULL, order_id TEXT NOT NULL)")
+        .await
+        .unwrap();
+    let pool = shop_db::pool(&url, 16).unwrap();
+    let js = jetstream::new(infra.nats.client().await);
+    StreamSpec::new("ORDER", "order")
+        .provision(&js)
+        .await
+        .unwrap();
+    StreamSpec::dead_letters().provision(&js).await.unwrap();
+    Setup {
+        infra,
+        url,
+        pool,
+        js,
+        outbox: Outbox::new("shop/test"),
+    }
+}
+
+/// How the test handler behaves, keyed by order id.
+#[derive(Debug, Default)]
+pub struct Behaviour {
+    /// Transient failures left before success.
+    pub transient_failures: Mutex<HashMap<String, u32>>,
+    /// Panics left before success.
+    pub panics: Mutex<HashMap<String, u32>>,
+    /// Order ids that always fail permanently.
+    pub permanent: Mutex<Vec<String>>,
+    /// When each order's deliveries reached the handler.
+    pub deliveries: Mutex<HashMap<String, Vec<Instant>>>,
+    /// How long each handling takes.
+    pub work: Mutex<Duration>,
+}
+
+impl Behaviour {
+    fn take(map: &Mutex<HashMap<String, u32>>, order_id: &str) -> bool {
+        let mut map = map.lock().unwrap();
+        match map.get_mut(order_id) {
+            Some(left) if *left > 0 => {
+                *left -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+pub fn record<'a>(
+    behaviour: &'a Arc<Behaviour>,
+    cx: &'a mut Context<'_>,
+    event: OrderPlaced,
+) -> BoxFuture<'a, Result<(), HandlerError>> {
+    Box::pin(async move {
+        behaviour
+            .deliveries
+            .lock()
+            .unwrap()
+            .entry(event.order_id.clone())
+            .or_default()
+            .push(Instant::now());
+        let work = *behaviour.work.lock().unwrap();
+        if !work.is_zero() {
+            tokio::time::sleep(work).await;
+        }
+        if Behaviour::take(&behaviour.transient_failures, &event.order_id) {
+            return Err(HandlerError::transient("the test dependency is down"));
+        }
+        if Behaviour::take(&behaviour.panics, &event.order_id) {
+            panic!("the handler panics for {}", event.order_id);
+        }
+        if behaviour
+            .permanent
+            .lock()
+            .unwrap()
+            .contains(&event.order_id)
+        {
+            return Err(HandlerError::permanent(format!(
+                "order {} is not acceptable",
+                event.order_id
+            )));
+        }
+        diesel::sql_query("INSERT INTO effects (event_id, order_id) VALUES ($1, $2)")
+            .bind::<SqlUuid, _>(cx.envelope().id)
+            .bind::<Text, _>(&event.order_id)
+            .execute(cx.conn())
+            .await?;
+        Ok(())
+    })
+}
+
+pub fn consumer(setup: &Setup, behaviour: Arc<Behaviour>) -> EventConsumer<Arc<Behaviour>> {
+    let router = Router::new().on::<OrderPlaced, _>(record);
+    EventConsumer::new(
+        setup.js.clone(),
+        setup.pool.clone(),
+        setup.outbox.clone(),
+        // A short ack wait, so that messages left in flight by a stopped
+        // consumer come back quickly.
+        ConsumerSpec {
+            ack_wait: Duration::from_secs(2),
+            ..ConsumerSpec::new("inventory", "ORDER", &[])
+        },
+        router,
+        behaviour,
+    )
+    .with_retry(RetryPolicy {
+        initial: Duration::from_millis(100),
+        multiplier: 2,
+        max: Duration::from_secs(2),
+        max_deliver: 4,
+    })
+}
+
+pub fn placed(order_id: &str) -> OutgoingEvent {
+    OutgoingEvent::new(&OrderPlaced {
+        order_id: order_id.into(),
+        user_id: "u".into(),
+        ..Default::default()
+    })
+    .correlated(order_id)
+}
+
+/// Writes events to the outbox in one committed transaction.
+pub async fn append(setup: &Setup, events: &[OutgoingEvent]) -> Vec<uuid::Uuid> {
+    let mut conn = AsyncPgConnection::establish(&setup.url).await.unwrap();
+    let outbox = setup.outbox.clone();
+    let events = events.to_vec();
+    conn.transaction::<_, diesel::result::Error, _>(async move |conn| {
+        outbox.append(conn, &events).await
+    })
+    .await
+    .unwrap()
+}
+
+#[derive(diesel::QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+pub async fn count(url: &str, sql: &str) -> i64 {
+    let mut conn = AsyncPgConnection::establish(url).await.unwrap();
+    diesel::sql_query(sql)
+        .get_result::<Count>(&mut conn)
+        .await
+        .unwrap()
+        .n
+}
+
+pub async fn effects(setup: &Setup, order_id: &str) -> i64 {
+    count(
+        &setup.url,
+        &format!("SELECT count(*) AS n FROM effects WHERE order_id = '{order_id}'"),
+    )
+    .await
+}
+
+pub async fn stream_messages(js: &jetstream::Context, stream: &str) -> u64 {
+    js.get_stream(stream)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages
+}
+
+/// Polls `check` until it holds or `timeout` passes; panics with `what`.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,143 @@
+//! Trace context from the span that writes an event, through the outbox row,
+//! the relay's publish and the message headers, into the consumer's span.
+//! Its own test binary: it installs a global OpenTelemetry subscriber.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use opentelemetry::trace::{TraceContextExt as _, TraceId, TracerProvider as _};
+use shop_messaging::{
+    BoxFuture, ConsumerSpec, Context, EventConsumer, HandlerError, Relay, RelayConfig, Router,
+};
+use shop_proto::order::v1::OrderPlaced;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use tracing_subscriber::layer::SubscriberExt as _;
+
+use common::*;
+
+#[derive(Default)]
+struct Seen {
+    trace_ids: Mutex<Vec<TraceId>>,
+    traceparents: Mutex<Vec<String>>,
+}
+
+fn remember<'a>(
+    seen: &'a Arc<Seen>,
+    cx: &'a mut Context<'_>,
+    _event: OrderPlaced,
+) -> BoxFuture<'a, Result<(), HandlerError>> {
+    Box::pin(async move {
+        let trace_id = tracing::Span::current()
+            .context()
+            .span()
+            .span_context()
+            .trace_id();
+        seen.trace_ids.lock().unwrap().push(trace_id);
+        seen.traceparents
+            .lock()
+            .unwrap()
+            .push(cx.envelope().traceparent.clone().unwrap_or_default());
+        Ok(())
+    })
+}
+
+fn span_id(traceparent: &str) -> &str {
+    traceparent.split('-').nth(2).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_consumer_continues_the_trace_of_the_span_that_wrote_the_event() {
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+    tracing::subscriber::set_global_default(subscriber).unwrap();
+
+    let setup = setup().await;
+    let root = tracing::info_span!("place_order");
+    let writer_trace = root.context().span().span_context().trace_id();
+    let writer_span = root.context().span().span_context().span_id().to_string();
+    assert_ne!(writer_trace, TraceId::INVALID);
+    append(&setup, &[placed("o-1")]).instrument(root).await;
+    let row_traceparent = outbox_traceparent(&setup.url).await;
+    assert!(
+        row_traceparent.contains(&writer_trace.to_string()),
+        "the outbox row keeps the writer's context"
+    );
+
+    let relay = Relay::new(
+        setup.pool.clone(),
+        setup.url.clone(),
+        setup.js.clone(),
+        RelayConfig::default(),
+    );
+    relay.relay_batch().await.unwrap();
+
+    let seen = Arc::new(Seen::default());
+    let consumer = EventConsumer::new(
+        setup.js.clone(),
+        setup.pool.clone(),
+        setup.outbox.clone(),
+        ConsumerSpec::new("inventory", "ORDER", &[]),
+        Router::new().on::<OrderPlaced, _>(remember),
+        Arc::clone(&seen),
+    );
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(consumer.run(shutdown.clone()));
+    eventually("the event", Duration::from_secs(20), || async {
+        !seen.trace_ids.lock().unwrap().is_empty()
+    })
+    .await;
+    shutdown.cancel();
+    task.await.unwrap();
+
+    assert_eq!(
+        seen.trace_ids.lock().unwrap()[0],
+        writer_trace,
+        "one trace from writer to consumer"
+    );
+    let header = seen.traceparents.lock().unwrap()[0].clone();
+    assert!(header.contains(&writer_trace.to_string()), "{header}");
+    // The header names the relay's publish span, itself a child of the writer.
+    assert_ne!(span_id(&header), writer_span, "{header}");
+}
+
+async fn outbox_traceparent(url: &str) -> String {
+    use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl as _};
+    #[derive(diesel::QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        traceparent: String,
+    }
+    let mut conn = AsyncPgConnection::establish(url).await.unwrap();
+    diesel::sql_query("SELECT traceparent FROM outbox")
+        .get_result::<Row>(&mut conn)
+        .await
+        .unwrap()
+        .traceparent
+}
+
+#[test]
+fn grpc_metadata_carries_the_trace_both_ways() {
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+    tracing::subscriber::with_default(subscriber, || {
+        let client = tracing::info_span!("client call");
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        client.in_scope(|| shop_messaging::trace::inject_into_metadata(&mut metadata));
+        assert!(metadata.get("traceparent").is_some());
+
+        let server = tracing::info_span!("server call");
+        shop_messaging::trace::extract_from_metadata(&server, &metadata);
+        assert_eq!(
+            server.context().span().span_context().trace_id(),
+            client.context().span().span_context().trace_id()
+        );
+    });
+}
