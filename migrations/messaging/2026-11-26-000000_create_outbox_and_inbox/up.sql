@@ -24,16 +24,25 @@ CREATE INDEX outbox_pending ON outbox (seq) WHERE published_at IS NULL;
 -- What the clean-up scans.
 CREATE INDEX outbox_published ON outbox (published_at) WHERE published_at IS NOT NULL;
 
--- Wake the relay as soon as a transaction that wrote events commits
--- (notifications are delivered at commit and coalesced per transaction).
+-- Wake an idle relay when events arrive in an empty outbox. Only then: every
+-- NOTIFY takes a lock that serialises committing transactions, which would
+-- cap the commit rate of a busy service; and a busy relay keeps polling for
+-- a moment after each batch, so it needs no wake-up. Notifications are
+-- delivered at commit and coalesced per transaction.
 CREATE FUNCTION outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('outbox', '');
+    IF NOT EXISTS (
+        SELECT 1 FROM outbox
+        WHERE published_at IS NULL AND seq < (SELECT min(seq) FROM inserted)
+    ) THEN
+        PERFORM pg_notify('outbox', '');
+    END IF;
     RETURN NULL;
 END;
 $$;
 
 CREATE TRIGGER outbox_notify AFTER INSERT ON outbox
+    REFERENCING NEW TABLE AS inserted
     FOR EACH STATEMENT EXECUTE FUNCTION outbox_notify();
 
 -- The idempotent consumer's memory: a consumer's handler transaction inserts

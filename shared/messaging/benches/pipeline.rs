@@ -6,7 +6,7 @@
 //! hop latency from each writer's commit to the consumer's commit.
 //!
 //! ```sh
-//! cargo bench -p shop-messaging --bench pipeline -- --events 20000 --writers 16
+//! cargo bench -p shop-messaging --bench pipeline -- --events 20000 --writers 16 --per-tx 1
 //! ```
 //!
 //! PostgreSQL runs with fsync on (a durable cluster from the test harness);
@@ -33,27 +33,31 @@ use tokio_util::sync::CancellationToken;
 struct Options {
     events: usize,
     writers: usize,
+    per_transaction: usize,
+    rate: Option<f64>,
     concurrency: usize,
+    batch: usize,
 }
 
 fn options() -> Options {
     let mut options = Options {
         events: 20_000,
         writers: 16,
-        concurrency: 64,
+        per_transaction: 1,
+        rate: None,
+        concurrency: 4,
+        batch: 64,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut args = args.iter();
     while let Some(arg) = args.next() {
-        let mut value = || {
-            args.next()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| usage(arg))
-        };
         match arg.as_str() {
-            "--events" => options.events = value(),
-            "--writers" => options.writers = value(),
-            "--concurrency" => options.concurrency = value(),
+            "--events" => options.events = value(&mut args, arg),
+            "--writers" => options.writers = value(&mut args, arg),
+            "--per-tx" => options.per_transaction = value(&mut args, arg),
+            "--rate" => options.rate = Some(value(&mut args, arg)),
+            "--concurrency" => options.concurrency = value(&mut args, arg),
+            "--batch" => options.batch = value(&mut args, arg),
             // cargo bench passes --bench to every bench binary.
             "--bench" => {}
             other => usage(other),
@@ -62,9 +66,15 @@ fn options() -> Options {
     options
 }
 
+fn value<T: std::str::FromStr>(args: &mut std::slice::Iter<'_, String>, arg: &str) -> T {
+    args.next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| usage(arg))
+}
+
 fn usage(arg: &str) -> ! {
     eprintln!(
-        "unexpected argument {arg}; usage: pipeline [--events N] [--writers N] [--concurrency N]"
+        "unexpected argument {arg}; usage: pipeline [--events N] [--writers N] [--per-tx N] [--rate EVENTS_PER_S] [--concurrency N] [--batch N]"
     );
     std::process::exit(2)
 }
@@ -147,12 +157,20 @@ async fn main() {
         (),
     )
     .with_concurrency(options.concurrency)
+    .with_batch_size(options.batch)
     .with_hook(hook);
     let consumer = tokio::spawn(consumer.run(shutdown.clone()));
 
     eprintln!(
-        "pipeline: {} events, {} writers (one commit per event), consumer concurrency {}",
-        options.events, options.writers, options.concurrency
+        "pipeline: {} events, {} writers committing {} per transaction at {}, consumer: {} batches of up to {}",
+        options.events,
+        options.writers,
+        options.per_transaction,
+        options
+            .rate
+            .map_or("full speed".to_owned(), |rate| format!("{rate} events/s")),
+        options.concurrency,
+        options.batch
     );
     let started = Instant::now();
     let next = Arc::new(AtomicU64::new(0));
@@ -162,26 +180,42 @@ async fn main() {
             let next = Arc::clone(&next);
             let committed = Arc::clone(&committed);
             let total = options.events as u64;
+            let per_transaction = options.per_transaction as u64;
+            let rate = options.rate;
             tokio::spawn(async move {
                 let outbox = Outbox::new("shop/bench");
                 let mut conn = AsyncPgConnection::establish(&url).await.expect("connect");
                 loop {
-                    let index = next.fetch_add(1, Ordering::Relaxed);
-                    if index >= total {
+                    let first = next.fetch_add(per_transaction, Ordering::Relaxed);
+                    if first >= total {
                         break;
                     }
-                    let event = OutgoingEvent::new(&OrderPlaced {
-                        order_id: index.to_string(),
-                        ..Default::default()
-                    })
-                    .correlated(index.to_string());
+                    if let Some(rate) = rate {
+                        // A fixed arrival rate: event i is due at i / rate.
+                        let due = started + Duration::from_secs_f64(first as f64 / rate);
+                        tokio::time::sleep_until(due.into()).await;
+                    }
+                    let indices = first..(first + per_transaction).min(total);
+                    let events: Vec<_> = indices
+                        .clone()
+                        .map(|index| {
+                            OutgoingEvent::new(&OrderPlaced {
+                                order_id: index.to_string(),
+                                ..Default::default()
+                            })
+                            .correlated(index.to_string())
+                        })
+                        .collect();
                     let outbox = outbox.clone();
                     conn.transaction::<_, diesel::result::Error, _>(async move |conn| {
-                        outbox.append(conn, &[event]).await
+                        outbox.append(conn, &events).await
                     })
                     .await
                     .expect("append");
-                    committed[index as usize].store(nanos(Instant::now()), Ordering::Relaxed);
+                    let now = nanos(Instant::now());
+                    for index in indices {
+                        committed[index as usize].store(now, Ordering::Relaxed);
+                    }
                 }
             })
         })
@@ -212,7 +246,7 @@ async fn main() {
     let ms = |q: f64| hops.value_at_quantile(q) as f64 / 1000.0;
     println!("events               {}", options.events);
     println!(
-        "written in           {:.2} s ({:.0} commits/s)",
+        "written in           {:.2} s ({:.0} events/s)",
         written.as_secs_f64(),
         options.events as f64 / written.as_secs_f64()
     );

@@ -1,10 +1,15 @@
 //! The idempotent consumer loop.
 //!
-//! Per message: parse the envelope and decode the body (a message that cannot
-//! be decoded goes to the dead-letter queue at once); open a transaction;
+//! Messages are handled in batches of whatever has already arrived, one
+//! transaction per batch. Per message: parse the envelope and decode the body
+//! (a message that cannot be decoded goes to the dead-letter queue at once);
 //! insert (consumer, event id) into the inbox (already there: a redelivery,
 //! acked without effect); run the handler, which may emit events into the
-//! outbox; commit; ack.
+//! outbox. The batch commits, then each message is acked. The fast path
+//! inserts the batch's inbox rows in one statement and uses no savepoints; if
+//! any handler fails, the batch is rolled back and redone with a savepoint
+//! per message, so that a failure undoes only its own message. Handlers must
+//! therefore keep their effects inside the transaction they are given.
 //!
 //! A handler fails with a [`HandlerError`]: a transient failure is retried
 //! by a nak with an exponentially growing delay ([`RetryPolicy`]) and
@@ -19,7 +24,7 @@
 //! older consumer ignores the event types a newer producer adds.
 
 use std::any::Any;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -295,6 +300,7 @@ pub struct EventConsumer<S> {
     inner: Arc<Inner<S>>,
     spec: ConsumerSpec,
     concurrency: usize,
+    batch_size: usize,
     inbox_retention: Duration,
 }
 
@@ -323,6 +329,18 @@ enum Outcome {
     Applied,
     Duplicate,
     Ignored,
+}
+
+/// Why the fast path gave a batch up.
+enum Abandoned {
+    HandlerFailed,
+    Database(diesel::result::Error),
+}
+
+impl From<diesel::result::Error> for Abandoned {
+    fn from(error: diesel::result::Error) -> Self {
+        Self::Database(error)
+    }
 }
 
 enum Failure {
@@ -368,7 +386,8 @@ impl<S: Send + Sync + 'static> EventConsumer<S> {
         Self {
             inner: Arc::new(inner),
             spec,
-            concurrency: 16,
+            concurrency: 4,
+            batch_size: 64,
             inbox_retention: Duration::from_secs(14 * 24 * 3600),
         }
     }
@@ -380,10 +399,20 @@ impl<S: Send + Sync + 'static> EventConsumer<S> {
         self
     }
 
-    /// Sets how many messages are handled at once (at least 1).
+    /// Sets how many batches are handled at once, each on a connection of
+    /// its own (at least 1; default 4).
     #[must_use]
     pub fn with_concurrency(mut self, concurrency: usize) -> Self {
         self.concurrency = concurrency.max(1);
+        self
+    }
+
+    /// Sets the most messages handled in one transaction (at least 1;
+    /// default 64). A batch takes only what has already arrived, so a quiet
+    /// stream is handled one message at a time, without waiting.
+    #[must_use]
+    pub fn with_batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size.max(1);
         self
     }
 
@@ -412,9 +441,9 @@ impl<S: Send + Sync + 'static> EventConsumer<S> {
     }
 
     /// Provisions the durable consumer and handles messages until `shutdown`
-    /// is cancelled; then stops fetching, lets the messages in hand finish,
-    /// hands the ones fetched but not started back to JetStream (nak), and
-    /// returns. A message still on its way from an open pull request is
+    /// is cancelled; then stops fetching, lets the batches in hand finish,
+    /// hands the messages fetched but not started back to JetStream (nak),
+    /// and returns. A message still on its way from an open pull request is
     /// delivered again after the ack wait.
     pub async fn run(self, shutdown: CancellationToken) {
         // The broker may be down at start-up or mid-way: keep trying.
@@ -443,7 +472,7 @@ impl<S: Send + Sync + 'static> EventConsumer<S> {
         'fetch: while !shutdown.is_cancelled() {
             let stream = consumer
                 .stream()
-                .max_messages_per_batch(self.concurrency)
+                .max_messages_per_batch(self.concurrency * self.batch_size)
                 .heartbeat(Duration::from_secs(5))
                 .expires(Duration::from_secs(30))
                 .messages()
@@ -468,7 +497,7 @@ impl<S: Send + Sync + 'static> EventConsumer<S> {
                     }
                     permit = Arc::clone(&permits).acquire_owned() => permit.expect("the semaphore is never closed"),
                 };
-                let next = tokio::select! {
+                let first = tokio::select! {
                     biased;
                     () = shutdown.cancelled() => {
                         release_buffered(&mut messages).await;
@@ -476,15 +505,8 @@ impl<S: Send + Sync + 'static> EventConsumer<S> {
                     }
                     next = messages.next() => next,
                 };
-                match next {
-                    Some(Ok(message)) => {
-                        failures = 0;
-                        let inner = Arc::clone(&self.inner);
-                        tracker.spawn(async move {
-                            inner.process(message).await;
-                            drop(permit);
-                        });
-                    }
+                let mut batch = match first {
+                    Some(Ok(message)) => vec![message],
                     Some(Err(error)) => {
                         // Missed heartbeats, a reconnect: start a fresh pull.
                         tracing::warn!(consumer = %self.inner.name, error = %error, "pull consumer error; pulling again");
@@ -494,6 +516,28 @@ impl<S: Send + Sync + 'static> EventConsumer<S> {
                         tracing::warn!(consumer = %self.inner.name, "message stream ended; pulling again");
                         continue 'fetch;
                     }
+                };
+                // Whatever else has already arrived joins the batch: one
+                // commit for many messages under load, no waiting when idle.
+                let mut pull_again = false;
+                while batch.len() < self.batch_size {
+                    match messages.next().now_or_never() {
+                        Some(Some(Ok(message))) => batch.push(message),
+                        Some(Some(Err(_)) | None) => {
+                            pull_again = true;
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                failures = 0;
+                let inner = Arc::clone(&self.inner);
+                tracker.spawn(async move {
+                    inner.process_batch(batch).await;
+                    drop(permit);
+                });
+                if pull_again {
+                    continue 'fetch;
                 }
             }
         }
@@ -502,8 +546,246 @@ impl<S: Send + Sync + 'static> EventConsumer<S> {
     }
 }
 
+/// A message that parsed and decoded, ready for its handler.
+struct Prepared<'m, S> {
+    envelope: Envelope,
+    route: &'m Route<S>,
+    decoded: Option<Decoded>,
+}
+
 impl<S: Send + Sync + 'static> Inner<S> {
-    async fn process(&self, message: jetstream::Message) {
+    /// Handles a batch of messages in one transaction, each in a savepoint of
+    /// its own so that one failure rolls back only its own effects; then
+    /// settles each message.
+    async fn process_batch(&self, batch: Vec<jetstream::Message>) {
+        let started = std::time::Instant::now();
+        let mut outcomes: Vec<Option<Result<Outcome, Failure>>> = Vec::with_capacity(batch.len());
+        let mut prepared = Vec::new();
+        for (index, message) in batch.iter().enumerate() {
+            match self.prepare(message) {
+                Ok(Some(ready)) => {
+                    outcomes.push(None);
+                    prepared.push((index, ready));
+                }
+                Ok(None) => outcomes.push(Some(Ok(Outcome::Ignored))),
+                Err(failure) => outcomes.push(Some(Err(failure))),
+            }
+        }
+        if !prepared.is_empty() {
+            let results = match AssertUnwindSafe(self.apply(&mut prepared))
+                .catch_unwind()
+                .await
+            {
+                Ok(Ok(results)) => results,
+                Ok(Err(reason)) => prepared
+                    .iter()
+                    .map(|_| Err(Failure::Transient(reason.clone())))
+                    .collect(),
+                Err(panic) => {
+                    let reason = format!("batch panicked: {}", panic_message(&*panic));
+                    prepared
+                        .iter()
+                        .map(|_| Err(Failure::Transient(reason.clone())))
+                        .collect()
+                }
+            };
+            for ((index, _), result) in prepared.iter().zip(results) {
+                outcomes[*index] = Some(result);
+            }
+        }
+        let elapsed = started.elapsed();
+        for (message, outcome) in batch.iter().zip(outcomes) {
+            let outcome =
+                outcome.unwrap_or_else(|| Err(Failure::Transient("not processed".into())));
+            self.settle(message, outcome, elapsed).await;
+        }
+    }
+
+    /// Parses and decodes a message. `Ok(None)`: no route for its type.
+    fn prepare<'m>(
+        &'m self,
+        message: &'m jetstream::Message,
+    ) -> Result<Option<Prepared<'m, S>>, Failure> {
+        let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
+        if delivered > self.retry.max_deliver {
+            // Earlier deliveries died with their process before they could
+            // be dead-lettered.
+            return Err(Failure::Permanent(format!(
+                "delivered {delivered} times, more than the {} allowed",
+                self.retry.max_deliver
+            )));
+        }
+        let envelope = Envelope::parse(
+            &message.subject,
+            message.headers.as_ref(),
+            message.payload.clone(),
+        )
+        .map_err(|error| Failure::Permanent(error.to_string()))?;
+        let Some(route) = self.router.routes.get(envelope.event_type.as_str()) else {
+            tracing::debug!(consumer = %self.name, event_type = %envelope.event_type, "no route; acked");
+            return Ok(None);
+        };
+        let decoded = (route.decode)(&envelope.body).map_err(|error| {
+            Failure::Permanent(format!(
+                "body is not a valid {}: {error}",
+                envelope.event_type
+            ))
+        })?;
+        Ok(Some(Prepared {
+            envelope,
+            route,
+            decoded: Some(decoded),
+        }))
+    }
+
+    /// Runs the prepared messages' handlers in one transaction. `Err` when
+    /// the transaction itself failed: nothing was applied.
+    async fn apply(
+        &self,
+        prepared: &mut [(usize, Prepared<'_, S>)],
+    ) -> Result<Vec<Result<Outcome, Failure>>, String> {
+        let mut conn = self
+            .pool
+            .get()
+            .await
+            .map_err(|error| format!("no database connection: {error}"))?;
+        if prepared.len() > 1 {
+            match self.apply_together(&mut conn, prepared).await {
+                Ok(results) => return Ok(results),
+                // Someone failed: the careful path below finds out who.
+                Err(Abandoned::HandlerFailed) => {}
+                Err(Abandoned::Database(error)) => {
+                    return Err(format!("the batch's transaction failed: {error}"));
+                }
+            }
+        }
+        conn.transaction::<_, diesel::result::Error, _>(async |conn| {
+            let mut results = Vec::with_capacity(prepared.len());
+            for (_, ready) in prepared.iter_mut() {
+                let span = consumer_span(&self.name, &ready.envelope);
+                let result = self.apply_in_savepoint(conn, ready).instrument(span).await;
+                results.push(result);
+            }
+            Ok(results)
+        })
+        .await
+        .map_err(|error| format!("the batch's transaction failed: {error}"))
+    }
+
+    /// The fast path: one inbox insert for the whole batch and no
+    /// savepoints. Abandoned (rolled back) as soon as any handler fails.
+    async fn apply_together(
+        &self,
+        conn: &mut AsyncPgConnection,
+        prepared: &mut [(usize, Prepared<'_, S>)],
+    ) -> Result<Vec<Result<Outcome, Failure>>, Abandoned> {
+        conn.transaction::<_, Abandoned, _>(async |conn| {
+            let mut unique = HashSet::new();
+            let rows: Vec<_> = prepared
+                .iter()
+                .map(|(_, ready)| ready.envelope.id)
+                .filter(|id| unique.insert(*id))
+                .map(|id| (inbox::consumer.eq(&self.name), inbox::event_id.eq(id)))
+                .collect();
+            let fresh: HashSet<uuid::Uuid> = diesel::insert_into(inbox::table)
+                .values(&rows)
+                .on_conflict_do_nothing()
+                .returning(inbox::event_id)
+                .get_results(conn)
+                .await?
+                .into_iter()
+                .collect();
+            let mut applied = HashSet::new();
+            let mut results = Vec::with_capacity(prepared.len());
+            for (_, ready) in prepared.iter_mut() {
+                let id = ready.envelope.id;
+                // Already in the inbox, or a second copy within this batch.
+                if !fresh.contains(&id) || !applied.insert(id) {
+                    results.push(Ok(Outcome::Duplicate));
+                    continue;
+                }
+                let span = consumer_span(&self.name, &ready.envelope);
+                self.run_handler(conn, ready)
+                    .instrument(span)
+                    .await
+                    .map_err(|_| Abandoned::HandlerFailed)?;
+                results.push(Ok(Outcome::Applied));
+            }
+            Ok(results)
+        })
+        .await
+    }
+
+    /// The careful path for one message: inbox row, handler and emitted
+    /// events in a savepoint, so that a failure undoes only this message.
+    async fn apply_in_savepoint(
+        &self,
+        conn: &mut AsyncPgConnection,
+        ready: &mut Prepared<'_, S>,
+    ) -> Result<Outcome, Failure> {
+        conn.transaction::<_, HandlerError, _>(async |conn| {
+            let inserted = diesel::insert_into(inbox::table)
+                .values((
+                    inbox::consumer.eq(&self.name),
+                    inbox::event_id.eq(ready.envelope.id),
+                ))
+                .on_conflict_do_nothing()
+                .execute(conn)
+                .await?;
+            if inserted == 0 {
+                return Ok(Outcome::Duplicate);
+            }
+            self.run_handler(conn, ready).await?;
+            Ok(Outcome::Applied)
+        })
+        .await
+        .map_err(Failure::from)
+    }
+
+    /// Runs the message's handler and writes the events it emitted. A
+    /// panicking handler is a transient failure.
+    async fn run_handler(
+        &self,
+        conn: &mut AsyncPgConnection,
+        ready: &mut Prepared<'_, S>,
+    ) -> Result<(), HandlerError> {
+        let envelope = &ready.envelope;
+        // Decoded once in `prepare`; decoded again if an abandoned fast path
+        // consumed it (it decoded before, so it decodes again).
+        let decoded = match ready.decoded.take() {
+            Some(decoded) => decoded,
+            None => (ready.route.decode)(&envelope.body)
+                .map_err(|error| HandlerError::permanent(error.to_string()))?,
+        };
+        let mut cx = Context {
+            conn,
+            envelope,
+            emitted: Vec::new(),
+        };
+        match AssertUnwindSafe((ready.route.handle)(&self.state, &mut cx, decoded))
+            .catch_unwind()
+            .await
+        {
+            Ok(result) => result?,
+            Err(panic) => {
+                return Err(HandlerError::transient(format!(
+                    "handler panicked: {}",
+                    panic_message(&*panic)
+                )));
+            }
+        }
+        let emitted = cx.emitted;
+        self.outbox.append(conn, &emitted).await?;
+        Ok(())
+    }
+
+    /// Acks, naks or dead-letters a message after its batch.
+    async fn settle(
+        &self,
+        message: &jetstream::Message,
+        outcome: Result<Outcome, Failure>,
+        elapsed: Duration,
+    ) {
         let (delivered, stream, sequence) = match message.info() {
             Ok(info) => (info.delivered, info.stream.to_owned(), info.stream_sequence),
             Err(error) => {
@@ -511,24 +793,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
                 return;
             }
         };
-        let started = std::time::Instant::now();
-        let outcome = if delivered > self.retry.max_deliver {
-            // Earlier deliveries died with their process before they could
-            // be dead-lettered.
-            Err(Failure::Permanent(format!(
-                "delivered {delivered} times, more than the {} allowed",
-                self.retry.max_deliver
-            )))
-        } else {
-            match AssertUnwindSafe(self.handle(&message)).catch_unwind().await {
-                Ok(outcome) => outcome,
-                Err(panic) => Err(Failure::Transient(format!(
-                    "handler panicked: {}",
-                    panic_message(&*panic)
-                ))),
-            }
-        };
-        let ack = match outcome {
+        let (ack, processed) = match outcome {
             Ok(Outcome::Applied) => {
                 self.stats.applied.fetch_add(1, Ordering::Relaxed);
                 (AckKind::Ack, Processed::Applied)
@@ -549,93 +814,22 @@ impl<S: Send + Sync + 'static> Inner<S> {
             }
             Err(Failure::Transient(reason)) => {
                 let reason = format!("gave up after {delivered} deliveries: {reason}");
-                self.dead_letter(&message, &reason, delivered, &stream, sequence)
+                self.dead_letter(message, &reason, delivered, &stream, sequence)
                     .await
             }
             Err(Failure::Permanent(reason)) => {
-                self.dead_letter(&message, &reason, delivered, &stream, sequence)
+                self.dead_letter(message, &reason, delivered, &stream, sequence)
                     .await
             }
         };
-        let (ack, processed) = ack;
         if let Some(hook) = &self.hook {
-            hook(&message, processed, started.elapsed());
+            hook(message, processed, elapsed);
         }
         if let Err(error) = message.ack_with(ack).await {
             // The message comes back after the ack wait; the inbox makes
             // that harmless.
             tracing::warn!(consumer = %self.name, error = %error, "acknowledgement failed");
         }
-    }
-
-    async fn handle(&self, message: &jetstream::Message) -> Result<Outcome, Failure> {
-        let envelope = Envelope::parse(
-            &message.subject,
-            message.headers.as_ref(),
-            message.payload.clone(),
-        )
-        .map_err(|error| Failure::Permanent(error.to_string()))?;
-        let Some(route) = self.router.routes.get(envelope.event_type.as_str()) else {
-            tracing::debug!(consumer = %self.name, event_type = %envelope.event_type, "no route; acked");
-            return Ok(Outcome::Ignored);
-        };
-        let decoded = (route.decode)(&envelope.body).map_err(|error| {
-            Failure::Permanent(format!(
-                "body is not a valid {}: {error}",
-                envelope.event_type
-            ))
-        })?;
-
-        let span = tracing::info_span!(
-            "process",
-            otel.name = format!("{} process", envelope.subject),
-            otel.kind = "consumer",
-            messaging.system = "nats",
-            messaging.operation.type = "process",
-            messaging.destination.name = %envelope.subject,
-            messaging.consumer.group.name = %self.name,
-            messaging.message.id = %envelope.id,
-            correlation_id = envelope.correlation_id.as_deref().unwrap_or_default(),
-            order_id = envelope.correlation_id.as_deref().unwrap_or_default(),
-        );
-        trace::continue_from(
-            &span,
-            envelope.traceparent.as_deref(),
-            envelope.tracestate.as_deref(),
-        );
-        async {
-            let mut conn =
-                self.pool.get().await.map_err(|error| {
-                    Failure::Transient(format!("no database connection: {error}"))
-                })?;
-            let outcome = conn
-                .transaction::<_, HandlerError, _>(async move |conn| {
-                    let inserted = diesel::insert_into(inbox::table)
-                        .values((
-                            inbox::consumer.eq(&self.name),
-                            inbox::event_id.eq(envelope.id),
-                        ))
-                        .on_conflict_do_nothing()
-                        .execute(conn)
-                        .await?;
-                    if inserted == 0 {
-                        return Ok(Outcome::Duplicate);
-                    }
-                    let mut cx = Context {
-                        conn,
-                        envelope: &envelope,
-                        emitted: Vec::new(),
-                    };
-                    (route.handle)(&self.state, &mut cx, decoded).await?;
-                    let emitted = cx.emitted;
-                    self.outbox.append(conn, &emitted).await?;
-                    Ok(Outcome::Applied)
-                })
-                .await?;
-            Ok(outcome)
-        }
-        .instrument(span)
-        .await
     }
 
     /// Publishes the message to `dlq.<consumer>.<subject>` and returns how to
@@ -688,6 +882,28 @@ impl<S: Send + Sync + 'static> Inner<S> {
             }
         }
     }
+}
+
+/// The consumer-kind span of one message, a child of the producer's span.
+fn consumer_span(consumer: &str, envelope: &Envelope) -> tracing::Span {
+    let span = tracing::info_span!(
+        "process",
+        otel.name = format!("{} process", envelope.subject),
+        otel.kind = "consumer",
+        messaging.system = "nats",
+        messaging.operation.type = "process",
+        messaging.destination.name = %envelope.subject,
+        messaging.consumer.group.name = %consumer,
+        messaging.message.id = %envelope.id,
+        correlation_id = envelope.correlation_id.as_deref().unwrap_or_default(),
+        order_id = envelope.correlation_id.as_deref().unwrap_or_default(),
+    );
+    trace::continue_from(
+        &span,
+        envelope.traceparent.as_deref(),
+        envelope.tracestate.as_deref(),
+    );
+    span
 }
 
 /// Naks the messages already fetched into the client's buffer, so that

@@ -8,8 +8,12 @@
 //! JetStream drops the copy because `Nats-Msg-Id` is the row's id.
 //!
 //! Replicas relay side by side: each batch is claimed with
-//! `FOR UPDATE SKIP LOCKED`. The relay is woken by `LISTEN outbox` (a trigger
-//! notifies on insert) and polls as a backstop.
+//! `FOR UPDATE SKIP LOCKED`. An idle relay sleeps on `LISTEN outbox`; a
+//! trigger notifies when events arrive in an empty outbox. After a batch the
+//! relay keeps polling briefly (`linger`), so that under load no transaction
+//! pays for a NOTIFY, which serialises commits. A slow poll is the backstop
+//! for everything else (a writer whose transaction outlived the linger, a
+//! notification lost with a dropped connection).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -108,8 +112,13 @@ impl Outbox {
 pub struct RelayConfig {
     /// Rows claimed, published and marked per transaction.
     pub batch_size: i64,
-    /// How long to wait for a notification before looking anyway.
+    /// How long an idle relay waits for a notification before looking anyway.
     pub poll_interval: Duration,
+    /// After a batch, how long the relay keeps looking every `linger_poll`
+    /// before it goes idle.
+    pub linger: Duration,
+    /// The interval of those looks.
+    pub linger_poll: Duration,
     /// How long published rows are kept (for inspection) before deletion.
     pub retention: Duration,
     /// How often published rows older than `retention` are deleted.
@@ -121,6 +130,8 @@ impl Default for RelayConfig {
         Self {
             batch_size: 500,
             poll_interval: Duration::from_secs(1),
+            linger: Duration::from_millis(500),
+            linger_poll: Duration::from_millis(1),
             retention: Duration::from_secs(3600),
             cleanup_interval: Duration::from_secs(60),
         }
@@ -208,15 +219,22 @@ impl Relay {
             shutdown.clone(),
         ));
         let mut next_cleanup = tokio::time::Instant::now();
+        let mut last_batch = tokio::time::Instant::now();
         let mut failures = 0u32;
         while !shutdown.is_cancelled() {
             match self.relay_batch().await {
                 // A full batch: more may be waiting.
                 Ok(count) if count as i64 == self.config.batch_size => {
                     failures = 0;
+                    last_batch = tokio::time::Instant::now();
                     continue;
                 }
-                Ok(_) => failures = 0,
+                Ok(count) => {
+                    failures = 0;
+                    if count > 0 {
+                        last_batch = tokio::time::Instant::now();
+                    }
+                }
                 Err(error) => {
                     failures += 1;
                     tracing::warn!(error = %error, failures, "outbox relay batch failed; retrying");
@@ -237,10 +255,16 @@ impl Relay {
                 }
                 next_cleanup = tokio::time::Instant::now() + self.config.cleanup_interval;
             }
+            // Busy a moment ago: look again soon. Idle: sleep until notified.
+            let wait = if last_batch.elapsed() < self.config.linger {
+                self.config.linger_poll
+            } else {
+                self.config.poll_interval
+            };
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = wake.notified() => {}
-                () = tokio::time::sleep(self.config.poll_interval) => {}
+                () = tokio::time::sleep(wait) => {}
             }
         }
         let _ = listener.await;
@@ -255,6 +279,16 @@ impl Relay {
             .get()
             .await
             .map_err(|error| RelayError::Pool(error.to_string()))?;
+        // A cheap look first: a lingering relay asks often, and most answers
+        // are no.
+        let pending: bool = diesel::select(diesel::dsl::exists(
+            outbox::table.filter(outbox::published_at.is_null()),
+        ))
+        .get_result(&mut conn)
+        .await?;
+        if !pending {
+            return Ok(0);
+        }
         let count = conn
             .transaction::<_, RelayError, _>(async move |conn| {
                 let rows: Vec<PendingRow> = outbox::table
