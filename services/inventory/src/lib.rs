@@ -1,14 +1,64 @@
 //! The inventory service: the catalogue and the stock
-//! (`shop.inventory.v1.InventoryService`).
+//! (`shop.inventory.v1.InventoryService`), and saga steps 2, 5 and c2.
 //!
 //! - consumes `order.placed` (reserve all lines or none), `order.confirmed`
 //!   (reserved becomes sold), `payment.failed` and `order.cancelled` (release);
 //! - emits `inventory.reserved`, `inventory.rejected`, `inventory.released`.
 //!
-//! Its database schema lives in `migrations/inventory/`, embedded here as
-//! [`MIGRATIONS`] for `shop_db::migrate`.
+//! Modules: `domain` (reserving, pure), `app` (use cases and saga steps),
+//! `events` (the routing table), `grpc`, `schema` (`migrations/inventory/`).
+
+mod app;
+mod domain;
+mod events;
+mod grpc;
+mod schema;
 
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
+use shop_messaging::{ConsumerSpec, EventConsumer, StreamSpec};
+use shop_service::{Infrastructure, Server, ServiceConfig};
 
 /// The service's schema, from `migrations/inventory/`.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/inventory");
+
+/// The inventory service's configuration.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "inventory-svc", about = "The shop's inventory service")]
+pub struct Config {
+    /// What every service takes.
+    #[command(flatten)]
+    pub service: ServiceConfig,
+}
+
+/// Starts the inventory service's infrastructure and binds its servers.
+pub async fn build(config: Config) -> anyhow::Result<Server> {
+    let infra = Infrastructure::start(
+        &config.service,
+        "inventory",
+        StreamSpec::new("INVENTORY", "inventory"),
+        MIGRATIONS,
+    )
+    .await?;
+    let orders = EventConsumer::new(
+        infra.js.clone(),
+        infra.pool.clone(),
+        infra.outbox.clone(),
+        ConsumerSpec::new("inventory", "ORDER", &[]),
+        events::order_events(),
+        events::Handlers,
+    );
+    let payments = EventConsumer::new(
+        infra.js.clone(),
+        infra.pool.clone(),
+        infra.outbox.clone(),
+        ConsumerSpec::new("inventory", "PAYMENT", &[]),
+        events::payment_events(),
+        events::Handlers,
+    );
+    let api = grpc::InventoryApi::new(app::Catalogue::new(infra.pool.clone()));
+    Ok(Server::bind("inventory", &config.service, infra)
+        .await?
+        .add_service("shop.inventory.v1.InventoryService", api.into_server())
+        .add_task(Box::new(move |shutdown| Box::pin(orders.run(shutdown))))
+        .add_task(Box::new(move |shutdown| Box::pin(payments.run(shutdown)))))
+}

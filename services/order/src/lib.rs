@@ -1,15 +1,83 @@
 //! The order service: takes orders (`shop.order.v1.OrderService`) and
-//! follows each saga.
+//! follows each saga: steps 1, 4, c1 and the deadline (t).
 //!
-//! - consumes `user.created` (remember the user), `payment.completed`
-//!   (confirm), `inventory.rejected` and `payment.failed` (cancel);
+//! - consumes `user.created` (remember the user), `inventory.reserved`
+//!   (record the total), `payment.completed` (confirm), `inventory.rejected`
+//!   and `payment.failed` (cancel);
 //! - emits `order.placed`, `order.confirmed`, `order.cancelled` (also when a
-//!   PENDING order passes its deadline).
+//!   PENDING order passes its deadline, reason `timeout`).
 //!
-//! Its database schema lives in `migrations/order/`, embedded here as
-//! [`MIGRATIONS`] for `shop_db::migrate`.
+//! Modules: `domain` (validation and the order's state machine, pure), `app`
+//! (use cases, saga steps, the deadline sweeper), `events` (the routing
+//! table), `grpc`, `schema` (`migrations/order/`).
+
+mod app;
+mod domain;
+mod events;
+mod grpc;
+mod schema;
+
+use std::time::Duration;
 
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
+use shop_messaging::{ConsumerSpec, EventConsumer, Router, StreamSpec};
+use shop_service::{Infrastructure, Server, ServiceConfig};
 
 /// The service's schema, from `migrations/order/`.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/order");
+
+/// The order service's configuration.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "order-svc", about = "The shop's order service")]
+pub struct Config {
+    /// What every service takes.
+    #[command(flatten)]
+    pub service: ServiceConfig,
+    /// How long a saga may run before a PENDING order is cancelled with
+    /// reason `timeout`, in milliseconds.
+    #[arg(long, env = "SAGA_DEADLINE_MS", default_value_t = 30_000)]
+    pub saga_deadline_ms: u64,
+}
+
+/// Starts the order service's infrastructure and binds its servers.
+pub async fn build(config: Config) -> anyhow::Result<Server> {
+    let infra = Infrastructure::start(
+        &config.service,
+        "order",
+        StreamSpec::new("ORDER", "order"),
+        MIGRATIONS,
+    )
+    .await?;
+    let handlers = events::Handlers {
+        outbox: infra.outbox.clone(),
+    };
+    let consumer = |stream: &str, router: Router<events::Handlers>| {
+        EventConsumer::new(
+            infra.js.clone(),
+            infra.pool.clone(),
+            infra.outbox.clone(),
+            ConsumerSpec::new("order", stream, &[]),
+            router,
+            handlers.clone(),
+        )
+    };
+    let users = consumer("USER", events::user_events());
+    let inventory = consumer("INVENTORY", events::inventory_events());
+    let payments = consumer("PAYMENT", events::payment_events());
+    let orders = app::Orders::new(
+        infra.pool.clone(),
+        infra.outbox.clone(),
+        Duration::from_millis(config.saga_deadline_ms),
+    );
+    let sweeper = orders.clone();
+    let api = grpc::OrderApi::new(orders);
+    Ok(Server::bind("order", &config.service, infra)
+        .await?
+        .add_service("shop.order.v1.OrderService", api.into_server())
+        .add_task(Box::new(move |shutdown| Box::pin(users.run(shutdown))))
+        .add_task(Box::new(move |shutdown| Box::pin(inventory.run(shutdown))))
+        .add_task(Box::new(move |shutdown| Box::pin(payments.run(shutdown))))
+        .add_task(Box::new(move |shutdown| {
+            Box::pin(sweeper.run_deadline_sweeper(shutdown))
+        })))
+}

@@ -1,13 +1,71 @@
-//! The payment service: one wallet per user (`shop.payment.v1.PaymentService`).
+//! The payment service: one wallet per user (`shop.payment.v1.PaymentService`),
+//! and saga steps 0', 3 and c3.
 //!
 //! - consumes `user.created` (open the wallet), `inventory.reserved` (debit),
 //!   `order.cancelled` (refund a capture);
 //! - emits `payment.completed`, `payment.failed`, `payment.refunded`.
 //!
-//! Its database schema lives in `migrations/payment/`, embedded here as
-//! [`MIGRATIONS`] for `shop_db::migrate`.
+//! Modules: `app` (use cases and saga steps), `events` (the routing table),
+//! `grpc`, `schema` (`migrations/payment/`).
+
+mod app;
+mod events;
+mod grpc;
+mod schema;
 
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
+use shop_messaging::{ConsumerSpec, EventConsumer, Router, StreamSpec};
+use shop_service::{Infrastructure, Server, ServiceConfig};
 
 /// The service's schema, from `migrations/payment/`.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/payment");
+
+/// The payment service's configuration.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "payment-svc", about = "The shop's payment service")]
+pub struct Config {
+    /// What every service takes.
+    #[command(flatten)]
+    pub service: ServiceConfig,
+    /// The credit a new user's wallet opens with, in cents.
+    #[arg(long, env = "STARTING_CREDIT_CENTS", default_value_t = 100_000)]
+    pub starting_credit_cents: i64,
+}
+
+/// Starts the payment service's infrastructure and binds its servers.
+pub async fn build(config: Config) -> anyhow::Result<Server> {
+    let infra = Infrastructure::start(
+        &config.service,
+        "payment",
+        StreamSpec::new("PAYMENT", "payment"),
+        MIGRATIONS,
+    )
+    .await?;
+    let handlers = events::Handlers {
+        starting_credit: config.starting_credit_cents,
+    };
+    let consumer = |stream: &str, router: Router<events::Handlers>| {
+        EventConsumer::new(
+            infra.js.clone(),
+            infra.pool.clone(),
+            infra.outbox.clone(),
+            ConsumerSpec::new("payment", stream, &[]),
+            router,
+            handlers,
+        )
+    };
+    let users = consumer("USER", events::user_events());
+    let reservations = consumer("INVENTORY", events::inventory_events());
+    let cancellations = consumer("ORDER", events::order_events());
+    let api = grpc::PaymentApi::new(app::Wallets::new(infra.pool.clone()));
+    Ok(Server::bind("payment", &config.service, infra)
+        .await?
+        .add_service("shop.payment.v1.PaymentService", api.into_server())
+        .add_task(Box::new(move |shutdown| Box::pin(users.run(shutdown))))
+        .add_task(Box::new(move |shutdown| {
+            Box::pin(reservations.run(shutdown))
+        }))
+        .add_task(Box::new(move |shutdown| {
+            Box::pin(cancellations.run(shutdown))
+        })))
+}

@@ -1,10 +1,45 @@
 //! The user service: registers customers (`shop.user.v1.UserService`) and
 //! publishes `user.created`, which the order and payment services consume.
+//! It consumes nothing.
 //!
-//! Its database schema lives in `migrations/user/`, embedded here as
-//! [`MIGRATIONS`] for `shop_db::migrate`.
+//! - `domain`: validated email and name.
+//! - `app`: the use cases, each one transaction (with its outbox event).
+//! - `grpc`: the gRPC adapter.
+//! - `schema`: the diesel view of `migrations/user/`.
+
+mod app;
+mod domain;
+mod grpc;
+mod schema;
 
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
+use shop_messaging::StreamSpec;
+use shop_service::{Infrastructure, Server, ServiceConfig};
 
 /// The service's schema, from `migrations/user/`.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/user");
+
+/// The user service's configuration.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "user-svc", about = "The shop's user service")]
+pub struct Config {
+    /// What every service takes.
+    #[command(flatten)]
+    pub service: ServiceConfig,
+}
+
+/// Starts the user service's infrastructure and binds its servers; `run`
+/// the result to serve.
+pub async fn build(config: Config) -> anyhow::Result<Server> {
+    let infra = Infrastructure::start(
+        &config.service,
+        "user",
+        StreamSpec::new("USER", "user"),
+        MIGRATIONS,
+    )
+    .await?;
+    let api = grpc::UserApi::new(app::Users::new(infra.pool.clone(), infra.outbox.clone()));
+    Ok(Server::bind("user", &config.service, infra)
+        .await?
+        .add_service("shop.user.v1.UserService", api.into_server()))
+}

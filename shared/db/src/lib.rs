@@ -66,10 +66,18 @@ where
 
 /// A pool of at most `max_size` connections to `database_url`. Connections
 /// are opened lazily, so building the pool does not wait for the database.
+/// Waiting for a free connection, opening one and checking one all time out
+/// after 5 s, so that a request fails (UNAVAILABLE) instead of hanging while
+/// the database is unreachable or the pool is exhausted.
 pub fn pool(database_url: &str, max_size: usize) -> Result<PgPool, DbError> {
     let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(database_url);
+    let timeout = Some(std::time::Duration::from_secs(5));
     Pool::builder(manager)
         .max_size(max_size)
+        .runtime(deadpool::Runtime::Tokio1)
+        .wait_timeout(timeout)
+        .create_timeout(timeout)
+        .recycle_timeout(timeout)
         .build()
         .map_err(|error| DbError::Pool(error.to_string()))
 }

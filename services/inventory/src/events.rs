@@ -1,0 +1,128 @@
+//! The event adapter: a routing table from event to saga step.
+//!
+//! | consumes | does | emits |
+//! |---|---|---|
+//! | `order.placed` | reserve all lines or none | `inventory.reserved` or `inventory.rejected` |
+//! | `order.confirmed` | reserved -> sold | - |
+//! | `payment.failed`, `order.cancelled` | release the reservation, or leave a tombstone | `inventory.released` |
+
+use shop_messaging::{BoxFuture, Context, HandlerError, Router};
+use shop_proto::inventory::v1::{
+    InventoryRejected, InventoryReleased, InventoryReserved, ReservedLine,
+};
+use shop_proto::order::v1::{OrderCancelled, OrderConfirmed, OrderPlaced};
+use shop_proto::payment::v1::PaymentFailed;
+use uuid::Uuid;
+
+use crate::app::{self, Reservation};
+use crate::domain::Line;
+
+/// What the handlers share; the database comes with each event's transaction.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Handlers;
+
+/// The routes for events on the `ORDER` stream.
+pub(crate) fn order_events() -> Router<Handlers> {
+    Router::new()
+        .on::<OrderPlaced, _>(on_order_placed)
+        .on::<OrderConfirmed, _>(on_order_confirmed)
+        .on::<OrderCancelled, _>(on_order_cancelled)
+}
+
+/// The routes for events on the `PAYMENT` stream.
+pub(crate) fn payment_events() -> Router<Handlers> {
+    Router::new().on::<PaymentFailed, _>(on_payment_failed)
+}
+
+fn id(field: &str, value: &str) -> Result<Uuid, HandlerError> {
+    Uuid::parse_str(value)
+        .map_err(|_| HandlerError::permanent(format!("{field} is not a UUID: {value:?}")))
+}
+
+fn to_proto(lines: &[Line]) -> Vec<ReservedLine> {
+    lines
+        .iter()
+        .map(|line| ReservedLine {
+            sku: line.sku.clone(),
+            quantity: line.quantity,
+            unit_price_cents: line.unit_price_cents,
+        })
+        .collect()
+}
+
+fn on_order_placed<'a>(
+    _: &'a Handlers,
+    cx: &'a mut Context<'_>,
+    event: OrderPlaced,
+) -> BoxFuture<'a, Result<(), HandlerError>> {
+    Box::pin(async move {
+        let order_id = id("order_id", &event.order_id)?;
+        let user_id = id("user_id", &event.user_id)?;
+        let items: Vec<(String, i64)> = event
+            .items
+            .iter()
+            .map(|item| (item.sku.clone(), i64::from(item.quantity)))
+            .collect();
+        match app::reserve(cx.conn(), order_id, user_id, &items).await? {
+            Reservation::Reserved { lines, total_cents } => cx.emit(&InventoryReserved {
+                order_id: event.order_id,
+                user_id: event.user_id,
+                total_cents,
+                lines: to_proto(&lines),
+            }),
+            Reservation::Rejected { sku, reason } => cx.emit(&InventoryRejected {
+                order_id: event.order_id,
+                user_id: event.user_id,
+                reason,
+                sku,
+            }),
+            Reservation::AlreadyDecided => {}
+        }
+        Ok(())
+    })
+}
+
+fn on_order_confirmed<'a>(
+    _: &'a Handlers,
+    cx: &'a mut Context<'_>,
+    event: OrderConfirmed,
+) -> BoxFuture<'a, Result<(), HandlerError>> {
+    Box::pin(async move { app::sell(cx.conn(), id("order_id", &event.order_id)?).await })
+}
+
+async fn release(
+    cx: &mut Context<'_>,
+    order_id: String,
+    user_id: String,
+) -> Result<(), HandlerError> {
+    let lines = app::release(
+        cx.conn(),
+        id("order_id", &order_id)?,
+        id("user_id", &user_id)?,
+    )
+    .await?;
+    if !lines.is_empty() {
+        cx.emit(&InventoryReleased {
+            order_id,
+            user_id,
+            lines: to_proto(&lines),
+        });
+    }
+    Ok(())
+}
+
+fn on_order_cancelled<'a>(
+    _: &'a Handlers,
+    cx: &'a mut Context<'_>,
+    event: OrderCancelled,
+) -> BoxFuture<'a, Result<(), HandlerError>> {
+    Box::pin(release(cx, event.order_id, event.user_id))
+}
+
+fn on_payment_failed<'a>(
+    _: &'a Handlers,
+    cx: &'a mut Context<'_>,
+    event: PaymentFailed,
+) -> BoxFuture<'a, Result<(), HandlerError>> {
+    Box::pin(release(cx, event.order_id, event.user_id))
+}

@@ -1,0 +1,121 @@
+//! The gRPC adapter.
+
+use shop_proto::order::v1 as pb;
+use shop_proto::order::v1::order_service_server::{OrderService, OrderServiceServer};
+use shop_service::{ApiError, page_size, parse_uuid};
+use tonic::{Request, Response, Status};
+
+use crate::app::{Order, Orders, timestamp};
+use crate::domain;
+
+pub(crate) struct OrderApi {
+    orders: Orders,
+}
+
+impl OrderApi {
+    pub(crate) fn new(orders: Orders) -> Self {
+        Self { orders }
+    }
+
+    pub(crate) fn into_server(self) -> OrderServiceServer<Self> {
+        OrderServiceServer::new(self)
+    }
+}
+
+fn to_proto(order: Order) -> pb::Order {
+    let status = match domain::Status::parse(&order.row.status) {
+        Some(domain::Status::Pending) => pb::OrderStatus::Pending,
+        Some(domain::Status::Confirmed) => pb::OrderStatus::Confirmed,
+        Some(domain::Status::Cancelled) => pb::OrderStatus::Cancelled,
+        None => pb::OrderStatus::Unspecified,
+    };
+    pb::Order {
+        order_id: order.row.order_id.to_string(),
+        user_id: order.row.user_id.to_string(),
+        items: order
+            .items
+            .into_iter()
+            .map(|(sku, quantity)| pb::OrderItem { sku, quantity })
+            .collect(),
+        status: status.into(),
+        total_cents: order.row.total_cents,
+        cancel_reason: order.row.cancel_reason,
+        steps: order
+            .steps
+            .into_iter()
+            .map(|step| pb::SagaStep {
+                name: step.name,
+                detail: step.detail,
+                occurred_at: Some(timestamp(step.occurred_at)),
+            })
+            .collect(),
+        created_at: Some(timestamp(order.row.created_at)),
+        updated_at: Some(timestamp(order.row.updated_at)),
+    }
+}
+
+#[tonic::async_trait]
+impl OrderService for OrderApi {
+    #[tracing::instrument(skip_all, fields(otel.kind = "server", order_id))]
+    async fn place_order(
+        &self,
+        request: Request<pb::PlaceOrderRequest>,
+    ) -> Result<Response<pb::PlaceOrderResponse>, Status> {
+        let r = request.into_inner();
+        let user_id = parse_uuid("user_id", &r.user_id)?;
+        let items: Vec<(String, i32)> = r
+            .items
+            .into_iter()
+            .map(|item| (item.sku, item.quantity))
+            .collect();
+        let order = self
+            .orders
+            .place_order(user_id, &items, &r.idempotency_key)
+            .await?;
+        tracing::Span::current().record("order_id", order.row.order_id.to_string());
+        Ok(Response::new(pb::PlaceOrderResponse {
+            order: Some(to_proto(order)),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(otel.kind = "server"))]
+    async fn get_order(
+        &self,
+        request: Request<pb::GetOrderRequest>,
+    ) -> Result<Response<pb::GetOrderResponse>, Status> {
+        let order_id = parse_uuid("order_id", &request.get_ref().order_id)?;
+        let order = self.orders.get_order(order_id).await?;
+        Ok(Response::new(pb::GetOrderResponse {
+            order: Some(to_proto(order)),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(otel.kind = "server"))]
+    async fn list_orders(
+        &self,
+        request: Request<pb::ListOrdersRequest>,
+    ) -> Result<Response<pb::ListOrdersResponse>, Status> {
+        let r = request.into_inner();
+        let user_id = parse_uuid("user_id", &r.user_id)?;
+        let limit = page_size(r.page_size)?;
+        let after = match r.page_token.as_str() {
+            "" => None,
+            token => Some(parse_uuid("page_token", token).map_err(|_| {
+                ApiError::InvalidArgument("page_token is not one this service gave out".into())
+            })?),
+        };
+        let orders = self.orders.list_orders(user_id, after, limit).await?;
+        let next_page_token = if orders.len() as i64 == limit {
+            orders
+                .last()
+                .map(|o| o.row.order_id.to_string())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListOrdersResponse {
+            orders: orders.into_iter().map(to_proto).collect(),
+            next_page_token,
+        }))
+    }
+}

@@ -1,0 +1,105 @@
+//! The event adapter: a routing table from event to saga step.
+//!
+//! | consumes | does | emits |
+//! |---|---|---|
+//! | `user.created` | open the wallet with the starting credit | - |
+//! | `inventory.reserved` | debit the wallet | `payment.completed` or `payment.failed` |
+//! | `order.cancelled` | refund a capture, or leave a tombstone | `payment.refunded` |
+
+use shop_messaging::{BoxFuture, Context, HandlerError, Router};
+use shop_proto::inventory::v1::InventoryReserved;
+use shop_proto::order::v1::OrderCancelled;
+use shop_proto::payment::v1::{PaymentCompleted, PaymentFailed, PaymentRefunded};
+use shop_proto::user::v1::UserCreated;
+use uuid::Uuid;
+
+use crate::app::{self, Debit};
+
+/// What the handlers share.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Handlers {
+    /// The credit a new wallet opens with, in cents.
+    pub(crate) starting_credit: i64,
+}
+
+pub(crate) fn user_events() -> Router<Handlers> {
+    Router::new().on::<UserCreated, _>(on_user_created)
+}
+
+pub(crate) fn inventory_events() -> Router<Handlers> {
+    Router::new().on::<InventoryReserved, _>(on_inventory_reserved)
+}
+
+pub(crate) fn order_events() -> Router<Handlers> {
+    Router::new().on::<OrderCancelled, _>(on_order_cancelled)
+}
+
+fn id(field: &str, value: &str) -> Result<Uuid, HandlerError> {
+    Uuid::parse_str(value)
+        .map_err(|_| HandlerError::permanent(format!("{field} is not a UUID: {value:?}")))
+}
+
+fn on_user_created<'a>(
+    h: &'a Handlers,
+    cx: &'a mut Context<'_>,
+    event: UserCreated,
+) -> BoxFuture<'a, Result<(), HandlerError>> {
+    Box::pin(async move {
+        app::open_wallet(cx.conn(), id("user_id", &event.user_id)?, h.starting_credit).await
+    })
+}
+
+fn on_inventory_reserved<'a>(
+    _: &'a Handlers,
+    cx: &'a mut Context<'_>,
+    event: InventoryReserved,
+) -> BoxFuture<'a, Result<(), HandlerError>> {
+    Box::pin(async move {
+        if event.total_cents < 0 {
+            return Err(HandlerError::permanent(format!(
+                "negative total {}",
+                event.total_cents
+            )));
+        }
+        let order_id = id("order_id", &event.order_id)?;
+        let user_id = id("user_id", &event.user_id)?;
+        match app::debit(cx.conn(), order_id, user_id, event.total_cents).await? {
+            Debit::Captured => cx.emit(&PaymentCompleted {
+                order_id: event.order_id,
+                user_id: event.user_id,
+                amount_cents: event.total_cents,
+            }),
+            Debit::Declined(reason) => cx.emit(&PaymentFailed {
+                order_id: event.order_id,
+                user_id: event.user_id,
+                amount_cents: event.total_cents,
+                reason,
+            }),
+            Debit::AlreadyDecided => {}
+        }
+        Ok(())
+    })
+}
+
+fn on_order_cancelled<'a>(
+    _: &'a Handlers,
+    cx: &'a mut Context<'_>,
+    event: OrderCancelled,
+) -> BoxFuture<'a, Result<(), HandlerError>> {
+    Box::pin(async move {
+        let refunded = app::refund(
+            cx.conn(),
+            id("order_id", &event.order_id)?,
+            id("user_id", &event.user_id)?,
+        )
+        .await?;
+        if let Some(amount_cents) = refunded {
+            cx.emit(&PaymentRefunded {
+                order_id: event.order_id,
+                user_id: event.user_id,
+                amount_cents,
+            });
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,83 @@
+//! The gRPC adapter.
+
+use shop_proto::payment::v1 as pb;
+use shop_proto::payment::v1::payment_service_server::{PaymentService, PaymentServiceServer};
+use shop_service::{ApiError, parse_uuid};
+use tonic::{Request, Response, Status};
+
+use crate::app::{Wallets, status};
+
+pub(crate) struct PaymentApi {
+    wallets: Wallets,
+}
+
+impl PaymentApi {
+    pub(crate) fn new(wallets: Wallets) -> Self {
+        Self { wallets }
+    }
+
+    pub(crate) fn into_server(self) -> PaymentServiceServer<Self> {
+        PaymentServiceServer::new(self)
+    }
+}
+
+#[tonic::async_trait]
+impl PaymentService for PaymentApi {
+    #[tracing::instrument(skip_all, fields(otel.kind = "server"))]
+    async fn get_account(
+        &self,
+        request: Request<pb::GetAccountRequest>,
+    ) -> Result<Response<pb::GetAccountResponse>, Status> {
+        let user_id = parse_uuid("user_id", &request.get_ref().user_id)?;
+        let balance_cents = self.wallets.balance(user_id).await?;
+        Ok(Response::new(pb::GetAccountResponse {
+            account: Some(pb::Account {
+                user_id: user_id.to_string(),
+                balance_cents,
+            }),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(otel.kind = "server"))]
+    async fn deposit(
+        &self,
+        request: Request<pb::DepositRequest>,
+    ) -> Result<Response<pb::DepositResponse>, Status> {
+        let r = request.into_inner();
+        let user_id = parse_uuid("user_id", &r.user_id)?;
+        let balance_cents = self
+            .wallets
+            .deposit(user_id, r.amount_cents, &r.idempotency_key)
+            .await?;
+        Ok(Response::new(pb::DepositResponse {
+            account: Some(pb::Account {
+                user_id: user_id.to_string(),
+                balance_cents,
+            }),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(otel.kind = "server"))]
+    async fn get_payment(
+        &self,
+        request: Request<pb::GetPaymentRequest>,
+    ) -> Result<Response<pb::GetPaymentResponse>, Status> {
+        let order_id = parse_uuid("order_id", &request.get_ref().order_id)?;
+        let payment = self.wallets.payment(order_id).await?;
+        let state = match payment.status.as_str() {
+            status::CAPTURED => pb::PaymentStatus::Captured,
+            status::DECLINED => pb::PaymentStatus::Declined,
+            status::REFUNDED => pb::PaymentStatus::Refunded,
+            other => return Err(ApiError::Internal(format!("payment status {other}")).into()),
+        };
+        Ok(Response::new(pb::GetPaymentResponse {
+            payment: Some(pb::Payment {
+                order_id: payment.order_id.to_string(),
+                user_id: payment.user_id.to_string(),
+                amount_cents: payment.amount_cents,
+                status: state.into(),
+                reason: payment.reason,
+            }),
+        }))
+    }
+}

@@ -1,0 +1,89 @@
+//! The gRPC adapter: requests in, domain calls, responses out.
+
+use shop_proto::user::v1 as pb;
+use shop_proto::user::v1::user_service_server::{UserService, UserServiceServer};
+use shop_service::{ApiError, page_size, parse_uuid};
+use tonic::{Request, Response, Status};
+
+use crate::app::{User, Users, timestamp};
+
+pub(crate) struct UserApi {
+    users: Users,
+}
+
+impl UserApi {
+    pub(crate) fn new(users: Users) -> Self {
+        Self { users }
+    }
+
+    pub(crate) fn into_server(self) -> UserServiceServer<Self> {
+        UserServiceServer::new(self)
+    }
+}
+
+fn to_proto(user: User) -> pb::User {
+    pb::User {
+        user_id: user.user_id.to_string(),
+        email: user.email,
+        name: user.name,
+        created_at: Some(timestamp(user.created_at)),
+    }
+}
+
+#[tonic::async_trait]
+impl UserService for UserApi {
+    #[tracing::instrument(skip_all, fields(otel.kind = "server"))]
+    async fn create_user(
+        &self,
+        request: Request<pb::CreateUserRequest>,
+    ) -> Result<Response<pb::CreateUserResponse>, Status> {
+        let request = request.into_inner();
+        let user = self
+            .users
+            .create_user(&request.email, &request.name)
+            .await?;
+        Ok(Response::new(pb::CreateUserResponse {
+            user: Some(to_proto(user)),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(otel.kind = "server"))]
+    async fn get_user(
+        &self,
+        request: Request<pb::GetUserRequest>,
+    ) -> Result<Response<pb::GetUserResponse>, Status> {
+        let user_id = parse_uuid("user_id", &request.get_ref().user_id)?;
+        let user = self.users.get_user(user_id).await?;
+        Ok(Response::new(pb::GetUserResponse {
+            user: Some(to_proto(user)),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(otel.kind = "server"))]
+    async fn list_users(
+        &self,
+        request: Request<pb::ListUsersRequest>,
+    ) -> Result<Response<pb::ListUsersResponse>, Status> {
+        let request = request.into_inner();
+        let limit = page_size(request.page_size)?;
+        let after = match request.page_token.as_str() {
+            "" => None,
+            token => Some(parse_uuid("page_token", token).map_err(|_| {
+                ApiError::InvalidArgument("page_token is not one this service gave out".into())
+            })?),
+        };
+        let users = self.users.list_users(after, limit).await?;
+        let next_page_token = if users.len() as i64 == limit {
+            users
+                .last()
+                .map(|u| u.user_id.to_string())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListUsersResponse {
+            users: users.into_iter().map(to_proto).collect(),
+            next_page_token,
+        }))
+    }
+}

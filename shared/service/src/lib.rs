@@ -1,0 +1,414 @@
+//! What every service binary shares, so that none writes it again.
+//!
+//! - [`ServiceConfig`]: the common flags and environment variables
+//!   (`DATABASE_URL`, `NATS_URL`, `GRPC_ADDR`, `HTTP_ADDR`, ...).
+//! - [`Infrastructure`]: start-up of the database (migrations, pool) and of
+//!   JetStream (the service's stream and the `DLQ` stream), and the outbox.
+//! - [`Server`]: the gRPC server (with reflection and `grpc.health.v1`), the
+//!   HTTP server (`/healthz`, `/readyz`) and the background tasks (relay,
+//!   consumers, sweepers), run until shutdown.
+//! - [`shutdown_on_signal`] and [`init_logs`] for `main`.
+//! - [`ApiError`]: the one mapping from a use case's failure to a gRPC
+//!   status, and the field parsers that produce it.
+
+mod error;
+
+pub use error::{ApiError, is_unique_violation, page_size, parse_uuid};
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use axum::http::StatusCode;
+use diesel_async::RunQueryDsl as _;
+use diesel_migrations::EmbeddedMigrations;
+use futures::future::BoxFuture;
+use shop_db::PgPool;
+use shop_messaging::{Outbox, Relay, RelayConfig, StreamSpec};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Flags and environment variables every service takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServiceConfig {
+    /// PostgreSQL URL of the service's own database.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+    /// NATS server URL.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// NATS credentials file (optional).
+    #[arg(long, env = "NATS_CREDS")]
+    pub nats_creds: Option<std::path::PathBuf>,
+    /// Address of the gRPC server.
+    #[arg(long, env = "GRPC_ADDR")]
+    pub grpc_addr: SocketAddr,
+    /// Address of the HTTP server (`/healthz`, `/readyz`).
+    #[arg(long, env = "HTTP_ADDR")]
+    pub http_addr: SocketAddr,
+    /// Most database connections.
+    #[arg(long, env = "DB_POOL_SIZE", default_value_t = 16)]
+    pub db_pool_size: usize,
+    /// Replicas of the service's stream (1 on a single NATS server).
+    #[arg(long, env = "STREAM_REPLICAS", default_value_t = 1)]
+    pub stream_replicas: usize,
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Installs the global log subscriber, filtered by `RUST_LOG` (default
+/// `info`).
+pub fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init(),
+    };
+}
+
+/// A token cancelled on SIGTERM or SIGINT.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+        tracing::info!("shutdown requested");
+        cancel.cancel();
+    });
+    token
+}
+
+/// The database and broker connections of a started service.
+#[derive(Clone)]
+pub struct Infrastructure {
+    /// The service's database.
+    pub pool: PgPool,
+    /// JetStream.
+    pub js: jetstream::Context,
+    /// The NATS connection, for readiness.
+    pub nats: async_nats::Client,
+    /// The service's outbox (`ce-source` = `shop/<service>`).
+    pub outbox: Outbox,
+    database_url: String,
+}
+
+impl std::fmt::Debug for Infrastructure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Infrastructure")
+            .field("outbox", &self.outbox)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Infrastructure {
+    /// Migrates the database (the messaging tables, then `migrations`),
+    /// builds the pool, connects to NATS and provisions `stream` and the
+    /// dead-letter stream.
+    pub async fn start(
+        config: &ServiceConfig,
+        service: &str,
+        stream: StreamSpec,
+        migrations: EmbeddedMigrations,
+    ) -> anyhow::Result<Self> {
+        shop_db::migrate(
+            &config.database_url,
+            vec![shop_messaging::MIGRATIONS, migrations],
+        )
+        .await
+        .context("migrating the database")?;
+        let pool = shop_db::pool(&config.database_url, config.db_pool_size)?;
+        let mut options = async_nats::ConnectOptions::new()
+            .name(format!("shop-{service}"))
+            .retry_on_initial_connect()
+            .max_reconnects(None);
+        if let Some(creds) = &config.nats_creds {
+            options = options
+                .credentials_file(creds)
+                .await
+                .context("reading the NATS credentials")?;
+        }
+        let nats = options
+            .connect(&config.nats_url)
+            .await
+            .context("connecting to NATS")?;
+        let js = jetstream::new(nats.clone());
+        stream
+            .with_replicas(config.stream_replicas)
+            .provision(&js)
+            .await?;
+        StreamSpec::dead_letters()
+            .with_replicas(config.stream_replicas)
+            .provision(&js)
+            .await?;
+        Ok(Self {
+            pool,
+            js,
+            nats,
+            outbox: Outbox::new(format!("shop/{service}")),
+            database_url: config.database_url.clone(),
+        })
+    }
+
+    /// The outbox relay of this service's database.
+    pub fn relay(&self) -> Relay {
+        Relay::new(
+            self.pool.clone(),
+            self.database_url.clone(),
+            self.js.clone(),
+            RelayConfig::default(),
+        )
+    }
+
+    /// Whether PostgreSQL answers and NATS is connected.
+    pub async fn ready(&self) -> bool {
+        let nats = self.nats.connection_state() == async_nats::connection::State::Connected;
+        let database = async {
+            let mut conn = self.pool.get().await.ok()?;
+            diesel::sql_query("SELECT 1").execute(&mut conn).await.ok()
+        };
+        let database = tokio::time::timeout(Duration::from_secs(2), database)
+            .await
+            .ok()
+            .flatten()
+            .is_some();
+        nats && database
+    }
+}
+
+/// A background task: `run(shutdown)`.
+pub type Task = Box<dyn FnOnce(CancellationToken) -> BoxFuture<'static, ()> + Send>;
+
+/// A service ready to run: its listeners are bound, so its addresses are known
+/// (port 0 picks a free port).
+pub struct Server {
+    name: &'static str,
+    grpc: TcpListener,
+    http: TcpListener,
+    routes: tonic::service::Routes,
+    health: tonic_health::server::HealthReporter,
+    infra: Infrastructure,
+    tasks: Vec<Task>,
+    services: Vec<&'static str>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Binds the listeners of `config` for service `name`.
+    pub async fn bind(
+        name: &'static str,
+        config: &ServiceConfig,
+        infra: Infrastructure,
+    ) -> anyhow::Result<Self> {
+        let grpc = TcpListener::bind(config.grpc_addr)
+            .await
+            .with_context(|| format!("binding the gRPC address {}", config.grpc_addr))?;
+        let http = TcpListener::bind(config.http_addr)
+            .await
+            .with_context(|| format!("binding the HTTP address {}", config.http_addr))?;
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(shop_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("building gRPC reflection")?;
+        let routes = tonic::service::Routes::new(health_service).add_service(reflection);
+        Ok(Self {
+            name,
+            grpc,
+            http,
+            routes,
+            health,
+            infra,
+            tasks: Vec::new(),
+            services: Vec::new(),
+        })
+    }
+
+    /// Adds a gRPC service; `full_name` is what `grpc.health.v1` reports it as.
+    #[must_use]
+    pub fn add_service<S>(mut self, full_name: &'static str, service: S) -> Self
+    where
+        S: tower_service::Service<
+                axum::http::Request<tonic::body::Body>,
+                Response = axum::http::Response<tonic::body::Body>,
+                Error = std::convert::Infallible,
+            > + tonic::server::NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.routes = self.routes.add_service(service);
+        self.services.push(full_name);
+        self
+    }
+
+    /// Adds a background task, run until shutdown.
+    #[must_use]
+    pub fn add_task(mut self, task: Task) -> Self {
+        self.tasks.push(task);
+        self
+    }
+
+    /// The gRPC address.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// The HTTP address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` is cancelled, then stops taking requests,
+    /// lets the background tasks finish their work in hand, and returns.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Self {
+            name,
+            grpc,
+            http,
+            routes,
+            health,
+            infra,
+            tasks,
+            services,
+        } = self;
+        let tracker = TaskTracker::new();
+        tracker.spawn(infra.relay().run(shutdown.clone()));
+        for task in tasks {
+            tracker.spawn(task(shutdown.clone()));
+        }
+        tracker.spawn(watch_health(
+            health,
+            services,
+            infra.clone(),
+            shutdown.clone(),
+        ));
+        tracker.close();
+
+        let ready = Arc::new(infra);
+        let app = axum::Router::new()
+            .route("/healthz", axum::routing::get(|| async { "ok" }))
+            .route(
+                "/readyz",
+                axum::routing::get(move || {
+                    let infra = Arc::clone(&ready);
+                    async move {
+                        if infra.ready().await {
+                            (StatusCode::OK, "ready")
+                        } else {
+                            (
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "database or NATS unreachable",
+                            )
+                        }
+                    }
+                }),
+            );
+        let http_shutdown = shutdown.clone();
+        let http = tokio::spawn(async move {
+            axum::serve(http, app)
+                .with_graceful_shutdown(http_shutdown.cancelled_owned())
+                .await
+        });
+        tracing::info!(service = name, grpc = %grpc.local_addr()?, "serving");
+        let incoming = tokio_stream_listener(grpc);
+        tonic::transport::Server::builder()
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+            .await
+            .context("serving gRPC")?;
+        http.await
+            .context("the HTTP server task")?
+            .context("serving HTTP")?;
+        tracker.wait().await;
+        tracing::info!(service = name, "stopped");
+        Ok(())
+    }
+}
+
+fn tokio_stream_listener(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(listener, |listener| async move {
+        let accepted = listener.accept().await.map(|(stream, _)| {
+            let _ = stream.set_nodelay(true);
+            stream
+        });
+        Some((accepted, listener))
+    })
+}
+
+/// Reports every gRPC service SERVING while the database and NATS answer,
+/// NOT_SERVING otherwise.
+async fn watch_health(
+    health: tonic_health::server::HealthReporter,
+    services: Vec<&'static str>,
+    infra: Infrastructure,
+    shutdown: CancellationToken,
+) {
+    let mut last = None;
+    loop {
+        let ready = infra.ready().await;
+        if last != Some(ready) {
+            let status = if ready {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            for service in services.iter().copied().chain([""]) {
+                health.set_service_status(service, status).await;
+            }
+            if last.is_some() {
+                tracing::warn!(ready, "dependencies changed state");
+            }
+            last = Some(ready);
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => {
+                for service in services.iter().copied().chain([""]) {
+                    health.set_service_status(service, tonic_health::ServingStatus::NotServing).await;
+                }
+                return;
+            }
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
