@@ -9,7 +9,6 @@
 )]
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use shop_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
@@ -22,20 +21,12 @@ use shop_proto::payment::v1::payment_service_client::PaymentServiceClient;
 use shop_proto::payment::v1::{GetAccountRequest, GetPaymentRequest, PaymentStatus};
 use shop_proto::user::v1::CreateUserRequest;
 use shop_proto::user::v1::user_service_client::UserServiceClient;
-use shop_service::{LogFormat, ServiceConfig};
+use shop_service::{LogFormat, Running, ServiceConfig};
 use shop_test_support::TestInfra;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 pub const STARTING_CREDIT: i64 = 100_000;
 const WAIT: Duration = Duration::from_secs(30);
-
-struct Running {
-    shutdown: CancellationToken,
-    task: JoinHandle<anyhow::Result<()>>,
-    grpc: SocketAddr,
-}
 
 /// How the shop is configured for a test.
 #[derive(Clone, Copy)]
@@ -94,16 +85,10 @@ impl Shop {
     }
 
     fn config(&self, service: &str) -> ServiceConfig {
-        ServiceConfig {
-            database_url: self.infra.postgres.url(&format!("shop_{service}")),
-            nats_url: self.infra.nats.url(),
-            nats_creds: None,
-            grpc_addr: "127.0.0.1:0".parse().unwrap(),
-            http_addr: "127.0.0.1:0".parse().unwrap(),
-            db_pool_size: 8,
-            stream_replicas: 1,
-            log_format: LogFormat::Text,
-        }
+        ServiceConfig::local(
+            self.infra.postgres.url(&format!("shop_{service}")),
+            self.infra.nats.url(),
+        )
     }
 
     async fn launch(&self, service: &'static str) -> Running {
@@ -128,21 +113,12 @@ impl Shop {
             other => panic!("no service {other}"),
         }
         .unwrap_or_else(|error| panic!("{service} did not start: {error:#}"));
-        let grpc = server.grpc_addr();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(server.run(shutdown.clone()));
-        Running {
-            shutdown,
-            task,
-            grpc,
-        }
+        Running::spawn(server)
     }
 
     /// Stops a service gracefully (as on SIGTERM).
     pub async fn stop(&mut self, service: &'static str) {
-        let running = self.services.remove(service).unwrap();
-        running.shutdown.cancel();
-        running.task.await.unwrap().unwrap();
+        self.services.remove(service).unwrap().stop().await.unwrap();
     }
 
     /// Starts a stopped service again, on its database as it was.
@@ -153,12 +129,7 @@ impl Shop {
     }
 
     async fn channel(&self, service: &str) -> Channel {
-        let addr = self.services[service].grpc;
-        Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
+        self.services[service].channel().await.unwrap()
     }
 
     pub async fn users(&self) -> UserServiceClient<Channel> {

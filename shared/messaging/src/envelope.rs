@@ -227,6 +227,43 @@ impl Envelope {
     }
 }
 
+impl OutgoingEvent {
+    /// The headers this event is published with as `id` from `source`, now,
+    /// without trace context. The relay builds its own from the outbox row;
+    /// this is for tools that publish directly, such as replays and tests.
+    pub fn headers(&self, id: Uuid, source: &str) -> HeaderMap {
+        build_headers(
+            id,
+            self.event_type,
+            source,
+            Utc::now(),
+            self.correlation_id.as_deref(),
+            self.causation_id,
+            None,
+            None,
+        )
+    }
+}
+
+/// Publishes `event` straight to JetStream as `source`, bypassing the
+/// outbox, and waits for the ack; returns its `ce-id`. For tools (replays)
+/// and tests: a service publishes through its outbox.
+pub async fn publish_direct(
+    js: &async_nats::jetstream::Context,
+    event: &OutgoingEvent,
+    source: &str,
+) -> Result<Uuid, async_nats::jetstream::context::PublishError> {
+    let id = Uuid::now_v7();
+    js.publish_with_headers(
+        event.subject,
+        event.headers(id, source),
+        event.payload.clone().into(),
+    )
+    .await?
+    .await?;
+    Ok(id)
+}
+
 /// The headers of an event as published; see the module's table.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn build_headers(

@@ -60,6 +60,25 @@ pub struct ServiceConfig {
     pub log_format: LogFormat,
 }
 
+impl ServiceConfig {
+    /// A configuration for `database_url` and `nats_url` with both servers on
+    /// free ports of 127.0.0.1 and the defaults otherwise: for tests and
+    /// local runs.
+    pub fn local(database_url: impl Into<String>, nats_url: impl Into<String>) -> Self {
+        let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self {
+            database_url: database_url.into(),
+            nats_url: nats_url.into(),
+            nats_creds: None,
+            grpc_addr: any_port,
+            http_addr: any_port,
+            db_pool_size: 8,
+            stream_replicas: 1,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
 /// How logs are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -238,12 +257,7 @@ impl Server {
             .await
             .with_context(|| format!("binding the HTTP address {}", config.http_addr))?;
         let (health, health_service) = tonic_health::server::health_reporter();
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(shop_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .context("building gRPC reflection")?;
-        let routes = tonic::service::Routes::new(health_service).add_service(reflection);
+        let routes = tonic::service::Routes::new(health_service);
         Ok(Self {
             name,
             grpc,
@@ -310,6 +324,29 @@ impl Server {
             tasks,
             services,
         } = self;
+        // Reflection names only what this server serves. Both versions:
+        // grpcurl before 1.9 speaks only v1alpha.
+        let reflection = || {
+            let mut builder = tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(shop_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .with_service_name("grpc.health.v1.Health");
+            for service in &services {
+                builder = builder.with_service_name(*service);
+            }
+            builder
+        };
+        let routes = routes
+            .add_service(
+                reflection()
+                    .build_v1()
+                    .context("building gRPC reflection")?,
+            )
+            .add_service(
+                reflection()
+                    .build_v1alpha()
+                    .context("building gRPC reflection")?,
+            );
         let tracker = TaskTracker::new();
         tracker.spawn(infra.relay().run(shutdown.clone()));
         for task in tasks {
@@ -361,6 +398,64 @@ impl Server {
         tracker.wait().await;
         tracing::info!(service = name, "stopped");
         Ok(())
+    }
+}
+
+/// A server running on a task of its own; dropping the handle shuts it down.
+#[derive(Debug)]
+pub struct Running {
+    grpc: SocketAddr,
+    http: SocketAddr,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Running {
+    /// Spawns `server.run` on the current runtime.
+    pub fn spawn(server: Server) -> Self {
+        let (grpc, http) = (server.grpc_addr(), server.http_addr());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(server.run(shutdown.clone()));
+        Self {
+            grpc,
+            http,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// The gRPC address.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc
+    }
+
+    /// The HTTP address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http
+    }
+
+    /// A gRPC channel to the server.
+    pub async fn channel(&self) -> anyhow::Result<tonic::transport::Channel> {
+        Ok(
+            tonic::transport::Channel::from_shared(format!("http://{}", self.grpc))?
+                .connect()
+                .await?,
+        )
+    }
+
+    /// Shuts the server down gracefully and returns how its run ended.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        match self.task.take() {
+            Some(task) => task.await?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
     }
 }
 

@@ -82,6 +82,29 @@ impl TestNats {
             })
     }
 
+    /// The last message on `subject` of `stream`, waiting up to `timeout` for
+    /// the stream and a message to appear.
+    pub async fn last_message(
+        &self,
+        stream: &str,
+        subject: &str,
+        timeout: Duration,
+    ) -> Option<async_nats::jetstream::message::StreamMessage> {
+        let js = async_nats::jetstream::new(self.client().await);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(stream) = js.get_stream(stream).await
+                && let Ok(message) = stream.get_last_raw_message_by_subject(subject).await
+            {
+                return Some(message);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Whether the server process is running.
     pub fn is_running(&mut self) -> bool {
         self.process

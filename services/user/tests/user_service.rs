@@ -1,0 +1,182 @@
+//! The user service alone, on free ports against a fresh database and a real
+//! NATS server.
+
+#![allow(clippy::unwrap_used)]
+
+use prost::Message as _;
+use shop_proto::user::v1::user_service_client::UserServiceClient;
+use shop_proto::user::v1::{CreateUserRequest, GetUserRequest, ListUsersRequest, UserCreated};
+use shop_service::{Running, ServiceConfig};
+use shop_test_support::TestInfra;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+async fn spawn() -> (TestInfra, Running) {
+    let infra = TestInfra::start().await;
+    let url = infra.postgres.create_database("shop_user").await;
+    let config = shop_user::Config {
+        service: ServiceConfig::local(url, infra.nats.url()),
+    };
+    let running = Running::spawn(shop_user::build(config).await.unwrap());
+    (infra, running)
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+}
+
+async fn grpcurl(args: &[&str]) -> String {
+    let output = tokio::process::Command::new("grpcurl")
+        .args(args)
+        .output()
+        .await
+        .expect("grpcurl (scripts/bootstrap installs it)");
+    assert!(
+        output.status.success(),
+        "grpcurl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_created_user_is_stored_and_published_as_user_created() {
+    let (infra, running) = spawn().await;
+    let mut users = UserServiceClient::new(running.channel().await.unwrap());
+    let user = users
+        .create_user(CreateUserRequest {
+            email: "Ann@Example.com".into(),
+            name: " Ann ".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(user.email, "Ann@Example.com");
+    assert_eq!(user.name, "Ann");
+    let fetched = users
+        .get_user(GetUserRequest {
+            user_id: user.user_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(fetched, user);
+
+    let js = async_nats::jetstream::new(infra.nats.client().await);
+    let stream = js.get_stream("USER").await.unwrap();
+    let message = loop {
+        match stream.get_last_raw_message_by_subject("user.created").await {
+            Ok(message) => break message,
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    };
+    let header = |name: &str| {
+        message
+            .headers
+            .get(name)
+            .map(|value| value.as_str().to_owned())
+            .unwrap_or_default()
+    };
+    assert_eq!(header("ce-type"), "shop.user.v1.UserCreated");
+    assert_eq!(header("ce-source"), "shop/user");
+    assert_eq!(header("ce-specversion"), "1.0");
+    assert_eq!(header("ce-correlationid"), user.user_id);
+    assert_eq!(header("Nats-Msg-Id"), header("ce-id"));
+    let event = UserCreated::decode(message.payload.as_ref()).unwrap();
+    assert_eq!(
+        (event.user_id.as_str(), event.email.as_str()),
+        (user.user_id.as_str(), "Ann@Example.com")
+    );
+    running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn users_are_listed_page_by_page_in_registration_order() {
+    let (_infra, running) = spawn().await;
+    let mut users = UserServiceClient::new(running.channel().await.unwrap());
+    let mut created = Vec::new();
+    for i in 0..5 {
+        let request = CreateUserRequest {
+            email: format!("user{i}@example.com"),
+            name: format!("User {i}"),
+        };
+        created.push(
+            users
+                .create_user(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .user
+                .unwrap()
+                .user_id,
+        );
+    }
+    let mut listed = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = users
+            .list_users(ListUsersRequest {
+                page_size: 2,
+                page_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        listed.extend(page.users.into_iter().map(|user| user.user_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(listed, created);
+    assert_eq!(pages, 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reflection_health_and_http_probes_answer() {
+    let (_infra, running) = spawn().await;
+    let addr = running.grpc_addr().to_string();
+    // grpcurl 1.8 asks over reflection v1alpha; only what this server serves
+    // is listed.
+    let services = grpcurl(&["-plaintext", &addr, "list"]).await;
+    assert!(!services.contains("OrderService"), "{services}");
+    for service in ["shop.user.v1.UserService", "grpc.health.v1.Health"] {
+        assert!(
+            services.lines().any(|line| line == service),
+            "{service} missing from:\n{services}"
+        );
+    }
+    let health = grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"service":"shop.user.v1.UserService"}"#,
+        &addr,
+        "grpc.health.v1.Health/Check",
+    ])
+    .await;
+    assert!(health.contains("\"SERVING\""), "{health}");
+    let created = grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"email":"grpcurl@example.com","name":"From grpcurl"}"#,
+        &addr,
+        "shop.user.v1.UserService/CreateUser",
+    ])
+    .await;
+    assert!(created.contains("grpcurl@example.com"), "{created}");
+
+    let healthz = http_get(running.http_addr(), "/healthz").await;
+    assert!(healthz.starts_with("HTTP/1.1 200"), "{healthz}");
+    let readyz = http_get(running.http_addr(), "/readyz").await;
+    assert!(readyz.starts_with("HTTP/1.1 200"), "{readyz}");
+}
