@@ -16,7 +16,13 @@ mod schema;
 
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 use shop_messaging::{ConsumerSpec, EventConsumer, StreamSpec};
-use shop_service::{Infrastructure, Server, ServiceConfig};
+use shop_service::{Infrastructure, Ports, Server, ServiceConfig};
+
+/// The default ports: gRPC 50053, HTTP 9103.
+pub const PORTS: Ports = Ports {
+    grpc: 50053,
+    http: 9103,
+};
 
 /// The service's schema, from `migrations/inventory/`.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/inventory");
@@ -56,7 +62,7 @@ pub async fn build(config: Config) -> anyhow::Result<Server> {
         events::Handlers,
     );
     let api = grpc::InventoryApi::new(app::Catalogue::new(infra.pool.clone()));
-    Ok(Server::bind("inventory", &config.service, infra)
+    Ok(Server::bind("inventory", PORTS, &config.service, infra)
         .await?
         .add_service("shop.inventory.v1.InventoryService", api.into_server())
         .add_task(Box::new(move |shutdown| Box::pin(orders.run(shutdown))))

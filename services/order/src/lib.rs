@@ -21,7 +21,13 @@ use std::time::Duration;
 
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 use shop_messaging::{ConsumerSpec, EventConsumer, Router, StreamSpec};
-use shop_service::{Infrastructure, Server, ServiceConfig};
+use shop_service::{Infrastructure, Ports, Server, ServiceConfig};
+
+/// The default ports: gRPC 50052, HTTP 9102.
+pub const PORTS: Ports = Ports {
+    grpc: 50052,
+    http: 9102,
+};
 
 /// The service's schema, from `migrations/order/`.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/order");
@@ -71,7 +77,7 @@ pub async fn build(config: Config) -> anyhow::Result<Server> {
     );
     let sweeper = orders.clone();
     let api = grpc::OrderApi::new(orders);
-    Ok(Server::bind("order", &config.service, infra)
+    Ok(Server::bind("order", PORTS, &config.service, infra)
         .await?
         .add_service("shop.order.v1.OrderService", api.into_server())
         .add_task(Box::new(move |shutdown| Box::pin(users.run(shutdown))))

@@ -15,7 +15,13 @@ mod schema;
 
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 use shop_messaging::{ConsumerSpec, EventConsumer, Router, StreamSpec};
-use shop_service::{Infrastructure, Server, ServiceConfig};
+use shop_service::{Infrastructure, Ports, Server, ServiceConfig};
+
+/// The default ports: gRPC 50054, HTTP 9104.
+pub const PORTS: Ports = Ports {
+    grpc: 50054,
+    http: 9104,
+};
 
 /// The service's schema, from `migrations/payment/`.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/payment");
@@ -58,7 +64,7 @@ pub async fn build(config: Config) -> anyhow::Result<Server> {
     let reservations = consumer("INVENTORY", events::inventory_events());
     let cancellations = consumer("ORDER", events::order_events());
     let api = grpc::PaymentApi::new(app::Wallets::new(infra.pool.clone()));
-    Ok(Server::bind("payment", &config.service, infra)
+    Ok(Server::bind("payment", PORTS, &config.service, infra)
         .await?
         .add_service("shop.payment.v1.PaymentService", api.into_server())
         .add_task(Box::new(move |shutdown| Box::pin(users.run(shutdown))))

@@ -14,7 +14,13 @@ mod schema;
 
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 use shop_messaging::StreamSpec;
-use shop_service::{Infrastructure, Server, ServiceConfig};
+use shop_service::{Infrastructure, Ports, Server, ServiceConfig};
+
+/// The default ports: gRPC 50051, HTTP 9101.
+pub const PORTS: Ports = Ports {
+    grpc: 50051,
+    http: 9101,
+};
 
 /// The service's schema, from `migrations/user/`.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/user");
@@ -39,7 +45,7 @@ pub async fn build(config: Config) -> anyhow::Result<Server> {
     )
     .await?;
     let api = grpc::UserApi::new(app::Users::new(infra.pool.clone(), infra.outbox.clone()));
-    Ok(Server::bind("user", &config.service, infra)
+    Ok(Server::bind("user", PORTS, &config.service, infra)
         .await?
         .add_service("shop.user.v1.UserService", api.into_server()))
 }

@@ -6,7 +6,8 @@
 //!   JetStream (the service's stream and the `DLQ` stream), and the outbox.
 //! - [`Server`]: the gRPC server (with reflection and `grpc.health.v1`), the
 //!   HTTP server (`/healthz`, `/readyz`) and the background tasks (relay,
-//!   consumers, sweepers), run until shutdown.
+//!   consumers, sweepers), run until shutdown, on the service's default
+//!   [`Ports`] unless configured otherwise; [`Running`] runs one on a task.
 //! - [`shutdown_on_signal`] and [`init_logs`] for `main`.
 //! - [`ApiError`]: the one mapping from a use case's failure to a gRPC
 //!   status, and the field parsers that produce it.
@@ -43,12 +44,13 @@ pub struct ServiceConfig {
     /// NATS credentials file (optional).
     #[arg(long, env = "NATS_CREDS")]
     pub nats_creds: Option<std::path::PathBuf>,
-    /// Address of the gRPC server.
+    /// Address of the gRPC server [default: 0.0.0.0 and the service's port].
     #[arg(long, env = "GRPC_ADDR")]
-    pub grpc_addr: SocketAddr,
-    /// Address of the HTTP server (`/healthz`, `/readyz`).
+    pub grpc_addr: Option<SocketAddr>,
+    /// Address of the HTTP server (`/healthz`, `/readyz`) [default: 0.0.0.0
+    /// and the service's port].
     #[arg(long, env = "HTTP_ADDR")]
-    pub http_addr: SocketAddr,
+    pub http_addr: Option<SocketAddr>,
     /// Most database connections.
     #[arg(long, env = "DB_POOL_SIZE", default_value_t = 16)]
     pub db_pool_size: usize,
@@ -70,8 +72,8 @@ impl ServiceConfig {
             database_url: database_url.into(),
             nats_url: nats_url.into(),
             nats_creds: None,
-            grpc_addr: any_port,
-            http_addr: any_port,
+            grpc_addr: Some(any_port),
+            http_addr: Some(any_port),
             db_pool_size: 8,
             stream_replicas: 1,
             log_format: LogFormat::Text,
@@ -243,19 +245,49 @@ impl std::fmt::Debug for Server {
     }
 }
 
+/// A service's default ports: gRPC 50051 user, 50052 order, 50053
+/// inventory, 50054 payment; HTTP 9101 to 9104 likewise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ports {
+    /// The gRPC port.
+    pub grpc: u16,
+    /// The HTTP port.
+    pub http: u16,
+}
+
+async fn listen(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| {
+        format!(
+            "cannot listen for {what} on {addr} (is another process using port {}?)",
+            addr.port()
+        )
+    })
+}
+
 impl Server {
-    /// Binds the listeners of `config` for service `name`.
+    /// Binds the listeners of `config` for service `name`, on its default
+    /// ports unless the configuration names addresses.
     pub async fn bind(
         name: &'static str,
+        ports: Ports,
         config: &ServiceConfig,
         infra: Infrastructure,
     ) -> anyhow::Result<Self> {
-        let grpc = TcpListener::bind(config.grpc_addr)
-            .await
-            .with_context(|| format!("binding the gRPC address {}", config.grpc_addr))?;
-        let http = TcpListener::bind(config.http_addr)
-            .await
-            .with_context(|| format!("binding the HTTP address {}", config.http_addr))?;
+        let any = std::net::Ipv4Addr::UNSPECIFIED;
+        let grpc = listen(
+            "gRPC",
+            config
+                .grpc_addr
+                .unwrap_or(SocketAddr::from((any, ports.grpc))),
+        )
+        .await?;
+        let http = listen(
+            "HTTP",
+            config
+                .http_addr
+                .unwrap_or(SocketAddr::from((any, ports.http))),
+        )
+        .await?;
         let (health, health_service) = tonic_health::server::health_reporter();
         let routes = tonic::service::Routes::new(health_service);
         Ok(Self {
