@@ -6,13 +6,13 @@
 //! | `order.confirmed` | reserved -> sold | - |
 //! | `payment.failed`, `order.cancelled` | release the reservation, or leave a tombstone | `inventory.released` |
 
+use shop_messaging::consumer::uuid_field as id;
 use shop_messaging::{BoxFuture, Context, HandlerError, Router};
 use shop_proto::inventory::v1::{
     InventoryRejected, InventoryReleased, InventoryReserved, ReservedLine,
 };
 use shop_proto::order::v1::{OrderCancelled, OrderConfirmed, OrderPlaced};
 use shop_proto::payment::v1::PaymentFailed;
-use uuid::Uuid;
 
 use crate::app::{self, Reservation};
 use crate::domain::Line;
@@ -32,11 +32,6 @@ pub(crate) fn order_events() -> Router<Handlers> {
 /// The routes for events on the `PAYMENT` stream.
 pub(crate) fn payment_events() -> Router<Handlers> {
     Router::new().on::<PaymentFailed, _>(on_payment_failed)
-}
-
-fn id(field: &str, value: &str) -> Result<Uuid, HandlerError> {
-    Uuid::parse_str(value)
-        .map_err(|_| HandlerError::permanent(format!("{field} is not a UUID: {value:?}")))
 }
 
 fn to_proto(lines: &[Line]) -> Vec<ReservedLine> {

@@ -8,7 +8,7 @@ use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl};
 use shop_db::PgPool;
 use shop_messaging::{HandlerError, Outbox, OutgoingEvent};
 use shop_proto::order::v1::{OrderCancelled, OrderConfirmed, OrderItem, OrderPlaced};
-use shop_service::{ApiError, is_unique_violation};
+use shop_service::{ApiError, is_unique_violation, timestamp};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -422,11 +422,4 @@ pub(crate) async fn advance(
         }
     }
     Ok(())
-}
-
-pub(crate) fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: at.timestamp(),
-        nanos: i32::try_from(at.timestamp_subsec_nanos()).unwrap_or(0),
-    }
 }

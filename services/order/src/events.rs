@@ -7,11 +7,11 @@
 //! | `payment.completed` | CONFIRMED (CANCELLED `timeout` if past the deadline) | `order.confirmed` (or `order.cancelled`) |
 //! | `inventory.rejected`, `payment.failed` | CANCELLED with the reason | `order.cancelled` |
 
+use shop_messaging::consumer::uuid_field as id;
 use shop_messaging::{BoxFuture, Context, HandlerError, Outbox, Router};
 use shop_proto::inventory::v1::{InventoryRejected, InventoryReserved};
 use shop_proto::payment::v1::{PaymentCompleted, PaymentFailed};
 use shop_proto::user::v1::UserCreated;
-use uuid::Uuid;
 
 use crate::app;
 use crate::domain::SagaEvent;
@@ -37,11 +37,6 @@ pub(crate) fn payment_events() -> Router<Handlers> {
     Router::new()
         .on::<PaymentCompleted, _>(on_payment_completed)
         .on::<PaymentFailed, _>(on_payment_failed)
-}
-
-fn id(field: &str, value: &str) -> Result<Uuid, HandlerError> {
-    Uuid::parse_str(value)
-        .map_err(|_| HandlerError::permanent(format!("{field} is not a UUID: {value:?}")))
 }
 
 fn on_user_created<'a>(

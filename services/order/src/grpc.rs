@@ -2,10 +2,10 @@
 
 use shop_proto::order::v1 as pb;
 use shop_proto::order::v1::order_service_server::{OrderService, OrderServiceServer};
-use shop_service::{ApiError, page_size, parse_uuid};
+use shop_service::{ApiError, page_size, parse_uuid, timestamp};
 use tonic::{Request, Response, Status};
 
-use crate::app::{Order, Orders, timestamp};
+use crate::app::{Order, Orders};
 use crate::domain;
 
 pub(crate) struct OrderApi {

@@ -6,12 +6,12 @@
 //! | `inventory.reserved` | debit the wallet | `payment.completed` or `payment.failed` |
 //! | `order.cancelled` | refund a capture, or leave a tombstone | `payment.refunded` |
 
+use shop_messaging::consumer::uuid_field as id;
 use shop_messaging::{BoxFuture, Context, HandlerError, Router};
 use shop_proto::inventory::v1::InventoryReserved;
 use shop_proto::order::v1::OrderCancelled;
 use shop_proto::payment::v1::{PaymentCompleted, PaymentFailed, PaymentRefunded};
 use shop_proto::user::v1::UserCreated;
-use uuid::Uuid;
 
 use crate::app::{self, Debit};
 
@@ -32,11 +32,6 @@ pub(crate) fn inventory_events() -> Router<Handlers> {
 
 pub(crate) fn order_events() -> Router<Handlers> {
     Router::new().on::<OrderCancelled, _>(on_order_cancelled)
-}
-
-fn id(field: &str, value: &str) -> Result<Uuid, HandlerError> {
-    Uuid::parse_str(value)
-        .map_err(|_| HandlerError::permanent(format!("{field} is not a UUID: {value:?}")))
 }
 
 fn on_user_created<'a>(

@@ -6,7 +6,7 @@ use diesel_async::{AsyncConnection as _, RunQueryDsl};
 use shop_db::PgPool;
 use shop_messaging::{Outbox, OutgoingEvent};
 use shop_proto::user::v1::UserCreated;
-use shop_service::{ApiError, is_unique_violation};
+use shop_service::{ApiError, is_unique_violation, timestamp};
 use uuid::Uuid;
 
 use crate::domain::{Email, UserName};
@@ -118,12 +118,5 @@ impl Users {
             );
         }
         Ok(query.load(&mut conn).await?)
-    }
-}
-
-pub(crate) fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: at.timestamp(),
-        nanos: i32::try_from(at.timestamp_subsec_nanos()).unwrap_or(0),
     }
 }

@@ -2,10 +2,10 @@
 
 use shop_proto::user::v1 as pb;
 use shop_proto::user::v1::user_service_server::{UserService, UserServiceServer};
-use shop_service::{ApiError, page_size, parse_uuid};
+use shop_service::{ApiError, page_size, parse_uuid, timestamp};
 use tonic::{Request, Response, Status};
 
-use crate::app::{User, Users, timestamp};
+use crate::app::{User, Users};
 
 pub(crate) struct UserApi {
     users: Users,

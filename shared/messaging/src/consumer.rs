@@ -88,6 +88,12 @@ impl HandlerError {
     }
 }
 
+/// Parses an event's UUID field; a malformed one is a permanent failure.
+pub fn uuid_field(field: &str, value: &str) -> Result<uuid::Uuid, HandlerError> {
+    uuid::Uuid::parse_str(value)
+        .map_err(|_| HandlerError::permanent(format!("{field} is not a UUID: {value:?}")))
+}
+
 impl From<diesel::result::Error> for HandlerError {
     fn from(error: diesel::result::Error) -> Self {
         Self::transient(error)

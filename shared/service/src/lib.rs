@@ -106,6 +106,14 @@ pub fn init_logs(format: LogFormat) {
     };
 }
 
+/// A protobuf timestamp.
+pub fn timestamp(at: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: at.timestamp(),
+        nanos: i32::try_from(at.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
 /// A token cancelled on SIGTERM or SIGINT.
 pub fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();

@@ -157,33 +157,13 @@ impl TestNats {
             .arg(self.dir.path().join("store"))
             .args(["--server_name", "shop-test"]);
         let mut process = ServerProcess::spawn(command, &self.dir.path().join("nats.log"), None)?;
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Some(status) = process.exited() {
-                return Err(HarnessError::Start {
-                    what: "nats-server",
-                    detail: format!(
-                        "exited with {status} on port {}: {}",
-                        self.port,
-                        process.log_tail()
-                    ),
-                });
-            }
-            if self.jetstream_ready().await {
-                self.process = Some(process);
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(HarnessError::Start {
-                    what: "nats-server",
-                    detail: format!(
-                        "JetStream not ready after {READY_TIMEOUT:?}: {}",
-                        process.log_tail()
-                    ),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        process
+            .wait_ready("nats-server", self.port, READY_TIMEOUT, || {
+                self.jetstream_ready()
+            })
+            .await?;
+        self.process = Some(process);
+        Ok(())
     }
 
     /// JetStream answers an account query: the server accepts clients and its

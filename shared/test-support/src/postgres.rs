@@ -222,33 +222,13 @@ impl TestPostgres {
         }
         let mut process =
             ServerProcess::spawn(command, &self.dir.path().join("postgres.log"), self.user)?;
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Some(status) = process.exited() {
-                return Err(HarnessError::Start {
-                    what: "postgres",
-                    detail: format!(
-                        "exited with {status} on port {}: {}",
-                        self.port,
-                        process.log_tail()
-                    ),
-                });
-            }
-            if self.connect("postgres").await.is_ok() {
-                self.process = Some(process);
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(HarnessError::Start {
-                    what: "postgres",
-                    detail: format!(
-                        "not accepting connections after {READY_TIMEOUT:?}: {}",
-                        process.log_tail()
-                    ),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        process
+            .wait_ready("postgres", self.port, READY_TIMEOUT, || async {
+                self.connect("postgres").await.is_ok()
+            })
+            .await?;
+        self.process = Some(process);
+        Ok(())
     }
 
     async fn connect(&self, database: &str) -> Result<AsyncPgConnection, HarnessError> {

@@ -78,6 +78,39 @@ impl ServerProcess {
         let _ = self.child.wait();
     }
 
+    /// Polls `ready` every 20 ms until it holds. Fails, with the tail of the
+    /// log, if the process exits first or `timeout` passes.
+    pub(crate) async fn wait_ready<F, Fut>(
+        &mut self,
+        what: &'static str,
+        port: u16,
+        timeout: Duration,
+        mut ready: F,
+    ) -> Result<(), HarnessError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exited() {
+                let detail = format!("exited with {status} on port {port}: {}", self.log_tail());
+                return Err(HarnessError::Start { what, detail });
+            }
+            if ready().await {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                let detail = format!(
+                    "not ready on port {port} after {timeout:?}: {}",
+                    self.log_tail()
+                );
+                return Err(HarnessError::Start { what, detail });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The last lines of the process's log, for error messages.
     pub(crate) fn log_tail(&self) -> String {
         log_tail(&self.log)
