@@ -453,9 +453,16 @@ pub struct Running {
 impl Running {
     /// Spawns `server.run` on the current runtime.
     pub fn spawn(server: Server) -> Self {
+        Self::spawn_in(server, tracing::Span::none())
+    }
+
+    /// Spawns `server.run` inside `span`, so that its logs carry the span
+    /// (a local stack prefixes each line with the service's name).
+    pub fn spawn_in(server: Server, span: tracing::Span) -> Self {
+        use tracing::Instrument as _;
         let (grpc, http) = (server.grpc_addr(), server.http_addr());
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(server.run(shutdown.clone()));
+        let task = tokio::spawn(server.run(shutdown.clone()).instrument(span));
         Self {
             grpc,
             http,

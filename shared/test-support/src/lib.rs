@@ -8,6 +8,8 @@
 //! - [`TestPostgres`]: one cluster per test (`initdb`, fsync off); each call to
 //!   [`TestPostgres::create_database`] hands out a fresh, empty database.
 //! - [`TestInfra`]: both at once, started concurrently.
+//! - [`TestNats::start_in`] and [`TestPostgres::start_in`]: the same servers
+//!   with their data in a kept directory on fixed ports, for a local stack.
 //!
 //! Binaries are found through `NATS_SERVER_BIN` / `PG_BIN_DIR`, on `PATH`, or
 //! under `/usr/lib/postgresql/*/bin`; when one is missing, starting fails with

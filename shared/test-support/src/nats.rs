@@ -4,11 +4,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tempfile::TempDir;
-
 use crate::HarnessError;
 use crate::binaries;
-use crate::process::{ServerProcess, free_port};
+use crate::process::{ServerProcess, Workdir, ensure_port_free, free_port};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -21,7 +19,7 @@ pub struct TestNats {
     port: u16,
     process: Option<ServerProcess>,
     // Declared last so that the server is gone before its store is removed.
-    dir: TempDir,
+    dir: Workdir,
 }
 
 impl TestNats {
@@ -35,13 +33,15 @@ impl TestNats {
     /// Starts a server, or says why it could not.
     pub async fn try_start() -> Result<Self, HarnessError> {
         let binary = binaries::nats_server()?;
-        let dir = tempfile::Builder::new()
-            .prefix("shop-test-nats-")
-            .tempdir()
-            .map_err(|source| HarnessError::Io {
-                context: "cannot create a NATS store".into(),
-                source,
-            })?;
+        let dir = Workdir::Temporary(
+            tempfile::Builder::new()
+                .prefix("shop-test-nats-")
+                .tempdir()
+                .map_err(|source| HarnessError::Io {
+                    context: "cannot create a NATS store".into(),
+                    source,
+                })?,
+        );
         let mut nats = Self {
             binary,
             port: 0,
@@ -58,6 +58,20 @@ impl TestNats {
             }
         }
         Err(last_error.expect("at least one attempt"))
+    }
+
+    /// Starts a server whose store lives in `dir`, kept between runs, on
+    /// `port`. The server stops when the handle is dropped; the store stays.
+    pub async fn start_in(dir: &std::path::Path, port: u16) -> Result<Self, HarnessError> {
+        ensure_port_free("nats-server", port)?;
+        let mut nats = Self {
+            binary: binaries::nats_server()?,
+            port,
+            process: None,
+            dir: Workdir::kept(dir)?,
+        };
+        nats.launch().await?;
+        Ok(nats)
     }
 
     /// `nats://127.0.0.1:<port>`.

@@ -5,11 +5,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, SimpleAsyncConnection as _};
-use tempfile::TempDir;
 
 use crate::HarnessError;
 use crate::binaries;
-use crate::process::{ServerProcess, free_port, log_tail};
+use crate::process::{ServerProcess, Workdir, ensure_port_free, free_port, log_tail};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -25,7 +24,7 @@ pub struct TestPostgres {
     durable: bool,
     process: Option<ServerProcess>,
     // Declared last so that the server is gone before its data is removed.
-    dir: TempDir,
+    dir: Workdir,
 }
 
 impl TestPostgres {
@@ -53,13 +52,15 @@ impl TestPostgres {
     async fn try_start_with(durable: bool) -> Result<Self, HarnessError> {
         let bin_dir = binaries::postgres_bin_dir()?;
         let user = server_user()?;
-        let dir = tempfile::Builder::new()
-            .prefix("shop-test-pg-")
-            .tempdir()
-            .map_err(|source| HarnessError::Io {
-                context: "cannot create a PostgreSQL directory".into(),
-                source,
-            })?;
+        let dir = Workdir::Temporary(
+            tempfile::Builder::new()
+                .prefix("shop-test-pg-")
+                .tempdir()
+                .map_err(|source| HarnessError::Io {
+                    context: "cannot create a PostgreSQL directory".into(),
+                    source,
+                })?,
+        );
         let mut postgres = Self {
             bin_dir,
             user,
@@ -79,6 +80,35 @@ impl TestPostgres {
             }
         }
         Err(last_error.expect("at least one attempt"))
+    }
+
+    /// Starts a durable cluster (fsync on) whose data lives in `dir`, kept
+    /// between runs, on `port`: initialised on first use, reused after. The
+    /// cluster stops when the handle is dropped; the data stays.
+    pub async fn start_in(dir: &std::path::Path, port: u16) -> Result<Self, HarnessError> {
+        ensure_port_free("postgres", port)?;
+        let postgres = Self {
+            bin_dir: binaries::postgres_bin_dir()?,
+            user: server_user()?,
+            port,
+            durable: true,
+            process: None,
+            dir: Workdir::kept(dir)?,
+        };
+        let mut postgres = postgres;
+        if !postgres.data_dir().join("PG_VERSION").exists() {
+            if postgres.data_dir().exists() {
+                std::fs::remove_dir_all(postgres.data_dir()).map_err(|source| {
+                    HarnessError::Io {
+                        context: "cannot clear a half-initialised data directory".into(),
+                        source,
+                    }
+                })?;
+            }
+            postgres.init().await?;
+        }
+        postgres.launch().await?;
+        Ok(postgres)
     }
 
     /// The port the cluster listens on.

@@ -177,3 +177,43 @@ pub(crate) fn free_port() -> Result<u16, HarnessError> {
             source,
         })
 }
+
+/// Where a server keeps its data: a temporary directory removed with the
+/// handle (tests), or a kept one reused across runs (a local stack).
+#[derive(Debug)]
+pub(crate) enum Workdir {
+    Temporary(tempfile::TempDir),
+    Kept(PathBuf),
+}
+
+impl Workdir {
+    pub(crate) fn path(&self) -> &Path {
+        match self {
+            Self::Temporary(dir) => dir.path(),
+            Self::Kept(dir) => dir,
+        }
+    }
+
+    /// A kept directory, created if missing.
+    pub(crate) fn kept(dir: &Path) -> Result<Self, HarnessError> {
+        std::fs::create_dir_all(dir).map_err(|source| HarnessError::Io {
+            context: format!("cannot create {}", dir.display()),
+            source,
+        })?;
+        Ok(Self::Kept(dir.to_path_buf()))
+    }
+}
+
+/// Fails with a message that names the port and what to do when something
+/// already listens on it.
+pub(crate) fn ensure_port_free(what: &'static str, port: u16) -> Result<(), HarnessError> {
+    match std::net::TcpListener::bind(("127.0.0.1", port)) {
+        Ok(_) => Ok(()),
+        Err(error) => Err(HarnessError::Start {
+            what,
+            detail: format!(
+                "port {port} is taken ({error}): stop whatever listens there, or choose another port"
+            ),
+        }),
+    }
+}

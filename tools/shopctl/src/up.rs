@@ -1,0 +1,220 @@
+//! `shopctl up`.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use diesel_async::{AsyncConnection as _, AsyncPgConnection, SimpleAsyncConnection as _};
+use shop_service::{LogFormat, Running, Server, ServiceConfig};
+use shop_test_support::{TestNats, TestPostgres};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tracing::Instrument as _;
+
+/// Options of `shopctl up`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Up {
+    /// Where NATS and PostgreSQL keep their data, reused between runs.
+    #[arg(long, default_value = ".shop")]
+    data_dir: PathBuf,
+    /// Wipe the data directory first.
+    #[arg(long)]
+    fresh: bool,
+    /// The NATS client port.
+    #[arg(long, default_value_t = 4222)]
+    nats_port: u16,
+    /// The PostgreSQL port.
+    #[arg(long, default_value_t = 55432)]
+    postgres_port: u16,
+    /// Log format of the services: `text` or `json`.
+    #[arg(long, default_value = "text")]
+    log_format: LogFormat,
+}
+
+/// The services with their default ports, in start order.
+const SERVICES: [(&str, u16, u16); 4] = [
+    ("user", 50051, 9101),
+    ("order", 50052, 9102),
+    ("inventory", 50053, 9103),
+    ("payment", 50054, 9104),
+];
+
+impl Up {
+    pub(crate) async fn run(self) -> anyhow::Result<()> {
+        shop_service::init_logs(self.log_format);
+        let shutdown = shop_service::shutdown_on_signal();
+        if self.fresh && self.data_dir.exists() {
+            std::fs::remove_dir_all(&self.data_dir)
+                .with_context(|| format!("wiping {}", self.data_dir.display()))?;
+        }
+        // Free ports first: a clear error before anything starts.
+        for (service, grpc, http) in SERVICES {
+            for (what, port) in [("gRPC", grpc), ("HTTP", http)] {
+                if std::net::TcpListener::bind(("0.0.0.0", port)).is_err() {
+                    anyhow::bail!(
+                        "port {port} ({service} {what}) is taken: stop whatever listens there and run shopctl up again"
+                    );
+                }
+            }
+        }
+        let started = Instant::now();
+        let data_dir = std::path::absolute(&self.data_dir)?;
+        let (nats_dir, postgres_dir) = (data_dir.join("nats"), data_dir.join("postgres"));
+        let (nats, postgres) = tokio::join!(
+            TestNats::start_in(&nats_dir, self.nats_port),
+            TestPostgres::start_in(&postgres_dir, self.postgres_port),
+        );
+        let (mut nats, mut postgres) = (nats?, postgres?);
+        let urls = create_databases(&postgres).await?;
+
+        let mut running = Vec::new();
+        for ((service, _, http), url) in SERVICES.into_iter().zip(urls) {
+            let config = ServiceConfig {
+                log_format: self.log_format,
+                ..ServiceConfig::local(url, nats.url())
+            };
+            let config = ServiceConfig {
+                grpc_addr: None,
+                http_addr: None,
+                ..config
+            };
+            let server = build(service, config).instrument(span(service)).await?;
+            running.push((service, http, Running::spawn_in(server, span(service))));
+        }
+        for (service, http, _) in &running {
+            wait_ready(service, *http).await?;
+        }
+        print_banner(&nats.url(), postgres.port(), started.elapsed());
+
+        shutdown.cancelled().await;
+        println!("stopping...");
+        for (service, _, server) in running {
+            server
+                .stop()
+                .await
+                .with_context(|| format!("stopping {service}"))?;
+        }
+        nats.stop();
+        postgres.stop();
+        Ok(())
+    }
+}
+
+fn span(service: &str) -> tracing::Span {
+    match service {
+        "user" => tracing::info_span!("user"),
+        "order" => tracing::info_span!("order"),
+        "inventory" => tracing::info_span!("inventory"),
+        _ => tracing::info_span!("payment"),
+    }
+}
+
+async fn build(service: &str, config: ServiceConfig) -> anyhow::Result<Server> {
+    match service {
+        "user" => shop_user::build(shop_user::Config { service: config }).await,
+        "order" => {
+            shop_order::build(shop_order::Config {
+                service: config,
+                saga_deadline_ms: 30_000,
+            })
+            .await
+        }
+        "inventory" => shop_inventory::build(shop_inventory::Config { service: config }).await,
+        _ => {
+            shop_payment::build(shop_payment::Config {
+                service: config,
+                starting_credit_cents: 100_000,
+            })
+            .await
+        }
+    }
+    .with_context(|| format!("starting the {service} service"))
+}
+
+/// One database per service, owned by a role of its own that can connect to
+/// no other database; returns each service's URL, in `SERVICES` order.
+async fn create_databases(postgres: &TestPostgres) -> anyhow::Result<Vec<String>> {
+    let mut admin = AsyncPgConnection::establish(&postgres.url("postgres")).await?;
+    let mut urls = Vec::new();
+    for (service, _, _) in SERVICES {
+        let name = format!("shop_{service}");
+        admin
+            .batch_execute(&format!(
+                "DO $$ BEGIN
+                   IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{name}') THEN CREATE ROLE {name} LOGIN; END IF;
+                 END $$;"
+            ))
+            .await?;
+        // Kept from an earlier run: reuse it.
+        if let Err(error) = admin
+            .batch_execute(&format!("CREATE DATABASE {name} OWNER {name}"))
+            .await
+            && !error.to_string().contains("already exists")
+        {
+            return Err(error).with_context(|| format!("creating database {name}"));
+        }
+        admin
+            .batch_execute(&format!("REVOKE ALL ON DATABASE {name} FROM PUBLIC"))
+            .await?;
+        urls.push(format!(
+            "postgres://{name}@127.0.0.1:{}/{name}",
+            postgres.port()
+        ));
+    }
+    Ok(urls)
+}
+
+/// Waits until the service's `/readyz` answers 200.
+async fn wait_ready(service: &str, http_port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready = async {
+            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", http_port))
+                .await
+                .ok()?;
+            stream
+                .write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .await
+                .ok()?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response).await.ok()?;
+            Some(response.starts_with("HTTP/1.1 200"))
+        }
+        .await
+        .unwrap_or(false);
+        if ready {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{service} did not become ready on port {http_port}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn print_banner(nats_url: &str, postgres_port: u16, took: Duration) {
+    println!();
+    println!(
+        "shop is up in {:.1} s: all four services SERVING",
+        took.as_secs_f64()
+    );
+    println!();
+    println!(
+        "  gRPC   user localhost:50051  order localhost:50052  inventory localhost:50053  payment localhost:50054"
+    );
+    println!("  HTTP   /healthz /readyz on localhost:9101 to 9104");
+    println!(
+        "  NATS   {nats_url}      PostgreSQL 127.0.0.1:{postgres_port} (databases shop_user, shop_order, ...)"
+    );
+    println!();
+    println!("Try:");
+    println!("  grpcurl -plaintext localhost:50052 list");
+    println!(
+        "  grpcurl -plaintext -d '{{\"email\":\"ann@example.com\",\"name\":\"Ann\"}}' localhost:50051 shop.user.v1.UserService/CreateUser"
+    );
+    println!(
+        "  grpcurl -plaintext -d '{{\"sku\":\"LAMP\",\"name\":\"Desk lamp\",\"price_cents\":1999,\"stock\":10}}' localhost:50053 shop.inventory.v1.InventoryService/CreateProduct"
+    );
+    println!();
+    println!("Ctrl-C stops everything.");
+}
