@@ -4,9 +4,12 @@
 //!   with JetStream and a PostgreSQL cluster (data under `.shop/`, reused
 //!   between runs; `--fresh` wipes it), one database and one role per
 //!   service, and the four services on the design's ports, until Ctrl-C.
+//! - `demo`: against a running stack, one saga that is confirmed, one
+//!   rejected for stock and one whose payment fails, with their timelines.
 
 #![allow(clippy::print_stdout)] // a CLI talks on stdout
 
+mod demo;
 mod up;
 
 use clap::Parser as _;
@@ -16,11 +19,14 @@ use clap::Parser as _;
 enum Command {
     /// Start NATS, PostgreSQL and the four services locally; Ctrl-C stops all.
     Up(up::Up),
+    /// Run one saga of each kind against a running stack and show how each went.
+    Demo(demo::Demo),
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Command::parse() {
         Command::Up(up) => up.run().await,
+        Command::Demo(demo) => demo.run().await,
     }
 }
