@@ -131,7 +131,7 @@ impl Default for RelayConfig {
             batch_size: 500,
             poll_interval: Duration::from_secs(1),
             linger: Duration::from_millis(500),
-            linger_poll: Duration::from_millis(1),
+            linger_poll: Duration::from_millis(5),
             retention: Duration::from_secs(3600),
             cleanup_interval: Duration::from_secs(60),
         }

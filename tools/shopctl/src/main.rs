@@ -4,11 +4,14 @@
 //!   with JetStream and a PostgreSQL cluster (data under `.shop/`, reused
 //!   between runs; `--fresh` wipes it), one database and one role per
 //!   service, and the four services on the design's ports, until Ctrl-C.
+//! - `bench`: against a running stack, N orders at a concurrency or a fixed
+//!   rate; sagas/s and the latency from `PlaceOrder` to the terminal event.
 //! - `demo`: against a running stack, one saga that is confirmed, one
 //!   rejected for stock and one whose payment fails, with their timelines.
 
 #![allow(clippy::print_stdout)] // a CLI talks on stdout
 
+mod bench;
 mod demo;
 mod up;
 
@@ -21,6 +24,8 @@ enum Command {
     Up(up::Up),
     /// Run one saga of each kind against a running stack and show how each went.
     Demo(demo::Demo),
+    /// Place many orders against a running stack and report sagas/s and latency.
+    Bench(bench::Bench),
 }
 
 #[tokio::main]
@@ -28,5 +33,6 @@ async fn main() -> anyhow::Result<()> {
     match Command::parse() {
         Command::Up(up) => up.run().await,
         Command::Demo(demo) => demo.run().await,
+        Command::Bench(bench) => bench.run().await,
     }
 }

@@ -1,0 +1,323 @@
+//! `shopctl bench`: sagas per second and the latency from `PlaceOrder` to
+//! the order's terminal event, against a running stack.
+//!
+//! The end of a saga is observed on NATS (`order.confirmed` /
+//! `order.cancelled`), so measuring adds no load on the services.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use futures::StreamExt as _;
+use hdrhistogram::Histogram;
+use prost::Message as _;
+use shop_proto::inventory::v1::CreateProductRequest;
+use shop_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
+use shop_proto::order::v1::order_service_client::OrderServiceClient;
+use shop_proto::order::v1::{OrderCancelled, OrderConfirmed, OrderItem, PlaceOrderRequest};
+use shop_proto::user::v1::CreateUserRequest;
+use shop_proto::user::v1::user_service_client::UserServiceClient;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+/// Options of `shopctl bench`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Bench {
+    /// Orders to place.
+    #[arg(long, default_value_t = 2000)]
+    orders: u64,
+    /// Orders in flight at once (closed loop), or at most (with `--rate`).
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Place orders at this fixed rate per second instead of as fast as
+    /// `--concurrency` allows.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Users to spread the orders over.
+    #[arg(long, default_value_t = 20)]
+    users: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// The user service.
+    #[arg(long, default_value = "http://localhost:50051")]
+    user: String,
+    /// The order service.
+    #[arg(long, default_value = "http://localhost:50052")]
+    order: String,
+    /// The inventory service.
+    #[arg(long, default_value = "http://localhost:50053")]
+    inventory: String,
+    /// NATS, where the sagas' ends are watched.
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    nats: String,
+}
+
+impl Bench {
+    pub(crate) async fn run(self) -> anyhow::Result<()> {
+        let channel = |endpoint: &str| -> anyhow::Result<Channel> {
+            Ok(Channel::from_shared(endpoint.to_owned())?.connect_lazy())
+        };
+        let mut users = UserServiceClient::new(channel(&self.user)?);
+        let mut inventory = InventoryServiceClient::new(channel(&self.inventory)?);
+        let orders = OrderServiceClient::new(channel(&self.order)?);
+        let nats = async_nats::connect(&self.nats)
+            .await
+            .with_context(|| format!("cannot reach NATS at {}", self.nats))?;
+
+        let run = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis();
+        let sku = format!("BENCH-{run}");
+        let stock = i64::try_from(self.orders)?
+            .saturating_add(i64::try_from(self.users)?)
+            .saturating_add(1);
+        inventory
+            .create_product(CreateProductRequest {
+                sku: sku.clone(),
+                name: "Bench item".into(),
+                price_cents: 1,
+                stock,
+            })
+            .await
+            .context("creating the bench product: is the stack up (scripts/shopctl up)?")?;
+        let mut buyers = Vec::new();
+        for i in 0..self.users.max(1) {
+            let request = CreateUserRequest {
+                email: format!("bench-{run}-{i}@example.com"),
+                name: format!("Bench {i}"),
+            };
+            buyers.push(
+                users
+                    .create_user(request)
+                    .await?
+                    .into_inner()
+                    .user
+                    .context("no user")?
+                    .user_id,
+            );
+        }
+
+        // Every saga ends with one of these; the waiter for its order is told.
+        let ends_seen = Ends::default();
+        let mut ends = futures::stream::select(
+            nats.subscribe("order.confirmed").await?.map(|m| (true, m)),
+            nats.subscribe("order.cancelled").await?.map(|m| (false, m)),
+        );
+        let watcher = {
+            let ends_seen = ends_seen.clone();
+            tokio::spawn(async move {
+                while let Some((confirmed, message)) = ends.next().await {
+                    let order_id = if confirmed {
+                        OrderConfirmed::decode(message.payload).map(|e| e.order_id)
+                    } else {
+                        OrderCancelled::decode(message.payload).map(|e| e.order_id)
+                    };
+                    let Ok(order_id) = order_id else { continue };
+                    ends_seen.ended(order_id, confirmed);
+                }
+            })
+        };
+        warm_up(&orders, &ends_seen, &buyers, &sku, run).await?;
+
+        let progress = indicatif::ProgressBar::new(self.orders);
+        progress.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} sagas  {per_sec}  eta {eta}",
+            )
+            .expect("a valid template"),
+        );
+        let histogram = Arc::new(Mutex::new(Histogram::<u64>::new(3)?));
+        let confirmed = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let next = Arc::new(AtomicU64::new(0));
+        let permits = Arc::new(tokio::sync::Semaphore::new(self.concurrency.max(1)));
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            let index = next.fetch_add(1, Ordering::Relaxed);
+            if index >= self.orders {
+                break;
+            }
+            if let Some(rate) = self.rate {
+                tokio::time::sleep_until(
+                    (started + Duration::from_secs_f64(index as f64 / rate)).into(),
+                )
+                .await;
+            }
+            let permit = Arc::clone(&permits).acquire_owned().await?;
+            let mut orders = orders.clone();
+            let request = PlaceOrderRequest {
+                user_id: buyers[index as usize % buyers.len()].clone(),
+                items: vec![OrderItem {
+                    sku: sku.clone(),
+                    quantity: 1,
+                }],
+                idempotency_key: format!("bench-{run}-{index}"),
+            };
+            let (ends_seen, histogram, confirmed, failed, progress) = (
+                ends_seen.clone(),
+                Arc::clone(&histogram),
+                Arc::clone(&confirmed),
+                Arc::clone(&failed),
+                progress.clone(),
+            );
+            tasks.spawn(async move {
+                let placed = Instant::now();
+                let order_id = match orders.place_order(request).await {
+                    Ok(response) => response
+                        .into_inner()
+                        .order
+                        .map(|o| o.order_id)
+                        .unwrap_or_default(),
+                    Err(_) => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        progress.inc(1);
+                        return;
+                    }
+                };
+                let ended =
+                    tokio::time::timeout(Duration::from_secs(60), ends_seen.wait(order_id)).await;
+                match ended {
+                    Ok(Ok(ok)) => {
+                        if ok {
+                            confirmed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let micros =
+                            u64::try_from(placed.elapsed().as_micros()).unwrap_or(u64::MAX);
+                        let _ = histogram.lock().expect("not poisoned").record(micros);
+                    }
+                    _ => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                progress.inc(1);
+                drop(permit);
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        let elapsed = started.elapsed();
+        progress.finish_and_clear();
+        watcher.abort();
+
+        let histogram = histogram.lock().expect("not poisoned").clone();
+        let ended = histogram.len();
+        let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+        let rate = ended as f64 / elapsed.as_secs_f64();
+        let (confirmed, failed) = (
+            confirmed.load(Ordering::Relaxed),
+            failed.load(Ordering::Relaxed),
+        );
+        if self.json {
+            println!(
+                "{{\"orders\":{},\"ended\":{ended},\"confirmed\":{confirmed},\"failed\":{failed},\"seconds\":{:.3},\"sagas_per_second\":{rate:.1},\"latency_ms\":{{\"p50\":{:.2},\"p95\":{:.2},\"p99\":{:.2},\"max\":{:.2}}}}}",
+                self.orders,
+                elapsed.as_secs_f64(),
+                ms(0.5),
+                ms(0.95),
+                ms(0.99),
+                histogram.max() as f64 / 1000.0
+            );
+        } else {
+            println!(
+                "sagas        {ended} ended ({confirmed} confirmed), {failed} failed or timed out, of {}",
+                self.orders
+            );
+            println!("time         {:.2} s", elapsed.as_secs_f64());
+            println!("throughput   {rate:.0} sagas/s");
+            println!("PlaceOrder -> terminal event");
+            println!(
+                "  p50 {:.2} ms   p95 {:.2} ms   p99 {:.2} ms   max {:.2} ms",
+                ms(0.5),
+                ms(0.95),
+                ms(0.99),
+                histogram.max() as f64 / 1000.0
+            );
+        }
+        anyhow::ensure!(
+            failed == 0,
+            "{failed} sagas failed or did not end within 60 s"
+        );
+        Ok(())
+    }
+}
+
+/// Places one order per buyer, retrying while the order service has not yet
+/// learned of the new user (from `user.created`), and waits for its end: the
+/// measured run then starts warm and with every user known.
+async fn warm_up(
+    orders: &OrderServiceClient<Channel>,
+    ends: &Ends,
+    buyers: &[String],
+    sku: &str,
+    run: u128,
+) -> anyhow::Result<()> {
+    for (i, buyer) in buyers.iter().enumerate() {
+        let request = PlaceOrderRequest {
+            user_id: buyer.clone(),
+            items: vec![OrderItem {
+                sku: sku.into(),
+                quantity: 1,
+            }],
+            idempotency_key: format!("bench-{run}-warm-{i}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let order = loop {
+            match orders.clone().place_order(request.clone()).await {
+                Ok(response) => break response.into_inner().order.context("no order")?,
+                Err(status)
+                    if status.code() == tonic::Code::FailedPrecondition
+                        && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(status) => return Err(status).context("warm-up PlaceOrder"),
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), ends.wait(order.order_id))
+            .await
+            .context("a warm-up saga did not end within 60 s")??;
+    }
+    Ok(())
+}
+
+/// The sagas' ends as seen on NATS, matched to the orders waiting for them.
+#[derive(Default, Clone)]
+struct Ends(Arc<Mutex<EndsInner>>);
+
+#[derive(Default)]
+struct EndsInner {
+    waiting: HashMap<String, oneshot::Sender<bool>>,
+    /// Ends seen before anyone waited for them.
+    early: HashMap<String, bool>,
+}
+
+impl Ends {
+    fn ended(&self, order_id: String, confirmed: bool) {
+        let mut inner = self.0.lock().expect("not poisoned");
+        match inner.waiting.remove(&order_id) {
+            Some(waiter) => {
+                let _ = waiter.send(confirmed);
+            }
+            None => {
+                inner.early.insert(order_id, confirmed);
+            }
+        }
+    }
+
+    /// Whether the order was confirmed, once its saga has ended.
+    async fn wait(&self, order_id: String) -> anyhow::Result<bool> {
+        let told = {
+            let mut inner = self.0.lock().expect("not poisoned");
+            if let Some(confirmed) = inner.early.remove(&order_id) {
+                return Ok(confirmed);
+            }
+            let (tell, told) = oneshot::channel();
+            inner.waiting.insert(order_id, tell);
+            told
+        };
+        Ok(told.await?)
+    }
+}
