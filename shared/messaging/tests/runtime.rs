@@ -141,23 +141,7 @@ async fn a_duplicate_delivery_has_one_effect() {
     // The same event again under another JetStream message id, so that the
     // broker's de-duplication does not hide it: only the inbox stands between
     // it and a second effect.
-    let original = setup
-        .js
-        .get_stream("ORDER")
-        .await
-        .unwrap()
-        .get_raw_message(1)
-        .await
-        .unwrap();
-    let mut copy = original.headers.clone();
-    copy.insert(headers::NATS_MSG_ID, "another-id");
-    setup
-        .js
-        .publish_with_headers(original.subject.to_string(), copy, original.payload.clone())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    republish(&setup, 1, "another-id", None).await;
     assert_eq!(stream_messages(&setup.js, "ORDER").await, 2);
 
     let consumer = consumer(&setup, Arc::new(Behaviour::default()));
@@ -251,28 +235,7 @@ async fn poison_messages_go_to_the_dead_letter_queue_and_the_stream_keeps_flowin
     relay(&setup).relay_batch().await.unwrap();
 
     // Garbage bytes under valid headers, and a message with no headers at all.
-    let original = setup
-        .js
-        .get_stream("ORDER")
-        .await
-        .unwrap()
-        .get_raw_message(1)
-        .await
-        .unwrap();
-    let mut garbage_headers = original.headers.clone();
-    garbage_headers.insert(headers::NATS_MSG_ID, "garbage");
-    garbage_headers.insert(headers::ID, uuid::Uuid::now_v7().to_string().as_str());
-    setup
-        .js
-        .publish_with_headers(
-            "order.placed",
-            garbage_headers,
-            vec![0xff, 0xff, 0xff].into(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    let original = republish(&setup, 1, "garbage", Some(vec![0xff, 0xff, 0xff])).await;
     setup
         .js
         .publish("order.placed", "no headers".into())
@@ -627,23 +590,7 @@ async fn a_failure_inside_a_batch_rolls_back_only_its_own_message() {
     .await;
     relay(&setup).relay_batch().await.unwrap();
     // The same event twice within one batch.
-    let original = setup
-        .js
-        .get_stream("ORDER")
-        .await
-        .unwrap()
-        .get_raw_message(1)
-        .await
-        .unwrap();
-    let mut copy = original.headers.clone();
-    copy.insert(headers::NATS_MSG_ID, "copy");
-    setup
-        .js
-        .publish_with_headers("order.placed", copy, original.payload.clone())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    republish(&setup, 1, "copy", None).await;
 
     // How each delivery was settled, by order id.
     let settled: Arc<std::sync::Mutex<Vec<(String, i64, Processed)>>> = Arc::default();

@@ -216,6 +216,36 @@ pub async fn stream_messages(js: &jetstream::Context, stream: &str) -> u64 {
         .messages
 }
 
+/// Publishes stored message `sequence` of ORDER again under another
+/// JetStream message id, so that the broker's de-duplication does not hide
+/// the copy; optionally with another body. Returns the original.
+pub async fn republish(
+    setup: &Setup,
+    sequence: u64,
+    msg_id: &str,
+    body: Option<Vec<u8>>,
+) -> async_nats::jetstream::message::StreamMessage {
+    let original = setup
+        .js
+        .get_stream("ORDER")
+        .await
+        .unwrap()
+        .get_raw_message(sequence)
+        .await
+        .unwrap();
+    let mut headers = original.headers.clone();
+    headers.insert(shop_messaging::envelope::headers::NATS_MSG_ID, msg_id);
+    let payload = body.map_or_else(|| original.payload.clone(), Into::into);
+    setup
+        .js
+        .publish_with_headers(original.subject.to_string(), headers, payload)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    original
+}
+
 /// Polls `check` until it holds or `timeout` passes; panics with `what`.
 pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
 where
