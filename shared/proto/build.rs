@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use prost::Message as _;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read at run time: a build script compiled for another checkout sharing
+    // this target directory must still compile this one.
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let files = proto_files(&root)?;
     println!("cargo:rerun-if-changed={}", root.display());
     for file in &files {

@@ -15,7 +15,7 @@ mod grpc;
 mod schema;
 
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
-use shop_messaging::{ConsumerSpec, EventConsumer, StreamSpec};
+use shop_messaging::{ConsumerSpec, EventConsumer, Router, StreamSpec};
 use shop_service::{Infrastructure, Ports, Server, ServiceConfig};
 
 /// The default ports: gRPC 50053, HTTP 9103.
@@ -45,26 +45,29 @@ pub async fn build(config: Config) -> anyhow::Result<Server> {
         MIGRATIONS,
     )
     .await?;
-    let orders = EventConsumer::new(
-        infra.js.clone(),
-        infra.pool.clone(),
-        infra.outbox.clone(),
-        ConsumerSpec::new("inventory", "ORDER", &[]),
-        events::order_events(),
-        events::Handlers,
-    );
-    let payments = EventConsumer::new(
-        infra.js.clone(),
-        infra.pool.clone(),
-        infra.outbox.clone(),
-        ConsumerSpec::new("inventory", "PAYMENT", &[]),
-        events::payment_events(),
-        events::Handlers,
+    let consumer = |spec: ConsumerSpec, router: Router<events::Handlers>| {
+        EventConsumer::new(
+            infra.js.clone(),
+            infra.pool.clone(),
+            infra.outbox.clone(),
+            spec,
+            router,
+            events::Handlers,
+        )
+    };
+    let on = |stream: &str| ConsumerSpec::new("inventory", stream, &[]);
+    let orders = consumer(on("ORDER"), events::order_events());
+    let payments = consumer(on("PAYMENT"), events::payment_events());
+    // Dead letters that an operator replays come back to this service only.
+    let replays = consumer(
+        ConsumerSpec::replays("inventory"),
+        events::order_events().merge(events::payment_events()),
     );
     let api = grpc::InventoryApi::new(app::Catalogue::new(infra.pool.clone()));
     Ok(Server::bind("inventory", PORTS, &config.service, infra)
         .await?
         .add_service("shop.inventory.v1.InventoryService", api.into_server())
         .add_task(Box::new(move |shutdown| Box::pin(orders.run(shutdown))))
-        .add_task(Box::new(move |shutdown| Box::pin(payments.run(shutdown)))))
+        .add_task(Box::new(move |shutdown| Box::pin(payments.run(shutdown))))
+        .add_task(Box::new(move |shutdown| Box::pin(replays.run(shutdown)))))
 }

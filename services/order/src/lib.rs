@@ -57,19 +57,27 @@ pub async fn build(config: Config) -> anyhow::Result<Server> {
     let handlers = events::Handlers {
         outbox: infra.outbox.clone(),
     };
-    let consumer = |stream: &str, router: Router<events::Handlers>| {
+    let consumer = |spec: ConsumerSpec, router: Router<events::Handlers>| {
         EventConsumer::new(
             infra.js.clone(),
             infra.pool.clone(),
             infra.outbox.clone(),
-            ConsumerSpec::new("order", stream, &[]),
+            spec,
             router,
             handlers.clone(),
         )
     };
-    let users = consumer("USER", events::user_events());
-    let inventory = consumer("INVENTORY", events::inventory_events());
-    let payments = consumer("PAYMENT", events::payment_events());
+    let on = |stream: &str| ConsumerSpec::new("order", stream, &[]);
+    let users = consumer(on("USER"), events::user_events());
+    let inventory = consumer(on("INVENTORY"), events::inventory_events());
+    let payments = consumer(on("PAYMENT"), events::payment_events());
+    // Dead letters that an operator replays come back to this service only.
+    let replays = consumer(
+        ConsumerSpec::replays("order"),
+        events::user_events()
+            .merge(events::inventory_events())
+            .merge(events::payment_events()),
+    );
     let orders = app::Orders::new(
         infra.pool.clone(),
         infra.outbox.clone(),
@@ -83,6 +91,7 @@ pub async fn build(config: Config) -> anyhow::Result<Server> {
         .add_task(Box::new(move |shutdown| Box::pin(users.run(shutdown))))
         .add_task(Box::new(move |shutdown| Box::pin(inventory.run(shutdown))))
         .add_task(Box::new(move |shutdown| Box::pin(payments.run(shutdown))))
+        .add_task(Box::new(move |shutdown| Box::pin(replays.run(shutdown))))
         .add_task(Box::new(move |shutdown| {
             Box::pin(sweeper.run_deadline_sweeper(shutdown))
         })))

@@ -50,19 +50,27 @@ pub async fn build(config: Config) -> anyhow::Result<Server> {
     let handlers = events::Handlers {
         starting_credit: config.starting_credit_cents,
     };
-    let consumer = |stream: &str, router: Router<events::Handlers>| {
+    let consumer = |spec: ConsumerSpec, router: Router<events::Handlers>| {
         EventConsumer::new(
             infra.js.clone(),
             infra.pool.clone(),
             infra.outbox.clone(),
-            ConsumerSpec::new("payment", stream, &[]),
+            spec,
             router,
             handlers,
         )
     };
-    let users = consumer("USER", events::user_events());
-    let reservations = consumer("INVENTORY", events::inventory_events());
-    let cancellations = consumer("ORDER", events::order_events());
+    let on = |stream: &str| ConsumerSpec::new("payment", stream, &[]);
+    let users = consumer(on("USER"), events::user_events());
+    let reservations = consumer(on("INVENTORY"), events::inventory_events());
+    let cancellations = consumer(on("ORDER"), events::order_events());
+    // Dead letters that an operator replays come back to this service only.
+    let replays = consumer(
+        ConsumerSpec::replays("payment"),
+        events::user_events()
+            .merge(events::inventory_events())
+            .merge(events::order_events()),
+    );
     let api = grpc::PaymentApi::new(app::Wallets::new(infra.pool.clone()));
     Ok(Server::bind("payment", PORTS, &config.service, infra)
         .await?
@@ -73,5 +81,6 @@ pub async fn build(config: Config) -> anyhow::Result<Server> {
         }))
         .add_task(Box::new(move |shutdown| {
             Box::pin(cancellations.run(shutdown))
-        })))
+        }))
+        .add_task(Box::new(move |shutdown| Box::pin(replays.run(shutdown)))))
 }

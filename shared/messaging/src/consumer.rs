@@ -44,7 +44,7 @@ use tracing::Instrument as _;
 use crate::BoxFuture;
 use crate::envelope::{Envelope, OutgoingEvent};
 use crate::outbox::Outbox;
-use crate::provision::ConsumerSpec;
+use crate::provision::{ConsumerSpec, original_subject};
 use crate::schema::inbox;
 use crate::trace;
 
@@ -218,6 +218,19 @@ impl<S: Send + Sync + 'static> Router<S> {
         );
         if !self.subjects.contains(&E::SUBJECT) {
             self.subjects.push(E::SUBJECT);
+        }
+        self
+    }
+
+    /// This table and `other`'s, for a consumer that receives the events of
+    /// both, such as a service's replay durable.
+    #[must_use]
+    pub fn merge(mut self, other: Self) -> Self {
+        self.routes.extend(other.routes);
+        for subject in other.subjects {
+            if !self.subjects.contains(&subject) {
+                self.subjects.push(subject);
+            }
         }
         self
     }
@@ -622,7 +635,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
             )));
         }
         let envelope = Envelope::parse(
-            &message.subject,
+            original_subject(&self.name, &message.subject),
             message.headers.as_ref(),
             message.payload.clone(),
         )
@@ -867,8 +880,10 @@ impl<S: Send + Sync + 'static> Inner<S> {
             dead_letter_headers::STREAM_SEQUENCE,
             sequence.to_string().as_str(),
         );
-        headers.insert(dead_letter_headers::SUBJECT, message.subject.as_str());
-        let subject = format!("dlq.{}.{}", self.name, message.subject);
+        // A replayed message that fails again is filed under its first subject.
+        let original = original_subject(&self.name, &message.subject);
+        headers.insert(dead_letter_headers::SUBJECT, original);
+        let subject = format!("dlq.{}.{original}", self.name);
         let publish = PublishMessage::build()
             .payload(message.payload.clone())
             .headers(headers);

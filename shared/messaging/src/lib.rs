@@ -10,6 +10,8 @@
 //! - [`consumer`]: the idempotent [`EventConsumer`] loop: inbox, a routing
 //!   table from `ce-type` to handler, retries with exponential backoff, dead
 //!   letters.
+//! - [`dead_letters`]: the operator's view of the `DLQ` stream: list,
+//!   inspect, replay to the consumer that gave up, delete.
 //! - [`trace`]: W3C trace context in and out of headers, outbox rows and
 //!   tonic metadata.
 //!
@@ -18,6 +20,7 @@
 //! database gets the outbox and inbox tables through [`MIGRATIONS`].
 
 pub mod consumer;
+pub mod dead_letters;
 pub mod envelope;
 pub mod outbox;
 pub mod provision;
@@ -29,9 +32,10 @@ use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 pub use consumer::{
     Context, EventConsumer, HandlerError, Processed, ProcessedHook, RetryPolicy, Router,
 };
+pub use dead_letters::{DeadLetter, DeadLetterError, DeadLetters};
 pub use envelope::{Envelope, EnvelopeError, OutgoingEvent};
 pub use outbox::{Outbox, Relay, RelayConfig};
-pub use provision::{ConsumerSpec, StreamSpec};
+pub use provision::{ConsumerSpec, StreamSpec, replay_subject};
 
 /// The outbox and inbox tables, from `migrations/messaging/`. Apply them
 /// before the service's own migrations.

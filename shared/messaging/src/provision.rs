@@ -9,6 +9,28 @@ use async_nats::jetstream::{self, consumer, stream};
 /// The stream every dead letter goes to, on `dlq.<consumer>.<subject>`.
 pub const DLQ_STREAM: &str = "DLQ";
 
+/// The stream replayed dead letters go to, on `replay.<consumer>.<subject>`,
+/// read only by that consumer's replay durable.
+pub const REPLAY_STREAM: &str = "REPLAY";
+const REPLAY_STREAM_PREFIX: &str = "replay";
+
+/// Where a dead letter of `consumer` first published on `subject` is
+/// replayed: `replay.<consumer>.<subject>`.
+pub fn replay_subject(consumer: &str, subject: &str) -> String {
+    format!("{REPLAY_STREAM_PREFIX}.{consumer}.{subject}")
+}
+
+/// The subject a message received by `consumer` was first published on: the
+/// subject itself, or for a replay the part after `replay.<consumer>.`.
+pub(crate) fn original_subject<'s>(consumer: &str, received: &'s str) -> &'s str {
+    received
+        .strip_prefix(REPLAY_STREAM_PREFIX)
+        .and_then(|rest| rest.strip_prefix('.'))
+        .and_then(|rest| rest.strip_prefix(consumer))
+        .and_then(|rest| rest.strip_prefix('.'))
+        .unwrap_or(received)
+}
+
 /// Why provisioning failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
@@ -68,6 +90,12 @@ impl StreamSpec {
             max_age: Duration::from_secs(30 * 24 * 3600),
             ..Self::new(DLQ_STREAM, "dlq")
         }
+    }
+
+    /// The stream of replayed dead letters, `REPLAY` on `replay.>`, kept for
+    /// 7 days.
+    pub fn replays() -> Self {
+        Self::new(REPLAY_STREAM, REPLAY_STREAM_PREFIX)
     }
 
     /// Sets the replica count.
@@ -138,6 +166,17 @@ impl ConsumerSpec {
         }
     }
 
+    /// The durable that gives `durable_name` the dead letters replayed to
+    /// it, and only those: `durable_name` on `REPLAY`, filtered on
+    /// `replay.<durable_name>.>`.
+    pub fn replays(durable_name: &str) -> Self {
+        Self::new(
+            durable_name,
+            REPLAY_STREAM,
+            &[&format!("{REPLAY_STREAM_PREFIX}.{durable_name}.>")],
+        )
+    }
+
     /// Creates the consumer, or updates it to this spec.
     ///
     /// The server's `max_deliver` is left unlimited on purpose: the runtime
@@ -166,5 +205,27 @@ impl ConsumerSpec {
                 stream: self.stream.clone(),
                 source,
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replay_subject_leads_back_to_the_first_subject() {
+        let replayed = replay_subject("inventory", "order.placed");
+        assert_eq!(replayed, "replay.inventory.order.placed");
+        assert_eq!(original_subject("inventory", &replayed), "order.placed");
+        // Only the consumer's own prefix is stripped.
+        assert_eq!(original_subject("payment", &replayed), replayed);
+        assert_eq!(
+            original_subject("inventory", "order.placed"),
+            "order.placed"
+        );
+        assert_eq!(
+            original_subject("inventory", "replay.inventoryx.order.placed"),
+            "replay.inventoryx.order.placed"
+        );
     }
 }

@@ -19,18 +19,6 @@ use tokio_util::sync::CancellationToken;
 
 use common::*;
 
-fn relay(setup: &Setup) -> Relay {
-    Relay::new(
-        setup.pool.clone(),
-        setup.url.clone(),
-        setup.js.clone(),
-        RelayConfig {
-            poll_interval: Duration::from_millis(200),
-            ..RelayConfig::default()
-        },
-    )
-}
-
 const WAIT: Duration = Duration::from_secs(20);
 
 #[tokio::test(flavor = "multi_thread")]

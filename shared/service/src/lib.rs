@@ -156,8 +156,8 @@ impl std::fmt::Debug for Infrastructure {
 
 impl Infrastructure {
     /// Migrates the database (the messaging tables, then `migrations`),
-    /// builds the pool, connects to NATS and provisions `stream` and the
-    /// dead-letter stream.
+    /// builds the pool, connects to NATS and provisions `stream`, the
+    /// dead-letter stream and the stream of replayed dead letters.
     pub async fn start(
         config: &ServiceConfig,
         service: &str,
@@ -190,10 +190,12 @@ impl Infrastructure {
             .with_replicas(config.stream_replicas)
             .provision(&js)
             .await?;
-        StreamSpec::dead_letters()
-            .with_replicas(config.stream_replicas)
-            .provision(&js)
-            .await?;
+        for shared in [StreamSpec::dead_letters(), StreamSpec::replays()] {
+            shared
+                .with_replicas(config.stream_replicas)
+                .provision(&js)
+                .await?;
+        }
         Ok(Self {
             pool,
             js,

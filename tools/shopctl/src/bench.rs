@@ -22,6 +22,8 @@ use shop_proto::user::v1::user_service_client::UserServiceClient;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
+use shopctl::nats::NatsArgs;
+
 /// Options of `shopctl bench`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Bench {
@@ -51,8 +53,8 @@ pub(crate) struct Bench {
     #[arg(long, default_value = "http://localhost:50053")]
     inventory: String,
     /// NATS, where the sagas' ends are watched.
-    #[arg(long, default_value = "nats://127.0.0.1:4222")]
-    nats: String,
+    #[command(flatten)]
+    nats: NatsArgs,
 }
 
 impl Bench {
@@ -63,9 +65,7 @@ impl Bench {
         let mut users = UserServiceClient::new(channel(&self.user)?);
         let mut inventory = InventoryServiceClient::new(channel(&self.inventory)?);
         let orders = OrderServiceClient::new(channel(&self.order)?);
-        let nats = async_nats::connect(&self.nats)
-            .await
-            .with_context(|| format!("cannot reach NATS at {}", self.nats))?;
+        let nats = self.nats.connect().await?;
 
         let run = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?

@@ -8,11 +8,17 @@
 //!   rate; sagas/s and the latency from `PlaceOrder` to the terminal event.
 //! - `demo`: against a running stack, one saga that is confirmed, one
 //!   rejected for stock and one whose payment fails, with their timelines.
+//! - `saga`: one saga's timeline across the services, read from the
+//!   streams, dead letters included.
+//! - `dlq`: list, show, replay (to the consumer that gave up only) and
+//!   purge dead letters.
 
 #![allow(clippy::print_stdout)] // a CLI talks on stdout
 
 mod bench;
 mod demo;
+mod dlq;
+mod saga;
 mod up;
 
 use clap::Parser as _;
@@ -26,6 +32,10 @@ enum Command {
     Demo(demo::Demo),
     /// Place many orders against a running stack and report sagas/s and latency.
     Bench(bench::Bench),
+    /// Show one saga's events across the services, and its dead letters.
+    Saga(saga::Saga),
+    /// List, show, replay or purge dead letters.
+    Dlq(dlq::Dlq),
 }
 
 #[tokio::main]
@@ -34,5 +44,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Up(up) => up.run().await,
         Command::Demo(demo) => demo.run().await,
         Command::Bench(bench) => bench.run().await,
+        Command::Saga(saga) => saga.run().await,
+        Command::Dlq(dlq) => dlq.run().await,
     }
 }

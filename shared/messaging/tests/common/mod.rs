@@ -20,8 +20,8 @@ use diesel_async::{
 };
 use shop_db::PgPool;
 use shop_messaging::{
-    BoxFuture, ConsumerSpec, Context, EventConsumer, HandlerError, Outbox, OutgoingEvent,
-    RetryPolicy, Router, StreamSpec,
+    BoxFuture, ConsumerSpec, Context, EventConsumer, HandlerError, Outbox, OutgoingEvent, Relay,
+    RelayConfig, RetryPolicy, Router, StreamSpec,
 };
 use shop_proto::order::v1::OrderPlaced;
 use shop_test_support::TestInfra;
@@ -58,6 +58,7 @@ pub async fn setup() -> Setup {
         .await
         .unwrap();
     StreamSpec::dead_letters().provision(&js).await.unwrap();
+    StreamSpec::replays().provision(&js).await.unwrap();
     Setup {
         infra,
         url,
@@ -138,7 +139,34 @@ pub fn record<'a>(
     })
 }
 
+/// A relay that polls every 200 ms.
+pub fn relay(setup: &Setup) -> Relay {
+    Relay::new(
+        setup.pool.clone(),
+        setup.url.clone(),
+        setup.js.clone(),
+        RelayConfig {
+            poll_interval: Duration::from_millis(200),
+            ..RelayConfig::default()
+        },
+    )
+}
+
+/// The test handler as the `inventory` consumer of `ORDER`.
 pub fn consumer(setup: &Setup, behaviour: Arc<Behaviour>) -> EventConsumer<Arc<Behaviour>> {
+    consumer_on(
+        setup,
+        ConsumerSpec::new("inventory", "ORDER", &[]),
+        behaviour,
+    )
+}
+
+/// The test handler behind the durable consumer `spec`.
+pub fn consumer_on(
+    setup: &Setup,
+    spec: ConsumerSpec,
+    behaviour: Arc<Behaviour>,
+) -> EventConsumer<Arc<Behaviour>> {
     let router = Router::new().on::<OrderPlaced, _>(record);
     EventConsumer::new(
         setup.js.clone(),
@@ -148,7 +176,7 @@ pub fn consumer(setup: &Setup, behaviour: Arc<Behaviour>) -> EventConsumer<Arc<B
         // consumer come back quickly.
         ConsumerSpec {
             ack_wait: Duration::from_secs(2),
-            ..ConsumerSpec::new("inventory", "ORDER", &[])
+            ..spec
         },
         router,
         behaviour,

@@ -1,0 +1,276 @@
+//! The dead-letter queue as an operator sees it: list, inspect, replay to
+//! the consumer that gave up, delete.
+//!
+//! A replay publishes the original body and headers to
+//! `replay.<consumer>.<subject>` on the `REPLAY` stream, which only that
+//! consumer's replay durable reads ([`ConsumerSpec::replays`]): the other
+//! consumers of the original subject do not see the event again. The
+//! consumer's inbox still applies, so replaying an event it has applied since
+//! is harmless. Once JetStream has stored the replay, the dead letter is
+//! deleted; if the event fails again, it comes back as a new dead letter.
+//!
+//! [`ConsumerSpec::replays`]: crate::ConsumerSpec::replays
+
+use std::ops::ControlFlow;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::{self, consumer::DeliverPolicy, message::PublishMessage};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::StreamExt as _;
+
+use crate::consumer::dead_letter_headers;
+use crate::envelope::headers;
+use crate::provision::{DLQ_STREAM, replay_subject};
+
+/// Why an operation on the dead-letter queue failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLetterError {
+    /// The `DLQ` stream does not exist yet.
+    #[error("there is no {DLQ_STREAM} stream on this NATS server: has a service started on it?")]
+    NoStream,
+    /// No dead letter has that sequence.
+    #[error("no dead letter #{0} (it may have been replayed or deleted)")]
+    NotFound(u64),
+    /// A stored message lacks the headers that dead-lettering adds.
+    #[error("message #{sequence} is not a dead letter: missing header {header}")]
+    NotADeadLetter {
+        /// Its sequence in `DLQ`.
+        sequence: u64,
+        /// The missing header.
+        header: &'static str,
+    },
+    /// JetStream failed.
+    #[error("JetStream: {0}")]
+    JetStream(String),
+}
+
+fn jetstream_error(error: impl std::fmt::Display) -> DeadLetterError {
+    DeadLetterError::JetStream(error.to_string())
+}
+
+/// One dead letter: the original event and why its consumer gave up on it.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// Its sequence in the `DLQ` stream, which names it for `show`, `replay`
+    /// and `delete`.
+    pub sequence: u64,
+    /// When it was dead-lettered.
+    pub time: DateTime<Utc>,
+    /// The durable consumer that gave up on it.
+    pub consumer: String,
+    /// The subject the event was published on.
+    pub subject: String,
+    /// The stream it was delivered from, and its sequence there.
+    pub stream: String,
+    /// Its sequence in `stream`.
+    pub stream_sequence: u64,
+    /// How many times it had been delivered.
+    pub deliveries: i64,
+    /// Why it was dead-lettered.
+    pub reason: String,
+    /// Every header, the original ones and the `dlq-*` ones.
+    pub headers: HeaderMap,
+    /// The original body.
+    pub body: Bytes,
+}
+
+impl DeadLetter {
+    fn from_stored(
+        sequence: u64,
+        time: DateTime<Utc>,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<Self, DeadLetterError> {
+        let get = |header: &'static str| {
+            headers
+                .get(header)
+                .map(|value| value.as_str().to_owned())
+                .ok_or(DeadLetterError::NotADeadLetter { sequence, header })
+        };
+        Ok(Self {
+            sequence,
+            time,
+            consumer: get(dead_letter_headers::CONSUMER)?,
+            subject: get(dead_letter_headers::SUBJECT)?,
+            stream: get(dead_letter_headers::STREAM)?,
+            stream_sequence: get(dead_letter_headers::STREAM_SEQUENCE)?
+                .parse()
+                .unwrap_or(0),
+            deliveries: get(dead_letter_headers::DELIVERIES)?.parse().unwrap_or(0),
+            reason: get(dead_letter_headers::REASON)?,
+            headers,
+            body,
+        })
+    }
+
+    /// A header of the original event, such as `ce-type`.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|value| value.as_str())
+    }
+
+    /// The headers the event was first published with: without what
+    /// dead-lettering added, and without the de-duplication id.
+    pub fn original_headers(&self) -> HeaderMap {
+        self.headers
+            .iter()
+            .filter(|(name, _)| {
+                let name: &str = name.as_ref();
+                !name.starts_with("dlq-") && !name.eq_ignore_ascii_case(headers::NATS_MSG_ID)
+            })
+            .flat_map(|(name, values)| values.iter().map(move |v| (name.clone(), v.clone())))
+            .collect()
+    }
+}
+
+/// The `DLQ` stream.
+#[derive(Debug, Clone)]
+pub struct DeadLetters {
+    js: jetstream::Context,
+    stream: jetstream::stream::Stream,
+}
+
+impl DeadLetters {
+    /// Opens the `DLQ` stream.
+    pub async fn open(js: jetstream::Context) -> Result<Self, DeadLetterError> {
+        let stream = js
+            .get_stream(DLQ_STREAM)
+            .await
+            .map_err(|error| match error.kind() {
+                jetstream::context::GetStreamErrorKind::JetStream(inner)
+                    if inner.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    DeadLetterError::NoStream
+                }
+                _ => jetstream_error(error),
+            })?;
+        Ok(Self { js, stream })
+    }
+
+    /// Every dead letter, oldest first.
+    pub async fn list(&self) -> Result<Vec<DeadLetter>, DeadLetterError> {
+        read_stream(&self.stream, DeliverPolicy::All, |_| {
+            ControlFlow::Continue(true)
+        })
+        .await?
+        .into_iter()
+        .map(|message| {
+            let info = message.info().map_err(jetstream_error)?;
+            let (sequence, time) = (info.stream_sequence, info.published);
+            let headers = message.headers.clone().unwrap_or_default();
+            DeadLetter::from_stored(sequence, time, headers, message.payload.clone())
+        })
+        .collect()
+    }
+
+    /// The dead letter with this sequence.
+    pub async fn get(&self, sequence: u64) -> Result<DeadLetter, DeadLetterError> {
+        let stored = self
+            .stream
+            .get_raw_message(sequence)
+            .await
+            .map_err(|error| match error.kind() {
+                jetstream::stream::RawMessageErrorKind::NoMessageFound => {
+                    DeadLetterError::NotFound(sequence)
+                }
+                _ => jetstream_error(error),
+            })?;
+        DeadLetter::from_stored(sequence, stored.time, stored.headers, stored.payload)
+    }
+
+    /// Hands dead letter `sequence` back to the consumer that gave up on it,
+    /// and only to that consumer, then deletes it from the queue; returns it.
+    pub async fn replay(&self, sequence: u64) -> Result<DeadLetter, DeadLetterError> {
+        let letter = self.get(sequence).await?;
+        let mut headers = letter.original_headers();
+        // Replaying the same dead letter twice in a row stores one replay.
+        headers.insert(
+            headers::NATS_MSG_ID,
+            format!("replay:{DLQ_STREAM}:{}", letter.sequence).as_str(),
+        );
+        let publish = PublishMessage::build()
+            .payload(letter.body.clone())
+            .headers(headers);
+        self.js
+            .send_publish(replay_subject(&letter.consumer, &letter.subject), publish)
+            .await
+            .map_err(jetstream_error)?
+            .await
+            .map_err(jetstream_error)?;
+        self.delete(letter.sequence).await?;
+        Ok(letter)
+    }
+
+    /// Deletes the dead letter with this sequence.
+    pub async fn delete(&self, sequence: u64) -> Result<(), DeadLetterError> {
+        match self.stream.delete_message(sequence).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(DeadLetterError::NotFound(sequence)),
+            Err(error) => match error.kind() {
+                // The server reports a missing message as a failed delete
+                // whose description says so.
+                jetstream::stream::DeleteMessageErrorKind::JetStream(inner)
+                    if inner.error_code() == ErrorCode::STREAM_MESSAGE_DELETE_FAILED
+                        && inner.to_string().starts_with("no message found") =>
+                {
+                    Err(DeadLetterError::NotFound(sequence))
+                }
+                _ => Err(jetstream_error(error)),
+            },
+        }
+    }
+}
+
+/// Reads `stream` from `start` with an ephemeral ordered consumer, up to
+/// the last message stored when the read began. `keep` decides per message:
+/// `Continue(true)` keeps it, `Continue(false)` skips it, `Break` ends the
+/// read.
+pub async fn read_stream(
+    stream: &jetstream::stream::Stream,
+    start: DeliverPolicy,
+    mut keep: impl FnMut(&jetstream::Message) -> ControlFlow<(), bool>,
+) -> Result<Vec<jetstream::Message>, DeadLetterError> {
+    let mut stream = stream.clone();
+    let last = stream
+        .info()
+        .await
+        .map_err(jetstream_error)?
+        .state
+        .last_sequence;
+    let mut kept = Vec::new();
+    if last == 0 {
+        return Ok(kept);
+    }
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            deliver_policy: start,
+            ..Default::default()
+        })
+        .await
+        .map_err(jetstream_error)?;
+    if consumer.cached_info().num_pending == 0 {
+        return Ok(kept);
+    }
+    let mut messages = consumer.messages().await.map_err(jetstream_error)?;
+    loop {
+        // Messages deleted meanwhile may leave nothing more to deliver.
+        let next = tokio::time::timeout(Duration::from_secs(2), messages.next()).await;
+        let message = match next {
+            Err(_) | Ok(None) => break,
+            Ok(Some(message)) => message.map_err(jetstream_error)?,
+        };
+        let info = message.info().map_err(jetstream_error)?;
+        let (sequence, pending) = (info.stream_sequence, info.pending);
+        match keep(&message) {
+            ControlFlow::Continue(true) => kept.push(message),
+            ControlFlow::Continue(false) => {}
+            ControlFlow::Break(()) => break,
+        }
+        if sequence >= last || pending == 0 {
+            break;
+        }
+    }
+    Ok(kept)
+}

@@ -1,0 +1,9 @@
+//! What `shopctl`'s commands share, and what tests read through them.
+//!
+//! - [`nats`]: how `shopctl` reaches NATS.
+//! - [`events`]: events as people read them.
+//! - [`timeline`]: one saga's events and dead letters, read from the streams.
+
+pub mod events;
+pub mod nats;
+pub mod timeline;

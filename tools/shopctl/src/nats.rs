@@ -1,0 +1,37 @@
+//! How `shopctl` reaches NATS.
+
+use anyhow::Context as _;
+
+/// Where NATS is, for the commands that read it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NatsArgs {
+    /// NATS server URL.
+    #[arg(
+        long = "nats",
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub url: String,
+    /// A NATS credentials file, where the server requires one.
+    #[arg(long = "nats-creds", env = "NATS_CREDS")]
+    pub creds: Option<std::path::PathBuf>,
+}
+
+impl NatsArgs {
+    /// Connects, with the credentials when there are some.
+    pub async fn connect(&self) -> anyhow::Result<async_nats::Client> {
+        let mut options = async_nats::ConnectOptions::new().name("shopctl");
+        if let Some(creds) = &self.creds {
+            options = options
+                .credentials_file(creds)
+                .await
+                .with_context(|| format!("reading the NATS credentials {}", creds.display()))?;
+        }
+        options.connect(&self.url).await.with_context(|| {
+            format!(
+                "cannot reach NATS at {}: is the stack up (scripts/shopctl up)?",
+                self.url
+            )
+        })
+    }
+}
