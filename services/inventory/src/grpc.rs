@@ -36,7 +36,6 @@ fn to_proto(product: Product) -> pb::Product {
 
 #[tonic::async_trait]
 impl InventoryService for InventoryApi {
-    #[tracing::instrument(skip_all, fields(otel.kind = "server"))]
     async fn create_product(
         &self,
         request: Request<pb::CreateProductRequest>,
@@ -51,7 +50,6 @@ impl InventoryService for InventoryApi {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(otel.kind = "server"))]
     async fn get_product(
         &self,
         request: Request<pb::GetProductRequest>,
@@ -62,7 +60,6 @@ impl InventoryService for InventoryApi {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(otel.kind = "server"))]
     async fn add_stock(
         &self,
         request: Request<pb::AddStockRequest>,
@@ -74,7 +71,6 @@ impl InventoryService for InventoryApi {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(otel.kind = "server"))]
     async fn list_products(
         &self,
         request: Request<pb::ListProductsRequest>,

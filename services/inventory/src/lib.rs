@@ -54,6 +54,7 @@ pub async fn build(config: Config) -> anyhow::Result<Server> {
             router,
             events::Handlers,
         )
+        .with_metrics(infra.metrics.clone())
     };
     let on = |stream: &str| ConsumerSpec::new("inventory", stream, &[]);
     let orders = consumer(on("ORDER"), events::order_events());

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::domain::{self, Decision, OrderLines, SagaEvent, Status};
+use crate::metrics::{SagaEnd, SagaMetrics};
 use crate::schema::{known_users, order_items, order_steps, orders};
 
 #[derive(Debug, Clone, Queryable, Selectable)]
@@ -49,6 +50,7 @@ pub(crate) struct Orders {
     pool: PgPool,
     outbox: Outbox,
     deadline: Duration,
+    metrics: SagaMetrics,
 }
 
 enum PlaceError {
@@ -63,11 +65,17 @@ impl From<diesel::result::Error> for PlaceError {
 }
 
 impl Orders {
-    pub(crate) fn new(pool: PgPool, outbox: Outbox, deadline: Duration) -> Self {
+    pub(crate) fn new(
+        pool: PgPool,
+        outbox: Outbox,
+        deadline: Duration,
+        metrics: SagaMetrics,
+    ) -> Self {
         Self {
             pool,
             outbox,
             deadline,
+            metrics,
         }
     }
 
@@ -269,24 +277,31 @@ impl Orders {
     async fn cancel_overdue(&self) -> Result<usize, ApiError> {
         let mut conn = self.pool.get().await?;
         let outbox = self.outbox.clone();
-        let count = conn
+        let overdue = conn
             .transaction::<_, diesel::result::Error, _>(async |conn| {
-                let overdue: Vec<(Uuid, Uuid)> = orders::table
+                let overdue: Vec<(Uuid, Uuid, DateTime<Utc>)> = orders::table
                     .filter(orders::status.eq(Status::Pending.as_str()))
                     .filter(orders::deadline.lt(Utc::now()))
-                    .select((orders::order_id, orders::user_id))
+                    .select((orders::order_id, orders::user_id, orders::created_at))
                     .limit(100)
                     .for_update()
                     .skip_locked()
                     .load(conn)
                     .await?;
-                for (order_id, user_id) in &overdue {
+                for (order_id, user_id, _) in &overdue {
                     cancel(conn, &outbox, *order_id, *user_id, domain::TIMEOUT, None).await?;
                 }
-                Ok(overdue.len())
+                Ok(overdue)
             })
             .await?;
-        Ok(count)
+        for (_, _, placed_at) in &overdue {
+            self.metrics.ended(&SagaEnd {
+                outcome: "cancelled",
+                reason: domain::TIMEOUT.to_owned(),
+                placed_at: *placed_at,
+            });
+        }
+        Ok(overdue.len())
     }
 }
 
@@ -360,14 +375,17 @@ pub(crate) async fn advance(
     order_id: Uuid,
     event: SagaEvent,
     total_cents: Option<i64>,
-) -> Result<(), HandlerError> {
-    let row: Option<(String, Uuid, DateTime<Utc>, i64)> = orders::table
+) -> Result<Option<SagaEnd>, HandlerError> {
+    // Status, user, deadline, total, placed at.
+    type Row = (String, Uuid, DateTime<Utc>, i64, DateTime<Utc>);
+    let row: Option<Row> = orders::table
         .find(order_id)
         .select((
             orders::status,
             orders::user_id,
             orders::deadline,
             orders::total_cents,
+            orders::created_at,
         ))
         .for_update()
         .first(conn)
@@ -375,7 +393,7 @@ pub(crate) async fn advance(
         .optional()?;
     // The order commits before its `order.placed` is published, so every
     // later event finds it.
-    let (status, user_id, deadline, known_total) =
+    let (status, user_id, deadline, known_total, placed_at) =
         row.ok_or_else(|| HandlerError::permanent(format!("no order {order_id}")))?;
     let status = Status::parse(&status)
         .ok_or_else(|| HandlerError::permanent(format!("order status {status}")))?;
@@ -391,8 +409,8 @@ pub(crate) async fn advance(
             .execute(conn)
             .await?;
     }
-    match domain::decide(status, deadline, Utc::now(), &event) {
-        Decision::Record => {}
+    let end = match domain::decide(status, deadline, Utc::now(), &event) {
+        Decision::Record => None,
         Decision::Confirm => {
             diesel::update(orders::table.find(order_id))
                 .set((
@@ -416,10 +434,20 @@ pub(crate) async fn advance(
                         .caused_by(cause.id)],
                 )
                 .await?;
+            Some(SagaEnd {
+                outcome: "confirmed",
+                reason: String::new(),
+                placed_at,
+            })
         }
         Decision::Cancel(reason) => {
-            cancel(conn, outbox, order_id, user_id, &reason, Some(cause)).await?
+            cancel(conn, outbox, order_id, user_id, &reason, Some(cause)).await?;
+            Some(SagaEnd {
+                outcome: "cancelled",
+                reason,
+                placed_at,
+            })
         }
-    }
-    Ok(())
+    };
+    Ok(end)
 }

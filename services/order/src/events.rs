@@ -15,12 +15,14 @@ use shop_proto::user::v1::UserCreated;
 
 use crate::app;
 use crate::domain::SagaEvent;
+use crate::metrics::SagaMetrics;
 
 /// What the handlers share: the outbox their cancellations and
 /// confirmations go to.
 #[derive(Debug, Clone)]
 pub(crate) struct Handlers {
     pub(crate) outbox: Outbox,
+    pub(crate) metrics: SagaMetrics,
 }
 
 pub(crate) fn user_events() -> Router<Handlers> {
@@ -56,7 +58,12 @@ async fn advance(
 ) -> Result<(), HandlerError> {
     let order_id = id("order_id", order_id)?;
     let envelope = cx.envelope().clone();
-    app::advance(cx.conn(), &h.outbox, &envelope, order_id, event, total).await
+    let end = app::advance(cx.conn(), &h.outbox, &envelope, order_id, event, total).await?;
+    if let Some(end) = end {
+        let metrics = h.metrics.clone();
+        cx.after_commit(move || metrics.ended(&end));
+    }
+    Ok(())
 }
 
 fn on_inventory_reserved<'a>(

@@ -56,7 +56,6 @@ fn to_proto(order: Order) -> pb::Order {
 
 #[tonic::async_trait]
 impl OrderService for OrderApi {
-    #[tracing::instrument(skip_all, fields(otel.kind = "server", order_id))]
     async fn place_order(
         &self,
         request: Request<pb::PlaceOrderRequest>,
@@ -72,13 +71,13 @@ impl OrderService for OrderApi {
             .orders
             .place_order(user_id, &items, &r.idempotency_key)
             .await?;
+        // The request's server span: its log lines and trace name the order.
         tracing::Span::current().record("order_id", order.row.order_id.to_string());
         Ok(Response::new(pb::PlaceOrderResponse {
             order: Some(to_proto(order)),
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(otel.kind = "server"))]
     async fn get_order(
         &self,
         request: Request<pb::GetOrderRequest>,
@@ -90,7 +89,6 @@ impl OrderService for OrderApi {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(otel.kind = "server"))]
     async fn list_orders(
         &self,
         request: Request<pb::ListOrdersRequest>,

@@ -15,6 +15,7 @@ mod app;
 mod domain;
 mod events;
 mod grpc;
+mod metrics;
 mod schema;
 
 use std::time::Duration;
@@ -54,8 +55,11 @@ pub async fn build(config: Config) -> anyhow::Result<Server> {
         MIGRATIONS,
     )
     .await?;
+    let sagas = metrics::SagaMetrics::default();
+    infra.register_metrics(|registry| sagas.register(registry));
     let handlers = events::Handlers {
         outbox: infra.outbox.clone(),
+        metrics: sagas.clone(),
     };
     let consumer = |spec: ConsumerSpec, router: Router<events::Handlers>| {
         EventConsumer::new(
@@ -66,6 +70,7 @@ pub async fn build(config: Config) -> anyhow::Result<Server> {
             router,
             handlers.clone(),
         )
+        .with_metrics(infra.metrics.clone())
     };
     let on = |stream: &str| ConsumerSpec::new("order", stream, &[]);
     let users = consumer(on("USER"), events::user_events());
@@ -82,6 +87,7 @@ pub async fn build(config: Config) -> anyhow::Result<Server> {
         infra.pool.clone(),
         infra.outbox.clone(),
         Duration::from_millis(config.saga_deadline_ms),
+        sagas,
     );
     let sweeper = orders.clone();
     let api = grpc::OrderApi::new(orders);

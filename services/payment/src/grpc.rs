@@ -23,7 +23,6 @@ impl PaymentApi {
 
 #[tonic::async_trait]
 impl PaymentService for PaymentApi {
-    #[tracing::instrument(skip_all, fields(otel.kind = "server"))]
     async fn get_account(
         &self,
         request: Request<pb::GetAccountRequest>,
@@ -38,7 +37,6 @@ impl PaymentService for PaymentApi {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(otel.kind = "server"))]
     async fn deposit(
         &self,
         request: Request<pb::DepositRequest>,
@@ -57,7 +55,6 @@ impl PaymentService for PaymentApi {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(otel.kind = "server"))]
     async fn get_payment(
         &self,
         request: Request<pb::GetPaymentRequest>,

@@ -59,6 +59,7 @@ pub async fn build(config: Config) -> anyhow::Result<Server> {
             router,
             handlers,
         )
+        .with_metrics(infra.metrics.clone())
     };
     let on = |stream: &str| ConsumerSpec::new("payment", stream, &[]);
     let users = consumer(on("USER"), events::user_events());

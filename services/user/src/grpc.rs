@@ -32,7 +32,6 @@ fn to_proto(user: User) -> pb::User {
 
 #[tonic::async_trait]
 impl UserService for UserApi {
-    #[tracing::instrument(skip_all, fields(otel.kind = "server"))]
     async fn create_user(
         &self,
         request: Request<pb::CreateUserRequest>,
@@ -47,7 +46,6 @@ impl UserService for UserApi {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(otel.kind = "server"))]
     async fn get_user(
         &self,
         request: Request<pb::GetUserRequest>,
@@ -59,7 +57,6 @@ impl UserService for UserApi {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(otel.kind = "server"))]
     async fn list_users(
         &self,
         request: Request<pb::ListUsersRequest>,

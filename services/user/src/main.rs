@@ -3,7 +3,10 @@ use clap::Parser as _;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = shop_user::Config::parse();
-    shop_service::init_logs(config.service.log_format);
+    let telemetry = shop_service::Telemetry::init("user", config.service.log_format)?;
     let shutdown = shop_service::shutdown_on_signal();
-    shop_user::build(config).await?.run(shutdown).await
+    let result = async { shop_user::build(config).await?.run(shutdown).await }.await;
+    // The last spans leave before the process does.
+    telemetry.shutdown().await;
+    result
 }

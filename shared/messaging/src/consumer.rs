@@ -43,6 +43,7 @@ use tracing::Instrument as _;
 
 use crate::BoxFuture;
 use crate::envelope::{Envelope, OutgoingEvent};
+use crate::metrics::{ConsumedLabels, HandlerLabels, MessagingMetrics};
 use crate::outbox::Outbox;
 use crate::provision::{ConsumerSpec, original_subject};
 use crate::schema::inbox;
@@ -107,7 +108,11 @@ pub struct Context<'c> {
     conn: &'c mut AsyncPgConnection,
     envelope: &'c Envelope,
     emitted: Vec<OutgoingEvent>,
+    after_commit: Vec<AfterCommit>,
 }
+
+/// Work that must happen only once the handler's transaction committed.
+type AfterCommit = Box<dyn FnOnce() + Send>;
 
 impl std::fmt::Debug for Context<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -127,6 +132,13 @@ impl Context<'_> {
     /// The event being handled.
     pub fn envelope(&self) -> &Envelope {
         self.envelope
+    }
+
+    /// Runs `work` once the transaction that applies this event has
+    /// committed, and never if it rolls back (a handler may run more than
+    /// once before its effects commit): for counting what happened.
+    pub fn after_commit(&mut self, work: impl FnOnce() + Send + 'static) {
+        self.after_commit.push(Box::new(work));
     }
 
     /// Emits `event`, correlated like the event being handled and caused by
@@ -342,6 +354,7 @@ struct Inner<S> {
     retry: RetryPolicy,
     stats: Arc<ConsumerStats>,
     hook: Option<ProcessedHook>,
+    metrics: MessagingMetrics,
 }
 
 enum Outcome {
@@ -401,6 +414,7 @@ impl<S: Send + Sync + 'static> EventConsumer<S> {
             retry: RetryPolicy::default(),
             stats: Arc::default(),
             hook: None,
+            metrics: MessagingMetrics::default(),
         };
         Self {
             inner: Arc::new(inner),
@@ -447,6 +461,13 @@ impl<S: Send + Sync + 'static> EventConsumer<S> {
     #[must_use]
     pub fn with_hook(mut self, hook: ProcessedHook) -> Self {
         self.inner_mut().hook = Some(hook);
+        self
+    }
+
+    /// Counts into `metrics` (the service's registered set).
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: MessagingMetrics) -> Self {
+        self.inner_mut().metrics = metrics;
         self
     }
 
@@ -678,17 +699,24 @@ impl<S: Send + Sync + 'static> Inner<S> {
                 }
             }
         }
-        conn.transaction::<_, diesel::result::Error, _>(async |conn| {
-            let mut results = Vec::with_capacity(prepared.len());
-            for (_, ready) in prepared.iter_mut() {
-                let span = consumer_span(&self.name, &ready.envelope);
-                let result = self.apply_in_savepoint(conn, ready).instrument(span).await;
-                results.push(result);
-            }
-            Ok(results)
-        })
-        .await
-        .map_err(|error| format!("the batch's transaction failed: {error}"))
+        let (results, after_commit) = conn
+            .transaction::<_, diesel::result::Error, _>(async |conn| {
+                let mut results = Vec::with_capacity(prepared.len());
+                let mut after_commit = Vec::new();
+                for (_, ready) in prepared.iter_mut() {
+                    let span = consumer_span(&self.name, &ready.envelope);
+                    let result = self.apply_in_savepoint(conn, ready).instrument(span).await;
+                    results.push(result.map(|(outcome, work)| {
+                        after_commit.extend(work);
+                        outcome
+                    }));
+                }
+                Ok((results, after_commit))
+            })
+            .await
+            .map_err(|error| format!("the batch's transaction failed: {error}"))?;
+        after_commit.into_iter().for_each(|work| work());
+        Ok(results)
     }
 
     /// The fast path: one inbox insert for the whole batch and no
@@ -698,41 +726,47 @@ impl<S: Send + Sync + 'static> Inner<S> {
         conn: &mut AsyncPgConnection,
         prepared: &mut [(usize, Prepared<'_, S>)],
     ) -> Result<Vec<Result<Outcome, Failure>>, Abandoned> {
-        conn.transaction::<_, Abandoned, _>(async |conn| {
-            let mut unique = HashSet::new();
-            let rows: Vec<_> = prepared
-                .iter()
-                .map(|(_, ready)| ready.envelope.id)
-                .filter(|id| unique.insert(*id))
-                .map(|id| (inbox::consumer.eq(&self.name), inbox::event_id.eq(id)))
-                .collect();
-            let fresh: HashSet<uuid::Uuid> = diesel::insert_into(inbox::table)
-                .values(&rows)
-                .on_conflict_do_nothing()
-                .returning(inbox::event_id)
-                .get_results(conn)
-                .await?
-                .into_iter()
-                .collect();
-            let mut applied = HashSet::new();
-            let mut results = Vec::with_capacity(prepared.len());
-            for (_, ready) in prepared.iter_mut() {
-                let id = ready.envelope.id;
-                // Already in the inbox, or a second copy within this batch.
-                if !fresh.contains(&id) || !applied.insert(id) {
-                    results.push(Ok(Outcome::Duplicate));
-                    continue;
+        let (results, after_commit) = conn
+            .transaction::<_, Abandoned, _>(async |conn| {
+                let mut after_commit = Vec::new();
+                let mut unique = HashSet::new();
+                let rows: Vec<_> = prepared
+                    .iter()
+                    .map(|(_, ready)| ready.envelope.id)
+                    .filter(|id| unique.insert(*id))
+                    .map(|id| (inbox::consumer.eq(&self.name), inbox::event_id.eq(id)))
+                    .collect();
+                let fresh: HashSet<uuid::Uuid> = diesel::insert_into(inbox::table)
+                    .values(&rows)
+                    .on_conflict_do_nothing()
+                    .returning(inbox::event_id)
+                    .get_results(conn)
+                    .await?
+                    .into_iter()
+                    .collect();
+                let mut applied = HashSet::new();
+                let mut results = Vec::with_capacity(prepared.len());
+                for (_, ready) in prepared.iter_mut() {
+                    let id = ready.envelope.id;
+                    // Already in the inbox, or a second copy within this batch.
+                    if !fresh.contains(&id) || !applied.insert(id) {
+                        results.push(Ok(Outcome::Duplicate));
+                        continue;
+                    }
+                    let span = consumer_span(&self.name, &ready.envelope);
+                    let work = self
+                        .run_handler(conn, ready)
+                        .instrument(span)
+                        .await
+                        .map_err(|_| Abandoned::HandlerFailed)?;
+                    after_commit.extend(work);
+                    results.push(Ok(Outcome::Applied));
                 }
-                let span = consumer_span(&self.name, &ready.envelope);
-                self.run_handler(conn, ready)
-                    .instrument(span)
-                    .await
-                    .map_err(|_| Abandoned::HandlerFailed)?;
-                results.push(Ok(Outcome::Applied));
-            }
-            Ok(results)
-        })
-        .await
+                Ok((results, after_commit))
+            })
+            .await?;
+        after_commit.into_iter().for_each(|work| work());
+        Ok(results)
     }
 
     /// The careful path for one message: inbox row, handler and emitted
@@ -741,7 +775,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
         &self,
         conn: &mut AsyncPgConnection,
         ready: &mut Prepared<'_, S>,
-    ) -> Result<Outcome, Failure> {
+    ) -> Result<(Outcome, Vec<AfterCommit>), Failure> {
         conn.transaction::<_, HandlerError, _>(async |conn| {
             let inserted = diesel::insert_into(inbox::table)
                 .values((
@@ -752,22 +786,22 @@ impl<S: Send + Sync + 'static> Inner<S> {
                 .execute(conn)
                 .await?;
             if inserted == 0 {
-                return Ok(Outcome::Duplicate);
+                return Ok((Outcome::Duplicate, Vec::new()));
             }
-            self.run_handler(conn, ready).await?;
-            Ok(Outcome::Applied)
+            let work = self.run_handler(conn, ready).await?;
+            Ok((Outcome::Applied, work))
         })
         .await
         .map_err(Failure::from)
     }
 
-    /// Runs the message's handler and writes the events it emitted. A
-    /// panicking handler is a transient failure.
+    /// Runs the message's handler and writes the events it emitted; returns
+    /// its after-commit work. A panicking handler is a transient failure.
     async fn run_handler(
         &self,
         conn: &mut AsyncPgConnection,
         ready: &mut Prepared<'_, S>,
-    ) -> Result<(), HandlerError> {
+    ) -> Result<Vec<AfterCommit>, HandlerError> {
         let envelope = &ready.envelope;
         // Decoded once in `prepare`; decoded again if an abandoned fast path
         // consumed it (it decoded before, so it decodes again).
@@ -780,6 +814,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
             conn,
             envelope,
             emitted: Vec::new(),
+            after_commit: Vec::new(),
         };
         match AssertUnwindSafe((ready.route.handle)(&self.state, &mut cx, decoded))
             .catch_unwind()
@@ -793,9 +828,13 @@ impl<S: Send + Sync + 'static> Inner<S> {
                 )));
             }
         }
-        let emitted = cx.emitted;
+        let Context {
+            emitted,
+            after_commit,
+            ..
+        } = cx;
         self.outbox.append(conn, &emitted).await?;
-        Ok(())
+        Ok(after_commit)
     }
 
     /// Acks, naks or dead-letters a message after its batch.
@@ -841,6 +880,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
                     .await
             }
         };
+        self.observe(message, processed, elapsed);
         if let Some(hook) = &self.hook {
             hook(message, processed, elapsed);
         }
@@ -849,6 +889,34 @@ impl<S: Send + Sync + 'static> Inner<S> {
             // that harmless.
             tracing::warn!(consumer = %self.name, error = %error, "acknowledgement failed");
         }
+    }
+
+    fn observe(&self, message: &jetstream::Message, processed: Processed, elapsed: Duration) {
+        let subject = original_subject(&self.name, &message.subject).to_owned();
+        let outcome = match processed {
+            Processed::Applied => "ok",
+            Processed::Duplicate => "duplicate",
+            Processed::Ignored => "ignored",
+            Processed::Retried => "retried",
+            Processed::DeadLettered => "dead_lettered",
+        };
+        if processed == Processed::Applied {
+            self.metrics
+                .handling
+                .get_or_create(&HandlerLabels {
+                    consumer: self.name.clone(),
+                    subject: subject.clone(),
+                })
+                .observe(elapsed.as_secs_f64());
+        }
+        self.metrics
+            .consumed
+            .get_or_create(&ConsumedLabels {
+                consumer: self.name.clone(),
+                subject,
+                outcome,
+            })
+            .inc();
     }
 
     /// Publishes the message to `dlq.<consumer>.<subject>` and returns how to
@@ -916,14 +984,15 @@ fn consumer_span(consumer: &str, envelope: &Envelope) -> tracing::Span {
         messaging.destination.name = %envelope.subject,
         messaging.consumer.group.name = %consumer,
         messaging.message.id = %envelope.id,
-        correlation_id = envelope.correlation_id.as_deref().unwrap_or_default(),
         order_id = envelope.correlation_id.as_deref().unwrap_or_default(),
+        trace_id = tracing::field::Empty,
     );
     trace::continue_from(
         &span,
         envelope.traceparent.as_deref(),
         envelope.tracestate.as_deref(),
     );
+    span.record("trace_id", trace::trace_id(&span));
     span
 }
 

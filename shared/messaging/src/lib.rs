@@ -12,6 +12,7 @@
 //!   letters.
 //! - [`dead_letters`]: the operator's view of the `DLQ` stream: list,
 //!   inspect, replay to the consumer that gave up, delete.
+//! - [`metrics`]: the relay's and the consumers' Prometheus metrics.
 //! - [`trace`]: W3C trace context in and out of headers, outbox rows and
 //!   tonic metadata.
 //!
@@ -22,6 +23,7 @@
 pub mod consumer;
 pub mod dead_letters;
 pub mod envelope;
+pub mod metrics;
 pub mod outbox;
 pub mod provision;
 mod schema;
@@ -34,6 +36,7 @@ pub use consumer::{
 };
 pub use dead_letters::{DeadLetter, DeadLetterError, DeadLetters};
 pub use envelope::{Envelope, EnvelopeError, OutgoingEvent};
+pub use metrics::MessagingMetrics;
 pub use outbox::{Outbox, Relay, RelayConfig};
 pub use provision::{ConsumerSpec, StreamSpec, replay_subject};
 

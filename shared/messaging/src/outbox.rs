@@ -33,6 +33,7 @@ use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::envelope::{OutgoingEvent, build_headers};
+use crate::metrics::{MessagingMetrics, SubjectLabels};
 use crate::schema::outbox;
 use crate::trace;
 
@@ -80,7 +81,17 @@ impl Outbox {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        let context = trace::current();
+        // The rows carry this span's context: each publish is its child.
+        let subjects: Vec<&str> = events.iter().map(|event| event.subject).collect();
+        let span = tracing::info_span!(
+            "outbox write",
+            otel.kind = "internal",
+            messaging.system = "nats",
+            messaging.destination.name = %subjects.join(" "),
+            messaging.batch.message_count = events.len(),
+            order_id = events[0].correlation_id.as_deref().unwrap_or_default(),
+        );
+        let context = span.in_scope(trace::current);
         let now = Utc::now();
         let ids: Vec<Uuid> = events.iter().map(|_| Uuid::now_v7()).collect();
         let rows: Vec<NewOutboxRow<'_>> = events
@@ -102,6 +113,7 @@ impl Outbox {
         diesel::insert_into(outbox::table)
             .values(&rows)
             .execute(conn)
+            .instrument(span)
             .await?;
         Ok(ids)
     }
@@ -160,6 +172,7 @@ pub struct Relay {
     js: jetstream::Context,
     config: RelayConfig,
     published: Arc<AtomicU64>,
+    metrics: MessagingMetrics,
 }
 
 impl std::fmt::Debug for Relay {
@@ -202,7 +215,39 @@ impl Relay {
             js,
             config,
             published: Arc::default(),
+            metrics: MessagingMetrics::default(),
         }
+    }
+
+    /// Counts into `metrics` (the service's registered set).
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: MessagingMetrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// How many rows wait to be published, and how long the oldest has
+    /// waited; also sets the backlog gauges.
+    pub async fn backlog(&self) -> Result<(i64, Duration), RelayError> {
+        let mut conn = self
+            .pool
+            .get()
+            .await
+            .map_err(|error| RelayError::Pool(error.to_string()))?;
+        let (pending, oldest): (i64, Option<DateTime<Utc>>) = outbox::table
+            .filter(outbox::published_at.is_null())
+            .select((
+                diesel::dsl::count_star(),
+                diesel::dsl::min(outbox::created_at),
+            ))
+            .get_result(&mut conn)
+            .await?;
+        let lag = oldest
+            .and_then(|oldest| (Utc::now() - oldest).to_std().ok())
+            .unwrap_or_default();
+        self.metrics.outbox_pending.set(pending);
+        self.metrics.outbox_lag.set(lag.as_secs_f64());
+        Ok((pending, lag))
     }
 
     /// A counter of the rows this relay has published (and marked).
@@ -312,6 +357,14 @@ impl Relay {
                 for ack in acks {
                     ack.await?;
                 }
+                for row in &rows {
+                    self.metrics
+                        .published
+                        .get_or_create(&SubjectLabels {
+                            subject: row.subject.clone(),
+                        })
+                        .inc();
+                }
                 let ids: Vec<Uuid> = rows.iter().map(|row| row.event_id).collect();
                 diesel::update(outbox::table.filter(outbox::event_id.eq_any(&ids)))
                     .set(outbox::published_at.eq(diesel::dsl::now))
@@ -336,9 +389,11 @@ impl Relay {
             messaging.operation.type = "publish",
             messaging.destination.name = %row.subject,
             messaging.message.id = %row.event_id,
-            correlation_id = row.correlation_id.as_deref().unwrap_or_default(),
+            order_id = row.correlation_id.as_deref().unwrap_or_default(),
+            trace_id = tracing::field::Empty,
         );
         trace::continue_from(&span, row.traceparent.as_deref(), row.tracestate.as_deref());
+        span.record("trace_id", trace::trace_id(&span));
         // The consumer continues the publish span when tracing is exported;
         // otherwise the writer's context passes through unchanged.
         let context = span.in_scope(trace::current);

@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator as _};
+use opentelemetry::trace::TraceContextExt as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
@@ -35,6 +36,19 @@ pub fn current() -> TraceContext {
         tracestate: carrier
             .remove("tracestate")
             .filter(|state| !state.is_empty()),
+    }
+}
+
+/// The trace id of `span`, for log lines; empty when it has none (no
+/// OpenTelemetry layer is installed).
+pub fn trace_id(span: &tracing::Span) -> String {
+    let context = span.context();
+    let span_ref = context.span();
+    let span_context = span_ref.span_context();
+    if span_context.is_valid() {
+        span_context.trace_id().to_string()
+    } else {
+        String::new()
     }
 }
 

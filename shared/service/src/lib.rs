@@ -4,17 +4,23 @@
 //!   (`DATABASE_URL`, `NATS_URL`, `GRPC_ADDR`, `HTTP_ADDR`, ...).
 //! - [`Infrastructure`]: start-up of the database (migrations, pool) and of
 //!   JetStream (the service's stream and the `DLQ` stream), and the outbox.
-//! - [`Server`]: the gRPC server (with reflection and `grpc.health.v1`), the
-//!   HTTP server (`/healthz`, `/readyz`) and the background tasks (relay,
+//! - [`Server`]: the gRPC server (with reflection, `grpc.health.v1`, a span
+//!   and metrics per request), the HTTP server (`/healthz`, `/readyz`,
+//!   `/metrics`) and the background tasks (relay,
 //!   consumers, sweepers), run until shutdown, on the service's default
 //!   [`Ports`] unless configured otherwise; [`Running`] runs one on a task.
-//! - [`shutdown_on_signal`] and [`init_logs`] for `main`.
+//! - [`shutdown_on_signal`] and [`Telemetry`] (logs, traces over OTLP) for
+//!   `main`.
 //! - [`ApiError`]: the one mapping from a use case's failure to a gRPC
 //!   status, and the field parsers that produce it.
 
 mod error;
+mod observe;
+mod telemetry;
 
 pub use error::{ApiError, is_unique_violation, page_size, parse_uuid};
+pub use observe::GrpcMetrics;
+pub use telemetry::Telemetry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,8 +32,9 @@ use axum::http::StatusCode;
 use diesel_async::RunQueryDsl as _;
 use diesel_migrations::EmbeddedMigrations;
 use futures::future::BoxFuture;
+use prometheus_client::registry::Registry;
 use shop_db::PgPool;
-use shop_messaging::{Outbox, Relay, RelayConfig, StreamSpec};
+use shop_messaging::{MessagingMetrics, Outbox, Relay, RelayConfig, StreamSpec};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -90,20 +97,15 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global log subscriber, filtered by `RUST_LOG` (default
-/// `info`).
+/// Installs the global subscriber of a process that runs several services
+/// (a local stack, tests): logs filtered by `RUST_LOG` (default `info`),
+/// spans with trace context, exported as `service.name` = `shop` when
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` is set. A service's `main` uses
+/// [`Telemetry::init`] instead, to name itself and flush at exit.
 pub fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .try_init(),
-    };
+    if let Err(error) = Telemetry::init("shop", format) {
+        tracing::warn!(error = %error, "spans are not exported");
+    }
 }
 
 /// A protobuf timestamp.
@@ -143,6 +145,9 @@ pub struct Infrastructure {
     pub nats: async_nats::Client,
     /// The service's outbox (`ce-source` = `shop/<service>`).
     pub outbox: Outbox,
+    /// The relay's and consumers' metrics; give them to every consumer.
+    pub metrics: MessagingMetrics,
+    registry: Arc<std::sync::Mutex<Registry>>,
     database_url: String,
 }
 
@@ -196,13 +201,57 @@ impl Infrastructure {
                 .provision(&js)
                 .await?;
         }
+        let metrics = MessagingMetrics::default();
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
         Ok(Self {
             pool,
             js,
             nats,
             outbox: Outbox::new(format!("shop/{service}")),
+            metrics,
+            registry: Arc::new(std::sync::Mutex::new(registry)),
             database_url: config.database_url.clone(),
         })
+    }
+
+    /// Registers a service's own metrics beside the runtime's, served on
+    /// `/metrics`.
+    pub fn register_metrics(&self, register: impl FnOnce(&mut Registry)) {
+        let mut registry = self
+            .registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        register(&mut registry);
+    }
+
+    /// The metrics in Prometheus's text format.
+    fn encode_metrics(&self) -> String {
+        let registry = self
+            .registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+        text
+    }
+
+    /// Samples the outbox backlog and the dead-letter queue into the gauges.
+    async fn sample_gauges(&self, relay: &Relay) {
+        if let Err(error) = relay.backlog().await {
+            tracing::debug!(error = %error, "cannot sample the outbox backlog");
+        }
+        if let Ok(mut dlq) = self
+            .js
+            .get_stream(shop_messaging::provision::DLQ_STREAM)
+            .await
+            && let Ok(info) = dlq.info().await
+        {
+            self.metrics
+                .dead_letters_stored
+                .set(i64::try_from(info.state.messages).unwrap_or(i64::MAX));
+        }
     }
 
     /// The outbox relay of this service's database.
@@ -213,6 +262,7 @@ impl Infrastructure {
             self.js.clone(),
             RelayConfig::default(),
         )
+        .with_metrics(self.metrics.clone())
     }
 
     /// Whether PostgreSQL answers and NATS is connected.
@@ -391,6 +441,9 @@ impl Server {
             );
         let tracker = TaskTracker::new();
         tracker.spawn(infra.relay().run(shutdown.clone()));
+        tracker.spawn(sample_gauges(infra.clone(), shutdown.clone()));
+        let grpc_metrics = GrpcMetrics::default();
+        infra.register_metrics(|registry| grpc_metrics.register(registry));
         for task in tasks {
             tracker.spawn(task(shutdown.clone()));
         }
@@ -403,7 +456,23 @@ impl Server {
         tracker.close();
 
         let ready = Arc::new(infra);
+        let scraped = Arc::clone(&ready);
         let app = axum::Router::new()
+            .route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let text = scraped.encode_metrics();
+                    async move {
+                        (
+                            [(
+                                axum::http::header::CONTENT_TYPE,
+                                "text/plain; version=0.0.4; charset=utf-8",
+                            )],
+                            text,
+                        )
+                    }
+                }),
+            )
             .route("/healthz", axum::routing::get(|| async { "ok" }))
             .route(
                 "/readyz",
@@ -430,6 +499,9 @@ impl Server {
         tracing::info!(service = name, grpc = %grpc.local_addr()?, "serving");
         let incoming = tokio_stream_listener(grpc);
         tonic::transport::Server::builder()
+            .layer(observe::ObserveLayer {
+                metrics: grpc_metrics,
+            })
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
             .await
@@ -518,6 +590,18 @@ fn tokio_stream_listener(
         });
         Some((accepted, listener))
     })
+}
+
+/// Keeps the outbox and dead-letter gauges current until shutdown.
+async fn sample_gauges(infra: Infrastructure, shutdown: CancellationToken) {
+    let relay = infra.relay();
+    loop {
+        infra.sample_gauges(&relay).await;
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
 }
 
 /// Reports every gRPC service SERVING while the database and NATS answer,

@@ -1,0 +1,116 @@
+//! The messaging runtime's Prometheus metrics. One [`MessagingMetrics`] per
+//! service, shared by its relay and consumers and registered in the
+//! service's registry; the default is a set that nobody scrapes (tests).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+use std::sync::atomic::AtomicU64;
+
+/// Labels of a published event.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SubjectLabels {
+    /// Its subject, e.g. `order.placed`.
+    pub subject: String,
+}
+
+/// Labels of a consumed event.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConsumedLabels {
+    /// The durable consumer, e.g. `inventory`.
+    pub consumer: String,
+    /// The subject it arrived on.
+    pub subject: String,
+    /// `ok`, `duplicate`, `ignored`, `retried` or `dead_lettered`.
+    pub outcome: &'static str,
+}
+
+/// Labels of a handler's duration.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandlerLabels {
+    /// The durable consumer.
+    pub consumer: String,
+    /// The subject.
+    pub subject: String,
+}
+
+/// Buckets from 1 ms to about 16 s.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+/// Counters, histograms and gauges of the relay and the consumers.
+#[derive(Debug, Clone)]
+pub struct MessagingMetrics {
+    /// Events the relay published, by subject.
+    pub published: Family<SubjectLabels, Counter>,
+    /// Events the consumers settled, by consumer, subject and outcome.
+    pub consumed: Family<ConsumedLabels, Counter>,
+    /// How long handling took, from the batch's start to its commit.
+    pub handling: Family<HandlerLabels, Histogram>,
+    /// Outbox rows not yet published.
+    pub outbox_pending: Gauge,
+    /// Age of the oldest unpublished outbox row, in seconds.
+    pub outbox_lag: Gauge<f64, AtomicU64>,
+    /// Messages in the `DLQ` stream, neither replayed nor purged.
+    pub dead_letters_stored: Gauge,
+}
+
+impl Default for MessagingMetrics {
+    fn default() -> Self {
+        Self {
+            published: Family::default(),
+            consumed: Family::default(),
+            handling: Family::new_with_constructor(latency_histogram),
+            outbox_pending: Gauge::default(),
+            outbox_lag: Gauge::default(),
+            dead_letters_stored: Gauge::default(),
+        }
+    }
+}
+
+impl MessagingMetrics {
+    /// Registers every metric in `registry` (names start with `shop_`).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "shop_events_published",
+            "Events published by the outbox relay",
+            self.published.clone(),
+        );
+        registry.register(
+            "shop_events_consumed",
+            "Events settled by the consumers, by outcome (ok, duplicate, ignored, retried, dead_lettered)",
+            self.consumed.clone(),
+        );
+        registry.register_with_unit(
+            "shop_event_handling",
+            "Time from the start of an event's batch to its commit",
+            Unit::Seconds,
+            self.handling.clone(),
+        );
+        registry.register(
+            "shop_outbox_pending_rows",
+            "Outbox rows not yet published",
+            self.outbox_pending.clone(),
+        );
+        registry.register_with_unit(
+            "shop_outbox_lag",
+            "Age of the oldest unpublished outbox row",
+            Unit::Seconds,
+            self.outbox_lag.clone(),
+        );
+        registry.register(
+            "shop_dead_letters_stored",
+            "Messages in the DLQ stream, neither replayed nor purged",
+            self.dead_letters_stored.clone(),
+        );
+    }
+}
+
+/// A histogram of durations in seconds, from 1 ms to about 16 s.
+pub fn seconds_histogram() -> Histogram {
+    latency_histogram()
+}
