@@ -180,3 +180,80 @@ async fn reflection_health_and_http_probes_answer() {
     let readyz = http_get(running.http_addr(), "/readyz").await;
     assert!(readyz.starts_with("HTTP/1.1 200"), "{readyz}");
 }
+
+/// The overall `grpc.health.v1` status and `/readyz`'s status line, polled
+/// until they read `serving` (or the opposite), within 15 s.
+async fn wait_health(running: &Running, serving: bool) {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let mut health = HealthClient::new(running.channel().await.unwrap());
+    let expected = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    let started = std::time::Instant::now();
+    loop {
+        let mut all = true;
+        for service in ["", "shop.user.v1.UserService"] {
+            let status = health
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .status();
+            all &= status == expected;
+        }
+        let readyz = http_get(running.http_addr(), "/readyz").await;
+        let ready_line = if serving {
+            "HTTP/1.1 200"
+        } else {
+            "HTTP/1.1 503"
+        };
+        if all && readyz.starts_with(ready_line) {
+            return;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(15),
+            "health never became {expected:?}; /readyz: {readyz}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_follows_nats_and_postgres_down_and_back() {
+    let (mut infra, running) = spawn().await;
+    wait_health(&running, true).await;
+
+    infra.nats.stop();
+    wait_health(&running, false).await;
+    let healthz = http_get(running.http_addr(), "/healthz").await;
+    assert!(healthz.starts_with("HTTP/1.1 200"), "alive all along");
+    infra.nats.start_again().await;
+    wait_health(&running, true).await;
+
+    infra.postgres.stop();
+    wait_health(&running, false).await;
+    infra.postgres.start_again().await;
+    wait_health(&running, true).await;
+
+    // And it serves again, with no restart.
+    let mut users = UserServiceClient::new(running.channel().await.unwrap());
+    users
+        .create_user(CreateUserRequest {
+            email: "back@example.com".into(),
+            name: "Back".into(),
+        })
+        .await
+        .unwrap();
+    let metrics = http_get(running.http_addr(), "/metrics").await;
+    assert!(
+        metrics.contains(
+            r#"shop_grpc_requests_total{method="shop.user.v1.UserService/CreateUser",code="Ok"} 1"#
+        ),
+        "{metrics}"
+    );
+}

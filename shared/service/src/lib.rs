@@ -447,6 +447,13 @@ impl Server {
         for task in tasks {
             tracker.spawn(task(shutdown.clone()));
         }
+        // NOT_SERVING until the first look at the dependencies, rather than
+        // "unknown service" (or SERVING for the server as a whole).
+        for service in services.iter().copied().chain([""]) {
+            health
+                .set_service_status(service, tonic_health::ServingStatus::NotServing)
+                .await;
+        }
         tracker.spawn(watch_health(
             health,
             services,

@@ -1,0 +1,190 @@
+//! The services as separate OS processes, from their real binaries, each on
+//! free ports of its own: what a deployment runs.
+
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+/// The service binaries and where they are.
+pub const BINARIES: [&str; 4] = ["user-svc", "order-svc", "inventory-svc", "payment-svc"];
+
+/// The directory holding the service binaries. `cargo nextest run
+/// --workspace` builds them with the tests; when one is missing or older
+/// than a source file of the services, they are built here (a package's
+/// tests get only its own binaries built).
+pub fn binaries() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        // <target>/<profile>/deps/<this test>
+        let exe = std::env::current_exe().unwrap();
+        let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let newest_source = ["services", "shared", "migrations", "proto", "Cargo.lock"]
+            .iter()
+            .filter_map(|part| newest(&root.join(part)))
+            .max();
+        let stale = BINARIES.iter().any(|binary| {
+            let built = std::fs::metadata(dir.join(binary)).and_then(|m| m.modified());
+            match (built, newest_source) {
+                (Ok(built), Some(source)) => built < source,
+                (Ok(_), None) => false,
+                (Err(_), _) => true,
+            }
+        });
+        if stale {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = std::process::Command::new(cargo)
+                .args(["build", "--quiet", "--bins"])
+                .args(["-p", "shop-user", "-p", "shop-order"])
+                .args(["-p", "shop-inventory", "-p", "shop-payment"])
+                .current_dir(&root)
+                .status()
+                .expect("cargo runs");
+            assert!(status.success(), "building the service binaries failed");
+        }
+        dir
+    })
+}
+
+/// The newest modification time of a file under `path`.
+fn newest(path: &Path) -> Option<std::time::SystemTime> {
+    let meta = std::fs::metadata(path).ok()?;
+    if meta.is_file() {
+        return meta.modified().ok();
+    }
+    std::fs::read_dir(path)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|entry| newest(&entry.path()))
+        .max()
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One running service process.
+pub struct ServiceProcess {
+    pub name: &'static str,
+    pub grpc: u16,
+    pub http: u16,
+    child: tokio::process::Child,
+}
+
+impl ServiceProcess {
+    /// Starts `<name>-svc` on `database_url` and `nats_url`, with `env`
+    /// added, and waits until it reports ready.
+    pub async fn start(
+        name: &'static str,
+        database_url: &str,
+        nats_url: &str,
+        env: &[(&str, String)],
+    ) -> Self {
+        let (grpc, http) = (free_port(), free_port());
+        let mut command = tokio::process::Command::new(binaries().join(format!("{name}-svc")));
+        command
+            .env("DATABASE_URL", database_url)
+            .env("NATS_URL", nats_url)
+            .env("GRPC_ADDR", format!("127.0.0.1:{grpc}"))
+            .env("HTTP_ADDR", format!("127.0.0.1:{http}"))
+            .env("LOG_FORMAT", "json")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(if std::env::var_os("TEST_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let child = command
+            .spawn()
+            .unwrap_or_else(|error| panic!("cannot start {name}-svc: {error}"));
+        let mut process = Self {
+            name,
+            grpc,
+            http,
+            child,
+        };
+        process.wait_ready().await;
+        process
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&mut self) {
+        let started = Instant::now();
+        loop {
+            if http_get(self.http, "/readyz")
+                .await
+                .is_some_and(|(status, _)| status == 200)
+            {
+                return;
+            }
+            assert!(
+                self.child.try_wait().unwrap().is_none(),
+                "{}-svc exited",
+                self.name
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{}-svc never became ready",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc)
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("the service exits within 30 s of SIGTERM")
+            .unwrap()
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args([format!("-{signal}"), pid.to_string()])
+                .status();
+        }
+    }
+}
+
+/// A GET over plain HTTP/1.1: the status and the body, or `None` when
+/// nothing answers.
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        stream.read_to_string(&mut response),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
+}

@@ -1,0 +1,394 @@
+//! One saga is one trace: the four services run as separate processes from
+//! their real binaries, each exporting spans over OTLP to a collector in
+//! this test (a tonic server of the OTLP trace service), as each would to
+//! Jaeger.
+
+#![allow(clippy::unwrap_used)]
+
+mod processes;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use processes::{ServiceProcess, free_port, http_get};
+use shop_proto::inventory::v1::CreateProductRequest;
+use shop_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
+use shop_proto::order::v1::order_service_client::OrderServiceClient;
+use shop_proto::order::v1::{GetOrderRequest, OrderItem, OrderStatus, PlaceOrderRequest};
+use shop_proto::user::v1::CreateUserRequest;
+use shop_proto::user::v1::user_service_client::UserServiceClient;
+use shop_test_support::TestInfra;
+
+/// A span as the collector received it, with its service's name.
+#[derive(Debug, Clone)]
+struct Span {
+    service: String,
+    trace_id: String,
+    span_id: String,
+    parent_span_id: String,
+    name: String,
+    kind: i32,
+    attributes: HashMap<String, String>,
+}
+
+#[derive(Default, Clone)]
+struct Collector {
+    spans: Arc<Mutex<Vec<Span>>>,
+}
+
+fn text(value: Option<&AnyValue>) -> String {
+    match value.and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(s)) => s.clone(),
+        Some(any_value::Value::IntValue(i)) => i.to_string(),
+        Some(any_value::Value::BoolValue(b)) => b.to_string(),
+        Some(any_value::Value::DoubleValue(d)) => d.to_string(),
+        _ => String::new(),
+    }
+}
+
+fn attributes(list: &[KeyValue]) -> HashMap<String, String> {
+    list.iter()
+        .map(|kv| (kv.key.clone(), text(kv.value.as_ref())))
+        .collect()
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.spans.lock().unwrap();
+        for resource_spans in request.into_inner().resource_spans {
+            let resource = resource_spans
+                .resource
+                .map(|r| attributes(&r.attributes))
+                .unwrap_or_default();
+            let service = resource.get("service.name").cloned().unwrap_or_default();
+            for scope in resource_spans.scope_spans {
+                for span in scope.spans {
+                    spans.push(Span {
+                        service: service.clone(),
+                        trace_id: hex(&span.trace_id),
+                        span_id: hex(&span.span_id),
+                        parent_span_id: hex(&span.parent_span_id),
+                        name: span.name.clone(),
+                        kind: span.kind,
+                        attributes: attributes(&span.attributes),
+                    });
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Collector {
+    fn trace(&self, trace_id: &str) -> Vec<Span> {
+        self.spans
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|span| span.trace_id == trace_id)
+            .cloned()
+            .collect()
+    }
+
+    /// Waits until the trace holds a consumer span of each (service,
+    /// subject), then returns the trace.
+    async fn wait_for(&self, trace_id: &str, consumed: &[(&str, &str)]) -> Vec<Span> {
+        let started = Instant::now();
+        loop {
+            let spans = self.trace(trace_id);
+            let missing: Vec<_> = consumed
+                .iter()
+                .filter(|(service, subject)| {
+                    !spans.iter().any(|span| {
+                        span.service == *service
+                            && span.kind == SpanKind::Consumer as i32
+                            && span.name == format!("{subject} process")
+                    })
+                })
+                .collect();
+            if missing.is_empty() {
+                return spans;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "trace {trace_id} lacks the consumer spans {missing:?}; it has {:#?}",
+                spans
+                    .iter()
+                    .map(|s| format!("{} {}", s.service, s.name))
+                    .collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Every consumer span's parent is the producer span that published its
+/// event (same message id) in the same trace.
+fn assert_consumers_follow_their_producers(spans: &[Span]) {
+    let by_id: HashMap<&str, &Span> = spans.iter().map(|s| (s.span_id.as_str(), s)).collect();
+    for consumer in spans.iter().filter(|s| s.kind == SpanKind::Consumer as i32) {
+        let parent = by_id
+            .get(consumer.parent_span_id.as_str())
+            .unwrap_or_else(|| panic!("the parent of {consumer:?} is not in the trace"));
+        assert_eq!(parent.kind, SpanKind::Producer as i32, "{consumer:?}");
+        assert_eq!(
+            parent.attributes.get("messaging.message.id"),
+            consumer.attributes.get("messaging.message.id"),
+            "{consumer:?} under {parent:?}"
+        );
+        assert_eq!(consumer.attributes["messaging.system"], "nats");
+        assert!(!consumer.attributes["order_id"].is_empty() || consumer.name.starts_with("user."));
+    }
+}
+
+fn with_traceparent<T>(message: T, trace_id: &str, span_id: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-{span_id}-01").parse().unwrap(),
+    );
+    request
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_saga_is_one_trace_across_the_services_it_touches() {
+    let collector = Collector::default();
+    let otlp_port = free_port();
+    let server = tonic::transport::Server::builder()
+        .add_service(TraceServiceServer::new(collector.clone()))
+        .serve(([127, 0, 0, 1], otlp_port).into());
+    let server = tokio::spawn(server);
+
+    let infra = TestInfra::start().await;
+    let env = [
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://127.0.0.1:{otlp_port}"),
+        ),
+        // Export every 100 ms instead of every 5 s.
+        ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
+    ];
+    let mut services = HashMap::new();
+    for name in ["user", "order", "inventory", "payment"] {
+        let url = infra.postgres.create_database(&format!("shop_{name}")).await;
+        let process = ServiceProcess::start(name, &url, &infra.nats.url(), &env).await;
+        services.insert(name, process);
+    }
+    let channel = |name: &str| {
+        tonic::transport::Channel::from_shared(services[name].endpoint())
+            .unwrap()
+            .connect_lazy()
+    };
+    let mut users = UserServiceClient::new(channel("user"));
+    let mut orders = OrderServiceClient::new(channel("order"));
+    let mut inventory = InventoryServiceClient::new(channel("inventory"));
+
+    // CreateUser continues the caller's trace into order and payment.
+    let user_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let user_id = users
+        .create_user(with_traceparent(
+            CreateUserRequest {
+                email: "otto@example.com".into(),
+                name: "Otto".into(),
+            },
+            user_trace,
+            "00f067aa0ba902b7",
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap()
+        .user_id;
+    for (sku, price) in [("LAMP", 1999), ("YACHT", 50_000_000)] {
+        inventory
+            .create_product(CreateProductRequest {
+                sku: sku.into(),
+                name: sku.into(),
+                price_cents: price,
+                stock: 5,
+            })
+            .await
+            .unwrap();
+    }
+    let spans = collector
+        .wait_for(
+            user_trace,
+            &[("order", "user.created"), ("payment", "user.created")],
+        )
+        .await;
+    let root = spans
+        .iter()
+        .find(|s| s.name == "shop.user.v1.UserService/CreateUser")
+        .unwrap();
+    assert_eq!(root.service, "user");
+    assert_eq!(root.kind, SpanKind::Server as i32);
+    assert_eq!(root.parent_span_id, "00f067aa0ba902b7", "the caller's span");
+    assert_consumers_follow_their_producers(&spans);
+
+    // A confirmed saga and a compensated one (payment declined).
+    let confirmed_trace = "0af7651916cd43dd8448eb211c80319c";
+    let declined_trace = "a3ce929d0e0e47364bf92f3577b34da6";
+    let mut placed = Vec::new();
+    for (trace, sku) in [(confirmed_trace, "LAMP"), (declined_trace, "YACHT")] {
+        let request = PlaceOrderRequest {
+            user_id: user_id.clone(),
+            items: vec![OrderItem {
+                sku: sku.into(),
+                quantity: 1,
+            }],
+            idempotency_key: sku.into(),
+        };
+        // The order service learns of the user from `user.created`.
+        let started = Instant::now();
+        let order = loop {
+            match orders
+                .place_order(with_traceparent(request.clone(), trace, "b7ad6b7169203331"))
+                .await
+            {
+                Ok(response) => break response.into_inner().order.unwrap(),
+                Err(status)
+                    if status.code() == tonic::Code::FailedPrecondition
+                        && started.elapsed() < Duration::from_secs(10) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(status) => panic!("PlaceOrder: {status}"),
+            }
+        };
+        placed.push(order.order_id);
+    }
+    for (order_id, expected) in placed
+        .iter()
+        .zip([OrderStatus::Confirmed, OrderStatus::Cancelled])
+    {
+        let started = Instant::now();
+        loop {
+            let order = orders
+                .get_order(GetOrderRequest {
+                    order_id: order_id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .order
+                .unwrap();
+            if order.status() != OrderStatus::Pending {
+                assert_eq!(order.status(), expected);
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(30));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    let spans = collector
+        .wait_for(
+            confirmed_trace,
+            &[
+                ("inventory", "order.placed"),
+                ("payment", "inventory.reserved"),
+                ("order", "inventory.reserved"),
+                ("order", "payment.completed"),
+                ("inventory", "order.confirmed"),
+            ],
+        )
+        .await;
+    assert_consumers_follow_their_producers(&spans);
+    let root = spans
+        .iter()
+        .find(|s| s.name == "shop.order.v1.OrderService/PlaceOrder")
+        .unwrap();
+    assert_eq!(root.parent_span_id, "b7ad6b7169203331");
+    assert_eq!(root.attributes["order_id"], placed[0]);
+    assert!(
+        spans
+            .iter()
+            .any(|s| s.service == "order" && s.name == "outbox write"),
+        "the outbox write has a span"
+    );
+    assert!(
+        spans
+            .iter()
+            .filter(|s| s.kind == SpanKind::Consumer as i32)
+            .all(|s| s.attributes["order_id"] == placed[0]),
+        "every consumer span names the order"
+    );
+
+    let spans = collector
+        .wait_for(
+            declined_trace,
+            &[
+                ("inventory", "order.placed"),
+                ("payment", "inventory.reserved"),
+                ("order", "payment.failed"),
+                ("inventory", "payment.failed"),
+                ("inventory", "order.cancelled"),
+                ("payment", "order.cancelled"),
+            ],
+        )
+        .await;
+    assert_consumers_follow_their_producers(&spans);
+    let touched: std::collections::BTreeSet<_> =
+        spans.iter().map(|s| s.service.as_str()).collect();
+    assert_eq!(
+        touched.into_iter().collect::<Vec<_>>(),
+        ["inventory", "order", "payment"]
+    );
+
+    // Each service's /metrics counted what it did.
+    let (_, metrics) = http_get(services["order"].http, "/metrics")
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"shop_sagas_ended_total{outcome="confirmed",reason=""} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            r#"shop_sagas_ended_total{outcome="cancelled",reason="insufficient funds"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            r#"shop_grpc_requests_total{method="shop.order.v1.OrderService/PlaceOrder",code="Ok"} 2"#
+        ),
+        "{metrics}"
+    );
+    let (_, metrics) = http_get(services["inventory"].http, "/metrics")
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            r#"shop_events_consumed_total{consumer="inventory",subject="order.placed",outcome="ok"} 2"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"shop_events_published_total{subject="inventory.reserved"} 2"#),
+        "{metrics}"
+    );
+
+    for process in services.values_mut() {
+        assert!(process.terminate().await.success());
+    }
+    server.abort();
+}
