@@ -187,7 +187,10 @@ async fn a_saga_is_one_trace_across_the_services_it_touches() {
     ];
     let mut services = HashMap::new();
     for name in ["user", "order", "inventory", "payment"] {
-        let url = infra.postgres.create_database(&format!("shop_{name}")).await;
+        let url = infra
+            .postgres
+            .create_database(&format!("shop_{name}"))
+            .await;
         let process = ServiceProcess::start(name, &url, &infra.nats.url(), &env).await;
         services.insert(name, process);
     }
@@ -346,17 +349,14 @@ async fn a_saga_is_one_trace_across_the_services_it_touches() {
         )
         .await;
     assert_consumers_follow_their_producers(&spans);
-    let touched: std::collections::BTreeSet<_> =
-        spans.iter().map(|s| s.service.as_str()).collect();
+    let touched: std::collections::BTreeSet<_> = spans.iter().map(|s| s.service.as_str()).collect();
     assert_eq!(
         touched.into_iter().collect::<Vec<_>>(),
         ["inventory", "order", "payment"]
     );
 
     // Each service's /metrics counted what it did.
-    let (_, metrics) = http_get(services["order"].http, "/metrics")
-        .await
-        .unwrap();
+    let (_, metrics) = http_get(services["order"].http, "/metrics").await.unwrap();
     assert!(
         metrics.contains(r#"shop_sagas_ended_total{outcome="confirmed",reason=""} 1"#),
         "{metrics}"

@@ -174,13 +174,10 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.ok()?;
     let mut response = String::new();
-    tokio::time::timeout(
-        Duration::from_secs(5),
-        stream.read_to_string(&mut response),
-    )
-    .await
-    .ok()?
-    .ok()?;
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
+        .await
+        .ok()?
+        .ok()?;
     let status = response.split(' ').nth(1)?.parse().ok()?;
     let body = response
         .split_once("\r\n\r\n")

@@ -23,7 +23,7 @@ pub(crate) struct SagaEnd {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EndLabels {
     outcome: &'static str,
-    reason: String,
+    reason: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -47,16 +47,24 @@ impl Default for SagaMetrics {
     }
 }
 
-/// The kind of a cancellation reason, for a label: the part before the
-/// first colon ("out of stock: LAMP has 1 available, 2 wanted" is "out of
-/// stock"), so that the label's values stay few.
-fn reason_kind(reason: &str) -> String {
-    reason
-        .split(':')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_owned()
+/// The kind of a cancellation reason, for a label whose values stay few:
+/// the reasons name SKUs and amounts, the kinds do not.
+fn reason_kind(reason: &str) -> &'static str {
+    const KINDS: [(&str, &str); 6] = [
+        ("out of stock", "out of stock"),
+        ("insufficient funds", "insufficient funds"),
+        ("timeout", "timeout"),
+        ("unknown SKU", "unknown sku"),
+        ("quantity of", "invalid quantity"),
+        ("the price of", "price overflow"),
+    ];
+    if reason.is_empty() {
+        return "";
+    }
+    KINDS
+        .iter()
+        .find(|(prefix, _)| reason.starts_with(prefix))
+        .map_or("other", |(_, kind)| kind)
 }
 
 impl SagaMetrics {
@@ -102,6 +110,8 @@ mod tests {
             "out of stock"
         );
         assert_eq!(reason_kind("timeout"), "timeout");
+        assert_eq!(reason_kind("unknown SKU NOPE"), "unknown sku");
+        assert_eq!(reason_kind("something new"), "other");
         assert_eq!(reason_kind(""), "");
     }
 }
