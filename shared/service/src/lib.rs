@@ -51,6 +51,12 @@ pub struct ServiceConfig {
     /// NATS credentials file (optional).
     #[arg(long, env = "NATS_CREDS")]
     pub nats_creds: Option<std::path::PathBuf>,
+    /// NATS user, with `--nats-password` (optional).
+    #[arg(long, env = "NATS_USER", requires = "nats_password")]
+    pub nats_user: Option<String>,
+    /// NATS password of `--nats-user`.
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
     /// Address of the gRPC server [default: 0.0.0.0 and the service's port].
     #[arg(long, env = "GRPC_ADDR")]
     pub grpc_addr: Option<SocketAddr>,
@@ -79,6 +85,8 @@ impl ServiceConfig {
             database_url: database_url.into(),
             nats_url: nats_url.into(),
             nats_creds: None,
+            nats_user: None,
+            nats_password: None,
             grpc_addr: Some(any_port),
             http_addr: Some(any_port),
             db_pool_size: 8,
@@ -185,6 +193,9 @@ impl Infrastructure {
                 .credentials_file(creds)
                 .await
                 .context("reading the NATS credentials")?;
+        }
+        if let (Some(user), Some(password)) = (&config.nats_user, &config.nats_password) {
+            options = options.user_and_password(user.clone(), password.clone());
         }
         let nats = options
             .connect(&config.nats_url)

@@ -10,6 +10,15 @@ use crate::process::{ServerProcess, Workdir, ensure_port_free, free_port};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// A configuration file for the server, the environment it reads, and the
+/// user the harness connects as.
+#[derive(Debug, Clone)]
+struct ServerConfig {
+    file: PathBuf,
+    env: Vec<(String, String)>,
+    user: (String, String),
+}
+
 /// A JetStream-enabled NATS server on a free port of 127.0.0.1, storing its
 /// streams in a temporary directory. Dropping it stops the server and deletes
 /// the store.
@@ -17,6 +26,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct TestNats {
     binary: PathBuf,
     port: u16,
+    config: Option<ServerConfig>,
     process: Option<ServerProcess>,
     // Declared last so that the server is gone before its store is removed.
     dir: Workdir,
@@ -32,6 +42,32 @@ impl TestNats {
 
     /// Starts a server, or says why it could not.
     pub async fn try_start() -> Result<Self, HarnessError> {
+        Self::try_start_configured(None).await
+    }
+
+    /// Starts a server with the configuration `file`, which reads `env`
+    /// (port, address and store come from the harness); the harness and
+    /// [`client`](Self::client) connect as `user` with `password`.
+    pub async fn start_with_config(
+        file: &std::path::Path,
+        env: &[(&str, &str)],
+        user: &str,
+        password: &str,
+    ) -> Self {
+        let config = ServerConfig {
+            file: file.to_path_buf(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            user: (user.to_owned(), password.to_owned()),
+        };
+        Self::try_start_configured(Some(config))
+            .await
+            .unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    async fn try_start_configured(config: Option<ServerConfig>) -> Result<Self, HarnessError> {
         let binary = binaries::nats_server()?;
         let dir = Workdir::Temporary(
             tempfile::Builder::new()
@@ -45,6 +81,7 @@ impl TestNats {
         let mut nats = Self {
             binary,
             port: 0,
+            config,
             process: None,
             dir,
         };
@@ -67,6 +104,7 @@ impl TestNats {
         let mut nats = Self {
             binary: binaries::nats_server()?,
             port,
+            config: None,
             process: None,
             dir: Workdir::kept(dir)?,
         };
@@ -84,9 +122,22 @@ impl TestNats {
         self.port
     }
 
+    /// Connection options as the harness's user, when the server has users.
+    fn options(&self) -> async_nats::ConnectOptions {
+        let options = async_nats::ConnectOptions::new();
+        match &self.config {
+            Some(ServerConfig {
+                user: (user, password),
+                ..
+            }) => options.user_and_password(user.clone(), password.clone()),
+            None => options,
+        }
+    }
+
     /// A new client connection to this server.
     pub async fn client(&self) -> async_nats::Client {
-        async_nats::connect(self.url())
+        self.options()
+            .connect(self.url())
             .await
             .unwrap_or_else(|error| {
                 panic!(
@@ -170,6 +221,14 @@ impl TestNats {
             .arg("--store_dir")
             .arg(self.dir.path().join("store"))
             .args(["--server_name", "shop-test"]);
+        if let Some(config) = &self.config {
+            // Flags take precedence over the file: port, address and store
+            // stay the harness's.
+            command.arg("--config").arg(&config.file);
+            // The file's monitoring port would collide between tests.
+            command.args(["--http_port", &free_port()?.to_string()]);
+            command.envs(config.env.iter().map(|(k, v)| (k, v)));
+        }
         let mut process = ServerProcess::spawn(command, &self.dir.path().join("nats.log"), None)?;
         process
             .wait_ready("nats-server", self.port, READY_TIMEOUT, || {
@@ -183,8 +242,9 @@ impl TestNats {
     /// JetStream answers an account query: the server accepts clients and its
     /// store is open.
     async fn jetstream_ready(&self) -> bool {
-        let options =
-            async_nats::ConnectOptions::new().connection_timeout(Duration::from_millis(500));
+        let options = self
+            .options()
+            .connection_timeout(Duration::from_millis(500));
         let Ok(client) = options.connect(self.url()).await else {
             return false;
         };

@@ -15,6 +15,12 @@ pub struct NatsArgs {
     /// A NATS credentials file, where the server requires one.
     #[arg(long = "nats-creds", env = "NATS_CREDS")]
     pub creds: Option<std::path::PathBuf>,
+    /// A NATS user, with `--nats-password`, where the server requires one.
+    #[arg(long = "nats-user", env = "NATS_USER", requires = "password")]
+    pub user: Option<String>,
+    /// The password of `--nats-user`.
+    #[arg(long = "nats-password", env = "NATS_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
 }
 
 impl NatsArgs {
@@ -26,6 +32,9 @@ impl NatsArgs {
                 .credentials_file(creds)
                 .await
                 .with_context(|| format!("reading the NATS credentials {}", creds.display()))?;
+        }
+        if let (Some(user), Some(password)) = (&self.user, &self.password) {
+            options = options.user_and_password(user.clone(), password.clone());
         }
         options.connect(&self.url).await.with_context(|| {
             format!(

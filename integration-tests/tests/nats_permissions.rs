@@ -1,0 +1,224 @@
+//! `deploy/nats/nats.conf` on a real nats-server: every service works with
+//! its own credentials, and a service cannot publish another's events.
+
+#![allow(clippy::unwrap_used)]
+
+mod processes;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use processes::ServiceProcess;
+use shop_proto::inventory::v1::CreateProductRequest;
+use shop_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
+use shop_proto::order::v1::order_service_client::OrderServiceClient;
+use shop_proto::order::v1::{GetOrderRequest, OrderItem, OrderStatus, PlaceOrderRequest};
+use shop_proto::payment::v1::PaymentCompleted;
+use shop_proto::user::v1::CreateUserRequest;
+use shop_proto::user::v1::user_service_client::UserServiceClient;
+use shop_test_support::{TestNats, TestPostgres};
+
+const SERVICES: [&str; 4] = ["user", "order", "inventory", "payment"];
+
+fn password(user: &str) -> String {
+    format!("secret-of-{user}")
+}
+
+async fn nats() -> TestNats {
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats/nats.conf");
+    let env: Vec<(String, String)> = SERVICES
+        .iter()
+        .chain(&["shopctl"])
+        .map(|user| {
+            (
+                format!("NATS_PASSWORD_{}", user.to_uppercase()),
+                password(user),
+            )
+        })
+        .collect();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    TestNats::start_with_config(&file, &env, "shopctl", &password("shopctl")).await
+}
+
+async fn connect_as(nats: &TestNats, user: &str) -> async_nats::Client {
+    async_nats::ConnectOptions::new()
+        .user_and_password(user.into(), password(user))
+        .connect(nats.url())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_service_publishes_only_its_own_events_and_the_saga_still_runs() {
+    let (nats, postgres) = tokio::join!(nats(), TestPostgres::start());
+    let mut services = HashMap::new();
+    for name in SERVICES {
+        let url = postgres.create_database(&format!("shop_{name}")).await;
+        let env = [
+            ("NATS_USER", name.to_owned()),
+            ("NATS_PASSWORD", password(name)),
+        ];
+        services.insert(
+            name,
+            ServiceProcess::start(name, &url, &nats.url(), &env).await,
+        );
+    }
+    let channel = |name: &str| {
+        tonic::transport::Channel::from_shared(services[name].endpoint())
+            .unwrap()
+            .connect_lazy()
+    };
+
+    // A whole saga across the four, each on its own credentials.
+    let user_id = UserServiceClient::new(channel("user"))
+        .create_user(CreateUserRequest {
+            email: "perm@example.com".into(),
+            name: "Perm".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap()
+        .user_id;
+    InventoryServiceClient::new(channel("inventory"))
+        .create_product(CreateProductRequest {
+            sku: "LAMP".into(),
+            name: "Lamp".into(),
+            price_cents: 1999,
+            stock: 3,
+        })
+        .await
+        .unwrap();
+    let mut orders = OrderServiceClient::new(channel("order"));
+    let request = PlaceOrderRequest {
+        user_id,
+        items: vec![OrderItem {
+            sku: "LAMP".into(),
+            quantity: 1,
+        }],
+        idempotency_key: String::new(),
+    };
+    let started = Instant::now();
+    let order_id = loop {
+        match orders.place_order(request.clone()).await {
+            Ok(response) => break response.into_inner().order.unwrap().order_id,
+            Err(status)
+                if status.code() == tonic::Code::FailedPrecondition
+                    && started.elapsed() < Duration::from_secs(10) =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(status) => panic!("PlaceOrder: {status}"),
+        }
+    };
+    let started = Instant::now();
+    loop {
+        let order = orders
+            .get_order(GetOrderRequest {
+                order_id: order_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .order
+            .unwrap();
+        if order.status() == OrderStatus::Confirmed {
+            break;
+        }
+        assert_eq!(order.status(), OrderStatus::Pending, "{order:?}");
+        assert!(started.elapsed() < Duration::from_secs(30), "{order:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let admin = async_nats::jetstream::new(nats.client().await);
+    let payments_before = admin
+        .get_stream("PAYMENT")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages;
+    assert_eq!(payments_before, 1, "the saga's payment.completed");
+
+    // The order service's credentials cannot forge a payment.
+    let (errors_tx, mut errors) = tokio::sync::mpsc::unbounded_channel();
+    let order_client = async_nats::ConnectOptions::new()
+        .user_and_password("order".into(), password("order"))
+        .event_callback(move |event| {
+            let errors_tx = errors_tx.clone();
+            async move {
+                if let async_nats::Event::ServerError(error) = event {
+                    let _ = errors_tx.send(error.to_string());
+                }
+            }
+        })
+        .connect(nats.url())
+        .await
+        .unwrap();
+    let forged = prost::Message::encode_to_vec(&PaymentCompleted {
+        order_id: order_id.clone(),
+        user_id: "u".into(),
+        amount_cents: 1,
+    });
+    let js = async_nats::jetstream::new(order_client.clone());
+    let published = match js.publish("payment.completed", forged.into()).await {
+        Ok(ack) => ack.await.is_ok(),
+        Err(_) => false,
+    };
+    assert!(
+        !published,
+        "JetStream acknowledged a forged payment.completed"
+    );
+    let error = tokio::time::timeout(Duration::from_secs(5), errors.recv())
+        .await
+        .expect("the server reports the violation")
+        .unwrap();
+    assert!(
+        error.contains("Permissions Violation for Publish to \"payment.completed\""),
+        "{error}"
+    );
+    // Nor read another service's events directly.
+    let mut sneaking = order_client.subscribe("payment.>").await.unwrap();
+    let error = tokio::time::timeout(Duration::from_secs(5), errors.recv())
+        .await
+        .expect("the server reports the violation")
+        .unwrap();
+    assert!(
+        error.contains("Permissions Violation for Subscription to \"payment.>\""),
+        "{error}"
+    );
+    assert!(
+        tokio::time::timeout(
+            Duration::from_millis(200),
+            futures::StreamExt::next(&mut sneaking)
+        )
+        .await
+        .map_or(true, |message| message.is_none())
+    );
+    let payments_after = admin
+        .get_stream("PAYMENT")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages;
+    assert_eq!(payments_after, payments_before, "nothing forged was stored");
+
+    // Its own subjects it may publish; a wrong password gets nowhere.
+    let own = connect_as(&nats, "order").await;
+    own.publish("order.note", "x".into()).await.unwrap();
+    own.flush().await.unwrap();
+    let wrong = async_nats::ConnectOptions::new()
+        .user_and_password("order".into(), "guess".into())
+        .connect(nats.url())
+        .await;
+    assert!(wrong.is_err(), "a wrong password connects");
+
+    for process in services.values_mut() {
+        assert!(process.terminate().await.success());
+    }
+}
