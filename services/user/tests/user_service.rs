@@ -230,6 +230,20 @@ async fn health_follows_nats_and_postgres_down_and_back() {
 
     infra.nats.stop();
     wait_health(&running, false).await;
+    // Alive all the same: a liveness probe must not restart it.
+    let liveness =
+        tonic_health::pb::health_client::HealthClient::new(running.channel().await.unwrap())
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: shop_service::LIVENESS.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status();
+    assert_eq!(
+        liveness,
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
     let healthz = http_get(running.http_addr(), "/healthz").await;
     assert!(healthz.starts_with("HTTP/1.1 200"), "alive all along");
     infra.nats.start_again().await;

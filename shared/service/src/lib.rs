@@ -292,6 +292,11 @@ impl Infrastructure {
     }
 }
 
+/// The `grpc.health.v1` service name that answers SERVING as long as the
+/// process serves, for liveness probes; the server as a whole (`""`) and
+/// each API answer SERVING only while PostgreSQL and NATS do.
+pub const LIVENESS: &str = "liveness";
+
 /// A background task: `run(shutdown)`.
 pub type Task = Box<dyn FnOnce(CancellationToken) -> BoxFuture<'static, ()> + Send>;
 
@@ -465,6 +470,12 @@ impl Server {
                 .set_service_status(service, tonic_health::ServingStatus::NotServing)
                 .await;
         }
+        // For liveness probes: SERVING while the process serves at all,
+        // whatever its dependencies do (restarting it would not bring them
+        // back).
+        health
+            .set_service_status(LIVENESS, tonic_health::ServingStatus::Serving)
+            .await;
         tracker.spawn(watch_health(
             health,
             services,

@@ -12,12 +12,15 @@
 //!   streams, dead letters included.
 //! - `dlq`: list, show, replay (to the consumer that gave up only) and
 //!   purge dead letters.
+//! - `probe`: a service's `grpc.health.v1` status as an exit code, for
+//!   container health checks.
 
 #![allow(clippy::print_stdout)] // a CLI talks on stdout
 
 mod bench;
 mod demo;
 mod dlq;
+mod probe;
 mod saga;
 mod up;
 
@@ -36,6 +39,8 @@ enum Command {
     Saga(saga::Saga),
     /// List, show, replay or purge dead letters.
     Dlq(dlq::Dlq),
+    /// Exit 0 when a service reports SERVING on grpc.health.v1 (for health checks).
+    Probe(probe::Probe),
 }
 
 #[tokio::main]
@@ -46,5 +51,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Bench(bench) => bench.run().await,
         Command::Saga(saga) => saga.run().await,
         Command::Dlq(dlq) => dlq.run().await,
+        Command::Probe(probe) => probe.run().await,
     }
 }

@@ -1,0 +1,55 @@
+# syntax=docker/dockerfile:1
+# One image for the four services and shopctl:
+#   docker build -t shop .
+#   docker run --rm shop order-svc --help
+# The dependencies are compiled in a layer of their own, rebuilt only when
+# a manifest or Cargo.lock changes; the crates' downloads are a BuildKit
+# cache mount shared by every build.
+
+FROM rust:1.95-slim-bookworm AS build
+WORKDIR /src
+ENV CARGO_TARGET_DIR=/src/target
+ARG PACKAGES="-p shop-user -p shop-order -p shop-inventory -p shop-payment -p shopctl"
+
+# Every manifest and the lock file, with empty targets: this layer holds
+# the compiled dependencies.
+COPY Cargo.toml Cargo.lock ./
+COPY shared/proto/Cargo.toml shared/proto/
+COPY shared/db/Cargo.toml shared/db/
+COPY shared/messaging/Cargo.toml shared/messaging/
+COPY shared/service/Cargo.toml shared/service/
+COPY shared/test-support/Cargo.toml shared/test-support/
+COPY services/user/Cargo.toml services/user/
+COPY services/order/Cargo.toml services/order/
+COPY services/inventory/Cargo.toml services/inventory/
+COPY services/payment/Cargo.toml services/payment/
+COPY tools/shopctl/Cargo.toml tools/shopctl/
+COPY integration-tests/Cargo.toml integration-tests/
+RUN for dir in shared/* services/* tools/shopctl integration-tests; do \
+      mkdir -p "$dir/src" && touch "$dir/src/lib.rs" && echo 'fn main() {}' > "$dir/src/main.rs"; \
+    done
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    cargo build --release --locked $PACKAGES
+
+# The project: only its own crates compile here.
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    rm -f shared/*/src/main.rs integration-tests/src/main.rs \
+ && find shared services tools -name '*.rs' -exec touch {} + \
+ && cargo build --release --locked $PACKAGES \
+ && mkdir -p /out \
+ && cp target/release/user-svc target/release/order-svc target/release/inventory-svc \
+       target/release/payment-svc target/release/shopctl /out/
+
+FROM debian:bookworm-slim AS runtime
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 10001 shop \
+ && useradd --system --uid 10001 --gid shop --no-create-home --shell /usr/sbin/nologin shop
+COPY --from=build /out/ /usr/local/bin/
+USER 10001:10001
+# gRPC 50051-50054, HTTP (/healthz, /readyz, /metrics) 9101-9104.
+EXPOSE 50051 50052 50053 50054 9101 9102 9103 9104
+ENV LOG_FORMAT=json
+CMD ["shopctl", "--help"]
