@@ -866,7 +866,8 @@ impl<S: Send + Sync + 'static> Inner<S> {
             }
             Err(Failure::Transient(reason)) if delivered < self.retry.max_deliver => {
                 let delay = self.retry.delay(delivered);
-                tracing::warn!(consumer = %self.name, subject = %message.subject, delivered, ?delay, %reason, "handler failed; retrying");
+                let (order_id, trace_id) = saga_ids(message);
+                tracing::warn!(consumer = %self.name, subject = %message.subject, order_id, trace_id, delivered, ?delay, %reason, "handler failed; retrying");
                 self.stats.retried.fetch_add(1, Ordering::Relaxed);
                 (AckKind::Nak(Some(delay)), Processed::Retried)
             }
@@ -962,15 +963,34 @@ impl<S: Send + Sync + 'static> Inner<S> {
         match stored {
             Ok(()) => {
                 self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(consumer = %self.name, %subject, sequence, delivered, %reason, "message dead-lettered");
+                let (order_id, trace_id) = saga_ids(message);
+                tracing::error!(consumer = %self.name, %subject, order_id, trace_id, sequence, delivered, %reason, "message dead-lettered");
                 (AckKind::Term, Processed::DeadLettered)
             }
             Err(error) => {
-                tracing::error!(consumer = %self.name, %subject, %error, "cannot store the dead letter; will retry");
+                let (order_id, trace_id) = saga_ids(message);
+                tracing::error!(consumer = %self.name, %subject, order_id, trace_id, %error, "cannot store the dead letter; will retry");
                 (AckKind::Nak(Some(self.retry.max)), Processed::Retried)
             }
         }
     }
+}
+
+/// The saga's order id and trace id from a message's headers, for the log
+/// lines written outside its processing span; empty when absent.
+fn saga_ids(message: &jetstream::Message) -> (&str, &str) {
+    let header = |name: &str| {
+        message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(name))
+            .map_or("", |value| value.as_str())
+    };
+    let trace_id = header(crate::envelope::headers::TRACEPARENT)
+        .split('-')
+        .nth(1)
+        .unwrap_or_default();
+    (header(crate::envelope::headers::CORRELATION_ID), trace_id)
 }
 
 /// The consumer-kind span of one message, a child of the producer's span.

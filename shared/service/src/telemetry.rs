@@ -44,6 +44,18 @@ impl Telemetry {
     /// Must run inside a Tokio runtime when exporting. A second call in the
     /// same process keeps the first subscriber.
     pub fn init(service_name: &str, format: LogFormat) -> anyhow::Result<Self> {
+        Self::init_with_writer(service_name, format, std::io::stdout)
+    }
+
+    /// [`Telemetry::init`], with log lines written to `writer`.
+    pub fn init_with_writer<W>(
+        service_name: &str,
+        format: LogFormat,
+        writer: W,
+    ) -> anyhow::Result<Self>
+    where
+        W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+    {
         let mut resource = Resource::builder();
         if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
             resource = resource.with_service_name(service_name.to_owned());
@@ -63,10 +75,13 @@ impl Telemetry {
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
         let registry = tracing_subscriber::registry().with(filter).with(spans);
         let _ = match format {
-            LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).try_init(),
+            LogFormat::Text => registry
+                .with(tracing_subscriber::fmt::layer().with_writer(writer))
+                .try_init(),
             LogFormat::Json => registry
                 .with(
                     tracing_subscriber::fmt::layer()
+                        .with_writer(writer)
                         .json()
                         .flatten_event(true)
                         .with_current_span(false)
