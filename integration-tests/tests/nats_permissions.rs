@@ -6,13 +6,13 @@
 mod processes;
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use processes::ServiceProcess;
+use processes::{ServiceProcess, place_order, settled};
 use shop_proto::inventory::v1::CreateProductRequest;
 use shop_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use shop_proto::order::v1::order_service_client::OrderServiceClient;
-use shop_proto::order::v1::{GetOrderRequest, OrderItem, OrderStatus, PlaceOrderRequest};
+use shop_proto::order::v1::{OrderItem, OrderStatus, PlaceOrderRequest};
 use shop_proto::payment::v1::PaymentCompleted;
 use shop_proto::user::v1::CreateUserRequest;
 use shop_proto::user::v1::user_service_client::UserServiceClient;
@@ -46,6 +46,18 @@ async fn connect_as(nats: &TestNats, user: &str) -> async_nats::Client {
         .connect(nats.url())
         .await
         .unwrap()
+}
+
+/// How many messages `stream` holds.
+async fn stored(js: &async_nats::jetstream::Context, stream: &str) -> u64 {
+    js.get_stream(stream)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -99,47 +111,13 @@ async fn each_service_publishes_only_its_own_events_and_the_saga_still_runs() {
         }],
         idempotency_key: String::new(),
     };
-    let started = Instant::now();
-    let order_id = loop {
-        match orders.place_order(request.clone()).await {
-            Ok(response) => break response.into_inner().order.unwrap().order_id,
-            Err(status)
-                if status.code() == tonic::Code::FailedPrecondition
-                    && started.elapsed() < Duration::from_secs(10) =>
-            {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(status) => panic!("PlaceOrder: {status}"),
-        }
-    };
-    let started = Instant::now();
-    loop {
-        let order = orders
-            .get_order(GetOrderRequest {
-                order_id: order_id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .order
-            .unwrap();
-        if order.status() == OrderStatus::Confirmed {
-            break;
-        }
-        assert_eq!(order.status(), OrderStatus::Pending, "{order:?}");
-        assert!(started.elapsed() < Duration::from_secs(30), "{order:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let order_id = place_order(&mut orders, tonic::Request::new(request))
+        .await
+        .order_id;
+    let order = settled(&mut orders, &order_id).await;
+    assert_eq!(order.status(), OrderStatus::Confirmed, "{order:?}");
     let admin = async_nats::jetstream::new(nats.client().await);
-    let payments_before = admin
-        .get_stream("PAYMENT")
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .state
-        .messages;
+    let payments_before = stored(&admin, "PAYMENT").await;
     assert_eq!(payments_before, 1, "the saga's payment.completed");
 
     // The order service's credentials cannot forge a payment.
@@ -197,15 +175,7 @@ async fn each_service_publishes_only_its_own_events_and_the_saga_still_runs() {
         .await
         .map_or(true, |message| message.is_none())
     );
-    let payments_after = admin
-        .get_stream("PAYMENT")
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .state
-        .messages;
+    let payments_after = stored(&admin, "PAYMENT").await;
     assert_eq!(payments_after, payments_before, "nothing forged was stored");
 
     // Its own subjects it may publish; a wrong password gets nowhere.

@@ -19,11 +19,11 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
-use processes::{ServiceProcess, free_port, http_get};
+use processes::{ServiceProcess, free_port, http_get, place_order, settled};
 use shop_proto::inventory::v1::CreateProductRequest;
 use shop_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use shop_proto::order::v1::order_service_client::OrderServiceClient;
-use shop_proto::order::v1::{GetOrderRequest, OrderItem, OrderStatus, PlaceOrderRequest};
+use shop_proto::order::v1::{OrderItem, OrderStatus, PlaceOrderRequest};
 use shop_proto::user::v1::CreateUserRequest;
 use shop_proto::user::v1::user_service_client::UserServiceClient;
 use shop_test_support::TestInfra;
@@ -259,47 +259,18 @@ async fn a_saga_is_one_trace_across_the_services_it_touches() {
             }],
             idempotency_key: sku.into(),
         };
-        // The order service learns of the user from `user.created`.
-        let started = Instant::now();
-        let order = loop {
-            match orders
-                .place_order(with_traceparent(request.clone(), trace, "b7ad6b7169203331"))
-                .await
-            {
-                Ok(response) => break response.into_inner().order.unwrap(),
-                Err(status)
-                    if status.code() == tonic::Code::FailedPrecondition
-                        && started.elapsed() < Duration::from_secs(10) =>
-                {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(status) => panic!("PlaceOrder: {status}"),
-            }
-        };
+        let order = place_order(
+            &mut orders,
+            with_traceparent(request, trace, "b7ad6b7169203331"),
+        )
+        .await;
         placed.push(order.order_id);
     }
     for (order_id, expected) in placed
         .iter()
         .zip([OrderStatus::Confirmed, OrderStatus::Cancelled])
     {
-        let started = Instant::now();
-        loop {
-            let order = orders
-                .get_order(GetOrderRequest {
-                    order_id: order_id.clone(),
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .order
-                .unwrap();
-            if order.status() != OrderStatus::Pending {
-                assert_eq!(order.status(), expected);
-                break;
-            }
-            assert!(started.elapsed() < Duration::from_secs(30));
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        assert_eq!(settled(&mut orders, order_id).await.status(), expected);
     }
 
     let spans = collector

@@ -8,7 +8,10 @@ use std::process::Stdio;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use shop_proto::order::v1::order_service_client::OrderServiceClient;
+use shop_proto::order::v1::{GetOrderRequest, Order, OrderStatus, PlaceOrderRequest};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tonic::transport::Channel;
 
 /// The service binaries and where they are.
 pub const BINARIES: [&str; 4] = ["user-svc", "order-svc", "inventory-svc", "payment-svc"];
@@ -184,4 +187,52 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
         .map(|(_, body)| body.to_owned())
         .unwrap_or_default();
     Some((status, body))
+}
+
+/// Places an order, retrying while the order service has not yet learned of
+/// a just-created user (from `user.created`).
+pub async fn place_order(
+    orders: &mut OrderServiceClient<Channel>,
+    request: tonic::Request<PlaceOrderRequest>,
+) -> Order {
+    let (metadata, extensions, message) = request.into_parts();
+    let started = Instant::now();
+    loop {
+        let attempt =
+            tonic::Request::from_parts(metadata.clone(), extensions.clone(), message.clone());
+        match orders.place_order(attempt).await {
+            Ok(response) => return response.into_inner().order.unwrap(),
+            Err(status)
+                if status.code() == tonic::Code::FailedPrecondition
+                    && started.elapsed() < Duration::from_secs(10) =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(status) => panic!("PlaceOrder: {status}"),
+        }
+    }
+}
+
+/// Waits until the order has left PENDING, and returns it.
+pub async fn settled(orders: &mut OrderServiceClient<Channel>, order_id: &str) -> Order {
+    let started = Instant::now();
+    loop {
+        let order = orders
+            .get_order(GetOrderRequest {
+                order_id: order_id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .order
+            .unwrap();
+        if order.status() != OrderStatus::Pending {
+            return order;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "still PENDING: {order:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

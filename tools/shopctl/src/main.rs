@@ -54,3 +54,17 @@ async fn main() -> anyhow::Result<()> {
         Command::Probe(probe) => probe.run().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::Command;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        // Clap checks argument ids, requirements and defaults here, not at
+        // compile time.
+        Command::command().debug_assert();
+    }
+}

@@ -11,35 +11,35 @@ pub struct NatsArgs {
         env = "NATS_URL",
         default_value = "nats://127.0.0.1:4222"
     )]
-    pub url: String,
+    pub nats_url: String,
     /// A NATS credentials file, where the server requires one.
     #[arg(long = "nats-creds", env = "NATS_CREDS")]
-    pub creds: Option<std::path::PathBuf>,
+    pub nats_creds: Option<std::path::PathBuf>,
     /// A NATS user, with `--nats-password`, where the server requires one.
-    #[arg(long = "nats-user", env = "NATS_USER", requires = "password")]
-    pub user: Option<String>,
+    #[arg(long = "nats-user", env = "NATS_USER", requires = "nats_password")]
+    pub nats_user: Option<String>,
     /// The password of `--nats-user`.
     #[arg(long = "nats-password", env = "NATS_PASSWORD", hide_env_values = true)]
-    pub password: Option<String>,
+    pub nats_password: Option<String>,
 }
 
 impl NatsArgs {
     /// Connects, with the credentials when there are some.
     pub async fn connect(&self) -> anyhow::Result<async_nats::Client> {
         let mut options = async_nats::ConnectOptions::new().name("shopctl");
-        if let Some(creds) = &self.creds {
+        if let Some(creds) = &self.nats_creds {
             options = options
                 .credentials_file(creds)
                 .await
                 .with_context(|| format!("reading the NATS credentials {}", creds.display()))?;
         }
-        if let (Some(user), Some(password)) = (&self.user, &self.password) {
+        if let (Some(user), Some(password)) = (&self.nats_user, &self.nats_password) {
             options = options.user_and_password(user.clone(), password.clone());
         }
-        options.connect(&self.url).await.with_context(|| {
+        options.connect(&self.nats_url).await.with_context(|| {
             format!(
                 "cannot reach NATS at {}: is the stack up (scripts/shopctl up)?",
-                self.url
+                self.nats_url
             )
         })
     }
