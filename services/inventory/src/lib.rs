@@ -15,7 +15,7 @@ mod grpc;
 mod schema;
 
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
-use shop_messaging::{ConsumerSpec, EventConsumer, Router, StreamSpec};
+use shop_messaging::{ConsumerSpec, StreamSpec};
 use shop_service::{Infrastructure, Ports, Server, ServiceConfig};
 
 /// The default ports: gRPC 50053, HTTP 9103.
@@ -45,17 +45,7 @@ pub async fn build(config: Config) -> anyhow::Result<Server> {
         MIGRATIONS,
     )
     .await?;
-    let consumer = |spec: ConsumerSpec, router: Router<events::Handlers>| {
-        EventConsumer::new(
-            infra.js.clone(),
-            infra.pool.clone(),
-            infra.outbox.clone(),
-            spec,
-            router,
-            events::Handlers,
-        )
-        .with_metrics(infra.metrics.clone())
-    };
+    let consumer = |spec, router| infra.consumer(spec, router, events::Handlers);
     let on = |stream: &str| ConsumerSpec::new("inventory", stream, &[]);
     let orders = consumer(on("ORDER"), events::order_events());
     let payments = consumer(on("PAYMENT"), events::payment_events());

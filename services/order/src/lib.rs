@@ -21,7 +21,7 @@ mod schema;
 use std::time::Duration;
 
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
-use shop_messaging::{ConsumerSpec, EventConsumer, Router, StreamSpec};
+use shop_messaging::{ConsumerSpec, StreamSpec};
 use shop_service::{Infrastructure, Ports, Server, ServiceConfig};
 
 /// The default ports: gRPC 50052, HTTP 9102.
@@ -61,17 +61,7 @@ pub async fn build(config: Config) -> anyhow::Result<Server> {
         outbox: infra.outbox.clone(),
         metrics: sagas.clone(),
     };
-    let consumer = |spec: ConsumerSpec, router: Router<events::Handlers>| {
-        EventConsumer::new(
-            infra.js.clone(),
-            infra.pool.clone(),
-            infra.outbox.clone(),
-            spec,
-            router,
-            handlers.clone(),
-        )
-        .with_metrics(infra.metrics.clone())
-    };
+    let consumer = |spec, router| infra.consumer(spec, router, handlers.clone());
     let on = |stream: &str| ConsumerSpec::new("order", stream, &[]);
     let users = consumer(on("USER"), events::user_events());
     let inventory = consumer(on("INVENTORY"), events::inventory_events());

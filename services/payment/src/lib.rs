@@ -14,7 +14,7 @@ mod grpc;
 mod schema;
 
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
-use shop_messaging::{ConsumerSpec, EventConsumer, Router, StreamSpec};
+use shop_messaging::{ConsumerSpec, StreamSpec};
 use shop_service::{Infrastructure, Ports, Server, ServiceConfig};
 
 /// The default ports: gRPC 50054, HTTP 9104.
@@ -50,17 +50,7 @@ pub async fn build(config: Config) -> anyhow::Result<Server> {
     let handlers = events::Handlers {
         starting_credit: config.starting_credit_cents,
     };
-    let consumer = |spec: ConsumerSpec, router: Router<events::Handlers>| {
-        EventConsumer::new(
-            infra.js.clone(),
-            infra.pool.clone(),
-            infra.outbox.clone(),
-            spec,
-            router,
-            handlers,
-        )
-        .with_metrics(infra.metrics.clone())
-    };
+    let consumer = |spec, router| infra.consumer(spec, router, handlers);
     let on = |stream: &str| ConsumerSpec::new("payment", stream, &[]);
     let users = consumer(on("USER"), events::user_events());
     let reservations = consumer(on("INVENTORY"), events::inventory_events());

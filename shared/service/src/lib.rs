@@ -34,7 +34,9 @@ use diesel_migrations::EmbeddedMigrations;
 use futures::future::BoxFuture;
 use prometheus_client::registry::Registry;
 use shop_db::PgPool;
-use shop_messaging::{MessagingMetrics, Outbox, Relay, RelayConfig, StreamSpec};
+use shop_messaging::{
+    ConsumerSpec, EventConsumer, MessagingMetrics, Outbox, Relay, RelayConfig, Router, StreamSpec,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -224,6 +226,25 @@ impl Infrastructure {
             registry: Arc::new(std::sync::Mutex::new(registry)),
             database_url: config.database_url.clone(),
         })
+    }
+
+    /// An idempotent consumer of this service's database and outbox, counting
+    /// into the service's metrics.
+    pub fn consumer<S: Send + Sync + 'static>(
+        &self,
+        spec: ConsumerSpec,
+        router: Router<S>,
+        state: S,
+    ) -> EventConsumer<S> {
+        EventConsumer::new(
+            self.js.clone(),
+            self.pool.clone(),
+            self.outbox.clone(),
+            spec,
+            router,
+            state,
+        )
+        .with_metrics(self.metrics.clone())
     }
 
     /// Registers a service's own metrics beside the runtime's, served on
