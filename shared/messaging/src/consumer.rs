@@ -355,6 +355,8 @@ struct Inner<S> {
     stats: Arc<ConsumerStats>,
     hook: Option<ProcessedHook>,
     metrics: MessagingMetrics,
+    /// How long JetStream waits for an ack before it delivers again.
+    ack_wait: Duration,
 }
 
 enum Outcome {
@@ -415,6 +417,10 @@ impl<S: Send + Sync + 'static> EventConsumer<S> {
             stats: Arc::default(),
             hook: None,
             metrics: MessagingMetrics::default(),
+            // With a backoff, the server waits its first step.
+            ack_wait: <[Duration]>::first(&spec.ack_backoff)
+                .copied()
+                .unwrap_or(spec.ack_wait),
         };
         Self {
             inner: Arc::new(inner),
@@ -513,8 +519,10 @@ impl<S: Send + Sync + 'static> EventConsumer<S> {
             let stream = consumer
                 .stream()
                 .max_messages_per_batch(self.concurrency * self.batch_size)
-                .heartbeat(Duration::from_secs(5))
-                .expires(Duration::from_secs(30))
+                // A lost pull (the server restarted) shows as missed
+                // heartbeats: frequent ones find it within a few seconds.
+                .heartbeat(Duration::from_secs(1))
+                .expires(Duration::from_secs(10))
                 .messages()
                 .await;
             let mut messages = match stream {
@@ -612,10 +620,12 @@ impl<S: Send + Sync + 'static> Inner<S> {
             }
         }
         if !prepared.is_empty() {
-            let results = match AssertUnwindSafe(self.apply(&mut prepared))
-                .catch_unwind()
-                .await
-            {
+            let applying = AssertUnwindSafe(self.apply(&mut prepared)).catch_unwind();
+            let applied = tokio::select! {
+                applied = applying => applied,
+                never = self.keep_alive(&batch) => match never {},
+            };
+            let results = match applied {
                 Ok(Ok(results)) => results,
                 Ok(Err(reason)) => prepared
                     .iter()
@@ -638,6 +648,21 @@ impl<S: Send + Sync + 'static> Inner<S> {
             let outcome =
                 outcome.unwrap_or_else(|| Err(Failure::Transient("not processed".into())));
             self.settle(message, outcome, elapsed).await;
+        }
+    }
+
+    /// Tells JetStream every third of the ack wait that the batch is still
+    /// being worked on, so that a slow batch (waiting for locks, say) is not
+    /// delivered again to another replica meanwhile; runs until dropped.
+    async fn keep_alive(&self, batch: &[jetstream::Message]) -> std::convert::Infallible {
+        let every = (self.ack_wait / 3).max(Duration::from_millis(100));
+        loop {
+            tokio::time::sleep(every).await;
+            for message in batch {
+                // A lost progress ack only risks a redelivery, which the
+                // inbox absorbs.
+                let _ = message.ack_with(AckKind::Progress).await;
+            }
         }
     }
 

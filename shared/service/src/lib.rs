@@ -72,6 +72,11 @@ pub struct ServiceConfig {
     /// Replicas of the service's stream (1 on a single NATS server).
     #[arg(long, env = "STREAM_REPLICAS", default_value_t = 1)]
     pub stream_replicas: usize,
+    /// How long a delivered event may stay unacknowledged before JetStream
+    /// hands it to another replica (its consumer died or hung), in
+    /// milliseconds.
+    #[arg(long, env = "ACK_WAIT_MS", default_value_t = 30_000)]
+    pub ack_wait_ms: u64,
     /// Log format: `text` or `json`.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
@@ -93,6 +98,7 @@ impl ServiceConfig {
             http_addr: Some(any_port),
             db_pool_size: 8,
             stream_replicas: 1,
+            ack_wait_ms: 30_000,
             log_format: LogFormat::Text,
         }
     }
@@ -149,6 +155,7 @@ pub fn shutdown_on_signal() -> CancellationToken {
 pub struct Infrastructure {
     /// The service's database.
     pub pool: PgPool,
+    relay_pool: PgPool,
     /// JetStream.
     pub js: jetstream::Context,
     /// The NATS connection, for readiness.
@@ -158,6 +165,7 @@ pub struct Infrastructure {
     /// The relay's and consumers' metrics; give them to every consumer.
     pub metrics: MessagingMetrics,
     registry: Arc<std::sync::Mutex<Registry>>,
+    ack_wait: Duration,
     database_url: String,
 }
 
@@ -186,6 +194,9 @@ impl Infrastructure {
         .await
         .context("migrating the database")?;
         let pool = shop_db::pool(&config.database_url, config.db_pool_size)?;
+        // The relay's own connections: busy consumers must never starve it,
+        // since what they wait for is what it publishes.
+        let relay_pool = shop_db::pool(&config.database_url, 2)?;
         let mut options = async_nats::ConnectOptions::new()
             .name(format!("shop-{service}"))
             .retry_on_initial_connect()
@@ -219,17 +230,19 @@ impl Infrastructure {
         metrics.register(&mut registry);
         Ok(Self {
             pool,
+            relay_pool,
             js,
             nats,
             outbox: Outbox::new(format!("shop/{service}")),
             metrics,
             registry: Arc::new(std::sync::Mutex::new(registry)),
+            ack_wait: Duration::from_millis(config.ack_wait_ms),
             database_url: config.database_url.clone(),
         })
     }
 
-    /// An idempotent consumer of this service's database and outbox, counting
-    /// into the service's metrics.
+    /// An idempotent consumer of this service's database and outbox, with
+    /// the configured ack wait, counting into the service's metrics.
     pub fn consumer<S: Send + Sync + 'static>(
         &self,
         spec: ConsumerSpec,
@@ -240,7 +253,10 @@ impl Infrastructure {
             self.js.clone(),
             self.pool.clone(),
             self.outbox.clone(),
-            spec,
+            ConsumerSpec {
+                ack_wait: self.ack_wait,
+                ..spec
+            },
             router,
             state,
         )
@@ -289,7 +305,7 @@ impl Infrastructure {
     /// The outbox relay of this service's database.
     pub fn relay(&self) -> Relay {
         Relay::new(
-            self.pool.clone(),
+            self.relay_pool.clone(),
             self.database_url.clone(),
             self.js.clone(),
             RelayConfig::default(),
