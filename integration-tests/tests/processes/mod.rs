@@ -80,6 +80,9 @@ pub struct ServiceProcess {
     pub name: &'static str,
     pub grpc: u16,
     pub http: u16,
+    database_url: String,
+    nats_url: String,
+    env: Vec<(String, String)>,
     child: tokio::process::Child,
 }
 
@@ -92,34 +95,52 @@ impl ServiceProcess {
         nats_url: &str,
         env: &[(&str, String)],
     ) -> Self {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect();
         let (grpc, http) = (free_port(), free_port());
-        let mut command = tokio::process::Command::new(binaries().join(format!("{name}-svc")));
-        command
-            .env("DATABASE_URL", database_url)
-            .env("NATS_URL", nats_url)
-            .env("GRPC_ADDR", format!("127.0.0.1:{grpc}"))
-            .env("HTTP_ADDR", format!("127.0.0.1:{http}"))
-            .env("LOG_FORMAT", "json")
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(if std::env::var_os("TEST_LOG").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
-        let child = command
-            .spawn()
-            .unwrap_or_else(|error| panic!("cannot start {name}-svc: {error}"));
+        let child = spawn(name, database_url, nats_url, &env, grpc, http);
         let mut process = Self {
             name,
             grpc,
             http,
+            database_url: database_url.to_owned(),
+            nats_url: nats_url.to_owned(),
+            env,
             child,
         };
         process.wait_ready().await;
         process
+    }
+
+    /// SIGKILL, as a crash would.
+    pub async fn kill(&mut self) {
+        self.signal("KILL");
+        let _ = self.child.wait().await;
+    }
+
+    /// Starts the process again, on the same ports, after it exited.
+    pub async fn restart(&mut self) {
+        self.child = spawn(
+            self.name,
+            &self.database_url,
+            &self.nats_url,
+            &self.env,
+            self.grpc,
+            self.http,
+        );
+        self.wait_ready().await;
+    }
+
+    /// SIGSTOP: the process hangs, holding what it was doing.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// SIGCONT: it carries on with stale work.
+    pub fn resume(&self) {
+        self.signal("CONT");
     }
 
     /// Waits until `/readyz` answers 200.
@@ -166,6 +187,33 @@ impl ServiceProcess {
                 .status();
         }
     }
+}
+
+fn spawn(
+    name: &str,
+    database_url: &str,
+    nats_url: &str,
+    env: &[(String, String)],
+    grpc: u16,
+    http: u16,
+) -> tokio::process::Child {
+    tokio::process::Command::new(binaries().join(format!("{name}-svc")))
+        .env("DATABASE_URL", database_url)
+        .env("NATS_URL", nats_url)
+        .env("GRPC_ADDR", format!("127.0.0.1:{grpc}"))
+        .env("HTTP_ADDR", format!("127.0.0.1:{http}"))
+        .env("LOG_FORMAT", "json")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(if std::env::var_os("TEST_LOG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|error| panic!("cannot start {name}-svc: {error}"))
 }
 
 /// A GET over plain HTTP/1.1: the status and the body, or `None` when

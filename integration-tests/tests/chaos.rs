@@ -1,0 +1,658 @@
+//! Faults at random while sagas flow, then the design's invariants.
+//!
+//! The four services run as OS processes from their real binaries, with two
+//! replicas of inventory and of payment sharing their durable consumers,
+//! against a real nats-server and PostgreSQL. While a driver places orders
+//! (most confirm; some run out of stock, some fail payment, and the NATS
+//! outages make some time out), a seeded
+//! schedule SIGKILLs and restarts service processes, kills and restarts
+//! nats-server on its store and PostgreSQL on its data, SIGSTOPs a replica
+//! for longer than the ack wait and SIGCONTs it, and SIGTERMs a replica
+//! under load. Once everything is quiet, the checker reads the four
+//! databases and the streams.
+//!
+//! Size and seed come from the environment: `CHAOS_SAGAS` (300),
+//! `CHAOS_RATE` (sagas placed per second, 10), `CHAOS_FAULTS` (10),
+//! `CHAOS_SEED` (a fixed one); the same seed replays the same schedule.
+
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+mod processes;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use diesel::sql_types::{BigInt, Text};
+use diesel_async::{AsyncConnection as _, AsyncPgConnection};
+use processes::ServiceProcess;
+use shop_proto::inventory::v1::CreateProductRequest;
+use shop_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
+use shop_proto::order::v1::order_service_client::OrderServiceClient;
+use shop_proto::order::v1::{OrderItem, PlaceOrderRequest};
+use shop_proto::user::v1::CreateUserRequest;
+use shop_proto::user::v1::user_service_client::UserServiceClient;
+use shop_test_support::{TestNats, TestPostgres};
+use tokio::sync::Mutex;
+use tonic::transport::Channel;
+
+const STARTING_CREDIT: i64 = 1_000_000_000;
+const DEADLINE_MS: u64 = 8_000;
+const ACK_WAIT_MS: u64 = 5_000;
+const USERS: usize = 50;
+/// Products: a cheap one with plenty of stock, one never in stock, one no
+/// wallet can pay.
+const PRODUCTS: [(&str, i64, i64); 3] = [
+    ("LAMP", 100, 1_000_000),
+    ("GONE", 100, 0),
+    ("YACHT", STARTING_CREDIT * 10, 1_000_000),
+];
+
+/// splitmix64: a small, seedable generator, enough for a schedule.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Fault {
+    /// SIGKILL a process, then start it again.
+    Kill(&'static str, usize),
+    /// SIGKILL nats-server, then start it on the same store.
+    RestartNats,
+    /// SIGKILL PostgreSQL, then start it on the same data.
+    RestartPostgres,
+    /// SIGSTOP a replica for longer than the ack wait, then SIGCONT it.
+    Pause(&'static str, usize),
+    /// SIGTERM a replica under load, then start it again.
+    Terminate(&'static str, usize),
+}
+
+impl Fault {
+    fn kind(self) -> &'static str {
+        match self {
+            Self::Kill(..) => "SIGKILL a service",
+            Self::RestartNats => "restart nats-server",
+            Self::RestartPostgres => "restart PostgreSQL",
+            Self::Pause(..) => "SIGSTOP a replica",
+            Self::Terminate(..) => "SIGTERM a replica",
+        }
+    }
+}
+
+/// Which process of which service.
+const PROCESSES: [(&str, usize); 6] = [
+    ("user", 0),
+    ("order", 0),
+    ("inventory", 0),
+    ("inventory", 1),
+    ("payment", 0),
+    ("payment", 1),
+];
+
+/// The schedule of a seed: (pause before, fault, how long it lasts), each
+/// fault over before the next begins.
+fn schedule(seed: u64, faults: usize) -> Vec<(Duration, Fault, Duration)> {
+    let mut rng = Rng(seed);
+    (0..faults)
+        .map(|i| {
+            let (name, replica) = PROCESSES[rng.below(PROCESSES.len() as u64) as usize];
+            let replicated = ["inventory", "payment"][rng.below(2) as usize];
+            let replica_of = rng.below(2) as usize;
+            // Every kind comes round in turn; the targets are random.
+            let fault = match i % 5 {
+                0 => Fault::Kill(name, replica),
+                1 => Fault::RestartNats,
+                2 => Fault::Pause(replicated, replica_of),
+                3 => Fault::RestartPostgres,
+                _ => Fault::Terminate(replicated, replica_of),
+            };
+            // Time for the sagas placed since the last fault to finish.
+            let before = Duration::from_millis(1500 + rng.below(1500));
+            let lasting = match fault {
+                // Sagas placed meanwhile wait in the outbox; with the
+                // reconnections after it, some of them time out.
+                Fault::RestartNats => Duration::from_millis(1000 + rng.below(2000)),
+                // Longer than the ack wait: its messages go to the other replica.
+                Fault::Pause(..) => Duration::from_millis(ACK_WAIT_MS + 500 + rng.below(1500)),
+                _ => Duration::from_millis(200 + rng.below(1000)),
+            };
+            (before, fault, lasting)
+        })
+        .collect()
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(default)
+}
+
+struct System {
+    nats: TestNats,
+    postgres: TestPostgres,
+    processes: HashMap<(&'static str, usize), ServiceProcess>,
+}
+
+impl System {
+    async fn start() -> Self {
+        let (nats, postgres) = tokio::join!(TestNats::start(), TestPostgres::start());
+        let mut processes = HashMap::new();
+        for service in ["user", "order", "inventory", "payment"] {
+            postgres.create_database(&format!("shop_{service}")).await;
+        }
+        for (name, replica) in PROCESSES {
+            let url = postgres.url(&format!("shop_{name}"));
+            let env = [
+                ("SAGA_DEADLINE_MS", DEADLINE_MS.to_string()),
+                ("ACK_WAIT_MS", ACK_WAIT_MS.to_string()),
+                ("STARTING_CREDIT_CENTS", STARTING_CREDIT.to_string()),
+            ];
+            let process = ServiceProcess::start(name, &url, &nats.url(), &env).await;
+            processes.insert((name, replica), process);
+        }
+        Self {
+            nats,
+            postgres,
+            processes,
+        }
+    }
+
+    fn channel(&self, name: &'static str) -> Channel {
+        Channel::from_shared(self.processes[&(name, 0)].endpoint())
+            .unwrap()
+            .connect_lazy()
+    }
+
+    async fn inject(&mut self, fault: Fault, lasting: Duration) {
+        match fault {
+            Fault::Kill(name, replica) => {
+                let process = self.processes.get_mut(&(name, replica)).unwrap();
+                process.kill().await;
+                tokio::time::sleep(lasting).await;
+                process.restart().await;
+            }
+            Fault::Terminate(name, replica) => {
+                let process = self.processes.get_mut(&(name, replica)).unwrap();
+                let status = process.terminate().await;
+                assert!(status.success(), "{name}#{replica} on SIGTERM: {status}");
+                tokio::time::sleep(lasting).await;
+                process.restart().await;
+            }
+            Fault::Pause(name, replica) => {
+                let process = &self.processes[&(name, replica)];
+                process.pause();
+                tokio::time::sleep(lasting).await;
+                process.resume();
+            }
+            Fault::RestartNats => {
+                self.nats.kill();
+                tokio::time::sleep(lasting).await;
+                self.nats.start_again().await;
+            }
+            Fault::RestartPostgres => {
+                self.postgres.kill();
+                tokio::time::sleep(lasting).await;
+                self.postgres.start_again().await;
+            }
+        }
+    }
+}
+
+/// What the driver saw.
+#[derive(Default)]
+struct Driven {
+    placed: AtomicU64,
+    retried_calls: AtomicU64,
+}
+
+/// Places `sagas` orders at `rate` per second from `clients` concurrent
+/// clients, retrying each call (with its idempotency key) until the system
+/// answers.
+async fn drive(
+    orders: OrderServiceClient<Channel>,
+    users: Arc<Vec<String>>,
+    sagas: usize,
+    rate: f64,
+    clients: usize,
+    driven: Arc<Driven>,
+) {
+    let ticks = Arc::new(Mutex::new(tokio::time::interval(Duration::from_secs_f64(
+        1.0 / rate,
+    ))));
+    let next = Arc::new(Mutex::new(0usize));
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (mut orders, users, next, driven, ticks) = (
+            orders.clone(),
+            Arc::clone(&users),
+            Arc::clone(&next),
+            Arc::clone(&driven),
+            Arc::clone(&ticks),
+        );
+        tasks.push(tokio::spawn(async move {
+            loop {
+                ticks.lock().await.tick().await;
+                let saga = {
+                    let mut next = next.lock().await;
+                    if *next == sagas {
+                        return;
+                    }
+                    *next += 1;
+                    *next - 1
+                };
+                // Mostly purchases that go through; every tenth is out of
+                // stock, every tenth cannot be paid.
+                let sku = match saga % 10 {
+                    3 => "GONE",
+                    7 => "YACHT",
+                    _ => "LAMP",
+                };
+                let request = PlaceOrderRequest {
+                    user_id: users[saga % users.len()].clone(),
+                    items: vec![OrderItem {
+                        sku: sku.into(),
+                        quantity: 1 + (saga % 3) as i32,
+                    }],
+                    idempotency_key: format!("chaos-{saga}"),
+                };
+                loop {
+                    match orders.place_order(request.clone()).await {
+                        Ok(_) => break,
+                        Err(status) => {
+                            assert!(
+                                matches!(
+                                    status.code(),
+                                    tonic::Code::Unavailable
+                                        | tonic::Code::Unknown
+                                        | tonic::Code::Cancelled
+                                        | tonic::Code::DeadlineExceeded
+                                ),
+                                "PlaceOrder: {status}"
+                            );
+                            driven.retried_calls.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+                driven.placed.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+#[derive(diesel::QueryableByName, Debug)]
+struct Row {
+    #[diesel(sql_type = Text)]
+    key: String,
+    #[diesel(sql_type = Text)]
+    detail: String,
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+async fn rows(url: &str, sql: &str) -> Vec<Row> {
+    // Here only: in scope, it would take over the atomics' `load`.
+    use diesel_async::RunQueryDsl as _;
+    let mut conn = AsyncPgConnection::establish(url).await.unwrap();
+    diesel::sql_query(sql).load(&mut conn).await.unwrap()
+}
+
+/// (key, detail) -> n, of a query with those three columns.
+async fn table(url: &str, sql: &str) -> BTreeMap<(String, String), i64> {
+    rows(url, sql)
+        .await
+        .into_iter()
+        .map(|row| ((row.key, row.detail), row.n))
+        .collect()
+}
+
+/// Waits until no order is PENDING, no outbox row is unpublished and no
+/// durable consumer has anything pending or unacknowledged.
+async fn quiet(system: &System, urls: &HashMap<&str, String>) -> Duration {
+    let started = Instant::now();
+    let js = async_nats::jetstream::new(system.nats.client().await);
+    loop {
+        let pending = rows(
+            &urls["order"],
+            "SELECT '' AS key, '' AS detail, count(*) AS n FROM orders WHERE status = 'PENDING'",
+        )
+        .await[0]
+            .n;
+        let mut unpublished = 0;
+        for url in urls.values() {
+            unpublished += rows(
+                url,
+                "SELECT '' AS key, '' AS detail, count(*) AS n FROM outbox WHERE published_at IS NULL",
+            )
+            .await[0]
+                .n;
+        }
+        let mut undelivered = 0;
+        for (stream, consumers) in [
+            ("USER", &["order", "payment"][..]),
+            ("ORDER", &["inventory", "payment"][..]),
+            ("INVENTORY", &["order", "payment"][..]),
+            ("PAYMENT", &["order", "inventory"][..]),
+        ] {
+            let stream = js.get_stream(stream).await.unwrap();
+            for consumer in consumers {
+                let info = stream.consumer_info(*consumer).await.unwrap();
+                undelivered += info.num_pending + info.num_ack_pending as u64;
+            }
+        }
+        if pending == 0 && unpublished == 0 && undelivered == 0 {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "not quiet after 120 s: {pending} orders pending, {unpublished} outbox rows unpublished, {undelivered} deliveries outstanding"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Deliveries beyond the first of each message, over every durable.
+async fn redeliveries(system: &System) -> u64 {
+    let js = async_nats::jetstream::new(system.nats.client().await);
+    let mut total = 0;
+    for (stream, consumers) in [
+        ("USER", &["order", "payment"][..]),
+        ("ORDER", &["inventory", "payment"][..]),
+        ("INVENTORY", &["order", "payment"][..]),
+        ("PAYMENT", &["order", "inventory"][..]),
+    ] {
+        let mut stream = js.get_stream(stream).await.unwrap();
+        let messages = stream.info().await.unwrap().state.messages;
+        for consumer in consumers {
+            let info = stream.consumer_info(*consumer).await.unwrap();
+            total += info.delivered.consumer_sequence.saturating_sub(messages);
+        }
+    }
+    total
+}
+
+/// The design's invariants, read from the four databases and the streams.
+async fn check(
+    system: &System,
+    urls: &HashMap<&str, String>,
+    users: &[String],
+) -> BTreeMap<String, i64> {
+    // Nothing dead-lettered, since none of these faults is a poison message.
+    let js = async_nats::jetstream::new(system.nats.client().await);
+    let dead = shop_messaging::DeadLetters::open(js)
+        .await
+        .unwrap()
+        .list()
+        .await
+        .unwrap();
+    assert!(
+        dead.is_empty(),
+        "{} dead letters after faults that are not poison, e.g. {} on {}: {}",
+        dead.len(),
+        dead[0].consumer,
+        dead[0].subject,
+        dead[0].reason
+    );
+    let orders = table(
+        &urls["order"],
+        "SELECT order_id::text AS key, status || ' ' || cancel_reason AS detail, total_cents AS n FROM orders",
+    )
+    .await;
+    let payments = table(
+        &urls["payment"],
+        "SELECT order_id::text AS key, status AS detail, amount_cents AS n FROM payments",
+    )
+    .await;
+    let mut outcomes = BTreeMap::new();
+    for ((order_id, state), total) in &orders {
+        let (status, reason) = state.split_once(' ').unwrap();
+        assert!(
+            status == "CONFIRMED" || status == "CANCELLED",
+            "order {order_id} ended {status}"
+        );
+        let kind = match status {
+            "CONFIRMED" => "confirmed".to_owned(),
+            _ => format!(
+                "cancelled: {}",
+                reason.split(':').next().unwrap_or_default()
+            ),
+        };
+        *outcomes.entry(kind).or_insert(0) += 1;
+        let payment = payments
+            .iter()
+            .find(|((id, _), _)| id == order_id)
+            .map(|((_, status), amount)| (status.as_str(), *amount));
+        if status == "CONFIRMED" {
+            assert_eq!(
+                payment,
+                Some(("CAPTURED", *total)),
+                "confirmed order {order_id} must have exactly its capture"
+            );
+        } else {
+            assert_ne!(
+                payment.map(|(status, _)| status),
+                Some("CAPTURED"),
+                "cancelled order {order_id} keeps a capture"
+            );
+        }
+    }
+
+    // Per SKU: available + reserved + sold = stocked, nothing left
+    // reserved, sold = the confirmed units.
+    let sold_by_orders = table(
+        &urls["order"],
+        "SELECT i.sku AS key, '' AS detail, sum(i.quantity)::bigint AS n FROM order_items i \
+         JOIN orders o USING (order_id) WHERE o.status = 'CONFIRMED' GROUP BY i.sku",
+    )
+    .await;
+    for row in rows(
+        &urls["inventory"],
+        "SELECT sku AS key, available || ' ' || reserved || ' ' || sold AS detail, stocked AS n FROM products",
+    )
+    .await
+    {
+        let units: Vec<i64> = row.detail.split(' ').map(|n| n.parse().unwrap()).collect();
+        let (available, reserved, sold) = (units[0], units[1], units[2]);
+        let created = PRODUCTS.iter().find(|(sku, ..)| *sku == row.key).unwrap().2;
+        assert_eq!(row.n, created, "{}: stocked", row.key);
+        assert_eq!(available + reserved + sold, created, "{}: {units:?}", row.key);
+        assert_eq!(reserved, 0, "{}: left reserved", row.key);
+        let confirmed = sold_by_orders
+            .get(&(row.key.clone(), String::new()))
+            .copied()
+            .unwrap_or(0);
+        assert_eq!(sold, confirmed, "{}: sold vs confirmed units", row.key);
+    }
+
+    // Per user: balance + captured = starting credit (no deposits here).
+    let balances = table(
+        &urls["payment"],
+        "SELECT a.user_id::text AS key, '' AS detail, a.balance_cents + coalesce(( \
+           SELECT sum(p.amount_cents) FROM payments p \
+           WHERE p.user_id = a.user_id AND p.status = 'CAPTURED'), 0)::bigint AS n FROM accounts a",
+    )
+    .await;
+    assert_eq!(balances.len(), users.len(), "one wallet per user");
+    for ((user, _), total) in &balances {
+        assert_eq!(
+            *total, STARTING_CREDIT,
+            "the money of {user} does not add up"
+        );
+    }
+
+    // Every outbox row published.
+    for (service, url) in urls {
+        let unpublished = rows(
+            url,
+            "SELECT '' AS key, '' AS detail, count(*) AS n FROM outbox WHERE published_at IS NULL",
+        )
+        .await[0]
+            .n;
+        assert_eq!(unpublished, 0, "{service}: outbox rows never published");
+    }
+
+    outcomes.insert("sagas".to_owned(), orders.len() as i64);
+    outcomes
+}
+
+async fn run(sagas: usize, rate: f64, faults: Vec<(Duration, Fault, Duration)>) {
+    let started = Instant::now();
+    let mut system = System::start().await;
+    let urls: HashMap<&str, String> = ["user", "order", "inventory", "payment"]
+        .into_iter()
+        .map(|service| (service, system.postgres.url(&format!("shop_{service}"))))
+        .collect();
+    let mut users_api = UserServiceClient::new(system.channel("user"));
+    let mut users = Vec::new();
+    for i in 0..USERS {
+        let user = users_api
+            .create_user(CreateUserRequest {
+                email: format!("chaos-{i}@example.com"),
+                name: format!("Chaos {i}"),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .user
+            .unwrap();
+        users.push(user.user_id);
+    }
+    let mut inventory = InventoryServiceClient::new(system.channel("inventory"));
+    for (sku, price, stock) in PRODUCTS {
+        inventory
+            .create_product(CreateProductRequest {
+                sku: sku.into(),
+                name: sku.into(),
+                price_cents: price,
+                stock,
+            })
+            .await
+            .unwrap();
+    }
+    // The order service learns of the users from `user.created`.
+    let known = Instant::now();
+    while rows(
+        &urls["order"],
+        "SELECT '' AS key, '' AS detail, count(*) AS n FROM known_users",
+    )
+    .await[0]
+        .n
+        < USERS as i64
+    {
+        assert!(known.elapsed() < Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let setup = started.elapsed();
+    let driven = Arc::new(Driven::default());
+    let driver = tokio::spawn(drive(
+        OrderServiceClient::new(system.channel("order")),
+        Arc::new(users.clone()),
+        sagas,
+        rate,
+        8,
+        Arc::clone(&driven),
+    ));
+    let mut injected: BTreeMap<&str, u64> = BTreeMap::new();
+    for (before, fault, lasting) in &faults {
+        tokio::time::sleep(*before).await;
+        system.inject(*fault, *lasting).await;
+        *injected.entry(fault.kind()).or_insert(0) += 1;
+    }
+    let faults_done = started.elapsed();
+    driver.await.unwrap();
+    let driving_done = started.elapsed();
+    println!("  (setup took {:.1} s)", setup.as_secs_f64());
+    let to_quiet = quiet(&system, &urls).await;
+    let durations = rows(
+        &urls["order"],
+        "SELECT status AS key, '' AS detail, \
+           (percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM updated_at - created_at)) * 1000)::bigint \
+           AS n FROM orders GROUP BY status",
+    )
+    .await;
+    for row in &durations {
+        println!("  median PlaceOrder-to-end of {}: {} ms", row.key, row.n);
+    }
+    let redelivered = redeliveries(&system).await;
+    let counts = check(&system, &urls, &users).await;
+
+    println!("chaos: {sagas} sagas, {} faults", faults.len());
+    for (kind, n) in &injected {
+        println!("  fault  {kind}: {n}");
+    }
+    for (outcome, n) in &counts {
+        println!("  saga   {outcome}: {n}");
+    }
+    println!(
+        "  PlaceOrder calls retried while a part was down: {}",
+        driven.retried_calls.load(Ordering::Relaxed)
+    );
+    println!("  redeliveries seen by the durable consumers: {redelivered}");
+    println!(
+        "  faults over at {:.1} s, orders placed at {:.1} s, quiet {:.1} s later",
+        faults_done.as_secs_f64(),
+        driving_done.as_secs_f64(),
+        to_quiet.as_secs_f64()
+    );
+    assert_eq!(
+        counts["sagas"], sagas as i64,
+        "every placed order exists once"
+    );
+    assert_eq!(driven.placed.load(Ordering::Relaxed), sagas as u64);
+    for outcome in [
+        "confirmed",
+        "cancelled: out of stock",
+        "cancelled: insufficient funds",
+    ] {
+        assert!(
+            counts.contains_key(outcome),
+            "no saga ended {outcome}: {counts:?}"
+        );
+    }
+    for (_, process) in system.processes.iter_mut() {
+        assert!(process.terminate().await.success());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sagas_stay_correct_through_kills_restarts_and_pauses() {
+    let seed = env_or("CHAOS_SEED", 0x5eed_2026_u64);
+    let sagas = env_or("CHAOS_SAGAS", 300usize);
+    let faults = env_or("CHAOS_FAULTS", 10usize);
+    let rate = env_or("CHAOS_RATE", 10.0f64);
+    println!("chaos seed {seed} (CHAOS_SEED={seed} replays this schedule)");
+    let schedule = schedule(seed, faults);
+    for (before, fault, lasting) in &schedule {
+        println!("  after {before:?}: {fault:?} for {lasting:?}");
+    }
+    run(sagas, rate, schedule).await;
+}
+
+#[test]
+fn the_same_seed_gives_the_same_schedule() {
+    assert_eq!(schedule(42, 20), schedule(42, 20));
+    assert_ne!(schedule(42, 20), schedule(43, 20));
+    let kinds: std::collections::BTreeSet<_> = schedule(7, 10)
+        .iter()
+        .map(|(_, fault, _)| fault.kind())
+        .collect();
+    assert_eq!(kinds.len(), 5, "every kind of fault comes round: {kinds:?}");
+}
