@@ -28,7 +28,12 @@ pub enum ApiError {
 impl From<DieselError> for ApiError {
     fn from(error: DieselError) -> Self {
         match &error {
-            DieselError::DatabaseError(DatabaseErrorKind::ClosedConnection, _) => {
+            // The connection broke: the server went away mid-request.
+            DieselError::DatabaseError(
+                DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
+                _,
+            )
+            | DieselError::BrokenTransactionManager => {
                 Self::Unavailable(format!("the database is unreachable: {error}"))
             }
             DieselError::DatabaseError(DatabaseErrorKind::SerializationFailure, _) => {
@@ -36,8 +41,11 @@ impl From<DieselError> for ApiError {
                     "a concurrent change got in the way; retry: {error}"
                 ))
             }
+            // Shutting down, starting up, recovering, or our connection
+            // terminated by an administrator.
             DieselError::DatabaseError(DatabaseErrorKind::Unknown, info)
-                if info.message().contains("connection") =>
+                if info.message().contains("connection")
+                    || info.message().contains("the database system is") =>
             {
                 Self::Unavailable(format!("the database is unreachable: {error}"))
             }
@@ -115,6 +123,30 @@ mod tests {
         );
         assert_eq!(page_size(0).unwrap(), 50);
         assert_eq!(page_size(5000).unwrap(), 1000);
+    }
+
+    #[test]
+    fn a_database_that_went_away_is_unavailable_not_internal() {
+        let dropped = DieselError::DatabaseError(
+            DatabaseErrorKind::UnableToSendCommand,
+            Box::new("connection closed".to_owned()),
+        );
+        let starting = DieselError::DatabaseError(
+            DatabaseErrorKind::Unknown,
+            Box::new("the database system is starting up".to_owned()),
+        );
+        for error in [dropped, starting, DieselError::BrokenTransactionManager] {
+            let status = tonic::Status::from(ApiError::from(error));
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+        }
+        let bug = DieselError::DatabaseError(
+            DatabaseErrorKind::Unknown,
+            Box::new("column \"nope\" does not exist".to_owned()),
+        );
+        assert_eq!(
+            tonic::Status::from(ApiError::from(bug)).code(),
+            tonic::Code::Internal
+        );
     }
 
     #[test]

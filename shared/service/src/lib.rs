@@ -334,6 +334,9 @@ impl Infrastructure {
 /// each API answer SERVING only while PostgreSQL and NATS do.
 pub const LIVENESS: &str = "liveness";
 
+/// How long a stopping server waits for its open connections to finish.
+const DRAIN: Duration = Duration::from_secs(10);
+
 /// A background task: `run(shutdown)`.
 pub type Task = Box<dyn FnOnce(CancellationToken) -> BoxFuture<'static, ()> + Send>;
 
@@ -564,17 +567,28 @@ impl Server {
         });
         tracing::info!(service = name, grpc = %grpc.local_addr()?, "serving");
         let incoming = tokio_stream_listener(grpc);
-        tonic::transport::Server::builder()
+        let grpc = tonic::transport::Server::builder()
             .layer(observe::ObserveLayer {
                 metrics: grpc_metrics,
             })
             .add_routes(routes)
-            .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-            .await
-            .context("serving gRPC")?;
-        http.await
-            .context("the HTTP server task")?
-            .context("serving HTTP")?;
+            .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+        // A client that keeps its connection open must not hold the process:
+        // past the drain time, open connections are dropped.
+        let drained = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(DRAIN).await;
+        };
+        tokio::select! {
+            served = grpc => served.context("serving gRPC")?,
+            () = drained => tracing::warn!(service = name, ?DRAIN, "gRPC connections still open; closing them"),
+        }
+        match tokio::time::timeout(DRAIN, http).await {
+            Ok(served) => served
+                .context("the HTTP server task")?
+                .context("serving HTTP")?,
+            Err(_) => tracing::warn!(service = name, "HTTP connections still open; closing them"),
+        }
         tracker.wait().await;
         tracing::info!(service = name, "stopped");
         Ok(())
