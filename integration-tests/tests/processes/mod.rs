@@ -41,8 +41,12 @@ pub fn binaries() -> &'static Path {
         });
         if stale {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = std::process::Command::new(cargo)
-                .args(["build", "--quiet", "--bins"])
+            let mut command = std::process::Command::new(cargo);
+            command.args(["build", "--quiet", "--bins"]);
+            if dir.ends_with("release") {
+                command.arg("--release");
+            }
+            let status = command
                 .args(["-p", "shop-user", "-p", "shop-order"])
                 .args(["-p", "shop-inventory", "-p", "shop-payment"])
                 .current_dir(&root)
