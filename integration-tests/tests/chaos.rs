@@ -49,6 +49,14 @@ const PRODUCTS: [(&str, i64, i64); 3] = [
     ("YACHT", STARTING_CREDIT * 10, 1_000_000),
 ];
 
+/// Each stream and the durable consumers that read it.
+const DURABLES: [(&str, &[&str]); 4] = [
+    ("USER", &["order", "payment"]),
+    ("ORDER", &["inventory", "payment"]),
+    ("INVENTORY", &["order", "payment"]),
+    ("PAYMENT", &["order", "inventory"]),
+];
+
 /// splitmix64: a small, seedable generator, enough for a schedule.
 struct Rng(u64);
 
@@ -345,12 +353,7 @@ async fn quiet(system: &System, urls: &HashMap<&str, String>) -> Duration {
                 .n;
         }
         let mut undelivered = 0;
-        for (stream, consumers) in [
-            ("USER", &["order", "payment"][..]),
-            ("ORDER", &["inventory", "payment"][..]),
-            ("INVENTORY", &["order", "payment"][..]),
-            ("PAYMENT", &["order", "inventory"][..]),
-        ] {
+        for (stream, consumers) in DURABLES {
             let stream = js.get_stream(stream).await.unwrap();
             for consumer in consumers {
                 let info = stream.consumer_info(*consumer).await.unwrap();
@@ -372,12 +375,7 @@ async fn quiet(system: &System, urls: &HashMap<&str, String>) -> Duration {
 async fn redeliveries(system: &System) -> u64 {
     let js = async_nats::jetstream::new(system.nats.client().await);
     let mut total = 0;
-    for (stream, consumers) in [
-        ("USER", &["order", "payment"][..]),
-        ("ORDER", &["inventory", "payment"][..]),
-        ("INVENTORY", &["order", "payment"][..]),
-        ("PAYMENT", &["order", "inventory"][..]),
-    ] {
+    for (stream, consumers) in DURABLES {
         let mut stream = js.get_stream(stream).await.unwrap();
         let messages = stream.info().await.unwrap().state.messages;
         for consumer in consumers {
