@@ -353,11 +353,26 @@ async fn quiet(system: &System, urls: &HashMap<&str, String>) -> Duration {
                 .n;
         }
         let mut undelivered = 0;
-        for (stream, consumers) in DURABLES {
-            let stream = js.get_stream(stream).await.unwrap();
+        let mut outstanding = Vec::new();
+        for (name, consumers) in DURABLES {
+            let mut stream = js.get_stream(name).await.unwrap();
+            let state = stream.info().await.unwrap().state.clone();
             for consumer in consumers {
                 let info = stream.consumer_info(*consumer).await.unwrap();
-                undelivered += info.num_pending + info.num_ack_pending as u64;
+                let left = info.num_pending + info.num_ack_pending as u64;
+                if left > 0 {
+                    outstanding.push(format!(
+                        "{name}/{consumer}: {} pending, {} unacknowledged, {} waiting pulls, delivered up to {}, acknowledged up to {}, stream {}..={}",
+                        info.num_pending,
+                        info.num_ack_pending,
+                        info.num_waiting,
+                        info.delivered.stream_sequence,
+                        info.ack_floor.stream_sequence,
+                        state.first_sequence,
+                        state.last_sequence,
+                    ));
+                }
+                undelivered += left;
             }
         }
         if pending == 0 && unpublished == 0 && undelivered == 0 {
@@ -365,7 +380,8 @@ async fn quiet(system: &System, urls: &HashMap<&str, String>) -> Duration {
         }
         assert!(
             started.elapsed() < Duration::from_secs(120),
-            "not quiet after 120 s: {pending} orders pending, {unpublished} outbox rows unpublished, {undelivered} deliveries outstanding"
+            "not quiet after 120 s: {pending} orders pending, {unpublished} outbox rows unpublished, {undelivered} deliveries outstanding:\n  {}",
+            outstanding.join("\n  ")
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

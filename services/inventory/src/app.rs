@@ -279,6 +279,18 @@ async fn locked_status(
         .transpose()
 }
 
+/// The SKUs of an order's reservation lines, read without locking.
+pub(crate) async fn reserved_skus(
+    conn: &mut AsyncPgConnection,
+    order_id: Uuid,
+) -> QueryResult<Vec<String>> {
+    reservation_lines::table
+        .filter(reservation_lines::order_id.eq(order_id))
+        .select(reservation_lines::sku)
+        .load(conn)
+        .await
+}
+
 async fn lines_of(conn: &mut AsyncPgConnection, order_id: Uuid) -> QueryResult<Vec<Line>> {
     let rows: Vec<(String, i64, i64)> = reservation_lines::table
         .filter(reservation_lines::order_id.eq(order_id))

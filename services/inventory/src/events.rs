@@ -6,6 +6,8 @@
 //! | `order.confirmed` | reserved -> sold | - |
 //! | `payment.failed`, `order.cancelled` | release the reservation, or leave a tombstone | `inventory.released` |
 
+use diesel::QueryResult;
+use diesel_async::AsyncPgConnection;
 use shop_messaging::consumer::uuid_field as id;
 use shop_messaging::{BoxFuture, Context, HandlerError, Router};
 use shop_proto::inventory::v1::{
@@ -22,16 +24,52 @@ use crate::domain::Line;
 pub(crate) struct Handlers;
 
 /// The routes for events on the `ORDER` stream.
+///
+/// Every step changes the counts of the products it touches; each names
+/// those products, so that batches lock them in one order (see
+/// [`Router::on_locking`]).
 pub(crate) fn order_events() -> Router<Handlers> {
     Router::new()
-        .on::<OrderPlaced, _>(on_order_placed)
-        .on::<OrderConfirmed, _>(on_order_confirmed)
-        .on::<OrderCancelled, _>(on_order_cancelled)
+        .on_locking::<OrderPlaced, _, _>(
+            |_, event| {
+                let names = event.items.iter().map(|item| product_lock(&item.sku));
+                Box::pin(std::future::ready(Ok(names.collect())))
+            },
+            on_order_placed,
+        )
+        .on_locking::<OrderConfirmed, _, _>(
+            |conn, event| Box::pin(reserved_products(conn, &event.order_id)),
+            on_order_confirmed,
+        )
+        .on_locking::<OrderCancelled, _, _>(
+            |conn, event| Box::pin(reserved_products(conn, &event.order_id)),
+            on_order_cancelled,
+        )
 }
 
 /// The routes for events on the `PAYMENT` stream.
 pub(crate) fn payment_events() -> Router<Handlers> {
-    Router::new().on::<PaymentFailed, _>(on_payment_failed)
+    Router::new().on_locking::<PaymentFailed, _, _>(
+        |conn, event| Box::pin(reserved_products(conn, &event.order_id)),
+        on_payment_failed,
+    )
+}
+
+fn product_lock(sku: &str) -> String {
+    format!("product:{sku}")
+}
+
+/// The lock names of the products an order holds reserved (none for a
+/// malformed id: its handler reports that).
+async fn reserved_products(
+    conn: &mut AsyncPgConnection,
+    order_id: &str,
+) -> QueryResult<Vec<String>> {
+    let Ok(order_id) = uuid::Uuid::parse_str(order_id) else {
+        return Ok(Vec::new());
+    };
+    let skus = app::reserved_skus(conn, order_id).await?;
+    Ok(skus.iter().map(|sku| product_lock(sku)).collect())
 }
 
 fn to_proto(lines: &[Line]) -> Vec<ReservedLine> {

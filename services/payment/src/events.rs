@@ -26,12 +26,24 @@ pub(crate) fn user_events() -> Router<Handlers> {
     Router::new().on::<UserCreated, _>(on_user_created)
 }
 
+/// Debits and refunds each change one wallet, and name it, so that batches
+/// lock wallets in one order (see [`Router::on_locking`]).
 pub(crate) fn inventory_events() -> Router<Handlers> {
-    Router::new().on::<InventoryReserved, _>(on_inventory_reserved)
+    Router::new().on_locking::<InventoryReserved, _, _>(
+        |_, event| Box::pin(std::future::ready(Ok(vec![wallet_lock(&event.user_id)]))),
+        on_inventory_reserved,
+    )
 }
 
 pub(crate) fn order_events() -> Router<Handlers> {
-    Router::new().on::<OrderCancelled, _>(on_order_cancelled)
+    Router::new().on_locking::<OrderCancelled, _, _>(
+        |_, event| Box::pin(std::future::ready(Ok(vec![wallet_lock(&event.user_id)]))),
+        on_order_cancelled,
+    )
+}
+
+fn wallet_lock(user_id: &str) -> String {
+    format!("wallet:{user_id}")
 }
 
 fn on_user_created<'a>(

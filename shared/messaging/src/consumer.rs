@@ -161,9 +161,21 @@ type Handle<S> = Box<
         + Sync,
 >;
 
+/// What a route's handler will lock, named from its event (looked up in the
+/// batch's transaction when the event alone does not say).
+type Locks = Box<
+    dyn for<'a> Fn(
+            &'a mut AsyncPgConnection,
+            &'a (dyn Any + Send),
+        ) -> BoxFuture<'a, QueryResult<Vec<String>>>
+        + Send
+        + Sync,
+>;
+
 struct Route<S> {
     decode: fn(&[u8]) -> Result<Decoded, prost::DecodeError>,
     handle: Handle<S>,
+    locks: Option<Locks>,
 }
 
 /// The routing table from `ce-type` to handler: the whole of a service's
@@ -226,12 +238,46 @@ impl<S: Send + Sync + 'static> Router<S> {
             Route {
                 decode: decode::<E>,
                 handle,
+                locks: None,
             },
         );
         if !self.subjects.contains(&E::SUBJECT) {
             self.subjects.push(E::SUBJECT);
         }
         self
+    }
+
+    /// Routes events of type `E` to `handler`, like [`on`](Self::on), and
+    /// names what the handler will lock (`"product:LAMP"`, say). Before any
+    /// handler of a batch runs, the batch takes a transaction-level advisory
+    /// lock on every name its events give, all in one global order. Batches
+    /// that touch the same rows — on this consumer, on another replica or on
+    /// another consumer of the same database — then wait for each other
+    /// instead of each holding a row the other needs (a deadlock, which
+    /// PostgreSQL breaks only after a second). `locks` may query, in the
+    /// batch's transaction, when the event does not carry the names.
+    #[must_use]
+    pub fn on_locking<E, L, F>(self, locks: L, handler: F) -> Self
+    where
+        E: Event,
+        L: for<'a> Fn(&'a mut AsyncPgConnection, &'a E) -> BoxFuture<'a, QueryResult<Vec<String>>>
+            + Send
+            + Sync
+            + 'static,
+        F: for<'a, 'c> Fn(&'a S, &'a mut Context<'c>, E) -> BoxFuture<'a, Result<(), HandlerError>>
+            + Send
+            + Sync
+            + 'static,
+    {
+        let mut router = self.on::<E, F>(handler);
+        let locks: Locks = Box::new(move |conn, decoded| match decoded.downcast_ref::<E>() {
+            Some(event) => locks(conn, event),
+            None => Box::pin(async { Ok(Vec::new()) }),
+        });
+        if let Some(route) = router.routes.get_mut(E::TYPE) {
+            route.locks = Some(locks);
+        }
+        router
     }
 
     /// This table and `other`'s, for a consumer that receives the events of
@@ -304,6 +350,9 @@ pub struct ConsumerStats {
     pub retried: AtomicU64,
     /// Messages moved to the dead-letter queue.
     pub dead_lettered: AtomicU64,
+    /// Batches tried again in place after a failure that said nothing about
+    /// their messages (the database unreachable, a deadlock).
+    pub batches_tried_again: AtomicU64,
 }
 
 /// How one delivery ended, as reported to a [`ProcessedHook`].
@@ -363,6 +412,78 @@ enum Outcome {
     Applied,
     Duplicate,
     Ignored,
+}
+
+/// Why a batch's transaction failed as a whole; nothing was applied.
+enum BatchFailed {
+    /// For reasons that say nothing about the messages (see [`passing`]).
+    Passing(String),
+    /// Anything else.
+    Other(String),
+}
+
+impl From<diesel::result::Error> for BatchFailed {
+    fn from(error: diesel::result::Error) -> Self {
+        let reason = format!("the batch's transaction failed: {error}");
+        if passing(&error) {
+            Self::Passing(reason)
+        } else {
+            Self::Other(reason)
+        }
+    }
+}
+
+/// How many times a batch is tried again in place before its messages are
+/// handed back as failed deliveries.
+const RETRIES_HERE: u32 = 30;
+
+/// The pause before trying a batch again in place: 50 ms, doubling, at most
+/// 5 s (about two minutes over all the tries).
+fn retry_here_delay(attempts: u32) -> Duration {
+    Duration::from_millis(50u64 << attempts.saturating_sub(1).min(7)).min(Duration::from_secs(5))
+}
+
+/// Whether a database error says nothing about the messages being handled:
+/// the database was unreachable or went away, or a concurrent transaction
+/// got in the way (a deadlock, a serialisation failure). The same batch may
+/// well succeed a moment later.
+fn passing(error: &diesel::result::Error) -> bool {
+    use diesel::result::{DatabaseErrorKind as Kind, Error};
+    match error {
+        Error::BrokenTransactionManager => true,
+        Error::DatabaseError(
+            Kind::ClosedConnection | Kind::UnableToSendCommand | Kind::SerializationFailure,
+            _,
+        ) => true,
+        Error::DatabaseError(Kind::Unknown, info) => {
+            let message = info.message();
+            message.contains("deadlock detected")
+                || message.contains("the database system is")
+                || message.contains("connection")
+        }
+        _ => false,
+    }
+}
+
+/// The database error inside a handler's failure, when it is [`passing`].
+fn into_passing(error: HandlerError) -> Result<diesel::result::Error, HandlerError> {
+    match error {
+        HandlerError::Transient(source) => match source.downcast::<diesel::result::Error>() {
+            Ok(error) if passing(&error) => Ok(*error),
+            Ok(error) => Err(HandlerError::Transient(error)),
+            Err(source) => Err(HandlerError::Transient(source)),
+        },
+        permanent @ HandlerError::Permanent(_) => Err(permanent),
+    }
+}
+
+/// A stable 64-bit advisory lock key for a lock name (FNV-1a), the same in
+/// every process.
+fn lock_key(name: &str) -> i64 {
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    i64::from_ne_bytes(hash.to_ne_bytes())
 }
 
 /// Why the fast path gave a batch up.
@@ -580,8 +701,9 @@ impl<S: Send + Sync + 'static> EventConsumer<S> {
                 }
                 failures = 0;
                 let inner = Arc::clone(&self.inner);
+                let shutdown = shutdown.clone();
                 tracker.spawn(async move {
-                    inner.process_batch(batch).await;
+                    inner.process_batch(batch, &shutdown).await;
                     drop(permit);
                 });
                 if pull_again {
@@ -604,8 +726,11 @@ struct Prepared<'m, S> {
 impl<S: Send + Sync + 'static> Inner<S> {
     /// Handles a batch of messages in one transaction, each in a savepoint of
     /// its own so that one failure rolls back only its own effects; then
-    /// settles each message.
-    async fn process_batch(&self, batch: Vec<jetstream::Message>) {
+    /// settles each message. A transaction that failed for reasons that say
+    /// nothing about the messages (the database unreachable, a deadlock) is
+    /// tried again here, the messages kept meanwhile, instead of spending
+    /// their deliveries; on shutdown they go back to JetStream.
+    async fn process_batch(&self, batch: Vec<jetstream::Message>, shutdown: &CancellationToken) {
         let started = std::time::Instant::now();
         let mut outcomes: Vec<Option<Result<Outcome, Failure>>> = Vec::with_capacity(batch.len());
         let mut prepared = Vec::new();
@@ -620,14 +745,38 @@ impl<S: Send + Sync + 'static> Inner<S> {
             }
         }
         if !prepared.is_empty() {
-            let applying = AssertUnwindSafe(self.apply(&mut prepared)).catch_unwind();
-            let applied = tokio::select! {
-                applied = applying => applied,
-                never = self.keep_alive(&batch) => match never {},
+            let mut attempts = 0u32;
+            let applied = loop {
+                let applying = AssertUnwindSafe(self.apply(&mut prepared)).catch_unwind();
+                let applied = tokio::select! {
+                    applied = applying => applied,
+                    never = self.keep_alive(&batch) => match never {},
+                };
+                match applied {
+                    Ok(Err(BatchFailed::Passing(reason))) if attempts < RETRIES_HERE => {
+                        attempts += 1;
+                        self.stats
+                            .batches_tried_again
+                            .fetch_add(1, Ordering::Relaxed);
+                        let delay = retry_here_delay(attempts);
+                        tracing::warn!(consumer = %self.name, messages = batch.len(), attempts, ?delay, %reason, "batch failed; trying again");
+                        tokio::select! {
+                            () = shutdown.cancelled() => {
+                                for message in &batch {
+                                    let _ = message.ack_with(AckKind::Nak(None)).await;
+                                }
+                                return;
+                            }
+                            () = tokio::time::sleep(delay) => {}
+                            never = self.keep_alive(&batch) => match never {},
+                        }
+                    }
+                    other => break other,
+                }
             };
             let results = match applied {
                 Ok(Ok(results)) => results,
-                Ok(Err(reason)) => prepared
+                Ok(Err(BatchFailed::Passing(reason) | BatchFailed::Other(reason))) => prepared
                     .iter()
                     .map(|_| Err(Failure::Transient(reason.clone())))
                     .collect(),
@@ -708,29 +857,30 @@ impl<S: Send + Sync + 'static> Inner<S> {
     async fn apply(
         &self,
         prepared: &mut [(usize, Prepared<'_, S>)],
-    ) -> Result<Vec<Result<Outcome, Failure>>, String> {
-        let mut conn = self
-            .pool
-            .get()
-            .await
-            .map_err(|error| format!("no database connection: {error}"))?;
+    ) -> Result<Vec<Result<Outcome, Failure>>, BatchFailed> {
+        let mut conn =
+            self.pool.get().await.map_err(|error| {
+                BatchFailed::Passing(format!("no database connection: {error}"))
+            })?;
         if prepared.len() > 1 {
             match self.apply_together(&mut conn, prepared).await {
                 Ok(results) => return Ok(results),
                 // Someone failed: the careful path below finds out who.
                 Err(Abandoned::HandlerFailed) => {}
-                Err(Abandoned::Database(error)) => {
-                    return Err(format!("the batch's transaction failed: {error}"));
-                }
+                Err(Abandoned::Database(error)) => return Err(BatchFailed::from(error)),
             }
         }
         let (results, after_commit) = conn
             .transaction::<_, diesel::result::Error, _>(async |conn| {
+                self.lock(conn, prepared).await?;
                 let mut results = Vec::with_capacity(prepared.len());
                 let mut after_commit = Vec::new();
                 for (_, ready) in prepared.iter_mut() {
                     let span = consumer_span(&self.name, &ready.envelope);
-                    let result = self.apply_in_savepoint(conn, ready).instrument(span).await;
+                    let result = self
+                        .apply_in_savepoint(conn, ready)
+                        .instrument(span)
+                        .await?;
                     results.push(result.map(|(outcome, work)| {
                         after_commit.extend(work);
                         outcome
@@ -739,9 +889,49 @@ impl<S: Send + Sync + 'static> Inner<S> {
                 Ok((results, after_commit))
             })
             .await
-            .map_err(|error| format!("the batch's transaction failed: {error}"))?;
+            .map_err(BatchFailed::from)?;
         after_commit.into_iter().for_each(|work| work());
         Ok(results)
+    }
+
+    /// Takes the advisory locks that the batch's events name (see
+    /// [`Router::on_locking`]), in ascending key order, before any handler
+    /// runs.
+    async fn lock(
+        &self,
+        conn: &mut AsyncPgConnection,
+        prepared: &mut [(usize, Prepared<'_, S>)],
+    ) -> QueryResult<()> {
+        let mut keys = Vec::new();
+        for (_, ready) in prepared.iter_mut() {
+            let Some(locks) = &ready.route.locks else {
+                continue;
+            };
+            // An abandoned fast path consumed it; it decoded then, so it
+            // decodes again.
+            if ready.decoded.is_none() {
+                ready.decoded = (ready.route.decode)(&ready.envelope.body).ok();
+            }
+            if let Some(decoded) = ready.decoded.as_deref() {
+                keys.extend(
+                    locks(conn, decoded)
+                        .await?
+                        .iter()
+                        .map(|name| lock_key(name)),
+                );
+            }
+        }
+        if keys.is_empty() {
+            return Ok(());
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        // unnest yields the keys in the array's (ascending) order.
+        diesel::sql_query("SELECT pg_advisory_xact_lock(key) FROM unnest($1::int8[]) AS key")
+            .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(keys)
+            .execute(conn)
+            .await?;
+        Ok(())
     }
 
     /// The fast path: one inbox insert for the whole batch and no
@@ -753,6 +943,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
     ) -> Result<Vec<Result<Outcome, Failure>>, Abandoned> {
         let (results, after_commit) = conn
             .transaction::<_, Abandoned, _>(async |conn| {
+                self.lock(conn, prepared).await?;
                 let mut after_commit = Vec::new();
                 let mut unique = HashSet::new();
                 let rows: Vec<_> = prepared
@@ -783,7 +974,10 @@ impl<S: Send + Sync + 'static> Inner<S> {
                         .run_handler(conn, ready)
                         .instrument(span)
                         .await
-                        .map_err(|_| Abandoned::HandlerFailed)?;
+                        .map_err(|error| match into_passing(error) {
+                            Ok(error) => Abandoned::Database(error),
+                            Err(_) => Abandoned::HandlerFailed,
+                        })?;
                     after_commit.extend(work);
                     results.push(Ok(Outcome::Applied));
                 }
@@ -796,28 +990,37 @@ impl<S: Send + Sync + 'static> Inner<S> {
 
     /// The careful path for one message: inbox row, handler and emitted
     /// events in a savepoint, so that a failure undoes only this message.
+    /// The outer `Err` is a failure that says nothing about the message
+    /// (see [`passing`]): the whole batch is to be tried again.
     async fn apply_in_savepoint(
         &self,
         conn: &mut AsyncPgConnection,
         ready: &mut Prepared<'_, S>,
-    ) -> Result<(Outcome, Vec<AfterCommit>), Failure> {
-        conn.transaction::<_, HandlerError, _>(async |conn| {
-            let inserted = diesel::insert_into(inbox::table)
-                .values((
-                    inbox::consumer.eq(&self.name),
-                    inbox::event_id.eq(ready.envelope.id),
-                ))
-                .on_conflict_do_nothing()
-                .execute(conn)
-                .await?;
-            if inserted == 0 {
-                return Ok((Outcome::Duplicate, Vec::new()));
-            }
-            let work = self.run_handler(conn, ready).await?;
-            Ok((Outcome::Applied, work))
-        })
-        .await
-        .map_err(Failure::from)
+    ) -> Result<Result<(Outcome, Vec<AfterCommit>), Failure>, diesel::result::Error> {
+        let result = conn
+            .transaction::<_, HandlerError, _>(async |conn| {
+                let inserted = diesel::insert_into(inbox::table)
+                    .values((
+                        inbox::consumer.eq(&self.name),
+                        inbox::event_id.eq(ready.envelope.id),
+                    ))
+                    .on_conflict_do_nothing()
+                    .execute(conn)
+                    .await?;
+                if inserted == 0 {
+                    return Ok((Outcome::Duplicate, Vec::new()));
+                }
+                let work = self.run_handler(conn, ready).await?;
+                Ok((Outcome::Applied, work))
+            })
+            .await;
+        match result {
+            Ok(applied) => Ok(Ok(applied)),
+            Err(error) => match into_passing(error) {
+                Ok(passing) => Err(passing),
+                Err(error) => Ok(Err(Failure::from(error))),
+            },
+        }
     }
 
     /// Runs the message's handler and writes the events it emitted; returns
