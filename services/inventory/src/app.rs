@@ -279,14 +279,18 @@ async fn locked_status(
         .transpose()
 }
 
-/// The SKUs of an order's reservation lines, read without locking.
+/// The SKUs of the orders' reservation lines, read without locking.
 pub(crate) async fn reserved_skus(
     conn: &mut AsyncPgConnection,
-    order_id: Uuid,
+    order_ids: &[Uuid],
 ) -> QueryResult<Vec<String>> {
+    if order_ids.is_empty() {
+        return Ok(Vec::new());
+    }
     reservation_lines::table
-        .filter(reservation_lines::order_id.eq(order_id))
+        .filter(reservation_lines::order_id.eq_any(order_ids))
         .select(reservation_lines::sku)
+        .distinct()
         .load(conn)
         .await
 }

@@ -31,18 +31,31 @@ pub(crate) struct Handlers;
 pub(crate) fn order_events() -> Router<Handlers> {
     Router::new()
         .on_locking::<OrderPlaced, _, _>(
-            |_, event| {
-                let names = event.items.iter().map(|item| product_lock(&item.sku));
+            |_, events| {
+                let names = events
+                    .iter()
+                    .flat_map(|event| &event.items)
+                    .map(|item| product_lock(&item.sku));
                 Box::pin(std::future::ready(Ok(names.collect())))
             },
             on_order_placed,
         )
         .on_locking::<OrderConfirmed, _, _>(
-            |conn, event| Box::pin(reserved_products(conn, &event.order_id)),
+            |conn, events| {
+                Box::pin(reserved_products(
+                    conn,
+                    events.into_iter().map(|event| &event.order_id),
+                ))
+            },
             on_order_confirmed,
         )
         .on_locking::<OrderCancelled, _, _>(
-            |conn, event| Box::pin(reserved_products(conn, &event.order_id)),
+            |conn, events| {
+                Box::pin(reserved_products(
+                    conn,
+                    events.into_iter().map(|event| &event.order_id),
+                ))
+            },
             on_order_cancelled,
         )
 }
@@ -50,7 +63,12 @@ pub(crate) fn order_events() -> Router<Handlers> {
 /// The routes for events on the `PAYMENT` stream.
 pub(crate) fn payment_events() -> Router<Handlers> {
     Router::new().on_locking::<PaymentFailed, _, _>(
-        |conn, event| Box::pin(reserved_products(conn, &event.order_id)),
+        |conn, events| {
+            Box::pin(reserved_products(
+                conn,
+                events.into_iter().map(|event| &event.order_id),
+            ))
+        },
         on_payment_failed,
     )
 }
@@ -59,16 +77,16 @@ fn product_lock(sku: &str) -> String {
     format!("product:{sku}")
 }
 
-/// The lock names of the products an order holds reserved (none for a
-/// malformed id: its handler reports that).
-async fn reserved_products(
+/// The lock names of the products the orders hold reserved, in one query
+/// (none for a malformed id: its handler reports that).
+async fn reserved_products<'a>(
     conn: &mut AsyncPgConnection,
-    order_id: &str,
+    order_ids: impl Iterator<Item = &'a String>,
 ) -> QueryResult<Vec<String>> {
-    let Ok(order_id) = uuid::Uuid::parse_str(order_id) else {
-        return Ok(Vec::new());
-    };
-    let skus = app::reserved_skus(conn, order_id).await?;
+    let order_ids: Vec<uuid::Uuid> = order_ids
+        .filter_map(|id| uuid::Uuid::parse_str(id).ok())
+        .collect();
+    let skus = app::reserved_skus(conn, &order_ids).await?;
     Ok(skus.iter().map(|sku| product_lock(sku)).collect())
 }
 

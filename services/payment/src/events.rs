@@ -30,20 +30,40 @@ pub(crate) fn user_events() -> Router<Handlers> {
 /// lock wallets in one order (see [`Router::on_locking`]).
 pub(crate) fn inventory_events() -> Router<Handlers> {
     Router::new().on_locking::<InventoryReserved, _, _>(
-        |_, event| Box::pin(std::future::ready(Ok(vec![wallet_lock(&event.user_id)]))),
+        |_, events| Box::pin(std::future::ready(Ok(wallet_locks(&events)))),
         on_inventory_reserved,
     )
 }
 
 pub(crate) fn order_events() -> Router<Handlers> {
     Router::new().on_locking::<OrderCancelled, _, _>(
-        |_, event| Box::pin(std::future::ready(Ok(vec![wallet_lock(&event.user_id)]))),
+        |_, events| Box::pin(std::future::ready(Ok(wallet_locks(&events)))),
         on_order_cancelled,
     )
 }
 
-fn wallet_lock(user_id: &str) -> String {
-    format!("wallet:{user_id}")
+fn wallet_locks<E: HasUser>(events: &[&E]) -> Vec<String> {
+    events
+        .iter()
+        .map(|event| format!("wallet:{}", event.user_id()))
+        .collect()
+}
+
+/// The events that name the wallet they change.
+trait HasUser {
+    fn user_id(&self) -> &str;
+}
+
+impl HasUser for InventoryReserved {
+    fn user_id(&self) -> &str {
+        &self.user_id
+    }
+}
+
+impl HasUser for OrderCancelled {
+    fn user_id(&self) -> &str {
+        &self.user_id
+    }
 }
 
 fn on_user_created<'a>(

@@ -24,7 +24,7 @@
 //! older consumer ignores the event types a newer producer adds.
 
 use std::any::Any;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -150,7 +150,7 @@ impl Context<'_> {
     }
 }
 
-type Decoded = Box<dyn Any + Send>;
+type Decoded = Box<dyn Any + Send + Sync>;
 type Handle<S> = Box<
     dyn for<'a, 'c> Fn(
             &'a S,
@@ -161,12 +161,13 @@ type Handle<S> = Box<
         + Sync,
 >;
 
-/// What a route's handler will lock, named from its event (looked up in the
-/// batch's transaction when the event alone does not say).
+/// What a route's handler will lock for the batch's events of its type,
+/// named from the events (looked up in the batch's transaction when the
+/// events alone do not say).
 type Locks = Box<
     dyn for<'a> Fn(
             &'a mut AsyncPgConnection,
-            &'a (dyn Any + Send),
+            Vec<&'a (dyn Any + Send + Sync)>,
         ) -> BoxFuture<'a, QueryResult<Vec<String>>>
         + Send
         + Sync,
@@ -254,13 +255,17 @@ impl<S: Send + Sync + 'static> Router<S> {
     /// that touch the same rows — on this consumer, on another replica or on
     /// another consumer of the same database — then wait for each other
     /// instead of each holding a row the other needs (a deadlock, which
-    /// PostgreSQL breaks only after a second). `locks` may query, in the
-    /// batch's transaction, when the event does not carry the names.
+    /// PostgreSQL breaks only after a second). `locks` gets all the batch's
+    /// events of type `E` at once, and may query (once, in the batch's
+    /// transaction) when the events do not carry the names.
     #[must_use]
     pub fn on_locking<E, L, F>(self, locks: L, handler: F) -> Self
     where
         E: Event,
-        L: for<'a> Fn(&'a mut AsyncPgConnection, &'a E) -> BoxFuture<'a, QueryResult<Vec<String>>>
+        L: for<'a> Fn(
+                &'a mut AsyncPgConnection,
+                Vec<&'a E>,
+            ) -> BoxFuture<'a, QueryResult<Vec<String>>>
             + Send
             + Sync
             + 'static,
@@ -270,9 +275,12 @@ impl<S: Send + Sync + 'static> Router<S> {
             + 'static,
     {
         let mut router = self.on::<E, F>(handler);
-        let locks: Locks = Box::new(move |conn, decoded| match decoded.downcast_ref::<E>() {
-            Some(event) => locks(conn, event),
-            None => Box::pin(async { Ok(Vec::new()) }),
+        let locks: Locks = Box::new(move |conn, decoded| {
+            let events = decoded
+                .into_iter()
+                .filter_map(|event| event.downcast_ref::<E>())
+                .collect();
+            locks(conn, events)
         });
         if let Some(route) = router.routes.get_mut(E::TYPE) {
             route.locks = Some(locks);
@@ -475,6 +483,12 @@ fn into_passing(error: HandlerError) -> Result<diesel::result::Error, HandlerErr
         },
         permanent @ HandlerError::Permanent(_) => Err(permanent),
     }
+}
+
+diesel::define_sql_function! {
+    /// Takes an advisory lock on each key, in the order given (see the
+    /// messaging migrations).
+    fn consumer_lock_keys(keys: diesel::sql_types::Array<diesel::sql_types::BigInt>) -> diesel::sql_types::Integer;
 }
 
 /// A stable 64-bit advisory lock key for a lock name (FNV-1a), the same in
@@ -872,7 +886,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
         }
         let (results, after_commit) = conn
             .transaction::<_, diesel::result::Error, _>(async |conn| {
-                self.lock(conn, prepared).await?;
+                self.lock(conn, prepared, |_| true).await?;
                 let mut results = Vec::with_capacity(prepared.len());
                 let mut after_commit = Vec::new();
                 for (_, ready) in prepared.iter_mut() {
@@ -894,41 +908,46 @@ impl<S: Send + Sync + 'static> Inner<S> {
         Ok(results)
     }
 
-    /// Takes the advisory locks that the batch's events name (see
-    /// [`Router::on_locking`]), in ascending key order, before any handler
-    /// runs.
+    /// Takes the advisory locks that the batch's events to be applied name
+    /// (see [`Router::on_locking`]), in ascending key order, before any
+    /// handler runs.
     async fn lock(
         &self,
         conn: &mut AsyncPgConnection,
         prepared: &mut [(usize, Prepared<'_, S>)],
+        to_apply: impl Fn(&Envelope) -> bool,
     ) -> QueryResult<()> {
-        let mut keys = Vec::new();
+        // The events of each locking route, by event type.
+        let mut by_route: BTreeMap<&str, (&Locks, Vec<&(dyn Any + Send + Sync)>)> = BTreeMap::new();
         for (_, ready) in prepared.iter_mut() {
-            let Some(locks) = &ready.route.locks else {
-                continue;
-            };
             // An abandoned fast path consumed it; it decoded then, so it
             // decodes again.
-            if ready.decoded.is_none() {
+            if ready.route.locks.is_some() && ready.decoded.is_none() {
                 ready.decoded = (ready.route.decode)(&ready.envelope.body).ok();
             }
-            if let Some(decoded) = ready.decoded.as_deref() {
-                keys.extend(
-                    locks(conn, decoded)
-                        .await?
-                        .iter()
-                        .map(|name| lock_key(name)),
-                );
+        }
+        for (_, ready) in prepared
+            .iter()
+            .filter(|(_, ready)| to_apply(&ready.envelope))
+        {
+            if let (Some(locks), Some(decoded)) = (&ready.route.locks, ready.decoded.as_deref()) {
+                by_route
+                    .entry(ready.envelope.event_type.as_str())
+                    .or_insert_with(|| (locks, Vec::new()))
+                    .1
+                    .push(decoded);
             }
+        }
+        let mut keys = Vec::new();
+        for (locks, events) in by_route.into_values() {
+            keys.extend(locks(conn, events).await?.iter().map(|name| lock_key(name)));
         }
         if keys.is_empty() {
             return Ok(());
         }
         keys.sort_unstable();
         keys.dedup();
-        // unnest yields the keys in the array's (ascending) order.
-        diesel::sql_query("SELECT pg_advisory_xact_lock(key) FROM unnest($1::int8[]) AS key")
-            .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(keys)
+        diesel::select(consumer_lock_keys(keys))
             .execute(conn)
             .await?;
         Ok(())
@@ -943,7 +962,6 @@ impl<S: Send + Sync + 'static> Inner<S> {
     ) -> Result<Vec<Result<Outcome, Failure>>, Abandoned> {
         let (results, after_commit) = conn
             .transaction::<_, Abandoned, _>(async |conn| {
-                self.lock(conn, prepared).await?;
                 let mut after_commit = Vec::new();
                 let mut unique = HashSet::new();
                 let rows: Vec<_> = prepared
@@ -960,6 +978,11 @@ impl<S: Send + Sync + 'static> Inner<S> {
                     .await?
                     .into_iter()
                     .collect();
+                // Locks after the inbox insert, and only for what is to be
+                // applied: a batch waiting on another's uncommitted inbox row
+                // holds no lock that batch could need.
+                self.lock(conn, prepared, |envelope| fresh.contains(&envelope.id))
+                    .await?;
                 let mut applied = HashSet::new();
                 let mut results = Vec::with_capacity(prepared.len());
                 for (_, ready) in prepared.iter_mut() {

@@ -109,9 +109,10 @@ async fn batches_that_name_their_locks_never_deadlock() {
     // Two replicas of four concurrent small batches each, on one durable.
     let router = || {
         Router::new().on_locking::<OrderPlaced, _, _>(
-            |_, event| {
-                let names = rows_of(event)
-                    .into_iter()
+            |_, events| {
+                let names = events
+                    .iter()
+                    .flat_map(|event| rows_of(event))
                     .map(|row| format!("counter:{row}"));
                 Box::pin(std::future::ready(Ok(names.collect())))
             },

@@ -1,0 +1,1 @@
+DROP FUNCTION consumer_lock_keys(BIGINT[]);
