@@ -20,6 +20,14 @@
 //! sequence, goes to `dlq.<consumer>.<subject>`, and only then is the
 //! original terminated: nothing is lost and nothing blocks the stream.
 //!
+//! A batch whose transaction fails for a reason that says nothing about its
+//! messages — the database unreachable, a deadlock, a serialisation failure
+//! — is tried again in place, its messages kept with progress acks, so that
+//! an outage spends no deliveries. Routes added with
+//! [`Router::on_locking`] name what their handlers lock; a batch takes
+//! advisory locks on those names, in one order, before any handler runs, so
+//! that batches on several replicas queue instead of deadlocking.
+//!
 //! Event types without a route are acked and counted, not dead-lettered: an
 //! older consumer ignores the event types a newer producer adds.
 
