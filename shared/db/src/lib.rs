@@ -81,3 +81,36 @@ pub fn pool(database_url: &str, max_size: usize) -> Result<PgPool, DbError> {
         .build()
         .map_err(|error| DbError::Pool(error.to_string()))
 }
+
+/// `database_url` with a server setting for every session opened through
+/// it (libpq's `options`), in the URL form (`postgres://...`) or the
+/// key-value form (`host=... dbname=...`).
+pub fn with_setting(database_url: &str, name: &str, value: &str) -> String {
+    if database_url.starts_with("postgres://") || database_url.starts_with("postgresql://") {
+        let separator = if database_url.contains('?') { '&' } else { '?' };
+        format!("{database_url}{separator}options=-c%20{name}%3D{value}")
+    } else {
+        format!("{database_url} options='-c {name}={value}'")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_setting;
+
+    #[test]
+    fn a_setting_joins_either_form_of_url() {
+        assert_eq!(
+            with_setting("postgres://u@h:5/db", "synchronous_commit", "off"),
+            "postgres://u@h:5/db?options=-c%20synchronous_commit%3Doff"
+        );
+        assert_eq!(
+            with_setting("postgres://u@h/db?sslmode=disable", "a", "b"),
+            "postgres://u@h/db?sslmode=disable&options=-c%20a%3Db"
+        );
+        assert_eq!(
+            with_setting("host=h dbname=db", "a", "b"),
+            "host=h dbname=db options='-c a=b'"
+        );
+    }
+}

@@ -195,8 +195,14 @@ impl Infrastructure {
         .context("migrating the database")?;
         let pool = shop_db::pool(&config.database_url, config.db_pool_size)?;
         // The relay's own connections: busy consumers must never starve it,
-        // since what they wait for is what it publishes.
-        let relay_pool = shop_db::pool(&config.database_url, 2)?;
+        // since what they wait for is what it publishes. Its commits only
+        // mark rows published, so they need not wait for the disk: a mark
+        // lost in a crash publishes the row again, and JetStream (the row id
+        // is the message id) and the consumers' inboxes drop the copy.
+        let relay_pool = shop_db::pool(
+            &shop_db::with_setting(&config.database_url, "synchronous_commit", "off"),
+            2,
+        )?;
         let mut options = async_nats::ConnectOptions::new()
             .name(format!("shop-{service}"))
             .retry_on_initial_connect()
