@@ -40,54 +40,56 @@ pub(crate) fn order_events() -> Router<Handlers> {
             },
             on_order_placed,
         )
-        .on_locking::<OrderConfirmed, _, _>(
-            |conn, events| {
-                Box::pin(reserved_products(
-                    conn,
-                    events.into_iter().map(|event| &event.order_id),
-                ))
-            },
-            on_order_confirmed,
-        )
-        .on_locking::<OrderCancelled, _, _>(
-            |conn, events| {
-                Box::pin(reserved_products(
-                    conn,
-                    events.into_iter().map(|event| &event.order_id),
-                ))
-            },
-            on_order_cancelled,
-        )
+        .on_locking::<OrderConfirmed, _, _>(reserved_products, on_order_confirmed)
+        .on_locking::<OrderCancelled, _, _>(reserved_products, on_order_cancelled)
 }
 
 /// The routes for events on the `PAYMENT` stream.
 pub(crate) fn payment_events() -> Router<Handlers> {
-    Router::new().on_locking::<PaymentFailed, _, _>(
-        |conn, events| {
-            Box::pin(reserved_products(
-                conn,
-                events.into_iter().map(|event| &event.order_id),
-            ))
-        },
-        on_payment_failed,
-    )
+    Router::new().on_locking::<PaymentFailed, _, _>(reserved_products, on_payment_failed)
+}
+
+/// The events that end a reservation, named by its order.
+trait EndsReservation {
+    fn order_id(&self) -> &str;
+}
+
+impl EndsReservation for OrderConfirmed {
+    fn order_id(&self) -> &str {
+        &self.order_id
+    }
+}
+
+impl EndsReservation for OrderCancelled {
+    fn order_id(&self) -> &str {
+        &self.order_id
+    }
+}
+
+impl EndsReservation for PaymentFailed {
+    fn order_id(&self) -> &str {
+        &self.order_id
+    }
 }
 
 fn product_lock(sku: &str) -> String {
     format!("product:{sku}")
 }
 
-/// The lock names of the products the orders hold reserved, in one query
-/// (none for a malformed id: its handler reports that).
-async fn reserved_products<'a>(
-    conn: &mut AsyncPgConnection,
-    order_ids: impl Iterator<Item = &'a String>,
-) -> QueryResult<Vec<String>> {
-    let order_ids: Vec<uuid::Uuid> = order_ids
-        .filter_map(|id| uuid::Uuid::parse_str(id).ok())
+/// The lock names of the products the events' orders hold reserved, in one
+/// query (none for a malformed id: its handler reports that).
+fn reserved_products<'a, E: EndsReservation>(
+    conn: &'a mut AsyncPgConnection,
+    events: Vec<&'a E>,
+) -> BoxFuture<'a, QueryResult<Vec<String>>> {
+    let order_ids: Vec<uuid::Uuid> = events
+        .iter()
+        .filter_map(|event| uuid::Uuid::parse_str(event.order_id()).ok())
         .collect();
-    let skus = app::reserved_skus(conn, &order_ids).await?;
-    Ok(skus.iter().map(|sku| product_lock(sku)).collect())
+    Box::pin(async move {
+        let skus = app::reserved_skus(conn, &order_ids).await?;
+        Ok(skus.iter().map(|sku| product_lock(sku)).collect())
+    })
 }
 
 fn to_proto(lines: &[Line]) -> Vec<ReservedLine> {

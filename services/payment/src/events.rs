@@ -6,6 +6,8 @@
 //! | `inventory.reserved` | debit the wallet | `payment.completed` or `payment.failed` |
 //! | `order.cancelled` | refund a capture, or leave a tombstone | `payment.refunded` |
 
+use diesel::QueryResult;
+use diesel_async::AsyncPgConnection;
 use shop_messaging::consumer::uuid_field as id;
 use shop_messaging::{BoxFuture, Context, HandlerError, Router};
 use shop_proto::inventory::v1::InventoryReserved;
@@ -29,24 +31,23 @@ pub(crate) fn user_events() -> Router<Handlers> {
 /// Debits and refunds each change one wallet, and name it, so that batches
 /// lock wallets in one order (see [`Router::on_locking`]).
 pub(crate) fn inventory_events() -> Router<Handlers> {
-    Router::new().on_locking::<InventoryReserved, _, _>(
-        |_, events| Box::pin(std::future::ready(Ok(wallet_locks(&events)))),
-        on_inventory_reserved,
-    )
+    Router::new().on_locking::<InventoryReserved, _, _>(wallets, on_inventory_reserved)
 }
 
 pub(crate) fn order_events() -> Router<Handlers> {
-    Router::new().on_locking::<OrderCancelled, _, _>(
-        |_, events| Box::pin(std::future::ready(Ok(wallet_locks(&events)))),
-        on_order_cancelled,
-    )
+    Router::new().on_locking::<OrderCancelled, _, _>(wallets, on_order_cancelled)
 }
 
-fn wallet_locks<E: HasUser>(events: &[&E]) -> Vec<String> {
-    events
+/// The lock names of the events' wallets.
+fn wallets<'a, E: HasUser>(
+    _: &'a mut AsyncPgConnection,
+    events: Vec<&'a E>,
+) -> BoxFuture<'a, QueryResult<Vec<String>>> {
+    let names = events
         .iter()
         .map(|event| format!("wallet:{}", event.user_id()))
-        .collect()
+        .collect();
+    Box::pin(std::future::ready(Ok(names)))
 }
 
 /// The events that name the wallet they change.
