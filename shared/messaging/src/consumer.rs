@@ -51,7 +51,7 @@ use tracing::Instrument as _;
 
 use crate::BoxFuture;
 use crate::envelope::{Envelope, OutgoingEvent};
-use crate::metrics::{ConsumedLabels, HandlerLabels, MessagingMetrics};
+use crate::metrics::{ConsumedLabels, ConsumerLabels, HandlerLabels, MessagingMetrics};
 use crate::outbox::Outbox;
 use crate::provision::{ConsumerSpec, original_subject};
 use crate::schema::inbox;
@@ -780,6 +780,12 @@ impl<S: Send + Sync + 'static> Inner<S> {
                         self.stats
                             .batches_tried_again
                             .fetch_add(1, Ordering::Relaxed);
+                        self.metrics
+                            .batches_tried_again
+                            .get_or_create(&ConsumerLabels {
+                                consumer: self.name.clone(),
+                            })
+                            .inc();
                         let delay = retry_here_delay(attempts);
                         tracing::warn!(consumer = %self.name, messages = batch.len(), attempts, ?delay, %reason, "batch failed; trying again");
                         tokio::select! {

@@ -28,6 +28,13 @@ pub struct ConsumedLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of a durable consumer's own counts.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConsumerLabels {
+    /// The durable consumer.
+    pub consumer: String,
+}
+
 /// Labels of a handler's duration.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HandlerLabels {
@@ -51,6 +58,9 @@ pub struct MessagingMetrics {
     pub consumed: Family<ConsumedLabels, Counter>,
     /// How long handling took, from the batch's start to its commit.
     pub handling: Family<HandlerLabels, Histogram>,
+    /// Batches tried again in place (database unreachable, deadlock), by
+    /// consumer.
+    pub batches_tried_again: Family<ConsumerLabels, Counter>,
     /// Outbox rows not yet published.
     pub outbox_pending: Gauge,
     /// Age of the oldest unpublished outbox row, in seconds.
@@ -65,6 +75,7 @@ impl Default for MessagingMetrics {
             published: Family::default(),
             consumed: Family::default(),
             handling: Family::new_with_constructor(latency_histogram),
+            batches_tried_again: Family::default(),
             outbox_pending: Gauge::default(),
             outbox_lag: Gauge::default(),
             dead_letters_stored: Gauge::default(),
@@ -90,6 +101,11 @@ impl MessagingMetrics {
             "Time from the start of an event's batch to its commit",
             Unit::Seconds,
             self.handling.clone(),
+        );
+        registry.register(
+            "shop_consumer_batches_tried_again",
+            "Batches tried again in place after a failure that was not their messages' (database unreachable, deadlock)",
+            self.batches_tried_again.clone(),
         );
         registry.register(
             "shop_outbox_pending_rows",

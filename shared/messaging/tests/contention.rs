@@ -13,8 +13,10 @@ use common::{Setup, append, count, eventually, relay, setup};
 use diesel::sql_types::Integer;
 use diesel_async::SimpleAsyncConnection as _;
 use diesel_async::{AsyncConnection as _, AsyncPgConnection};
+use shop_messaging::metrics::ConsumerLabels;
 use shop_messaging::{
-    BoxFuture, ConsumerSpec, Context, EventConsumer, HandlerError, OutgoingEvent, Processed, Router,
+    BoxFuture, ConsumerSpec, Context, EventConsumer, HandlerError, MessagingMetrics, OutgoingEvent,
+    Processed, Router,
 };
 use shop_proto::order::v1::OrderPlaced;
 use tokio_util::sync::CancellationToken;
@@ -207,6 +209,7 @@ async fn deliveries_of_one_event(
             },
         )
     };
+    let metrics = MessagingMetrics::default();
     let state = FailsWith {
         sqlstate,
         failures: AtomicU32::new(failures),
@@ -222,7 +225,8 @@ async fn deliveries_of_one_event(
         max: Duration::from_secs(1),
         max_deliver: 4,
     })
-    .with_hook(hook);
+    .with_hook(hook)
+    .with_metrics(metrics.clone());
     let stats = consumer.stats();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(consumer.run(shutdown.clone()));
@@ -233,7 +237,16 @@ async fn deliveries_of_one_event(
     shutdown.cancel();
     task.await.unwrap();
     let settled = settled.lock().unwrap().clone();
-    (settled, stats.batches_tried_again.load(Ordering::Relaxed))
+    let tried_again = stats.batches_tried_again.load(Ordering::Relaxed);
+    // The same count on /metrics.
+    let exported = metrics
+        .batches_tried_again
+        .get_or_create(&ConsumerLabels {
+            consumer: "inventory".into(),
+        })
+        .get();
+    assert_eq!(exported, tried_again);
+    (settled, tried_again)
 }
 
 #[tokio::test(flavor = "multi_thread")]
