@@ -10,7 +10,9 @@
 use diesel::migration::MigrationSource;
 use diesel::pg::Pg;
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
-use diesel_async::pooled_connection::AsyncDieselConnectionManager;
+use diesel_async::pooled_connection::{
+    AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
+};
 use diesel_async::pooled_connection::deadpool::Pool;
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, SimpleAsyncConnection as _};
 use diesel_migrations::MigrationHarness as _;
@@ -69,8 +71,16 @@ where
 /// Waiting for a free connection, opening one and checking one all time out
 /// after 5 s, so that a request fails (UNAVAILABLE) instead of hanging while
 /// the database is unreachable or the pool is exhausted.
+///
+/// A connection goes back out without a test query: a closed one (its
+/// server gone, its socket shut) or one left in a broken transaction is
+/// discarded, and any other failure shows at its first statement, which
+/// callers handle anyway. The test query cost one round trip per checkout.
 pub fn pool(database_url: &str, max_size: usize) -> Result<PgPool, DbError> {
-    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(database_url);
+    let mut config = ManagerConfig::default();
+    config.recycling_method = RecyclingMethod::Fast;
+    let manager =
+        AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(database_url, config);
     let timeout = Some(std::time::Duration::from_secs(5));
     Pool::builder(manager)
         .max_size(max_size)
