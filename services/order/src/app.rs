@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound as _, Utc};
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl};
 use shop_db::PgPool;
@@ -43,6 +43,9 @@ pub(crate) struct Order {
     pub(crate) items: Vec<(String, i32)>,
     pub(crate) steps: Vec<Step>,
 }
+
+/// The first step of every saga.
+const PLACED: &str = "order.placed";
 
 /// The order use cases.
 #[derive(Clone)]
@@ -94,12 +97,14 @@ impl Orders {
             ));
         }
         let key = Some(idempotency_key.to_owned()).filter(|key| !key.is_empty());
-        if let Some(existing) = self.by_key(user_id, key.as_deref()).await? {
+        let mut conn = self.pool.get().await?;
+        if let Some(existing) = by_key(&mut conn, user_id, key.as_deref()).await? {
+            drop(conn);
             return self.get_order(existing).await;
         }
-        let mut conn = self.pool.get().await?;
         let order_id = Uuid::now_v7();
-        let now = Utc::now();
+        // What PostgreSQL keeps, so that the reply equals a later GetOrder.
+        let now = Utc::now().trunc_subsecs(6);
         let deadline = now + self.deadline;
         let outbox = self.outbox.clone();
         let result = conn
@@ -140,7 +145,14 @@ impl Orders {
                     .values(&rows)
                     .execute(conn)
                     .await?;
-                record_step(conn, order_id, "order.placed", "").await?;
+                diesel::insert_into(order_steps::table)
+                    .values((
+                        order_steps::order_id.eq(order_id),
+                        order_steps::name.eq(PLACED),
+                        order_steps::occurred_at.eq(now),
+                    ))
+                    .execute(conn)
+                    .await?;
                 let event = OrderPlaced {
                     order_id: order_id.to_string(),
                     user_id: user_id.to_string(),
@@ -164,35 +176,48 @@ impl Orders {
                 Ok(())
             })
             .await;
-        // Back to the pool before reading the order: holding one connection
-        // while waiting for another can exhaust the pool under load.
+        // Back to the pool before reading anything else: holding one
+        // connection while waiting for another can exhaust the pool.
         drop(conn);
         match result {
-            Ok(()) => self.get_order(order_id).await,
+            // The order as this transaction wrote it: later steps of its saga
+            // may have begun already, and GetOrder shows them.
+            Ok(()) => {
+                let mut items = lines.lines().to_vec();
+                items.sort();
+                Ok(Order {
+                    row: OrderRow {
+                        order_id,
+                        user_id,
+                        status: Status::Pending.as_str().to_owned(),
+                        total_cents: 0,
+                        cancel_reason: String::new(),
+                        created_at: now,
+                        updated_at: now,
+                    },
+                    items,
+                    steps: vec![Step {
+                        name: PLACED.to_owned(),
+                        detail: String::new(),
+                        occurred_at: now,
+                    }],
+                })
+            }
             Err(PlaceError::UnknownUser) => Err(ApiError::FailedPrecondition(format!(
                 "unknown user {user_id}: create the user first (a new user is known to the order service moments after CreateUser)"
             ))),
             // A concurrent request with the same key won the race.
             Err(PlaceError::Database(error)) if is_unique_violation(&error) => {
-                match self.by_key(user_id, key.as_deref()).await? {
+                let mut conn = self.pool.get().await?;
+                let existing = by_key(&mut conn, user_id, key.as_deref()).await?;
+                drop(conn);
+                match existing {
                     Some(existing) => self.get_order(existing).await,
                     None => Err(error.into()),
                 }
             }
             Err(PlaceError::Database(error)) => Err(error.into()),
         }
-    }
-
-    async fn by_key(&self, user_id: Uuid, key: Option<&str>) -> Result<Option<Uuid>, ApiError> {
-        let Some(key) = key else { return Ok(None) };
-        let mut conn = self.pool.get().await?;
-        Ok(orders::table
-            .filter(orders::user_id.eq(user_id))
-            .filter(orders::idempotency_key.eq(key))
-            .select(orders::order_id)
-            .first(&mut conn)
-            .await
-            .optional()?)
     }
 
     pub(crate) async fn get_order(&self, order_id: Uuid) -> Result<Order, ApiError> {
@@ -305,18 +330,40 @@ impl Orders {
     }
 }
 
-pub(crate) async fn record_step(
+/// The order placed with `key` by `user_id`, if any.
+async fn by_key(
+    conn: &mut AsyncPgConnection,
+    user_id: Uuid,
+    key: Option<&str>,
+) -> QueryResult<Option<Uuid>> {
+    let Some(key) = key else { return Ok(None) };
+    orders::table
+        .filter(orders::user_id.eq(user_id))
+        .filter(orders::idempotency_key.eq(key))
+        .select(orders::order_id)
+        .first(conn)
+        .await
+        .optional()
+}
+
+/// Appends `steps` (name, detail) to the order's timeline, in this order.
+pub(crate) async fn record_steps(
     conn: &mut AsyncPgConnection,
     order_id: Uuid,
-    name: &str,
-    detail: &str,
+    steps: &[(&str, &str)],
 ) -> QueryResult<usize> {
+    let rows: Vec<_> = steps
+        .iter()
+        .map(|(name, detail)| {
+            (
+                order_steps::order_id.eq(order_id),
+                order_steps::name.eq(*name),
+                order_steps::detail.eq(*detail),
+            )
+        })
+        .collect();
     diesel::insert_into(order_steps::table)
-        .values((
-            order_steps::order_id.eq(order_id),
-            order_steps::name.eq(name),
-            order_steps::detail.eq(detail),
-        ))
+        .values(&rows)
         .execute(conn)
         .await
 }
@@ -339,7 +386,7 @@ async fn cancel(
         ))
         .execute(conn)
         .await?;
-    record_step(conn, order_id, "order.cancelled", reason).await?;
+    record_steps(conn, order_id, &[("order.cancelled", reason)]).await?;
     let event = OrderCancelled {
         order_id: order_id.to_string(),
         user_id: user_id.to_string(),
@@ -401,26 +448,33 @@ pub(crate) async fn advance(
         SagaEvent::Rejected(reason) | SagaEvent::PaymentFailed(reason) => reason.clone(),
         _ => String::new(),
     };
-    let name = cause.subject.clone();
-    record_step(conn, order_id, &name, &detail).await?;
-    if let (Some(total), Status::Pending) = (total_cents, status) {
-        diesel::update(orders::table.find(order_id))
-            .set(orders::total_cents.eq(total))
-            .execute(conn)
-            .await?;
+    let step = (cause.subject.as_str(), detail.as_str());
+    // The payment's amount, or the reservation's total, while it can change.
+    let total = total_cents.filter(|_| status == Status::Pending);
+    let decision = domain::decide(status, deadline, Utc::now(), &event);
+    // A confirmation writes its step and total with the status change.
+    if decision != Decision::Confirm {
+        record_steps(conn, order_id, &[step]).await?;
+        if let Some(total) = total {
+            diesel::update(orders::table.find(order_id))
+                .set(orders::total_cents.eq(total))
+                .execute(conn)
+                .await?;
+        }
     }
-    let end = match domain::decide(status, deadline, Utc::now(), &event) {
+    let end = match decision {
         Decision::Record => None,
         Decision::Confirm => {
+            let total = total.unwrap_or(known_total);
             diesel::update(orders::table.find(order_id))
                 .set((
                     orders::status.eq(Status::Confirmed.as_str()),
+                    orders::total_cents.eq(total),
                     orders::updated_at.eq(diesel::dsl::now),
                 ))
                 .execute(conn)
                 .await?;
-            record_step(conn, order_id, "order.confirmed", "").await?;
-            let total = total_cents.unwrap_or(known_total);
+            record_steps(conn, order_id, &[step, ("order.confirmed", "")]).await?;
             let confirmed = OrderConfirmed {
                 order_id: order_id.to_string(),
                 user_id: user_id.to_string(),

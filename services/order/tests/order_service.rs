@@ -135,6 +135,18 @@ async fn a_placed_order_is_published_with_its_deadline_and_cancelled_on_rejectio
     let user_id = orders.known_user().await;
     let order = orders.place(&user_id).await;
     assert_eq!(order.status(), OrderStatus::Pending);
+    // The reply is the order as stored, to the microsecond.
+    let stored = orders
+        .client
+        .get_order(GetOrderRequest {
+            order_id: order.order_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .order
+        .unwrap();
+    assert_eq!(stored, order);
 
     let message = orders
         .infra
@@ -145,6 +157,7 @@ async fn a_placed_order_is_published_with_its_deadline_and_cancelled_on_rejectio
     let placed = OrderPlaced::decode(message.payload.as_ref()).unwrap();
     assert_eq!(placed.order_id, order.order_id);
     assert_eq!(placed.items, order.items);
+    assert_eq!(placed.placed_at, order.created_at);
     let window = placed.deadline.unwrap().seconds - placed.placed_at.unwrap().seconds;
     assert!(
         (29..=31).contains(&window),
