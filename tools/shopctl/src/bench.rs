@@ -40,6 +40,10 @@ pub(crate) struct Bench {
     /// Users to spread the orders over.
     #[arg(long, default_value_t = 20)]
     users: usize,
+    /// Products to spread the orders over. One (the default) is a sale of a
+    /// single item: every reservation queues for the same row.
+    #[arg(long, default_value_t = 1)]
+    products: usize,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -70,19 +74,23 @@ impl Bench {
         let run = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
             .as_millis();
-        let sku = format!("BENCH-{run}");
+        let skus: Vec<String> = (0..self.products.max(1))
+            .map(|i| format!("BENCH-{run}-{i}"))
+            .collect();
         let stock = i64::try_from(self.orders)?
             .saturating_add(i64::try_from(self.users)?)
             .saturating_add(1);
-        inventory
-            .create_product(CreateProductRequest {
-                sku: sku.clone(),
-                name: "Bench item".into(),
-                price_cents: 1,
-                stock,
-            })
-            .await
-            .context("creating the bench product: is the stack up (scripts/shopctl up)?")?;
+        for sku in &skus {
+            inventory
+                .create_product(CreateProductRequest {
+                    sku: sku.clone(),
+                    name: "Bench item".into(),
+                    price_cents: 1,
+                    stock,
+                })
+                .await
+                .context("creating the bench products: is the stack up (scripts/shopctl up)?")?;
+        }
         let mut buyers = Vec::new();
         for i in 0..self.users.max(1) {
             let request = CreateUserRequest {
@@ -120,7 +128,7 @@ impl Bench {
                 }
             })
         };
-        warm_up(&orders, &ends_seen, &buyers, &sku, run).await?;
+        warm_up(&orders, &ends_seen, &buyers, &skus[0], run).await?;
 
         let progress = indicatif::ProgressBar::new(self.orders);
         progress.set_style(
@@ -152,7 +160,7 @@ impl Bench {
             let request = PlaceOrderRequest {
                 user_id: buyers[index as usize % buyers.len()].clone(),
                 items: vec![OrderItem {
-                    sku: sku.clone(),
+                    sku: skus[index as usize % skus.len()].clone(),
                     quantity: 1,
                 }],
                 idempotency_key: format!("bench-{run}-{index}"),
