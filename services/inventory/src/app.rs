@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use diesel::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
-use shop_db::PgPool;
+use shop_db::{Cached, PgPool};
 use shop_messaging::HandlerError;
 use shop_service::{ApiError, is_unique_violation};
 use uuid::Uuid;
@@ -114,16 +114,18 @@ impl Catalogue {
             )));
         }
         let mut conn = self.pool.get().await?;
-        diesel::update(products::table.find(sku))
-            .set((
-                products::available.eq(products::available + quantity),
-                products::stocked.eq(products::stocked + quantity),
-            ))
-            .returning(Product::as_returning())
-            .get_result(&mut conn)
-            .await
-            .optional()?
-            .ok_or_else(|| ApiError::NotFound(format!("no product {sku}")))
+        Cached(
+            diesel::update(products::table.find(sku))
+                .set((
+                    products::available.eq(products::available + quantity),
+                    products::stocked.eq(products::stocked + quantity),
+                ))
+                .returning(Product::as_returning()),
+        )
+        .get_result(&mut conn)
+        .await
+        .optional()?
+        .ok_or_else(|| ApiError::NotFound(format!("no product {sku}")))
     }
 
     pub(crate) async fn list_products(
@@ -195,13 +197,12 @@ pub(crate) async fn reserve(
     match domain::reserve(items, &stock) {
         Ok((lines, total_cents)) => {
             for line in &lines {
-                diesel::update(products::table.find(&line.sku))
-                    .set((
-                        products::available.eq(products::available - line.quantity),
-                        products::reserved.eq(products::reserved + line.quantity),
-                    ))
-                    .execute(conn)
-                    .await?;
+                Cached(diesel::update(products::table.find(&line.sku)).set((
+                    products::available.eq(products::available - line.quantity),
+                    products::reserved.eq(products::reserved + line.quantity),
+                )))
+                .execute(conn)
+                .await?;
             }
             insert_reservation(conn, order_id, user_id, Status::Reserved, total_cents, "").await?;
             let rows: Vec<_> = lines
@@ -215,8 +216,7 @@ pub(crate) async fn reserve(
                     )
                 })
                 .collect();
-            diesel::insert_into(reservation_lines::table)
-                .values(&rows)
+            Cached(diesel::insert_into(reservation_lines::table).values(&rows))
                 .execute(conn)
                 .await?;
             Ok(Reservation::Reserved { lines, total_cents })
@@ -321,13 +321,12 @@ async fn set_status(
     order_id: Uuid,
     status: Status,
 ) -> QueryResult<usize> {
-    diesel::update(reservations::table.find(order_id))
-        .set((
-            reservations::status.eq(status.as_str()),
-            reservations::updated_at.eq(diesel::dsl::now),
-        ))
-        .execute(conn)
-        .await
+    Cached(diesel::update(reservations::table.find(order_id)).set((
+        reservations::status.eq(status.as_str()),
+        reservations::updated_at.eq(diesel::dsl::now),
+    )))
+    .execute(conn)
+    .await
 }
 
 /// Saga step 5: the reserved units of a confirmed order become sold.
@@ -335,13 +334,12 @@ pub(crate) async fn sell(conn: &mut AsyncPgConnection, order_id: Uuid) -> Result
     match locked_status(conn, order_id).await? {
         Some(Status::Reserved) => {
             for line in lines_of(conn, order_id).await? {
-                diesel::update(products::table.find(&line.sku))
-                    .set((
-                        products::reserved.eq(products::reserved - line.quantity),
-                        products::sold.eq(products::sold + line.quantity),
-                    ))
-                    .execute(conn)
-                    .await?;
+                Cached(diesel::update(products::table.find(&line.sku)).set((
+                    products::reserved.eq(products::reserved - line.quantity),
+                    products::sold.eq(products::sold + line.quantity),
+                )))
+                .execute(conn)
+                .await?;
             }
             set_status(conn, order_id, Status::Sold).await?;
             Ok(())
@@ -371,13 +369,12 @@ pub(crate) async fn release(
         Some(Status::Reserved) => {
             let lines = lines_of(conn, order_id).await?;
             for line in &lines {
-                diesel::update(products::table.find(&line.sku))
-                    .set((
-                        products::reserved.eq(products::reserved - line.quantity),
-                        products::available.eq(products::available + line.quantity),
-                    ))
-                    .execute(conn)
-                    .await?;
+                Cached(diesel::update(products::table.find(&line.sku)).set((
+                    products::reserved.eq(products::reserved - line.quantity),
+                    products::available.eq(products::available + line.quantity),
+                )))
+                .execute(conn)
+                .await?;
             }
             set_status(conn, order_id, Status::Released).await?;
             Ok(lines)

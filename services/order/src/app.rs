@@ -5,7 +5,7 @@ use std::time::Duration;
 use chrono::{DateTime, SubsecRound as _, Utc};
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl};
-use shop_db::PgPool;
+use shop_db::{Cached, PgPool};
 use shop_messaging::{HandlerError, Outbox, OutgoingEvent};
 use shop_proto::order::v1::{OrderCancelled, OrderConfirmed, OrderItem, OrderPlaced};
 use shop_service::{ApiError, is_unique_violation, timestamp};
@@ -141,8 +141,7 @@ impl Orders {
                         )
                     })
                     .collect();
-                diesel::insert_into(order_items::table)
-                    .values(&rows)
+                Cached(diesel::insert_into(order_items::table).values(&rows))
                     .execute(conn)
                     .await?;
                 diesel::insert_into(order_steps::table)
@@ -362,8 +361,7 @@ pub(crate) async fn record_steps(
             )
         })
         .collect();
-    diesel::insert_into(order_steps::table)
-        .values(&rows)
+    Cached(diesel::insert_into(order_steps::table).values(&rows))
         .execute(conn)
         .await
 }
@@ -378,14 +376,13 @@ async fn cancel(
     reason: &str,
     cause: Option<&shop_messaging::Envelope>,
 ) -> QueryResult<()> {
-    diesel::update(orders::table.find(order_id))
-        .set((
-            orders::status.eq(Status::Cancelled.as_str()),
-            orders::cancel_reason.eq(reason),
-            orders::updated_at.eq(diesel::dsl::now),
-        ))
-        .execute(conn)
-        .await?;
+    Cached(diesel::update(orders::table.find(order_id)).set((
+        orders::status.eq(Status::Cancelled.as_str()),
+        orders::cancel_reason.eq(reason),
+        orders::updated_at.eq(diesel::dsl::now),
+    )))
+    .execute(conn)
+    .await?;
     record_steps(conn, order_id, &[("order.cancelled", reason)]).await?;
     let event = OrderCancelled {
         order_id: order_id.to_string(),
@@ -456,8 +453,7 @@ pub(crate) async fn advance(
     if decision != Decision::Confirm {
         record_steps(conn, order_id, &[step]).await?;
         if let Some(total) = total {
-            diesel::update(orders::table.find(order_id))
-                .set(orders::total_cents.eq(total))
+            Cached(diesel::update(orders::table.find(order_id)).set(orders::total_cents.eq(total)))
                 .execute(conn)
                 .await?;
         }
@@ -466,14 +462,13 @@ pub(crate) async fn advance(
         Decision::Record => None,
         Decision::Confirm => {
             let total = total.unwrap_or(known_total);
-            diesel::update(orders::table.find(order_id))
-                .set((
-                    orders::status.eq(Status::Confirmed.as_str()),
-                    orders::total_cents.eq(total),
-                    orders::updated_at.eq(diesel::dsl::now),
-                ))
-                .execute(conn)
-                .await?;
+            Cached(diesel::update(orders::table.find(order_id)).set((
+                orders::status.eq(Status::Confirmed.as_str()),
+                orders::total_cents.eq(total),
+                orders::updated_at.eq(diesel::dsl::now),
+            )))
+            .execute(conn)
+            .await?;
             record_steps(conn, order_id, &[step, ("order.confirmed", "")]).await?;
             let confirmed = OrderConfirmed {
                 order_id: order_id.to_string(),

@@ -3,7 +3,7 @@
 
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl};
-use shop_db::PgPool;
+use shop_db::{Cached, PgPool};
 use shop_messaging::HandlerError;
 use shop_service::{ApiError, is_unique_violation};
 use uuid::Uuid;
@@ -95,10 +95,12 @@ impl Wallets {
                     ))
                     .execute(conn)
                     .await?;
-                diesel::update(accounts::table.find(user_id))
-                    .set(accounts::balance_cents.eq(new_balance))
-                    .execute(conn)
-                    .await?;
+                Cached(
+                    diesel::update(accounts::table.find(user_id))
+                        .set(accounts::balance_cents.eq(new_balance)),
+                )
+                .execute(conn)
+                .await?;
                 Ok(new_balance)
             })
             .await;
@@ -185,10 +187,12 @@ pub(crate) async fn debit(
     let balance = balance
         .ok_or_else(|| HandlerError::transient(format!("no wallet for user {user_id} yet")))?;
     let (status, reason, decision) = if balance >= amount {
-        diesel::update(accounts::table.find(user_id))
-            .set(accounts::balance_cents.eq(accounts::balance_cents - amount))
-            .execute(conn)
-            .await?;
+        Cached(
+            diesel::update(accounts::table.find(user_id))
+                .set(accounts::balance_cents.eq(accounts::balance_cents - amount)),
+        )
+        .execute(conn)
+        .await?;
         (status::CAPTURED, String::new(), Debit::Captured)
     } else {
         let reason = format!("insufficient funds: balance {balance} cents, order {amount} cents");
@@ -223,17 +227,18 @@ pub(crate) async fn refund(
         .optional()?;
     match payment {
         Some((state, amount, payer)) if state == status::CAPTURED => {
-            diesel::update(accounts::table.find(payer))
-                .set(accounts::balance_cents.eq(accounts::balance_cents + amount))
-                .execute(conn)
-                .await?;
-            diesel::update(payments::table.find(order_id))
-                .set((
-                    payments::status.eq(status::REFUNDED),
-                    payments::updated_at.eq(diesel::dsl::now),
-                ))
-                .execute(conn)
-                .await?;
+            Cached(
+                diesel::update(accounts::table.find(payer))
+                    .set(accounts::balance_cents.eq(accounts::balance_cents + amount)),
+            )
+            .execute(conn)
+            .await?;
+            Cached(diesel::update(payments::table.find(order_id)).set((
+                payments::status.eq(status::REFUNDED),
+                payments::updated_at.eq(diesel::dsl::now),
+            )))
+            .execute(conn)
+            .await?;
             Ok(Some(amount))
         }
         Some(_) => Ok(None),

@@ -3,17 +3,23 @@
 //! - [`migrate`]: applies embedded diesel migrations at start-up, in order,
 //!   skipping those already applied, so several replicas may start at once.
 //! - [`pool`]: a deadpool of diesel-async connections.
+//! - [`Cached`]: a statement kept prepared that diesel would prepare afresh
+//!   each time (updates, multi-row inserts).
 //!
 //! Services own their SQL under `migrations/<service>/` and embed it with
 //! `diesel_migrations::embed_migrations!`.
 
+mod cached;
+
+pub use cached::Cached;
+
 use diesel::migration::MigrationSource;
 use diesel::pg::Pg;
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
+use diesel_async::pooled_connection::deadpool::Pool;
 use diesel_async::pooled_connection::{
     AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
 };
-use diesel_async::pooled_connection::deadpool::Pool;
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, SimpleAsyncConnection as _};
 use diesel_migrations::MigrationHarness as _;
 

@@ -42,7 +42,7 @@ use async_nats::jetstream::{self, AckKind, message::PublishMessage};
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl};
 use futures::{FutureExt as _, StreamExt as _};
-use shop_db::PgPool;
+use shop_db::{Cached, PgPool};
 use shop_proto::Event;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -984,14 +984,16 @@ impl<S: Send + Sync + 'static> Inner<S> {
                     .filter(|id| unique.insert(*id))
                     .map(|id| (inbox::consumer.eq(&self.name), inbox::event_id.eq(id)))
                     .collect();
-                let fresh: HashSet<uuid::Uuid> = diesel::insert_into(inbox::table)
-                    .values(&rows)
-                    .on_conflict_do_nothing()
-                    .returning(inbox::event_id)
-                    .get_results(conn)
-                    .await?
-                    .into_iter()
-                    .collect();
+                let fresh: HashSet<uuid::Uuid> = Cached(
+                    diesel::insert_into(inbox::table)
+                        .values(&rows)
+                        .on_conflict_do_nothing()
+                        .returning(inbox::event_id),
+                )
+                .get_results(conn)
+                .await?
+                .into_iter()
+                .collect();
                 // Locks after the inbox insert, and only for what is to be
                 // applied: a batch waiting on another's uncommitted inbox row
                 // holds no lock that batch could need.

@@ -26,7 +26,7 @@ use diesel_async::{
     AsyncConnection as _, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection as _,
 };
 use futures::StreamExt as _;
-use shop_db::PgPool;
+use shop_db::{Cached, PgPool};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -110,8 +110,7 @@ impl Outbox {
                 created_at: now,
             })
             .collect();
-        diesel::insert_into(outbox::table)
-            .values(&rows)
+        Cached(diesel::insert_into(outbox::table).values(&rows))
             .execute(conn)
             .instrument(span)
             .await?;
@@ -366,10 +365,12 @@ impl Relay {
                         .inc();
                 }
                 let ids: Vec<Uuid> = rows.iter().map(|row| row.event_id).collect();
-                diesel::update(outbox::table.filter(outbox::event_id.eq_any(&ids)))
-                    .set(outbox::published_at.eq(diesel::dsl::now))
-                    .execute(conn)
-                    .await?;
+                Cached(
+                    diesel::update(outbox::table.filter(outbox::event_id.eq_any(&ids)))
+                        .set(outbox::published_at.eq(diesel::dsl::now)),
+                )
+                .execute(conn)
+                .await?;
                 Ok(rows.len())
             })
             .await?;
