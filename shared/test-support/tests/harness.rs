@@ -148,6 +148,42 @@ async fn each_database_starts_empty_and_apart() {
 }
 
 #[tokio::test]
+async fn the_local_url_goes_through_the_unix_socket() {
+    #[derive(diesel::QueryableByName)]
+    struct Peer {
+        #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+        address: Option<String>,
+    }
+    let postgres = TestPostgres::start().await;
+    let dir = postgres
+        .socket_dir()
+        .expect("a temporary directory is short");
+    let url = postgres.local_url("postgres", "postgres");
+    assert!(url.contains("%2F"), "{url}");
+
+    let mut connection = AsyncPgConnection::establish(&url).await.unwrap();
+    // The server's address is NULL for a connection through a socket.
+    let peer: Peer = diesel::sql_query("SELECT inet_server_addr()::text AS address")
+        .get_result(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(peer.address, None, "{url} went through TCP");
+    let mut tcp = AsyncPgConnection::establish(&postgres.url("postgres"))
+        .await
+        .unwrap();
+    let peer: Peer = diesel::sql_query("SELECT inet_server_addr()::text AS address")
+        .get_result(&mut tcp)
+        .await
+        .unwrap();
+    assert_eq!(peer.address.as_deref(), Some("127.0.0.1/32"));
+    assert!(
+        std::path::Path::new(dir)
+            .join(format!(".s.PGSQL.{}", postgres.port()))
+            .exists()
+    );
+}
+
+#[tokio::test]
 async fn postgres_comes_back_after_a_crash_with_its_data() {
     let mut postgres = TestPostgres::start().await;
     let url = postgres.create_database("durable").await;

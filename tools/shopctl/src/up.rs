@@ -155,10 +155,7 @@ async fn create_databases(postgres: &TestPostgres) -> anyhow::Result<Vec<String>
         admin
             .batch_execute(&format!("REVOKE ALL ON DATABASE {name} FROM PUBLIC"))
             .await?;
-        urls.push(format!(
-            "postgres://{name}@127.0.0.1:{}/{name}",
-            postgres.port()
-        ));
+        urls.push(postgres.local_url(&name, &name));
     }
     Ok(urls)
 }
