@@ -2,10 +2,12 @@
 //!
 //! A use case never publishes: it calls [`Outbox::append`] inside the same
 //! database transaction as its state change, so the change and its events
-//! commit or vanish together. The [`Relay`] then publishes pending rows in
-//! insertion order, waits for JetStream's ack, and marks them published. A
-//! crash between publish and mark publishes the row again on restart;
-//! JetStream drops the copy because `Nats-Msg-Id` is the row's id.
+//! commit or vanish together. The [`Relay`] then claims pending rows and
+//! marks them published in one statement, publishes them in insertion order,
+//! waits for JetStream's acks, and only then commits the marks; a failed
+//! publish rolls them back. A crash between publish and commit publishes the
+//! rows again on restart; JetStream drops the copies because `Nats-Msg-Id`
+//! is the row's id.
 //!
 //! Replicas relay side by side: each batch is claimed with
 //! `FOR UPDATE SKIP LOCKED`. An idle relay sleeps on `LISTEN outbox`; a
@@ -182,10 +184,11 @@ impl std::fmt::Debug for Relay {
     }
 }
 
-#[derive(Queryable, Selectable)]
+#[derive(QueryableByName)]
 #[diesel(table_name = outbox)]
 struct PendingRow {
     event_id: Uuid,
+    seq: i64,
     subject: String,
     event_type: String,
     source: String,
@@ -198,6 +201,14 @@ struct PendingRow {
 }
 
 const CHANNEL: &str = "outbox";
+
+/// Claims the oldest pending rows that no other relay holds and marks them,
+/// in one statement; the marks commit with the batch.
+const CLAIM: &str = "UPDATE outbox SET published_at = now() \
+    WHERE event_id IN (SELECT event_id FROM outbox WHERE published_at IS NULL \
+    ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED) \
+    RETURNING event_id, seq, subject, event_type, source, payload, correlation_id, \
+    causation_id, traceparent, tracestate, created_at";
 
 impl Relay {
     /// A relay for the outbox in `pool`'s database; `database_url` is used
@@ -265,8 +276,12 @@ impl Relay {
         let mut next_cleanup = tokio::time::Instant::now();
         let mut last_batch = tokio::time::Instant::now();
         let mut failures = 0u32;
+        let mut look_first = true;
         while !shutdown.is_cancelled() {
-            match self.relay_batch().await {
+            let result = self.claim_and_publish(look_first).await;
+            // After a batch more rows are likely: claim straight away.
+            look_first = !matches!(result, Ok(count) if count > 0);
+            match result {
                 // A full batch: more may be waiting.
                 Ok(count) if count as i64 == self.config.batch_size => {
                     failures = 0;
@@ -318,35 +333,42 @@ impl Relay {
     /// many. Holding the row locks until the marks commit keeps other relays
     /// off these rows.
     pub async fn relay_batch(&self) -> Result<usize, RelayError> {
+        self.claim_and_publish(true).await
+    }
+
+    /// One batch; `look_first` asks first, cheaply, whether anything is
+    /// pending (a lingering relay asks often, and most answers are no).
+    async fn claim_and_publish(&self, look_first: bool) -> Result<usize, RelayError> {
         let mut conn = self
             .pool
             .get()
             .await
             .map_err(|error| RelayError::Pool(error.to_string()))?;
-        // A cheap look first: a lingering relay asks often, and most answers
-        // are no.
-        let pending: bool = diesel::select(diesel::dsl::exists(
-            outbox::table.filter(outbox::published_at.is_null()),
-        ))
-        .get_result(&mut conn)
-        .await?;
-        if !pending {
-            return Ok(0);
+        if look_first {
+            let pending: bool = diesel::select(diesel::dsl::exists(
+                outbox::table.filter(outbox::published_at.is_null()),
+            ))
+            .get_result(&mut conn)
+            .await?;
+            if !pending {
+                return Ok(0);
+            }
         }
         let count = conn
             .transaction::<_, RelayError, _>(async move |conn| {
-                let rows: Vec<PendingRow> = outbox::table
-                    .filter(outbox::published_at.is_null())
-                    .order(outbox::seq)
-                    .limit(self.config.batch_size)
-                    .for_update()
-                    .skip_locked()
-                    .select(PendingRow::as_select())
-                    .load(conn)
-                    .await?;
+                // Claimed and marked in one statement; the marks commit only
+                // once JetStream has acknowledged every row, and roll back
+                // if it has not.
+                let mut rows: Vec<PendingRow> = Cached(
+                    diesel::sql_query(CLAIM)
+                        .bind::<diesel::sql_types::BigInt, _>(self.config.batch_size),
+                )
+                .load(conn)
+                .await?;
                 if rows.is_empty() {
                     return Ok(0);
                 }
+                rows.sort_unstable_by_key(|row| row.seq);
                 // Send every message first, then wait for the acks: one
                 // round trip per batch instead of one per row.
                 let mut acks = Vec::with_capacity(rows.len());
@@ -364,13 +386,6 @@ impl Relay {
                         })
                         .inc();
                 }
-                let ids: Vec<Uuid> = rows.iter().map(|row| row.event_id).collect();
-                Cached(
-                    diesel::update(outbox::table.filter(outbox::event_id.eq_any(&ids)))
-                        .set(outbox::published_at.eq(diesel::dsl::now)),
-                )
-                .execute(conn)
-                .await?;
                 Ok(rows.len())
             })
             .await?;

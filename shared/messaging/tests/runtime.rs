@@ -71,12 +71,14 @@ async fn a_publish_whose_ack_was_lost_is_dropped_by_jetstream_when_repeated() {
     let setup = setup().await;
     append(&setup, &[placed("o-1"), placed("o-2")]).await;
 
-    // The relay publishes, then fails before it can mark the rows: as if the
-    // acks were lost or the relay crashed right after publishing.
+    // The relay publishes, then its marks fail to commit: as if the acks
+    // were lost or the relay crashed right after publishing. (A deferred
+    // trigger runs at commit, after the publish.)
     let mut conn = AsyncPgConnection::establish(&setup.url).await.unwrap();
     conn.batch_execute(
         "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'marking refused'; END; $$;
-         CREATE TRIGGER refuse BEFORE UPDATE ON outbox FOR EACH ROW EXECUTE FUNCTION refuse();",
+         CREATE CONSTRAINT TRIGGER refuse AFTER UPDATE ON outbox
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse();",
     )
     .await
     .unwrap();
