@@ -377,8 +377,21 @@ async fn a_repeated_place_order_returns_the_first_order_and_starts_one_saga() {
             .unwrap();
     }
     shop.deposited(&user, 700);
+
+    // The same key sent eight times at once: one order, one saga.
+    let racing =
+        futures::future::join_all((0..8).map(|_| shop.place(&user, &[("LAMP", 1)], "checkout-43")))
+            .await;
+    let ids: std::collections::HashSet<String> = racing
+        .into_iter()
+        .map(|placed| placed.unwrap().order_id)
+        .collect();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let raced = ids.into_iter().next().unwrap();
+    assert_ne!(raced, first.order_id);
+    assert_eq!(shop.settled(&raced).await.status(), OrderStatus::Confirmed);
     shop.check_invariants().await;
-    assert_eq!(shop.product("LAMP").await.sold, 1);
+    assert_eq!(shop.product("LAMP").await.sold, 2);
 }
 
 #[tokio::test(flavor = "multi_thread")]

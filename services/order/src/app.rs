@@ -8,7 +8,7 @@ use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl};
 use shop_db::{Cached, PgPool};
 use shop_messaging::{HandlerError, Outbox, OutgoingEvent};
 use shop_proto::order::v1::{OrderCancelled, OrderConfirmed, OrderItem, OrderPlaced};
-use shop_service::{ApiError, is_unique_violation, timestamp};
+use shop_service::{ApiError, timestamp};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -58,6 +58,8 @@ pub(crate) struct Orders {
 
 enum PlaceError {
     UnknownUser,
+    /// The user placed an order with this idempotency key before.
+    KeyTaken,
     Database(diesel::result::Error),
 }
 
@@ -98,10 +100,6 @@ impl Orders {
         }
         let key = Some(idempotency_key.to_owned()).filter(|key| !key.is_empty());
         let mut conn = self.pool.get().await?;
-        if let Some(existing) = by_key(&mut conn, user_id, key.as_deref()).await? {
-            drop(conn);
-            return self.get_order(existing).await;
-        }
         let order_id = Uuid::now_v7();
         // What PostgreSQL keeps, so that the reply equals a later GetOrder.
         let now = Utc::now().trunc_subsecs(6);
@@ -118,18 +116,27 @@ impl Orders {
                 if known.is_none() {
                     return Err(PlaceError::UnknownUser);
                 }
-                diesel::insert_into(orders::table)
-                    .values((
-                        orders::order_id.eq(order_id),
-                        orders::user_id.eq(user_id),
-                        orders::status.eq(Status::Pending.as_str()),
-                        orders::idempotency_key.eq(key.as_deref()),
-                        orders::deadline.eq(deadline),
-                        orders::created_at.eq(now),
-                        orders::updated_at.eq(now),
-                    ))
-                    .execute(conn)
-                    .await?;
+                // A key used before inserts nothing (after waiting for a
+                // concurrent request with the same key to commit or not).
+                let inserted = Cached(
+                    diesel::insert_into(orders::table)
+                        .values((
+                            orders::order_id.eq(order_id),
+                            orders::user_id.eq(user_id),
+                            orders::status.eq(Status::Pending.as_str()),
+                            orders::idempotency_key.eq(key.as_deref()),
+                            orders::deadline.eq(deadline),
+                            orders::created_at.eq(now),
+                            orders::updated_at.eq(now),
+                        ))
+                        .on_conflict((orders::user_id, orders::idempotency_key))
+                        .do_nothing(),
+                )
+                .execute(conn)
+                .await?;
+                if inserted == 0 {
+                    return Err(PlaceError::KeyTaken);
+                }
                 let rows: Vec<_> = lines
                     .lines()
                     .iter()
@@ -205,14 +212,17 @@ impl Orders {
             Err(PlaceError::UnknownUser) => Err(ApiError::FailedPrecondition(format!(
                 "unknown user {user_id}: create the user first (a new user is known to the order service moments after CreateUser)"
             ))),
-            // A concurrent request with the same key won the race.
-            Err(PlaceError::Database(error)) if is_unique_violation(&error) => {
+            // The first order with this key is the answer.
+            Err(PlaceError::KeyTaken) => {
                 let mut conn = self.pool.get().await?;
                 let existing = by_key(&mut conn, user_id, key.as_deref()).await?;
                 drop(conn);
                 match existing {
                     Some(existing) => self.get_order(existing).await,
-                    None => Err(error.into()),
+                    // Orders are never deleted.
+                    None => Err(ApiError::Internal(format!(
+                        "idempotency key {key:?} of user {user_id} is taken by no order"
+                    ))),
                 }
             }
             Err(PlaceError::Database(error)) => Err(error.into()),
