@@ -8,7 +8,8 @@
 //! outbox. The batch commits, then each message is acked. The fast path
 //! inserts the batch's inbox rows in one statement and uses no savepoints; if
 //! any handler fails, the batch is rolled back and redone with a savepoint
-//! per message, so that a failure undoes only its own message. Handlers must
+//! per message, so that a failure undoes only its own message (a batch of
+//! one needs no redo: its rollback was the message's). Handlers must
 //! therefore keep their effects inside the transaction they are given.
 //!
 //! A handler fails with a [`HandlerError`]: a transient failure is retried
@@ -510,7 +511,8 @@ fn lock_key(name: &str) -> i64 {
 
 /// Why the fast path gave a batch up.
 enum Abandoned {
-    HandlerFailed,
+    /// A handler failed (for a reason about its message).
+    HandlerFailed(HandlerError),
     Database(diesel::result::Error),
 }
 
@@ -890,13 +892,16 @@ impl<S: Send + Sync + 'static> Inner<S> {
             self.pool.get().await.map_err(|error| {
                 BatchFailed::Passing(format!("no database connection: {error}"))
             })?;
-        if prepared.len() > 1 {
-            match self.apply_together(&mut conn, prepared).await {
-                Ok(results) => return Ok(results),
-                // Someone failed: the careful path below finds out who.
-                Err(Abandoned::HandlerFailed) => {}
-                Err(Abandoned::Database(error)) => return Err(BatchFailed::from(error)),
+        match self.apply_together(&mut conn, prepared).await {
+            Ok(results) => return Ok(results),
+            // A lone message's failure is all there is to know: rolled back
+            // whole, as a savepoint would have rolled it back.
+            Err(Abandoned::HandlerFailed(error)) if prepared.len() == 1 => {
+                return Ok(vec![Err(Failure::from(error))]);
             }
+            // Someone failed: the careful path below finds out who.
+            Err(Abandoned::HandlerFailed(_)) => {}
+            Err(Abandoned::Database(error)) => return Err(BatchFailed::from(error)),
         }
         let (results, after_commit) = conn
             .transaction::<_, diesel::result::Error, _>(async |conn| {
@@ -1015,7 +1020,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
                         .await
                         .map_err(|error| match into_passing(error) {
                             Ok(error) => Abandoned::Database(error),
-                            Err(_) => Abandoned::HandlerFailed,
+                            Err(error) => Abandoned::HandlerFailed(error),
                         })?;
                     after_commit.extend(work);
                     results.push(Ok(Outcome::Applied));
