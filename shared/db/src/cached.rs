@@ -3,7 +3,8 @@
 //! diesel keeps a connection's prepared statements only for queries whose
 //! SQL it can key by their Rust type: it refuses every `UPDATE` (a changeset
 //! may skip `None` fields), every multi-row `INSERT` (the SQL grows with the
-//! rows) and every `ON CONFLICT ... DO UPDATE`. Each of those is prepared
+//! rows), every insert of a struct with optional fields (`None` becomes
+//! `DEFAULT`) and every `ON CONFLICT ... DO UPDATE`. Each of those is prepared
 //! afresh: a round trip to parse and plan it, a second to run it, and a
 //! close. On the saga's hot path that is about a third of all statements.
 //!
