@@ -202,6 +202,9 @@ struct PendingRow {
 
 const CHANNEL: &str = "outbox";
 
+/// How long a stopping relay spends publishing what is left.
+const DRAIN_TIME: Duration = Duration::from_secs(2);
+
 /// Claims the oldest pending rows that no other relay holds and marks them,
 /// in one statement; the marks commit with the batch.
 const CLAIM: &str = "UPDATE outbox SET published_at = now() \
@@ -326,7 +329,30 @@ impl Relay {
                 () = tokio::time::sleep(wait) => {}
             }
         }
+        // What is committed goes out before the relay does, so that a
+        // stopped service leaves no event waiting for its next start; a
+        // broker that does not answer in time leaves them for it.
+        if tokio::time::timeout(DRAIN_TIME, self.drain())
+            .await
+            .is_err()
+        {
+            tracing::warn!("outbox not drained at shutdown; the rest goes out at the next start");
+        }
         let _ = listener.await;
+    }
+
+    /// Publishes batches until a batch comes back short or fails.
+    async fn drain(&self) {
+        loop {
+            match self.claim_and_publish(true).await {
+                Ok(count) if count as i64 == self.config.batch_size => {}
+                Ok(_) => return,
+                Err(error) => {
+                    tracing::warn!(error = %error, "outbox drain at shutdown failed; the rest goes out at the next start");
+                    return;
+                }
+            }
+        }
     }
 
     /// Claims, publishes and marks one batch of pending rows; returns how

@@ -659,3 +659,22 @@ async fn an_idle_relay_is_woken_by_the_database_when_events_arrive() {
     shutdown.cancel();
     task.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopping_relay_publishes_what_is_committed_before_it_returns() {
+    let setup = setup().await;
+    append(&setup, &[placed("o-1"), placed("o-2")]).await;
+    // Stopped before it ever looked: only the drain at shutdown publishes.
+    let shutdown = CancellationToken::new();
+    shutdown.cancel();
+    relay(&setup).run(shutdown).await;
+    assert_eq!(stream_messages(&setup.js, "ORDER").await, 2);
+    assert_eq!(
+        count(
+            &setup.url,
+            "SELECT count(*) AS n FROM outbox WHERE published_at IS NULL"
+        )
+        .await,
+        0
+    );
+}
