@@ -21,6 +21,15 @@ use common::*;
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// Outbox rows not yet published.
+async fn pending(setup: &Setup) -> i64 {
+    count(
+        &setup.url,
+        "SELECT count(*) AS n FROM outbox WHERE published_at IS NULL",
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_event_committed_while_the_relay_was_down_is_published_once_after_restart() {
     let mut setup = setup().await;
@@ -51,14 +60,7 @@ async fn an_event_committed_while_the_relay_was_down_is_published_once_after_res
     assert_eq!(effects(&setup, "o-1").await, 1);
     assert_eq!(published.load(Ordering::Relaxed), 1);
     assert_eq!(stream_messages(&setup.js, "ORDER").await, 1);
-    assert_eq!(
-        count(
-            &setup.url,
-            "SELECT count(*) AS n FROM outbox WHERE published_at IS NULL"
-        )
-        .await,
-        0
-    );
+    assert_eq!(pending(&setup).await, 0);
 
     relay_shutdown.cancel();
     shutdown.cancel();
@@ -86,14 +88,7 @@ async fn a_publish_whose_ack_was_lost_is_dropped_by_jetstream_when_repeated() {
     let error = relay.relay_batch().await.unwrap_err();
     assert!(error.to_string().contains("marking refused"), "{error}");
     assert_eq!(stream_messages(&setup.js, "ORDER").await, 2);
-    assert_eq!(
-        count(
-            &setup.url,
-            "SELECT count(*) AS n FROM outbox WHERE published_at IS NULL"
-        )
-        .await,
-        2
-    );
+    assert_eq!(pending(&setup).await, 2);
 
     conn.batch_execute("DROP TRIGGER refuse ON outbox")
         .await
@@ -407,12 +402,7 @@ async fn two_relays_publish_5000_events_with_none_lost_or_doubled() {
         .collect();
 
     eventually("every row published", Duration::from_secs(60), || async {
-        count(
-            &setup.url,
-            "SELECT count(*) AS n FROM outbox WHERE published_at IS NULL",
-        )
-        .await
-            == 0
+        pending(&setup).await == 0
     })
     .await;
     shutdown.cancel();
@@ -669,12 +659,5 @@ async fn a_stopping_relay_publishes_what_is_committed_before_it_returns() {
     shutdown.cancel();
     relay(&setup).run(shutdown).await;
     assert_eq!(stream_messages(&setup.js, "ORDER").await, 2);
-    assert_eq!(
-        count(
-            &setup.url,
-            "SELECT count(*) AS n FROM outbox WHERE published_at IS NULL"
-        )
-        .await,
-        0
-    );
+    assert_eq!(pending(&setup).await, 0);
 }
