@@ -159,8 +159,60 @@ impl Context<'_> {
     }
 }
 
+/// What a batch handler (see [`Router::on_batch_locking`]) works with: the
+/// transaction's connection and the envelopes of the events it handles,
+/// indexed like the events it is given.
+pub struct Batch<'c> {
+    conn: &'c mut AsyncPgConnection,
+    envelopes: Vec<&'c Envelope>,
+    emitted: Vec<Vec<OutgoingEvent>>,
+    after_commit: Vec<AfterCommit>,
+}
+
+impl std::fmt::Debug for Batch<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch")
+            .field("envelopes", &self.envelopes)
+            .field("emitted", &self.emitted)
+            .finish()
+    }
+}
+
+impl Batch<'_> {
+    /// The connection of the batch's transaction.
+    pub fn conn(&mut self) -> &mut AsyncPgConnection {
+        self.conn
+    }
+
+    /// The envelope of the `index`-th event.
+    ///
+    /// # Panics
+    /// If there is no such event.
+    pub fn envelope(&self, index: usize) -> &Envelope {
+        self.envelopes[index]
+    }
+
+    /// Runs `work` once the batch's transaction has committed (see
+    /// [`Context::after_commit`]).
+    pub fn after_commit(&mut self, work: impl FnOnce() + Send + 'static) {
+        self.after_commit.push(Box::new(work));
+    }
+
+    /// Emits `event` as caused by the `index`-th event (correlated like it,
+    /// and traced in its saga); published only if the transaction commits.
+    ///
+    /// # Panics
+    /// If there is no such event.
+    pub fn emit<E: Event>(&mut self, index: usize, event: &E) {
+        let cause = self.envelopes[index];
+        let mut outgoing = OutgoingEvent::new(event).caused_by(cause.id);
+        outgoing.correlation_id = cause.correlation_id.clone();
+        self.emitted[index].push(outgoing);
+    }
+}
+
 type Decoded = Box<dyn Any + Send + Sync>;
-type Handle<S> = Box<
+type HandleOne<S> = Box<
     dyn for<'a, 'c> Fn(
             &'a S,
             &'a mut Context<'c>,
@@ -169,6 +221,22 @@ type Handle<S> = Box<
         + Send
         + Sync,
 >;
+type HandleBatch<S> = Box<
+    dyn for<'a, 'c> Fn(
+            &'a S,
+            &'a mut Batch<'c>,
+            Vec<Decoded>,
+        ) -> BoxFuture<'a, Result<(), HandlerError>>
+        + Send
+        + Sync,
+>;
+
+/// A route's handler: for one event at a time, or for all of a batch's
+/// events of its type at once.
+enum Handle<S> {
+    One(HandleOne<S>),
+    Batch(HandleBatch<S>),
+}
 
 /// What a route's handler will lock for the batch's events of its type,
 /// named from the events (looked up in the batch's transaction when the
@@ -181,6 +249,24 @@ type Locks = Box<
         + Send
         + Sync,
 >;
+
+/// The type-erased form of a route's lock names.
+fn erase_locks<E, L>(locks: L) -> Locks
+where
+    E: Event,
+    L: for<'a> Fn(&'a mut AsyncPgConnection, Vec<&'a E>) -> BoxFuture<'a, QueryResult<Vec<String>>>
+        + Send
+        + Sync
+        + 'static,
+{
+    Box::new(move |conn, decoded| {
+        let events = decoded
+            .into_iter()
+            .filter_map(|event| event.downcast_ref::<E>())
+            .collect();
+        locks(conn, events)
+    })
+}
 
 struct Route<S> {
     decode: fn(&[u8]) -> Result<Decoded, prost::DecodeError>,
@@ -223,7 +309,7 @@ impl<S: Send + Sync + 'static> Router<S> {
 
     /// Routes events of type `E` to `handler`.
     #[must_use]
-    pub fn on<E, F>(mut self, handler: F) -> Self
+    pub fn on<E, F>(self, handler: F) -> Self
     where
         E: Event,
         F: for<'a, 'c> Fn(&'a S, &'a mut Context<'c>, E) -> BoxFuture<'a, Result<(), HandlerError>>
@@ -231,30 +317,16 @@ impl<S: Send + Sync + 'static> Router<S> {
             + Sync
             + 'static,
     {
-        fn decode<E: Event>(body: &[u8]) -> Result<Decoded, prost::DecodeError> {
-            E::decode(body).map(|event| Box::new(event) as Decoded)
-        }
-        let handle: Handle<S> = Box::new(move |state, cx, decoded| {
+        let handle: HandleOne<S> = Box::new(move |state, cx, decoded| {
             match decoded.downcast::<E>() {
                 Ok(event) => handler(state, cx, *event),
-                // `decode` above is the only producer of `decoded` for this route.
+                // `decode` is the only producer of `decoded` for this route.
                 Err(_) => Box::pin(async {
                     Err(HandlerError::permanent("internal: decoded the wrong type"))
                 }),
             }
         });
-        self.routes.insert(
-            E::TYPE,
-            Route {
-                decode: decode::<E>,
-                handle,
-                locks: None,
-            },
-        );
-        if !self.subjects.contains(&E::SUBJECT) {
-            self.subjects.push(E::SUBJECT);
-        }
-        self
+        self.route::<E>(Handle::One(handle), None)
     }
 
     /// Routes events of type `E` to `handler`, like [`on`](Self::on), and
@@ -284,17 +356,77 @@ impl<S: Send + Sync + 'static> Router<S> {
             + 'static,
     {
         let mut router = self.on::<E, F>(handler);
-        let locks: Locks = Box::new(move |conn, decoded| {
-            let events = decoded
-                .into_iter()
-                .filter_map(|event| event.downcast_ref::<E>())
-                .collect();
-            locks(conn, events)
-        });
         if let Some(route) = router.routes.get_mut(E::TYPE) {
-            route.locks = Some(locks);
+            route.locks = Some(erase_locks(locks));
         }
         router
+    }
+
+    /// Routes events of type `E` to `handler`, which applies several at
+    /// once: all of a batch's new events of type `E`, in the order they
+    /// arrived, in one call — a few statements per batch instead of a few
+    /// per event. Locks are named as for [`on_locking`](Self::on_locking).
+    ///
+    /// The handler must do what handling the events one after another
+    /// would do. If it fails, the batch is redone with each event on its
+    /// own (the handler called with one event), so that a failure is
+    /// settled for the event that caused it. A batch's events of this type
+    /// are applied together where the first of them stands, after the
+    /// batch's earlier events and before its later ones, whatever their
+    /// types: the route's events must not depend on the order in which they
+    /// and events of other types apply within a batch (saga steps, which
+    /// must bear reordering anyway, do not).
+    #[must_use]
+    pub fn on_batch_locking<E, L, F>(self, locks: L, handler: F) -> Self
+    where
+        E: Event,
+        L: for<'a> Fn(
+                &'a mut AsyncPgConnection,
+                Vec<&'a E>,
+            ) -> BoxFuture<'a, QueryResult<Vec<String>>>
+            + Send
+            + Sync
+            + 'static,
+        F: for<'a, 'c> Fn(
+                &'a S,
+                &'a mut Batch<'c>,
+                Vec<E>,
+            ) -> BoxFuture<'a, Result<(), HandlerError>>
+            + Send
+            + Sync
+            + 'static,
+    {
+        let handle: HandleBatch<S> = Box::new(move |state, batch, decoded| {
+            let events: Option<Vec<E>> = decoded
+                .into_iter()
+                .map(|decoded| decoded.downcast::<E>().ok().map(|event| *event))
+                .collect();
+            match events {
+                Some(events) => handler(state, batch, events),
+                None => Box::pin(async {
+                    Err(HandlerError::permanent("internal: decoded the wrong type"))
+                }),
+            }
+        });
+        self.route::<E>(Handle::Batch(handle), Some(erase_locks(locks)))
+    }
+
+    fn route<E: Event>(mut self, handle: Handle<S>, locks: Option<Locks>) -> Self {
+        fn decode<E: Event>(body: &[u8]) -> Result<Decoded, prost::DecodeError> {
+            E::decode(body).map(|event| Box::new(event) as Decoded)
+        }
+        self.routes.insert(
+            E::TYPE,
+            Route {
+                decode: decode::<E>,
+                handle,
+                locks,
+            },
+        );
+        if !self.subjects.contains(&E::SUBJECT) {
+            self.subjects.push(E::SUBJECT);
+        }
+        self
     }
 
     /// This table and `other`'s, for a consumer that receives the events of
@@ -1004,27 +1136,55 @@ impl<S: Send + Sync + 'static> Inner<S> {
                 // holds no lock that batch could need.
                 self.lock(conn, prepared, |envelope| fresh.contains(&envelope.id))
                     .await?;
-                let mut applied = HashSet::new();
-                let mut results = Vec::with_capacity(prepared.len());
-                for (_, ready) in prepared.iter_mut() {
-                    let id = ready.envelope.id;
-                    // Already in the inbox, or a second copy within this batch.
-                    if !fresh.contains(&id) || !applied.insert(id) {
-                        results.push(Ok(Outcome::Duplicate));
+                // Already in the inbox, or a second copy within this batch.
+                let mut unique = HashSet::new();
+                let mut results: Vec<Option<Result<Outcome, Failure>>> = prepared
+                    .iter()
+                    .map(|(_, ready)| {
+                        let id = ready.envelope.id;
+                        (!fresh.contains(&id) || !unique.insert(id))
+                            .then_some(Ok(Outcome::Duplicate))
+                    })
+                    .collect();
+                for first in 0..prepared.len() {
+                    if results[first].is_some() {
                         continue;
                     }
-                    let span = consumer_span(&self.name, &ready.envelope);
-                    let work = self
-                        .run_handler(conn, ready)
-                        .instrument(span)
-                        .await
-                        .map_err(|error| match into_passing(error) {
-                            Ok(error) => Abandoned::Database(error),
-                            Err(error) => Abandoned::HandlerFailed(error),
-                        })?;
+                    let route = prepared[first].1.route;
+                    // A batch route takes the batch's other new events of its
+                    // type along.
+                    let members: Vec<usize> = match route.handle {
+                        Handle::One(_) => vec![first],
+                        Handle::Batch(_) => (first..prepared.len())
+                            .filter(|&index| {
+                                results[index].is_none()
+                                    && prepared[index].1.envelope.event_type
+                                        == prepared[first].1.envelope.event_type
+                            })
+                            .collect(),
+                    };
+                    let group: Vec<&mut Prepared<'_, S>> = prepared
+                        .iter_mut()
+                        .enumerate()
+                        .filter(|(index, _)| members.binary_search(index).is_ok())
+                        .map(|(_, (_, ready))| ready)
+                        .collect();
+                    let work =
+                        self.run_handler(conn, group)
+                            .await
+                            .map_err(|error| match into_passing(error) {
+                                Ok(error) => Abandoned::Database(error),
+                                Err(error) => Abandoned::HandlerFailed(error),
+                            })?;
                     after_commit.extend(work);
-                    results.push(Ok(Outcome::Applied));
+                    for index in members {
+                        results[index] = Some(Ok(Outcome::Applied));
+                    }
                 }
+                let results = results
+                    .into_iter()
+                    .map(|result| result.unwrap_or(Ok(Outcome::Applied)))
+                    .collect();
                 Ok((results, after_commit))
             })
             .await?;
@@ -1054,7 +1214,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
                 if inserted == 0 {
                     return Ok((Outcome::Duplicate, Vec::new()));
                 }
-                let work = self.run_handler(conn, ready).await?;
+                let work = self.run_handler(conn, vec![ready]).await?;
                 Ok((Outcome::Applied, work))
             })
             .await;
@@ -1067,31 +1227,76 @@ impl<S: Send + Sync + 'static> Inner<S> {
         }
     }
 
-    /// Runs the message's handler and writes the events it emitted; returns
-    /// its after-commit work. A panicking handler is a transient failure.
+    /// Runs the handler of `group`'s messages (one message, or several of
+    /// one batch route) and writes the events they emitted, each under its
+    /// message's span; returns the after-commit work. A panicking handler is
+    /// a transient failure.
     async fn run_handler(
         &self,
         conn: &mut AsyncPgConnection,
-        ready: &mut Prepared<'_, S>,
+        mut group: Vec<&mut Prepared<'_, S>>,
     ) -> Result<Vec<AfterCommit>, HandlerError> {
-        let envelope = &ready.envelope;
+        let Some(route) = <[_]>::first(&group).map(|ready| ready.route) else {
+            return Ok(Vec::new());
+        };
         // Decoded once in `prepare`; decoded again if an abandoned fast path
         // consumed it (it decoded before, so it decodes again).
-        let decoded = match ready.decoded.take() {
-            Some(decoded) => decoded,
-            None => (ready.route.decode)(&envelope.body)
-                .map_err(|error| HandlerError::permanent(error.to_string()))?,
+        let mut decoded = Vec::with_capacity(group.len());
+        for ready in &mut group {
+            decoded.push(match ready.decoded.take() {
+                Some(decoded) => decoded,
+                None => (route.decode)(&ready.envelope.body)
+                    .map_err(|error| HandlerError::permanent(error.to_string()))?,
+            });
+        }
+        let envelopes: Vec<&Envelope> = group.iter().map(|ready| &ready.envelope).collect();
+        let spans: Vec<tracing::Span> = envelopes
+            .iter()
+            .map(|envelope| consumer_span(&self.name, envelope))
+            .collect();
+        // One message runs in its span; the spans of several cover their
+        // shared handling, each in its own saga's trace.
+        let current = match spans.as_slice() {
+            [span] => span.clone(),
+            _ => tracing::Span::none(),
         };
-        let mut cx = Context {
-            conn,
-            envelope,
-            emitted: Vec::new(),
-            after_commit: Vec::new(),
+        let (result, emitted, after_commit) = match &route.handle {
+            Handle::One(handle) => {
+                let mut decoded = decoded.into_iter();
+                let (Some(decoded), None, [envelope]) =
+                    (decoded.next(), decoded.next(), envelopes.as_slice())
+                else {
+                    return Err(HandlerError::permanent(
+                        "internal: a one-event route got several",
+                    ));
+                };
+                let mut cx = Context {
+                    conn: &mut *conn,
+                    envelope,
+                    emitted: Vec::new(),
+                    after_commit: Vec::new(),
+                };
+                let result = AssertUnwindSafe(handle(&self.state, &mut cx, decoded))
+                    .catch_unwind()
+                    .instrument(current)
+                    .await;
+                (result, vec![cx.emitted], cx.after_commit)
+            }
+            Handle::Batch(handle) => {
+                let mut batch = Batch {
+                    conn: &mut *conn,
+                    emitted: vec![Vec::new(); envelopes.len()],
+                    envelopes,
+                    after_commit: Vec::new(),
+                };
+                let result = AssertUnwindSafe(handle(&self.state, &mut batch, decoded))
+                    .catch_unwind()
+                    .instrument(current)
+                    .await;
+                (result, batch.emitted, batch.after_commit)
+            }
         };
-        match AssertUnwindSafe((ready.route.handle)(&self.state, &mut cx, decoded))
-            .catch_unwind()
-            .await
-        {
+        match result {
             Ok(result) => result?,
             Err(panic) => {
                 return Err(HandlerError::transient(format!(
@@ -1100,12 +1305,9 @@ impl<S: Send + Sync + 'static> Inner<S> {
                 )));
             }
         }
-        let Context {
-            emitted,
-            after_commit,
-            ..
-        } = cx;
-        self.outbox.append(conn, &emitted).await?;
+        let emitted: Vec<(&tracing::Span, Vec<OutgoingEvent>)> =
+            spans.iter().zip(emitted).collect();
+        self.outbox.append_each(conn, &emitted).await?;
         Ok(after_commit)
     }
 

@@ -32,7 +32,7 @@ pub mod trace;
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 
 pub use consumer::{
-    Context, EventConsumer, HandlerError, Processed, ProcessedHook, RetryPolicy, Router,
+    Batch, Context, EventConsumer, HandlerError, Processed, ProcessedHook, RetryPolicy, Router,
 };
 pub use dead_letters::{DeadLetter, DeadLetterError, DeadLetters};
 pub use envelope::{Envelope, EnvelopeError, OutgoingEvent};

@@ -37,7 +37,7 @@ use uuid::Uuid;
 use crate::envelope::{OutgoingEvent, build_headers};
 use crate::metrics::{MessagingMetrics, SubjectLabels};
 use crate::schema::outbox;
-use crate::trace;
+use crate::trace::{self, TraceContext};
 
 /// Writes events into the outbox of the service named `source`.
 #[derive(Debug, Clone)]
@@ -84,23 +84,52 @@ impl Outbox {
             return Ok(Vec::new());
         }
         // The rows carry this span's context: each publish is its child.
-        let subjects: Vec<&str> = events.iter().map(|event| event.subject).collect();
-        let span = tracing::info_span!(
-            "outbox write",
-            otel.kind = "internal",
-            messaging.system = "nats",
-            messaging.destination.name = %subjects.join(" "),
-            messaging.batch.message_count = events.len(),
-            order_id = events[0].correlation_id.as_deref().unwrap_or_default(),
-        );
+        let span = write_span(events);
         let context = span.in_scope(trace::current);
+        let rows: Vec<_> = events.iter().map(|event| (event, &context)).collect();
+        self.insert(conn, &rows).instrument(span).await
+    }
+
+    /// Writes the events that several handled messages emitted, in one
+    /// statement: each message's under a write span of its own, a child of
+    /// that message's span, so that every saga's trace goes on unbroken.
+    pub(crate) async fn append_each(
+        &self,
+        conn: &mut AsyncPgConnection,
+        emitted: &[(&tracing::Span, Vec<OutgoingEvent>)],
+    ) -> QueryResult<()> {
+        let writes: Vec<(tracing::Span, TraceContext, &[OutgoingEvent])> = emitted
+            .iter()
+            .filter(|(_, events)| !events.is_empty())
+            .map(|(parent, events)| {
+                let span = parent.in_scope(|| write_span(events));
+                let context = span.in_scope(trace::current);
+                (span, context, events.as_slice())
+            })
+            .collect();
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<_> = writes
+            .iter()
+            .flat_map(|(_, context, events)| events.iter().map(move |event| (event, context)))
+            .collect();
+        self.insert(conn, &rows).await?;
+        Ok(())
+    }
+
+    async fn insert(
+        &self,
+        conn: &mut AsyncPgConnection,
+        events: &[(&OutgoingEvent, &TraceContext)],
+    ) -> QueryResult<Vec<Uuid>> {
         let now = Utc::now();
         let ids: Vec<Uuid> = events.iter().map(|_| Uuid::now_v7()).collect();
         let rows: Vec<NewOutboxRow<'_>> = events
             .iter()
             .zip(&ids)
-            .map(|(event, id)| NewOutboxRow {
-                event_id: *id,
+            .map(|((event, context), &event_id)| NewOutboxRow {
+                event_id,
                 subject: event.subject,
                 event_type: event.event_type,
                 source: &self.source,
@@ -114,10 +143,24 @@ impl Outbox {
             .collect();
         Cached(diesel::insert_into(outbox::table).values(&rows))
             .execute(conn)
-            .instrument(span)
             .await?;
         Ok(ids)
     }
+}
+
+/// The span of one outbox write; the written rows carry its context.
+fn write_span(events: &[OutgoingEvent]) -> tracing::Span {
+    let subjects: Vec<&str> = events.iter().map(|event| event.subject).collect();
+    tracing::info_span!(
+        "outbox write",
+        otel.kind = "internal",
+        messaging.system = "nats",
+        messaging.destination.name = %subjects.join(" "),
+        messaging.batch.message_count = events.len(),
+        order_id = <[_]>::first(events)
+            .and_then(|event| event.correlation_id.as_deref())
+            .unwrap_or_default(),
+    )
 }
 
 /// How the relay batches, waits and cleans up.

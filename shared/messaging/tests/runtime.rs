@@ -15,6 +15,7 @@ use futures::StreamExt as _;
 use shop_messaging::consumer::dead_letter_headers;
 use shop_messaging::envelope::headers;
 use shop_messaging::{Processed, Relay, RelayConfig};
+use shop_proto::order::v1::OrderPlaced;
 use tokio_util::sync::CancellationToken;
 
 use common::*;
@@ -614,6 +615,102 @@ async fn a_failure_inside_a_batch_rolls_back_only_its_own_message() {
     assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 1);
     shutdown.cancel();
     task.await.unwrap();
+}
+
+/// The `(causation id, correlation id)` of the `order.confirmed` rows in
+/// the outbox, in the order they were written.
+async fn confirmations(setup: &Setup) -> Vec<(uuid::Uuid, String)> {
+    use diesel_async::RunQueryDsl as _;
+
+    #[derive(diesel::QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::Uuid)]
+        causation_id: uuid::Uuid,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        correlation_id: String,
+    }
+    let mut conn = AsyncPgConnection::establish(&setup.url).await.unwrap();
+    diesel::sql_query(
+        "SELECT causation_id, correlation_id FROM outbox \
+         WHERE subject = 'order.confirmed' ORDER BY seq",
+    )
+    .load::<Row>(&mut conn)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|row| (row.causation_id, row.correlation_id))
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_route_applies_a_batch_in_one_call_and_one_by_one_when_it_fails() {
+    let setup = setup().await;
+    let behaviour = Arc::new(Behaviour::default());
+    behaviour.permanent.lock().unwrap().push("bad".into());
+    let batch_consumer = || {
+        let router = shop_messaging::Router::new().on_batch_locking::<OrderPlaced, _, _>(
+            |_, _| Box::pin(std::future::ready(Ok(Vec::new()))),
+            record_all,
+        );
+        consumer_with(
+            &setup,
+            shop_messaging::ConsumerSpec::new("inventory", "ORDER", &[]),
+            router,
+            Arc::clone(&behaviour),
+        )
+        .with_concurrency(1)
+        .with_batch_size(64)
+    };
+
+    // In the stream before the consumer starts: one batch, one call.
+    let ids = append(&setup, &[placed("a"), placed("b"), placed("c")]).await;
+    relay(&setup).relay_batch().await.unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(batch_consumer().run(shutdown.clone()));
+    eventually("a, b and c applied", WAIT, || async {
+        effects(&setup, "c").await == 1
+    })
+    .await;
+    shutdown.cancel();
+    task.await.unwrap();
+    assert_eq!(*behaviour.batch_sizes.lock().unwrap(), [3]);
+    for order in ["a", "b"] {
+        assert_eq!(effects(&setup, order).await, 1, "{order}");
+    }
+    // Each emitted event is caused by, and correlated like, its own event.
+    let expected: Vec<_> = ids
+        .iter()
+        .zip(["a", "b", "c"])
+        .map(|(id, order)| (*id, order.to_owned()))
+        .collect();
+    assert_eq!(confirmations(&setup).await, expected);
+
+    // One bad event fails the call: the batch is redone one event at a
+    // time, the bad one is dead-lettered and its neighbours applied.
+    behaviour.batch_sizes.lock().unwrap().clear();
+    let ids = append(&setup, &[placed("d"), placed("bad"), placed("e")]).await;
+    relay(&setup).relay_batch().await.unwrap();
+    let consumer = batch_consumer();
+    let stats = consumer.stats();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(consumer.run(shutdown.clone()));
+    eventually("bad dead-lettered", WAIT, || async {
+        stats.dead_lettered.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    shutdown.cancel();
+    task.await.unwrap();
+    assert_eq!(*behaviour.batch_sizes.lock().unwrap(), [3, 1, 1, 1]);
+    assert_eq!(stats.applied.load(Ordering::Relaxed), 2);
+    assert_eq!(effects(&setup, "d").await, 1);
+    assert_eq!(effects(&setup, "e").await, 1);
+    assert_eq!(effects(&setup, "bad").await, 0);
+    let confirmed = confirmations(&setup).await;
+    assert_eq!(
+        confirmed[3..],
+        [(ids[0], "d".to_owned()), (ids[2], "e".to_owned())]
+    );
+    assert_eq!(dead_letters(&setup, 1).await.len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -20,10 +20,10 @@ use diesel_async::{
 };
 use shop_db::PgPool;
 use shop_messaging::{
-    BoxFuture, ConsumerSpec, Context, EventConsumer, HandlerError, Outbox, OutgoingEvent, Relay,
-    RelayConfig, RetryPolicy, Router, StreamSpec,
+    Batch, BoxFuture, ConsumerSpec, Context, EventConsumer, HandlerError, Outbox, OutgoingEvent,
+    Relay, RelayConfig, RetryPolicy, Router, StreamSpec,
 };
-use shop_proto::order::v1::OrderPlaced;
+use shop_proto::order::v1::{OrderConfirmed, OrderPlaced};
 use shop_test_support::TestInfra;
 
 pub struct Setup {
@@ -81,6 +81,8 @@ pub struct Behaviour {
     pub deliveries: Mutex<HashMap<String, Vec<Instant>>>,
     /// How long each handling takes.
     pub work: Mutex<Duration>,
+    /// How many events each call of the batch handler got.
+    pub batch_sizes: Mutex<Vec<usize>>,
 }
 
 impl Behaviour {
@@ -139,6 +141,44 @@ pub fn record<'a>(
     })
 }
 
+/// The batch form of [`record`]: records every event's effect, and emits an
+/// `order.confirmed` for each; fails the whole call when any of its events
+/// is in `permanent`.
+pub fn record_all<'a>(
+    behaviour: &'a Arc<Behaviour>,
+    batch: &'a mut Batch<'_>,
+    events: Vec<OrderPlaced>,
+) -> BoxFuture<'a, Result<(), HandlerError>> {
+    Box::pin(async move {
+        behaviour.batch_sizes.lock().unwrap().push(events.len());
+        let permanent = behaviour.permanent.lock().unwrap().clone();
+        if let Some(bad) = events
+            .iter()
+            .find(|event| permanent.contains(&event.order_id))
+        {
+            return Err(HandlerError::permanent(format!(
+                "order {} is not acceptable",
+                bad.order_id
+            )));
+        }
+        for (index, event) in events.iter().enumerate() {
+            diesel::sql_query("INSERT INTO effects (event_id, order_id) VALUES ($1, $2)")
+                .bind::<SqlUuid, _>(batch.envelope(index).id)
+                .bind::<Text, _>(&event.order_id)
+                .execute(batch.conn())
+                .await?;
+            batch.emit(
+                index,
+                &OrderConfirmed {
+                    order_id: event.order_id.clone(),
+                    ..Default::default()
+                },
+            );
+        }
+        Ok(())
+    })
+}
+
 /// A relay that polls every 200 ms.
 pub fn relay(setup: &Setup) -> Relay {
     Relay::new(
@@ -167,7 +207,22 @@ pub fn consumer_on(
     spec: ConsumerSpec,
     behaviour: Arc<Behaviour>,
 ) -> EventConsumer<Arc<Behaviour>> {
-    let router = Router::new().on::<OrderPlaced, _>(record);
+    consumer_with(
+        setup,
+        spec,
+        Router::new().on::<OrderPlaced, _>(record),
+        behaviour,
+    )
+}
+
+/// `router` behind the durable consumer `spec`, with the tests' short ack
+/// wait and retry delays.
+pub fn consumer_with(
+    setup: &Setup,
+    spec: ConsumerSpec,
+    router: Router<Arc<Behaviour>>,
+    behaviour: Arc<Behaviour>,
+) -> EventConsumer<Arc<Behaviour>> {
     EventConsumer::new(
         setup.js.clone(),
         setup.pool.clone(),
