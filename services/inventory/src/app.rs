@@ -1,9 +1,10 @@
 //! The inventory service's use cases: the catalogue (gRPC) and the saga
 //! steps (events), each inside the transaction it is given or opens.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use shop_db::{Cached, PgPool};
 use shop_messaging::HandlerError;
@@ -157,86 +158,199 @@ pub(crate) enum Reservation {
     AlreadyDecided,
 }
 
-/// Saga step 2: reserve all lines or none.
+/// An `order.placed` to reserve for.
+pub(crate) struct Placed {
+    pub(crate) order_id: Uuid,
+    pub(crate) user_id: Uuid,
+    pub(crate) items: Vec<(String, i64)>,
+}
+
+/// Saga step 2 for several orders, one after another in the order given:
+/// each reserves all its lines or none, from the stock the orders before it
+/// left. A few statements whatever the number of orders.
 pub(crate) async fn reserve(
     conn: &mut AsyncPgConnection,
-    order_id: Uuid,
-    user_id: Uuid,
-    items: &[(String, i64)],
-) -> Result<Reservation, HandlerError> {
-    let seen: Option<String> = reservations::table
-        .find(order_id)
-        .select(reservations::status)
-        .for_update()
-        .first(conn)
-        .await
-        .optional()?;
-    if seen.is_some() {
-        return Ok(Reservation::AlreadyDecided);
-    }
-    let skus: Vec<&str> = items.iter().map(|(sku, _)| sku.as_str()).collect();
-    // Locked in SKU order, so concurrent orders never deadlock.
-    let stock: HashMap<String, Stock> = products::table
-        .filter(products::sku.eq_any(&skus))
-        .order(products::sku)
-        .select((products::sku, products::price_cents, products::available))
-        .for_update()
-        .load::<(String, i64, i64)>(conn)
-        .await?
-        .into_iter()
-        .map(|(sku, price_cents, available)| {
-            (
-                sku,
-                Stock {
-                    price_cents,
-                    available,
-                },
-            )
-        })
+    orders: &[Placed],
+) -> Result<Vec<Reservation>, HandlerError> {
+    let order_ids: Vec<Uuid> = orders.iter().map(|order| order.order_id).collect();
+    let mut decided: HashSet<Uuid> = Cached(
+        reservations::table
+            .filter(reservations::order_id.eq_any(&order_ids))
+            .select(reservations::order_id)
+            .for_update(),
+    )
+    .load(conn)
+    .await?
+    .into_iter()
+    .collect();
+    let mut skus: Vec<&str> = orders
+        .iter()
+        .flat_map(|order| &order.items)
+        .map(|(sku, _)| sku.as_str())
         .collect();
-    match domain::reserve(items, &stock) {
-        Ok((lines, total_cents)) => {
-            for line in &lines {
-                Cached(diesel::update(products::table.find(&line.sku)).set((
-                    products::available.eq(products::available - line.quantity),
-                    products::reserved.eq(products::reserved + line.quantity),
-                )))
-                .execute(conn)
-                .await?;
-            }
-            insert_reservation(conn, order_id, user_id, Status::Reserved, total_cents, "").await?;
-            let rows: Vec<_> = lines
-                .iter()
-                .map(|line| {
-                    (
-                        reservation_lines::order_id.eq(order_id),
-                        reservation_lines::sku.eq(&line.sku),
+    skus.sort_unstable();
+    skus.dedup();
+    // Locked in SKU order, so concurrent transactions never deadlock.
+    let mut stock: HashMap<String, Stock> = Cached(
+        products::table
+            .filter(products::sku.eq_any(&skus))
+            .order(products::sku)
+            .select((products::sku, products::price_cents, products::available))
+            .for_update(),
+    )
+    .load::<(String, i64, i64)>(conn)
+    .await?
+    .into_iter()
+    .map(|(sku, price_cents, available)| {
+        (
+            sku,
+            Stock {
+                price_cents,
+                available,
+            },
+        )
+    })
+    .collect();
+    let mut taken: BTreeMap<String, i64> = BTreeMap::new();
+    let mut new_reservations = Vec::new();
+    let mut new_lines = Vec::new();
+    let mut decisions = Vec::with_capacity(orders.len());
+    for order in orders {
+        // Seen before (a redelivery under another id, or a cancellation that
+        // overtook it), or earlier in this batch.
+        if !decided.insert(order.order_id) {
+            decisions.push(Reservation::AlreadyDecided);
+            continue;
+        }
+        match domain::reserve(&order.items, &stock) {
+            Ok((lines, total_cents)) => {
+                for line in &lines {
+                    if let Some(product) = stock.get_mut(&line.sku) {
+                        product.available -= line.quantity;
+                    }
+                    *taken.entry(line.sku.clone()).or_default() += line.quantity;
+                    new_lines.push((
+                        reservation_lines::order_id.eq(order.order_id),
+                        reservation_lines::sku.eq(line.sku.clone()),
                         reservation_lines::quantity.eq(line.quantity),
                         reservation_lines::unit_price_cents.eq(line.unit_price_cents),
-                    )
-                })
-                .collect();
-            Cached(diesel::insert_into(reservation_lines::table).values(&rows))
-                .execute(conn)
-                .await?;
-            Ok(Reservation::Reserved { lines, total_cents })
-        }
-        Err(rejection) => {
-            insert_reservation(
-                conn,
-                order_id,
-                user_id,
-                Status::Rejected,
-                0,
-                &rejection.reason,
-            )
-            .await?;
-            Ok(Reservation::Rejected {
-                sku: rejection.sku,
-                reason: rejection.reason,
-            })
+                    ));
+                }
+                new_reservations.push(new_reservation(
+                    order,
+                    Status::Reserved,
+                    total_cents,
+                    String::new(),
+                ));
+                decisions.push(Reservation::Reserved { lines, total_cents });
+            }
+            Err(rejection) => {
+                new_reservations.push(new_reservation(
+                    order,
+                    Status::Rejected,
+                    0,
+                    rejection.reason.clone(),
+                ));
+                decisions.push(Reservation::Rejected {
+                    sku: rejection.sku,
+                    reason: rejection.reason,
+                });
+            }
         }
     }
+    shift(conn, Shift::Reserve, &taken).await?;
+    if !new_reservations.is_empty() {
+        Cached(diesel::insert_into(reservations::table).values(&new_reservations))
+            .execute(conn)
+            .await?;
+    }
+    if !new_lines.is_empty() {
+        Cached(diesel::insert_into(reservation_lines::table).values(&new_lines))
+            .execute(conn)
+            .await?;
+    }
+    Ok(decisions)
+}
+
+type NewReservation = (
+    diesel::dsl::Eq<reservations::order_id, Uuid>,
+    diesel::dsl::Eq<reservations::user_id, Uuid>,
+    diesel::dsl::Eq<reservations::status, &'static str>,
+    diesel::dsl::Eq<reservations::total_cents, i64>,
+    diesel::dsl::Eq<reservations::reason, String>,
+);
+
+fn new_reservation(
+    order: &Placed,
+    status: Status,
+    total_cents: i64,
+    reason: String,
+) -> NewReservation {
+    (
+        reservations::order_id.eq(order.order_id),
+        reservations::user_id.eq(order.user_id),
+        reservations::status.eq(status.as_str()),
+        reservations::total_cents.eq(total_cents),
+        reservations::reason.eq(reason),
+    )
+}
+
+/// Where units move between a product's counts.
+#[derive(Debug, Clone, Copy)]
+enum Shift {
+    /// available -> reserved
+    Reserve,
+    /// reserved -> sold
+    Sell,
+    /// reserved -> available
+    Release,
+}
+
+impl Shift {
+    fn statement(self) -> &'static str {
+        match self {
+            Self::Reserve => {
+                "UPDATE products SET available = available - moved.quantity, \
+                 reserved = reserved + moved.quantity \
+                 FROM unnest($1::text[], $2::bigint[]) AS moved (sku, quantity) \
+                 WHERE products.sku = moved.sku"
+            }
+            Self::Sell => {
+                "UPDATE products SET reserved = reserved - moved.quantity, \
+                 sold = sold + moved.quantity \
+                 FROM unnest($1::text[], $2::bigint[]) AS moved (sku, quantity) \
+                 WHERE products.sku = moved.sku"
+            }
+            Self::Release => {
+                "UPDATE products SET reserved = reserved - moved.quantity, \
+                 available = available + moved.quantity \
+                 FROM unnest($1::text[], $2::bigint[]) AS moved (sku, quantity) \
+                 WHERE products.sku = moved.sku"
+            }
+        }
+    }
+}
+
+/// Moves `quantities` (units by SKU) between the products' counts, in one
+/// statement; the table's checks refuse a count below zero.
+async fn shift(
+    conn: &mut AsyncPgConnection,
+    shift: Shift,
+    quantities: &BTreeMap<String, i64>,
+) -> QueryResult<()> {
+    if quantities.is_empty() {
+        return Ok(());
+    }
+    let skus: Vec<&str> = quantities.keys().map(String::as_str).collect();
+    let units: Vec<i64> = quantities.values().copied().collect();
+    Cached(
+        diesel::sql_query(shift.statement())
+            .bind::<Array<Text>, _>(&skus)
+            .bind::<Array<BigInt>, _>(&units),
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 async fn insert_reservation(
@@ -329,32 +443,71 @@ async fn set_status(
     .await
 }
 
-/// Saga step 5: the reserved units of a confirmed order become sold.
-pub(crate) async fn sell(conn: &mut AsyncPgConnection, order_id: Uuid) -> Result<(), HandlerError> {
-    match locked_status(conn, order_id).await? {
-        Some(Status::Reserved) => {
-            for line in lines_of(conn, order_id).await? {
-                Cached(diesel::update(products::table.find(&line.sku)).set((
-                    products::reserved.eq(products::reserved - line.quantity),
-                    products::sold.eq(products::sold + line.quantity),
-                )))
-                .execute(conn)
-                .await?;
+/// Saga step 5 for several confirmed orders: their reserved units become
+/// sold, in a few statements whatever their number.
+pub(crate) async fn sell(
+    conn: &mut AsyncPgConnection,
+    order_ids: &[Uuid],
+) -> Result<(), HandlerError> {
+    let statuses: HashMap<Uuid, String> = Cached(
+        reservations::table
+            .filter(reservations::order_id.eq_any(order_ids))
+            .select((reservations::order_id, reservations::status))
+            .for_update(),
+    )
+    .load::<(Uuid, String)>(conn)
+    .await?
+    .into_iter()
+    .collect();
+    let mut to_sell = Vec::new();
+    for &order_id in order_ids {
+        let status = statuses.get(&order_id).map(|status| {
+            Status::parse(status).ok_or_else(|| {
+                HandlerError::permanent(format!("unknown reservation status {status}"))
+            })
+        });
+        match status.transpose()? {
+            Some(Status::Reserved) if !to_sell.contains(&order_id) => to_sell.push(order_id),
+            Some(Status::Reserved | Status::Sold) => {}
+            Some(other) => {
+                return Err(HandlerError::permanent(format!(
+                    "order {order_id} confirmed, but its reservation is {}",
+                    other.as_str()
+                )));
             }
-            set_status(conn, order_id, Status::Sold).await?;
-            Ok(())
+            // The reservation is this service's own doing and comes first;
+            // until it is visible, retry.
+            None => {
+                return Err(HandlerError::transient(format!(
+                    "no reservation for confirmed order {order_id} yet"
+                )));
+            }
         }
-        Some(Status::Sold) => Ok(()),
-        Some(other) => Err(HandlerError::permanent(format!(
-            "order {order_id} confirmed, but its reservation is {}",
-            other.as_str()
-        ))),
-        // The reservation is this service's own doing and comes first; until
-        // it is visible, retry.
-        None => Err(HandlerError::transient(format!(
-            "no reservation for confirmed order {order_id} yet"
-        ))),
     }
+    if to_sell.is_empty() {
+        return Ok(());
+    }
+    let lines: Vec<(String, i64)> = Cached(
+        reservation_lines::table
+            .filter(reservation_lines::order_id.eq_any(&to_sell))
+            .select((reservation_lines::sku, reservation_lines::quantity)),
+    )
+    .load(conn)
+    .await?;
+    let mut sold: BTreeMap<String, i64> = BTreeMap::new();
+    for (sku, quantity) in lines {
+        *sold.entry(sku).or_default() += quantity;
+    }
+    shift(conn, Shift::Sell, &sold).await?;
+    Cached(
+        diesel::update(reservations::table.filter(reservations::order_id.eq_any(&to_sell))).set((
+            reservations::status.eq(Status::Sold.as_str()),
+            reservations::updated_at.eq(diesel::dsl::now),
+        )),
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Compensation c2: give a failed order's reserved units back. Returns the
@@ -368,14 +521,11 @@ pub(crate) async fn release(
     match locked_status(conn, order_id).await? {
         Some(Status::Reserved) => {
             let lines = lines_of(conn, order_id).await?;
-            for line in &lines {
-                Cached(diesel::update(products::table.find(&line.sku)).set((
-                    products::reserved.eq(products::reserved - line.quantity),
-                    products::available.eq(products::available + line.quantity),
-                )))
-                .execute(conn)
-                .await?;
-            }
+            let released = lines
+                .iter()
+                .map(|line| (line.sku.clone(), line.quantity))
+                .collect();
+            shift(conn, Shift::Release, &released).await?;
             set_status(conn, order_id, Status::Released).await?;
             Ok(lines)
         }
@@ -395,5 +545,106 @@ pub(crate) async fn release(
             .await?;
             Ok(Vec::new())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use diesel_async::AsyncConnection as _;
+    use shop_test_support::TestPostgres;
+
+    use super::*;
+
+    fn order(sku: &str, quantity: i64) -> Placed {
+        Placed {
+            order_id: Uuid::now_v7(),
+            user_id: Uuid::now_v7(),
+            items: vec![(sku.to_owned(), quantity)],
+        }
+    }
+
+    async fn lamp(conn: &mut AsyncPgConnection) -> (i64, i64, i64) {
+        products::table
+            .find("LAMP")
+            .select((products::available, products::reserved, products::sold))
+            .get_result(conn)
+            .await
+            .unwrap()
+    }
+
+    /// Several orders in one call decide as they would one after another:
+    /// each sees the stock the ones before it left.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn orders_reserved_together_take_the_stock_in_turn_and_sell_together() {
+        let postgres = TestPostgres::start().await;
+        let url = postgres.create_database("inventory").await;
+        shop_db::migrate(&url, vec![shop_messaging::MIGRATIONS, crate::MIGRATIONS])
+            .await
+            .unwrap();
+        let mut conn = AsyncPgConnection::establish(&url).await.unwrap();
+        Catalogue::new(shop_db::pool(&url, 1).unwrap())
+            .create_product("LAMP", "Lamp", 1999, 3)
+            .await
+            .unwrap();
+
+        let first = order("LAMP", 2);
+        let too_many = order("LAMP", 2);
+        let last = order("LAMP", 1);
+        let again = Placed {
+            items: vec![("LAMP".into(), 1)],
+            ..first
+        };
+        let unknown = order("NOPE", 1);
+        let orders = [first, too_many, last, again, unknown];
+        let decisions = reserve(&mut conn, &orders).await.unwrap();
+        let summary: Vec<String> = decisions
+            .iter()
+            .map(|decision| match decision {
+                Reservation::Reserved { total_cents, .. } => format!("reserved {total_cents}"),
+                Reservation::Rejected { reason, .. } => reason.clone(),
+                Reservation::AlreadyDecided => "already decided".into(),
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                "reserved 3998",
+                "out of stock: LAMP has 1 available, 2 wanted",
+                "reserved 1999",
+                "already decided",
+                "unknown SKU NOPE",
+            ]
+        );
+        assert_eq!(lamp(&mut conn).await, (0, 3, 0));
+        // A redelivery of the whole batch decides nothing new.
+        let decisions = reserve(&mut conn, &orders).await.unwrap();
+        assert!(
+            decisions
+                .iter()
+                .all(|decision| matches!(decision, Reservation::AlreadyDecided))
+        );
+
+        let sold = [orders[0].order_id, orders[2].order_id, orders[0].order_id];
+        sell(&mut conn, &sold).await.unwrap();
+        assert_eq!(lamp(&mut conn).await, (0, 0, 3));
+        // Sold already: nothing moves again.
+        sell(&mut conn, &sold).await.unwrap();
+        assert_eq!(lamp(&mut conn).await, (0, 0, 3));
+        // A rejected order cannot be sold, and the call changes nothing.
+        let error = sell(&mut conn, &[orders[1].order_id]).await.unwrap_err();
+        assert!(
+            matches!(&error, HandlerError::Permanent(reason) if reason.ends_with("its reservation is REJECTED")),
+            "{error}"
+        );
+        let statuses: Vec<String> = reservations::table
+            .filter(reservations::order_id.eq_any(orders.iter().map(|order| order.order_id)))
+            .order(reservations::order_id)
+            .select(reservations::status)
+            .load(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(statuses, ["SOLD", "REJECTED", "SOLD", "REJECTED"]);
     }
 }

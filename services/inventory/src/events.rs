@@ -9,14 +9,14 @@
 use diesel::QueryResult;
 use diesel_async::AsyncPgConnection;
 use shop_messaging::consumer::uuid_field as id;
-use shop_messaging::{BoxFuture, Context, HandlerError, Router};
+use shop_messaging::{Batch, BoxFuture, Context, HandlerError, Router};
 use shop_proto::inventory::v1::{
     InventoryRejected, InventoryReleased, InventoryReserved, ReservedLine,
 };
 use shop_proto::order::v1::{OrderCancelled, OrderConfirmed, OrderPlaced};
 use shop_proto::payment::v1::PaymentFailed;
 
-use crate::app::{self, Reservation};
+use crate::app::{self, Placed, Reservation};
 use crate::domain::Line;
 
 /// What the handlers share; the database comes with each event's transaction.
@@ -30,7 +30,7 @@ pub(crate) struct Handlers;
 /// [`Router::on_locking`]).
 pub(crate) fn order_events() -> Router<Handlers> {
     Router::new()
-        .on_locking::<OrderPlaced, _, _>(
+        .on_batch_locking::<OrderPlaced, _, _>(
             |_, events| {
                 let names = events
                     .iter()
@@ -38,9 +38,9 @@ pub(crate) fn order_events() -> Router<Handlers> {
                     .map(|item| product_lock(&item.sku));
                 Box::pin(std::future::ready(Ok(names.collect())))
             },
-            on_order_placed,
+            on_orders_placed,
         )
-        .on_locking::<OrderConfirmed, _, _>(reserved_products, on_order_confirmed)
+        .on_batch_locking::<OrderConfirmed, _, _>(reserved_products, on_orders_confirmed)
         .on_locking::<OrderCancelled, _, _>(reserved_products, on_order_cancelled)
 }
 
@@ -103,44 +103,66 @@ fn to_proto(lines: &[Line]) -> Vec<ReservedLine> {
         .collect()
 }
 
-fn on_order_placed<'a>(
+fn on_orders_placed<'a>(
     _: &'a Handlers,
-    cx: &'a mut Context<'_>,
-    event: OrderPlaced,
+    batch: &'a mut Batch<'_>,
+    events: Vec<OrderPlaced>,
 ) -> BoxFuture<'a, Result<(), HandlerError>> {
     Box::pin(async move {
-        let order_id = id("order_id", &event.order_id)?;
-        let user_id = id("user_id", &event.user_id)?;
-        let items: Vec<(String, i64)> = event
-            .items
+        let orders = events
             .iter()
-            .map(|item| (item.sku.clone(), i64::from(item.quantity)))
-            .collect();
-        match app::reserve(cx.conn(), order_id, user_id, &items).await? {
-            Reservation::Reserved { lines, total_cents } => cx.emit(&InventoryReserved {
-                order_id: event.order_id,
-                user_id: event.user_id,
-                total_cents,
-                lines: to_proto(&lines),
-            }),
-            Reservation::Rejected { sku, reason } => cx.emit(&InventoryRejected {
-                order_id: event.order_id,
-                user_id: event.user_id,
-                reason,
-                sku,
-            }),
-            Reservation::AlreadyDecided => {}
+            .map(|event| {
+                Ok(Placed {
+                    order_id: id("order_id", &event.order_id)?,
+                    user_id: id("user_id", &event.user_id)?,
+                    items: event
+                        .items
+                        .iter()
+                        .map(|item| (item.sku.clone(), i64::from(item.quantity)))
+                        .collect(),
+                })
+            })
+            .collect::<Result<Vec<_>, HandlerError>>()?;
+        let decisions = app::reserve(batch.conn(), &orders).await?;
+        for (index, (event, decision)) in events.into_iter().zip(decisions).enumerate() {
+            match decision {
+                Reservation::Reserved { lines, total_cents } => batch.emit(
+                    index,
+                    &InventoryReserved {
+                        order_id: event.order_id,
+                        user_id: event.user_id,
+                        total_cents,
+                        lines: to_proto(&lines),
+                    },
+                ),
+                Reservation::Rejected { sku, reason } => batch.emit(
+                    index,
+                    &InventoryRejected {
+                        order_id: event.order_id,
+                        user_id: event.user_id,
+                        reason,
+                        sku,
+                    },
+                ),
+                Reservation::AlreadyDecided => {}
+            }
         }
         Ok(())
     })
 }
 
-fn on_order_confirmed<'a>(
+fn on_orders_confirmed<'a>(
     _: &'a Handlers,
-    cx: &'a mut Context<'_>,
-    event: OrderConfirmed,
+    batch: &'a mut Batch<'_>,
+    events: Vec<OrderConfirmed>,
 ) -> BoxFuture<'a, Result<(), HandlerError>> {
-    Box::pin(async move { app::sell(cx.conn(), id("order_id", &event.order_id)?).await })
+    Box::pin(async move {
+        let order_ids = events
+            .iter()
+            .map(|event| id("order_id", &event.order_id))
+            .collect::<Result<Vec<_>, _>>()?;
+        app::sell(batch.conn(), &order_ids).await
+    })
 }
 
 async fn release(
