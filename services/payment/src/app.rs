@@ -1,7 +1,10 @@
 //! The payment service's use cases: wallets (gRPC) and the saga steps
 //! (events).
 
+use std::collections::{BTreeMap, HashMap, HashSet};
+
 use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt, Uuid as SqlUuid};
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl};
 use shop_db::{Cached, PgPool};
 use shop_messaging::HandlerError;
@@ -152,6 +155,7 @@ pub(crate) async fn open_wallet(
 }
 
 /// What a debit decided.
+#[derive(Debug)]
 pub(crate) enum Debit {
     Captured,
     Declined(String),
@@ -159,56 +163,100 @@ pub(crate) enum Debit {
     AlreadyDecided,
 }
 
-/// Step 3: debit the wallet for a reserved order.
+/// A reserved order to charge.
+pub(crate) struct Charge {
+    pub(crate) order_id: Uuid,
+    pub(crate) user_id: Uuid,
+    pub(crate) amount_cents: i64,
+}
+
+/// Step 3 for several reserved orders, one after another in the order
+/// given: each debits its wallet if the balance the ones before it left
+/// covers it. A few statements whatever the number of orders.
 pub(crate) async fn debit(
     conn: &mut AsyncPgConnection,
-    order_id: Uuid,
-    user_id: Uuid,
-    amount: i64,
-) -> Result<Debit, HandlerError> {
-    let seen: Option<String> = payments::table
-        .find(order_id)
-        .select(payments::status)
-        .for_update()
-        .first(conn)
-        .await
-        .optional()?;
-    if seen.is_some() {
-        return Ok(Debit::AlreadyDecided);
-    }
-    let balance: Option<i64> = accounts::table
-        .find(user_id)
-        .select(accounts::balance_cents)
-        .for_update()
-        .first(conn)
-        .await
-        .optional()?;
-    // `user.created` comes on another stream and may not be here yet.
-    let balance = balance
-        .ok_or_else(|| HandlerError::transient(format!("no wallet for user {user_id} yet")))?;
-    let (status, reason, decision) = if balance >= amount {
-        Cached(
-            diesel::update(accounts::table.find(user_id))
-                .set(accounts::balance_cents.eq(accounts::balance_cents - amount)),
-        )
-        .execute(conn)
-        .await?;
-        (status::CAPTURED, String::new(), Debit::Captured)
-    } else {
-        let reason = format!("insufficient funds: balance {balance} cents, order {amount} cents");
-        (status::DECLINED, reason.clone(), Debit::Declined(reason))
-    };
-    diesel::insert_into(payments::table)
-        .values((
-            payments::order_id.eq(order_id),
-            payments::user_id.eq(user_id),
+    charges: &[Charge],
+) -> Result<Vec<Debit>, HandlerError> {
+    let order_ids: Vec<Uuid> = charges.iter().map(|charge| charge.order_id).collect();
+    let mut decided: HashSet<Uuid> = Cached(
+        payments::table
+            .filter(payments::order_id.eq_any(&order_ids))
+            .select(payments::order_id)
+            .for_update(),
+    )
+    .load(conn)
+    .await?
+    .into_iter()
+    .collect();
+    let mut user_ids: Vec<Uuid> = charges.iter().map(|charge| charge.user_id).collect();
+    user_ids.sort_unstable();
+    user_ids.dedup();
+    // Locked in id order, so concurrent transactions never deadlock.
+    let mut balances: HashMap<Uuid, i64> = Cached(
+        accounts::table
+            .filter(accounts::user_id.eq_any(&user_ids))
+            .order(accounts::user_id)
+            .select((accounts::user_id, accounts::balance_cents))
+            .for_update(),
+    )
+    .load::<(Uuid, i64)>(conn)
+    .await?
+    .into_iter()
+    .collect();
+    let mut debited: BTreeMap<Uuid, i64> = BTreeMap::new();
+    let mut rows = Vec::new();
+    let mut decisions = Vec::with_capacity(charges.len());
+    for charge in charges {
+        // Seen before (a redelivery under another id, or a cancellation that
+        // overtook it), or earlier in this batch.
+        if !decided.insert(charge.order_id) {
+            decisions.push(Debit::AlreadyDecided);
+            continue;
+        }
+        // `user.created` comes on another stream and may not be here yet.
+        let balance = balances.get_mut(&charge.user_id).ok_or_else(|| {
+            HandlerError::transient(format!("no wallet for user {} yet", charge.user_id))
+        })?;
+        let amount = charge.amount_cents;
+        let (status, reason, decision) = if *balance >= amount {
+            *balance -= amount;
+            *debited.entry(charge.user_id).or_default() += amount;
+            (status::CAPTURED, String::new(), Debit::Captured)
+        } else {
+            let reason =
+                format!("insufficient funds: balance {balance} cents, order {amount} cents");
+            (status::DECLINED, reason.clone(), Debit::Declined(reason))
+        };
+        rows.push((
+            payments::order_id.eq(charge.order_id),
+            payments::user_id.eq(charge.user_id),
             payments::amount_cents.eq(amount),
             payments::status.eq(status),
             payments::reason.eq(reason),
-        ))
+        ));
+        decisions.push(decision);
+    }
+    if !debited.is_empty() {
+        let users: Vec<Uuid> = debited.keys().copied().collect();
+        let amounts: Vec<i64> = debited.values().copied().collect();
+        Cached(
+            diesel::sql_query(
+                "UPDATE accounts SET balance_cents = balance_cents - debit.amount \
+                 FROM unnest($1::uuid[], $2::bigint[]) AS debit (user_id, amount) \
+                 WHERE accounts.user_id = debit.user_id",
+            )
+            .bind::<Array<SqlUuid>, _>(&users)
+            .bind::<Array<BigInt>, _>(&amounts),
+        )
         .execute(conn)
         .await?;
-    Ok(decision)
+    }
+    if !rows.is_empty() {
+        Cached(diesel::insert_into(payments::table).values(&rows))
+            .execute(conn)
+            .await?;
+    }
+    Ok(decisions)
 }
 
 /// Compensation c3: refund a cancelled order's capture. Returns the amount
@@ -267,5 +315,89 @@ enum DepositError {
 impl From<diesel::result::Error> for DepositError {
     fn from(error: diesel::result::Error) -> Self {
         Self::Database(error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use shop_test_support::TestPostgres;
+
+    use super::*;
+
+    /// Several charges in one call decide as they would one after another:
+    /// each sees the balance the ones before it left.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn charges_debited_together_take_the_balance_in_turn() {
+        let postgres = TestPostgres::start().await;
+        let url = postgres.create_database("payment").await;
+        shop_db::migrate(&url, vec![shop_messaging::MIGRATIONS, crate::MIGRATIONS])
+            .await
+            .unwrap();
+        let mut conn = AsyncPgConnection::establish(&url).await.unwrap();
+        let ann = Uuid::now_v7();
+        let bob = Uuid::now_v7();
+        open_wallet(&mut conn, ann, 100).await.unwrap();
+        open_wallet(&mut conn, bob, 10).await.unwrap();
+        let charge = |user_id, amount_cents| Charge {
+            order_id: Uuid::now_v7(),
+            user_id,
+            amount_cents,
+        };
+        let first = charge(ann, 60);
+        let again = Charge {
+            amount_cents: 1,
+            ..first
+        };
+        let charges = [
+            first,
+            charge(ann, 60),
+            charge(bob, 10),
+            charge(ann, 40),
+            again,
+        ];
+        let decisions = debit(&mut conn, &charges).await.unwrap();
+        let summary: Vec<String> = decisions
+            .iter()
+            .map(|decision| match decision {
+                Debit::Captured => "captured".into(),
+                Debit::Declined(reason) => reason.clone(),
+                Debit::AlreadyDecided => "already decided".into(),
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                "captured",
+                "insufficient funds: balance 40 cents, order 60 cents",
+                "captured",
+                "captured",
+                "already decided",
+            ]
+        );
+        let balances: Vec<i64> = accounts::table
+            .filter(accounts::user_id.eq_any([ann, bob]))
+            .order(accounts::user_id)
+            .select(accounts::balance_cents)
+            .load(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(balances, [0, 0]);
+        // A redelivery of the whole batch changes nothing.
+        let decisions = debit(&mut conn, &charges).await.unwrap();
+        assert!(
+            decisions
+                .iter()
+                .all(|decision| matches!(decision, Debit::AlreadyDecided))
+        );
+        // A wallet not opened yet: the call fails to be retried, and
+        // records nothing.
+        let error = debit(&mut conn, &[charge(Uuid::now_v7(), 1)])
+            .await
+            .unwrap_err();
+        assert!(matches!(error, HandlerError::Transient(_)), "{error}");
+        let payments: i64 = payments::table.count().get_result(&mut conn).await.unwrap();
+        assert_eq!(payments, 4);
     }
 }

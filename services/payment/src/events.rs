@@ -9,13 +9,13 @@
 use diesel::QueryResult;
 use diesel_async::AsyncPgConnection;
 use shop_messaging::consumer::uuid_field as id;
-use shop_messaging::{BoxFuture, Context, HandlerError, Router};
+use shop_messaging::{Batch, BoxFuture, Context, HandlerError, Router};
 use shop_proto::inventory::v1::InventoryReserved;
 use shop_proto::order::v1::OrderCancelled;
 use shop_proto::payment::v1::{PaymentCompleted, PaymentFailed, PaymentRefunded};
 use shop_proto::user::v1::UserCreated;
 
-use crate::app::{self, Debit};
+use crate::app::{self, Charge, Debit};
 
 /// What the handlers share.
 #[derive(Debug, Clone, Copy)]
@@ -31,7 +31,7 @@ pub(crate) fn user_events() -> Router<Handlers> {
 /// Debits and refunds each change one wallet, and name it, so that batches
 /// lock wallets in one order (see [`Router::on_locking`]).
 pub(crate) fn inventory_events() -> Router<Handlers> {
-    Router::new().on_locking::<InventoryReserved, _, _>(wallets, on_inventory_reserved)
+    Router::new().on_batch_locking::<InventoryReserved, _, _>(wallets, on_inventories_reserved)
 }
 
 pub(crate) fn order_events() -> Router<Handlers> {
@@ -77,33 +77,50 @@ fn on_user_created<'a>(
     })
 }
 
-fn on_inventory_reserved<'a>(
+fn on_inventories_reserved<'a>(
     _: &'a Handlers,
-    cx: &'a mut Context<'_>,
-    event: InventoryReserved,
+    batch: &'a mut Batch<'_>,
+    events: Vec<InventoryReserved>,
 ) -> BoxFuture<'a, Result<(), HandlerError>> {
     Box::pin(async move {
-        if event.total_cents < 0 {
-            return Err(HandlerError::permanent(format!(
-                "negative total {}",
-                event.total_cents
-            )));
-        }
-        let order_id = id("order_id", &event.order_id)?;
-        let user_id = id("user_id", &event.user_id)?;
-        match app::debit(cx.conn(), order_id, user_id, event.total_cents).await? {
-            Debit::Captured => cx.emit(&PaymentCompleted {
-                order_id: event.order_id,
-                user_id: event.user_id,
-                amount_cents: event.total_cents,
-            }),
-            Debit::Declined(reason) => cx.emit(&PaymentFailed {
-                order_id: event.order_id,
-                user_id: event.user_id,
-                amount_cents: event.total_cents,
-                reason,
-            }),
-            Debit::AlreadyDecided => {}
+        let charges = events
+            .iter()
+            .map(|event| {
+                if event.total_cents < 0 {
+                    return Err(HandlerError::permanent(format!(
+                        "negative total {}",
+                        event.total_cents
+                    )));
+                }
+                Ok(Charge {
+                    order_id: id("order_id", &event.order_id)?,
+                    user_id: id("user_id", &event.user_id)?,
+                    amount_cents: event.total_cents,
+                })
+            })
+            .collect::<Result<Vec<_>, HandlerError>>()?;
+        let decisions = app::debit(batch.conn(), &charges).await?;
+        for (index, (event, decision)) in events.into_iter().zip(decisions).enumerate() {
+            match decision {
+                Debit::Captured => batch.emit(
+                    index,
+                    &PaymentCompleted {
+                        order_id: event.order_id,
+                        user_id: event.user_id,
+                        amount_cents: event.total_cents,
+                    },
+                ),
+                Debit::Declined(reason) => batch.emit(
+                    index,
+                    &PaymentFailed {
+                        order_id: event.order_id,
+                        user_id: event.user_id,
+                        amount_cents: event.total_cents,
+                        reason,
+                    },
+                ),
+                Debit::AlreadyDecided => {}
+            }
         }
         Ok(())
     })
