@@ -1,9 +1,11 @@
 //! The order service's use cases and saga steps.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound as _, Utc};
 use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl};
 use shop_db::{Cached, PgPool};
 use shop_messaging::{HandlerError, Outbox, OutgoingEvent};
@@ -420,93 +422,343 @@ pub(crate) async fn learn_user(
     Ok(())
 }
 
-/// Steps 4, c1 and the bookkeeping of the others: moves the order as
-/// [`domain::decide`] says and records the step.
+/// One saga event for an order.
+pub(crate) struct Progress {
+    pub(crate) order_id: Uuid,
+    pub(crate) event: SagaEvent,
+    /// The reservation's total or the payment's amount.
+    pub(crate) total_cents: Option<i64>,
+    /// The subject it came on: the step's name.
+    pub(crate) subject: String,
+}
+
+/// What an event did to its order: the event to emit and how the saga
+/// ended, if it ended.
+pub(crate) struct Advanced {
+    pub(crate) emit: Option<Emitted>,
+    pub(crate) end: Option<SagaEnd>,
+}
+
+/// The event an order's move emits.
+pub(crate) enum Emitted {
+    Confirmed(OrderConfirmed),
+    Cancelled(OrderCancelled),
+}
+
+/// An order as a batch of events moves it.
+struct Moving {
+    status: Status,
+    user_id: Uuid,
+    deadline: DateTime<Utc>,
+    total_cents: i64,
+    placed_at: DateTime<Utc>,
+    cancel_reason: Option<String>,
+    /// Whether the status or the total changed.
+    changed: bool,
+    status_changed: bool,
+}
+
+/// Steps 4, c1 and the bookkeeping of the others, for several events one
+/// after another in the order given: moves each order as
+/// [`domain::decide`] says and records the steps. A few statements whatever
+/// the number of events.
 pub(crate) async fn advance(
     conn: &mut AsyncPgConnection,
-    outbox: &Outbox,
-    cause: &shop_messaging::Envelope,
-    order_id: Uuid,
-    event: SagaEvent,
-    total_cents: Option<i64>,
-) -> Result<Option<SagaEnd>, HandlerError> {
-    // Status, user, deadline, total, placed at.
-    type Row = (String, Uuid, DateTime<Utc>, i64, DateTime<Utc>);
-    let row: Option<Row> = orders::table
-        .find(order_id)
-        .select((
-            orders::status,
-            orders::user_id,
-            orders::deadline,
-            orders::total_cents,
-            orders::created_at,
-        ))
-        .for_update()
-        .first(conn)
-        .await
-        .optional()?;
-    // The order commits before its `order.placed` is published, so every
-    // later event finds it.
-    let (status, user_id, deadline, known_total, placed_at) =
-        row.ok_or_else(|| HandlerError::permanent(format!("no order {order_id}")))?;
-    let status = Status::parse(&status)
-        .ok_or_else(|| HandlerError::permanent(format!("order status {status}")))?;
-    let detail = match &event {
-        SagaEvent::Rejected(reason) | SagaEvent::PaymentFailed(reason) => reason.clone(),
-        _ => String::new(),
-    };
-    let step = (cause.subject.as_str(), detail.as_str());
-    // The payment's amount, or the reservation's total, while it can change.
-    let total = total_cents.filter(|_| status == Status::Pending);
-    let decision = domain::decide(status, deadline, Utc::now(), &event);
-    // A confirmation writes its step and total with the status change.
-    if decision != Decision::Confirm {
-        record_steps(conn, order_id, &[step]).await?;
-        if let Some(total) = total {
-            Cached(diesel::update(orders::table.find(order_id)).set(orders::total_cents.eq(total)))
-                .execute(conn)
-                .await?;
+    events: &[Progress],
+) -> Result<Vec<Advanced>, HandlerError> {
+    let mut order_ids: Vec<Uuid> = events.iter().map(|event| event.order_id).collect();
+    order_ids.sort_unstable();
+    order_ids.dedup();
+    // Status, user, deadline, total, placed at; locked in id order.
+    type Row = (Uuid, String, Uuid, DateTime<Utc>, i64, DateTime<Utc>);
+    let rows: Vec<Row> = Cached(
+        orders::table
+            .filter(orders::order_id.eq_any(&order_ids))
+            .order(orders::order_id)
+            .select((
+                orders::order_id,
+                orders::status,
+                orders::user_id,
+                orders::deadline,
+                orders::total_cents,
+                orders::created_at,
+            ))
+            .for_update(),
+    )
+    .load(conn)
+    .await?;
+    let mut moving = HashMap::with_capacity(rows.len());
+    for (order_id, status, user_id, deadline, total_cents, placed_at) in rows {
+        let status = Status::parse(&status)
+            .ok_or_else(|| HandlerError::permanent(format!("order status {status}")))?;
+        moving.insert(
+            order_id,
+            Moving {
+                status,
+                user_id,
+                deadline,
+                total_cents,
+                placed_at,
+                cancel_reason: None,
+                changed: false,
+                status_changed: false,
+            },
+        );
+    }
+    let now = Utc::now();
+    let mut steps: Vec<(Uuid, String, String)> = Vec::new();
+    let mut advanced = Vec::with_capacity(events.len());
+    for event in events {
+        let order_id = event.order_id;
+        // The order commits before its `order.placed` is published, so
+        // every later event finds it.
+        let order = moving
+            .get_mut(&order_id)
+            .ok_or_else(|| HandlerError::permanent(format!("no order {order_id}")))?;
+        let detail = match &event.event {
+            SagaEvent::Rejected(reason) | SagaEvent::PaymentFailed(reason) => reason.clone(),
+            _ => String::new(),
+        };
+        steps.push((order_id, event.subject.clone(), detail));
+        // The payment's amount, or the reservation's total, while it can
+        // change.
+        if let Some(total) = event
+            .total_cents
+            .filter(|_| order.status == Status::Pending)
+        {
+            order.changed |= total != order.total_cents;
+            order.total_cents = total;
+        }
+        let (emit, end) = match domain::decide(order.status, order.deadline, now, &event.event) {
+            Decision::Record => (None, None),
+            Decision::Confirm => {
+                order.status = Status::Confirmed;
+                steps.push((order_id, "order.confirmed".into(), String::new()));
+                let confirmed = OrderConfirmed {
+                    order_id: order_id.to_string(),
+                    user_id: order.user_id.to_string(),
+                    total_cents: order.total_cents,
+                };
+                let end = SagaEnd {
+                    outcome: "confirmed",
+                    reason: String::new(),
+                    placed_at: order.placed_at,
+                };
+                (Some(Emitted::Confirmed(confirmed)), Some(end))
+            }
+            Decision::Cancel(reason) => {
+                order.status = Status::Cancelled;
+                order.cancel_reason = Some(reason.clone());
+                steps.push((order_id, "order.cancelled".into(), reason.clone()));
+                let cancelled = OrderCancelled {
+                    order_id: order_id.to_string(),
+                    user_id: order.user_id.to_string(),
+                    reason: reason.clone(),
+                };
+                let end = SagaEnd {
+                    outcome: "cancelled",
+                    reason,
+                    placed_at: order.placed_at,
+                };
+                (Some(Emitted::Cancelled(cancelled)), Some(end))
+            }
+        };
+        if end.is_some() {
+            order.changed = true;
+            order.status_changed = true;
+        }
+        advanced.push(Advanced { emit, end });
+    }
+    update_orders(conn, &moving).await?;
+    let rows: Vec<_> = steps
+        .iter()
+        .map(|(order_id, name, detail)| {
+            (
+                order_steps::order_id.eq(*order_id),
+                order_steps::name.eq(name),
+                order_steps::detail.eq(detail),
+            )
+        })
+        .collect();
+    Cached(diesel::insert_into(order_steps::table).values(&rows))
+        .execute(conn)
+        .await?;
+    Ok(advanced)
+}
+
+/// Writes the orders a batch changed, in one statement.
+async fn update_orders(
+    conn: &mut AsyncPgConnection,
+    moving: &HashMap<Uuid, Moving>,
+) -> QueryResult<()> {
+    let changed: Vec<(&Uuid, &Moving)> = moving.iter().filter(|(_, order)| order.changed).collect();
+    if changed.is_empty() {
+        return Ok(());
+    }
+    let order_ids: Vec<Uuid> = changed.iter().map(|(id, _)| **id).collect();
+    let statuses: Vec<&str> = changed
+        .iter()
+        .map(|(_, order)| order.status.as_str())
+        .collect();
+    let totals: Vec<i64> = changed.iter().map(|(_, order)| order.total_cents).collect();
+    let reasons: Vec<Option<&str>> = changed
+        .iter()
+        .map(|(_, order)| order.cancel_reason.as_deref())
+        .collect();
+    let moved: Vec<bool> = changed
+        .iter()
+        .map(|(_, order)| order.status_changed)
+        .collect();
+    Cached(
+        diesel::sql_query(
+            "UPDATE orders SET status = moved.status, total_cents = moved.total_cents, \
+             cancel_reason = coalesce(moved.cancel_reason, orders.cancel_reason), \
+             updated_at = CASE WHEN moved.moved THEN now() ELSE orders.updated_at END \
+             FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::bool[]) \
+             AS moved (order_id, status, total_cents, cancel_reason, moved) \
+             WHERE orders.order_id = moved.order_id",
+        )
+        .bind::<Array<SqlUuid>, _>(&order_ids)
+        .bind::<Array<Text>, _>(&statuses)
+        .bind::<Array<BigInt>, _>(&totals)
+        .bind::<Array<Nullable<Text>>, _>(&reasons)
+        .bind::<Array<Bool>, _>(&moved),
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use shop_test_support::TestPostgres;
+
+    use super::*;
+
+    fn progress(order_id: Uuid, event: SagaEvent, total_cents: Option<i64>) -> Progress {
+        let subject = match &event {
+            SagaEvent::Reserved => "inventory.reserved",
+            SagaEvent::Rejected(_) => "inventory.rejected",
+            SagaEvent::PaymentCompleted => "payment.completed",
+            SagaEvent::PaymentFailed(_) => "payment.failed",
+        };
+        Progress {
+            order_id,
+            event,
+            total_cents,
+            subject: subject.into(),
         }
     }
-    let end = match decision {
-        Decision::Record => None,
-        Decision::Confirm => {
-            let total = total.unwrap_or(known_total);
-            Cached(diesel::update(orders::table.find(order_id)).set((
-                orders::status.eq(Status::Confirmed.as_str()),
-                orders::total_cents.eq(total),
-                orders::updated_at.eq(diesel::dsl::now),
-            )))
-            .execute(conn)
-            .await?;
-            record_steps(conn, order_id, &[step, ("order.confirmed", "")]).await?;
-            let confirmed = OrderConfirmed {
-                order_id: order_id.to_string(),
-                user_id: user_id.to_string(),
-                total_cents: total,
-            };
-            outbox
-                .append(
-                    conn,
-                    &[OutgoingEvent::new(&confirmed)
-                        .correlated(order_id.to_string())
-                        .caused_by(cause.id)],
-                )
-                .await?;
-            Some(SagaEnd {
-                outcome: "confirmed",
-                reason: String::new(),
-                placed_at,
+
+    /// Several events in one call move their orders as they would one
+    /// after another: a later event sees what an earlier one did.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn events_advanced_together_move_each_order_in_turn() {
+        let postgres = TestPostgres::start().await;
+        let url = postgres.create_database("orders").await;
+        shop_db::migrate(&url, vec![shop_messaging::MIGRATIONS, crate::MIGRATIONS])
+            .await
+            .unwrap();
+        let pool = shop_db::pool(&url, 2).unwrap();
+        let mut conn = pool.get().await.unwrap();
+        let user_id = Uuid::now_v7();
+        learn_user(&mut conn, user_id).await.unwrap();
+        let orders = Orders::new(
+            pool.clone(),
+            Outbox::new("shop/order"),
+            Duration::from_secs(60),
+            SagaMetrics::default(),
+        );
+        let items = [("LAMP".to_owned(), 1)];
+        let ann = orders.place_order(user_id, &items, "").await.unwrap();
+        let bob = orders.place_order(user_id, &items, "").await.unwrap();
+        let (ann, bob) = (ann.row.order_id, bob.row.order_id);
+
+        let events = [
+            progress(ann, SagaEvent::Reserved, Some(1999)),
+            progress(bob, SagaEvent::Reserved, Some(500)),
+            progress(ann, SagaEvent::PaymentCompleted, Some(1999)),
+            progress(bob, SagaEvent::PaymentFailed("no money".into()), None),
+            // Too late: the order is confirmed already.
+            progress(ann, SagaEvent::PaymentFailed("late".into()), None),
+        ];
+        let advanced = advance(&mut conn, &events).await.unwrap();
+        let summary: Vec<String> = advanced
+            .iter()
+            .map(|advanced| match (&advanced.emit, &advanced.end) {
+                (Some(Emitted::Confirmed(event)), Some(end)) => {
+                    format!("{} {}", end.outcome, event.total_cents)
+                }
+                (Some(Emitted::Cancelled(event)), Some(end)) => {
+                    format!("{} {}", end.outcome, event.reason)
+                }
+                (None, None) => "recorded".into(),
+                _ => "inconsistent".into(),
             })
-        }
-        Decision::Cancel(reason) => {
-            cancel(conn, outbox, order_id, user_id, &reason, Some(cause)).await?;
-            Some(SagaEnd {
-                outcome: "cancelled",
-                reason,
-                placed_at,
-            })
-        }
-    };
-    Ok(end)
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                "recorded",
+                "recorded",
+                "confirmed 1999",
+                "cancelled no money",
+                "recorded"
+            ]
+        );
+        let ann = orders.get_order(ann).await.unwrap();
+        assert_eq!(
+            (
+                ann.row.status.as_str(),
+                ann.row.total_cents,
+                ann.row.cancel_reason.as_str()
+            ),
+            ("CONFIRMED", 1999, "")
+        );
+        let steps: Vec<&str> = ann.steps.iter().map(|step| step.name.as_str()).collect();
+        assert_eq!(
+            steps,
+            [
+                "order.placed",
+                "inventory.reserved",
+                "payment.completed",
+                "order.confirmed",
+                "payment.failed"
+            ]
+        );
+        let bob = orders.get_order(bob).await.unwrap();
+        assert_eq!(
+            (
+                bob.row.status.as_str(),
+                bob.row.total_cents,
+                bob.row.cancel_reason.as_str()
+            ),
+            ("CANCELLED", 500, "no money")
+        );
+        let steps: Vec<(&str, &str)> = bob
+            .steps
+            .iter()
+            .map(|step| (step.name.as_str(), step.detail.as_str()))
+            .collect();
+        assert_eq!(
+            steps,
+            [
+                ("order.placed", ""),
+                ("inventory.reserved", ""),
+                ("payment.failed", "no money"),
+                ("order.cancelled", "no money")
+            ]
+        );
+        // An event for an order that does not exist fails the call.
+        let error = advance(
+            &mut conn,
+            &[progress(Uuid::now_v7(), SagaEvent::Reserved, None)],
+        )
+        .await
+        .err()
+        .unwrap();
+        assert!(matches!(error, HandlerError::Permanent(_)), "{error}");
+    }
 }

@@ -8,20 +8,18 @@
 //! | `inventory.rejected`, `payment.failed` | CANCELLED with the reason | `order.cancelled` |
 
 use shop_messaging::consumer::uuid_field as id;
-use shop_messaging::{BoxFuture, Context, HandlerError, Outbox, Router};
+use shop_messaging::{Batch, BoxFuture, Context, HandlerError, Router};
 use shop_proto::inventory::v1::{InventoryRejected, InventoryReserved};
 use shop_proto::payment::v1::{PaymentCompleted, PaymentFailed};
 use shop_proto::user::v1::UserCreated;
 
-use crate::app;
+use crate::app::{self, Advanced, Emitted, Progress};
 use crate::domain::SagaEvent;
 use crate::metrics::SagaMetrics;
 
-/// What the handlers share: the outbox their cancellations and
-/// confirmations go to.
+/// What the handlers share: the counters of ended sagas.
 #[derive(Debug, Clone)]
 pub(crate) struct Handlers {
-    pub(crate) outbox: Outbox,
     pub(crate) metrics: SagaMetrics,
 }
 
@@ -31,14 +29,38 @@ pub(crate) fn user_events() -> Router<Handlers> {
 
 pub(crate) fn inventory_events() -> Router<Handlers> {
     Router::new()
-        .on::<InventoryReserved, _>(on_inventory_reserved)
-        .on::<InventoryRejected, _>(on_inventory_rejected)
+        .on_batch::<InventoryReserved, _>(|h, batch, events| {
+            let progress = events
+                .into_iter()
+                .map(|event| (event.order_id, SagaEvent::Reserved, Some(event.total_cents)));
+            Box::pin(advance(h, batch, progress.collect()))
+        })
+        .on_batch::<InventoryRejected, _>(|h, batch, events| {
+            let progress = events
+                .into_iter()
+                .map(|event| (event.order_id, SagaEvent::Rejected(event.reason), None));
+            Box::pin(advance(h, batch, progress.collect()))
+        })
 }
 
 pub(crate) fn payment_events() -> Router<Handlers> {
     Router::new()
-        .on::<PaymentCompleted, _>(on_payment_completed)
-        .on::<PaymentFailed, _>(on_payment_failed)
+        .on_batch::<PaymentCompleted, _>(|h, batch, events| {
+            let progress = events.into_iter().map(|event| {
+                (
+                    event.order_id,
+                    SagaEvent::PaymentCompleted,
+                    Some(event.amount_cents),
+                )
+            });
+            Box::pin(advance(h, batch, progress.collect()))
+        })
+        .on_batch::<PaymentFailed, _>(|h, batch, events| {
+            let progress = events
+                .into_iter()
+                .map(|event| (event.order_id, SagaEvent::PaymentFailed(event.reason), None));
+            Box::pin(advance(h, batch, progress.collect()))
+        })
 }
 
 fn on_user_created<'a>(
@@ -49,87 +71,36 @@ fn on_user_created<'a>(
     Box::pin(async move { app::learn_user(cx.conn(), id("user_id", &event.user_id)?).await })
 }
 
+/// Moves the batch's orders by its events (order id, saga event, total),
+/// emits what the moves emit, and counts the sagas that ended.
 async fn advance(
     h: &Handlers,
-    cx: &mut Context<'_>,
-    order_id: &str,
-    event: SagaEvent,
-    total: Option<i64>,
+    batch: &mut Batch<'_>,
+    events: Vec<(String, SagaEvent, Option<i64>)>,
 ) -> Result<(), HandlerError> {
-    let order_id = id("order_id", order_id)?;
-    let envelope = cx.envelope().clone();
-    let end = app::advance(cx.conn(), &h.outbox, &envelope, order_id, event, total).await?;
-    if let Some(end) = end {
-        let metrics = h.metrics.clone();
-        cx.after_commit(move || metrics.ended(&end));
+    let progress = events
+        .into_iter()
+        .enumerate()
+        .map(|(index, (order_id, event, total_cents))| {
+            Ok(Progress {
+                order_id: id("order_id", &order_id)?,
+                event,
+                total_cents,
+                subject: batch.envelope(index).subject.clone(),
+            })
+        })
+        .collect::<Result<Vec<_>, HandlerError>>()?;
+    let advanced = app::advance(batch.conn(), &progress).await?;
+    for (index, Advanced { emit, end }) in advanced.into_iter().enumerate() {
+        match emit {
+            Some(Emitted::Confirmed(event)) => batch.emit(index, &event),
+            Some(Emitted::Cancelled(event)) => batch.emit(index, &event),
+            None => {}
+        }
+        if let Some(end) = end {
+            let metrics = h.metrics.clone();
+            batch.after_commit(move || metrics.ended(&end));
+        }
     }
     Ok(())
-}
-
-fn on_inventory_reserved<'a>(
-    h: &'a Handlers,
-    cx: &'a mut Context<'_>,
-    event: InventoryReserved,
-) -> BoxFuture<'a, Result<(), HandlerError>> {
-    Box::pin(async move {
-        advance(
-            h,
-            cx,
-            &event.order_id,
-            SagaEvent::Reserved,
-            Some(event.total_cents),
-        )
-        .await
-    })
-}
-
-fn on_inventory_rejected<'a>(
-    h: &'a Handlers,
-    cx: &'a mut Context<'_>,
-    event: InventoryRejected,
-) -> BoxFuture<'a, Result<(), HandlerError>> {
-    Box::pin(async move {
-        advance(
-            h,
-            cx,
-            &event.order_id,
-            SagaEvent::Rejected(event.reason),
-            None,
-        )
-        .await
-    })
-}
-
-fn on_payment_completed<'a>(
-    h: &'a Handlers,
-    cx: &'a mut Context<'_>,
-    event: PaymentCompleted,
-) -> BoxFuture<'a, Result<(), HandlerError>> {
-    Box::pin(async move {
-        advance(
-            h,
-            cx,
-            &event.order_id,
-            SagaEvent::PaymentCompleted,
-            Some(event.amount_cents),
-        )
-        .await
-    })
-}
-
-fn on_payment_failed<'a>(
-    h: &'a Handlers,
-    cx: &'a mut Context<'_>,
-    event: PaymentFailed,
-) -> BoxFuture<'a, Result<(), HandlerError>> {
-    Box::pin(async move {
-        advance(
-            h,
-            cx,
-            &event.order_id,
-            SagaEvent::PaymentFailed(event.reason),
-            None,
-        )
-        .await
-    })
 }

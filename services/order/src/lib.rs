@@ -58,7 +58,6 @@ pub async fn build(config: Config) -> anyhow::Result<Server> {
     let sagas = metrics::SagaMetrics::default();
     infra.register_metrics(|registry| sagas.register(registry));
     let handlers = events::Handlers {
-        outbox: infra.outbox.clone(),
         metrics: sagas.clone(),
     };
     let consumer = |spec, router| infra.consumer(spec, router, handlers.clone());

@@ -365,7 +365,7 @@ impl<S: Send + Sync + 'static> Router<S> {
     /// Routes events of type `E` to `handler`, which applies several at
     /// once: all of a batch's new events of type `E`, in the order they
     /// arrived, in one call — a few statements per batch instead of a few
-    /// per event. Locks are named as for [`on_locking`](Self::on_locking).
+    /// per event.
     ///
     /// The handler must do what handling the events one after another
     /// would do. If it fails, the batch is redone with each event on its
@@ -377,16 +377,9 @@ impl<S: Send + Sync + 'static> Router<S> {
     /// and events of other types apply within a batch (saga steps, which
     /// must bear reordering anyway, do not).
     #[must_use]
-    pub fn on_batch_locking<E, L, F>(self, locks: L, handler: F) -> Self
+    pub fn on_batch<E, F>(self, handler: F) -> Self
     where
         E: Event,
-        L: for<'a> Fn(
-                &'a mut AsyncPgConnection,
-                Vec<&'a E>,
-            ) -> BoxFuture<'a, QueryResult<Vec<String>>>
-            + Send
-            + Sync
-            + 'static,
         F: for<'a, 'c> Fn(
                 &'a S,
                 &'a mut Batch<'c>,
@@ -408,7 +401,37 @@ impl<S: Send + Sync + 'static> Router<S> {
                 }),
             }
         });
-        self.route::<E>(Handle::Batch(handle), Some(erase_locks(locks)))
+        self.route::<E>(Handle::Batch(handle), None)
+    }
+
+    /// Routes events of type `E` to `handler` as [`on_batch`](Self::on_batch)
+    /// does, and names what it will lock as [`on_locking`](Self::on_locking)
+    /// does.
+    #[must_use]
+    pub fn on_batch_locking<E, L, F>(self, locks: L, handler: F) -> Self
+    where
+        E: Event,
+        L: for<'a> Fn(
+                &'a mut AsyncPgConnection,
+                Vec<&'a E>,
+            ) -> BoxFuture<'a, QueryResult<Vec<String>>>
+            + Send
+            + Sync
+            + 'static,
+        F: for<'a, 'c> Fn(
+                &'a S,
+                &'a mut Batch<'c>,
+                Vec<E>,
+            ) -> BoxFuture<'a, Result<(), HandlerError>>
+            + Send
+            + Sync
+            + 'static,
+    {
+        let mut router = self.on_batch::<E, F>(handler);
+        if let Some(route) = router.routes.get_mut(E::TYPE) {
+            route.locks = Some(erase_locks(locks));
+        }
+        router
     }
 
     fn route<E: Event>(mut self, handle: Handle<S>, locks: Option<Locks>) -> Self {
