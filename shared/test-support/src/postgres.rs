@@ -278,7 +278,12 @@ impl TestPostgres {
                 "unix_socket_directories={}",
                 self.socket_dir().unwrap_or_default()
             ))
-            .args(["-c", "max_connections=300"]);
+            .args(["-c", "max_connections=300"])
+            // The servers' tables start empty and grow fast: statement plans
+            // cached while a table was nearly empty (a scan of the whole
+            // table, right for a page) last until it is next analyzed, so
+            // autovacuum looks every few seconds instead of every minute.
+            .args(["-c", "autovacuum_naptime=5s"]);
         if !self.durable {
             // fsync off skips the disk flushes; synchronous_commit stays on so
             // that a commit is in the OS's cache before it is acknowledged and
