@@ -5,12 +5,15 @@
 //! (a message that cannot be decoded goes to the dead-letter queue at once);
 //! insert (consumer, event id) into the inbox (already there: a redelivery,
 //! acked without effect); run the handler, which may emit events into the
-//! outbox. The batch commits, then each message is acked. The fast path
-//! inserts the batch's inbox rows in one statement and uses no savepoints; if
-//! any handler fails, the batch is rolled back and redone with a savepoint
-//! per message, so that a failure undoes only its own message (a batch of
-//! one needs no redo: its rollback was the message's). Handlers must
-//! therefore keep their effects inside the transaction they are given.
+//! outbox. The batch commits, then each message is acked. A batch route
+//! ([`Router::on_batch`]) takes all of a batch's new events of its type in
+//! one call, so that a batch costs a few statements rather than a few per
+//! event. The fast path inserts the batch's inbox rows in one statement and
+//! uses no savepoints; if any handler fails, the batch is rolled back and
+//! redone with a savepoint per message (a batch route's handler called with
+//! one event at a time), so that a failure undoes only its own message (a
+//! batch of one needs no redo: its rollback was the message's). Handlers
+//! must therefore keep their effects inside the transaction they are given.
 //!
 //! A handler fails with a [`HandlerError`]: a transient failure is retried
 //! by a nak with an exponentially growing delay ([`RetryPolicy`]) and
