@@ -253,24 +253,6 @@ type Locks = Box<
         + Sync,
 >;
 
-/// The type-erased form of a route's lock names.
-fn erase_locks<E, L>(locks: L) -> Locks
-where
-    E: Event,
-    L: for<'a> Fn(&'a mut AsyncPgConnection, Vec<&'a E>) -> BoxFuture<'a, QueryResult<Vec<String>>>
-        + Send
-        + Sync
-        + 'static,
-{
-    Box::new(move |conn, decoded| {
-        let events = decoded
-            .into_iter()
-            .filter_map(|event| event.downcast_ref::<E>())
-            .collect();
-        locks(conn, events)
-    })
-}
-
 struct Route<S> {
     decode: fn(&[u8]) -> Result<Decoded, prost::DecodeError>,
     handle: Handle<S>,
@@ -329,7 +311,7 @@ impl<S: Send + Sync + 'static> Router<S> {
                 }),
             }
         });
-        self.route::<E>(Handle::One(handle), None)
+        self.route::<E>(Handle::One(handle))
     }
 
     /// Routes events of type `E` to `handler`, like [`on`](Self::on), and
@@ -358,11 +340,7 @@ impl<S: Send + Sync + 'static> Router<S> {
             + Sync
             + 'static,
     {
-        let mut router = self.on::<E, F>(handler);
-        if let Some(route) = router.routes.get_mut(E::TYPE) {
-            route.locks = Some(erase_locks(locks));
-        }
-        router
+        self.on::<E, F>(handler).with_locks::<E, L>(locks)
     }
 
     /// Routes events of type `E` to `handler`, which applies several at
@@ -404,7 +382,7 @@ impl<S: Send + Sync + 'static> Router<S> {
                 }),
             }
         });
-        self.route::<E>(Handle::Batch(handle), None)
+        self.route::<E>(Handle::Batch(handle))
     }
 
     /// Routes events of type `E` to `handler` as [`on_batch`](Self::on_batch)
@@ -430,14 +408,34 @@ impl<S: Send + Sync + 'static> Router<S> {
             + Sync
             + 'static,
     {
-        let mut router = self.on_batch::<E, F>(handler);
-        if let Some(route) = router.routes.get_mut(E::TYPE) {
-            route.locks = Some(erase_locks(locks));
-        }
-        router
+        self.on_batch::<E, F>(handler).with_locks::<E, L>(locks)
     }
 
-    fn route<E: Event>(mut self, handle: Handle<S>, locks: Option<Locks>) -> Self {
+    /// Names what the handler of `E`'s route will lock.
+    fn with_locks<E, L>(mut self, locks: L) -> Self
+    where
+        E: Event,
+        L: for<'a> Fn(
+                &'a mut AsyncPgConnection,
+                Vec<&'a E>,
+            ) -> BoxFuture<'a, QueryResult<Vec<String>>>
+            + Send
+            + Sync
+            + 'static,
+    {
+        if let Some(route) = self.routes.get_mut(E::TYPE) {
+            route.locks = Some(Box::new(move |conn, decoded| {
+                let events = decoded
+                    .into_iter()
+                    .filter_map(|event| event.downcast_ref::<E>())
+                    .collect();
+                locks(conn, events)
+            }));
+        }
+        self
+    }
+
+    fn route<E: Event>(mut self, handle: Handle<S>) -> Self {
         fn decode<E: Event>(body: &[u8]) -> Result<Decoded, prost::DecodeError> {
             E::decode(body).map(|event| Box::new(event) as Decoded)
         }
@@ -446,7 +444,7 @@ impl<S: Send + Sync + 'static> Router<S> {
             Route {
                 decode: decode::<E>,
                 handle,
-                locks,
+                locks: None,
             },
         );
         if !self.subjects.contains(&E::SUBJECT) {
