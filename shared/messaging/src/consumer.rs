@@ -162,7 +162,7 @@ impl Context<'_> {
     }
 }
 
-/// What a batch handler (see [`Router::on_batch_locking`]) works with: the
+/// What a batch handler (see [`Router::on_batch`]) works with: the
 /// transaction's connection and the envelopes of the events it handles,
 /// indexed like the events it is given.
 pub struct Batch<'c> {
@@ -1065,11 +1065,8 @@ impl<S: Send + Sync + 'static> Inner<S> {
                 let mut results = Vec::with_capacity(prepared.len());
                 let mut after_commit = Vec::new();
                 for (_, ready) in prepared.iter_mut() {
-                    let span = consumer_span(&self.name, &ready.envelope);
-                    let result = self
-                        .apply_in_savepoint(conn, ready)
-                        .instrument(span)
-                        .await?;
+                    // The handler runs in the message's span (`run_handler`).
+                    let result = self.apply_in_savepoint(conn, ready).await?;
                     results.push(result.map(|(outcome, work)| {
                         after_commit.extend(work);
                         outcome

@@ -51,13 +51,20 @@ fn span_id(traceparent: &str) -> &str {
     traceparent.split('-').nth(2).unwrap_or_default()
 }
 
+/// Installs the OpenTelemetry subscriber, once for the test binary.
+fn install_tracing() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::set_global_default(subscriber).unwrap();
+    });
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_consumer_continues_the_trace_of_the_span_that_wrote_the_event() {
-    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
-    let subscriber = tracing_subscriber::registry()
-        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
-    tracing::subscriber::set_global_default(subscriber).unwrap();
-
+    install_tracing();
     let setup = setup().await;
     let root = tracing::info_span!("place_order");
     let writer_trace = root.context().span().span_context().trace_id();
@@ -105,6 +112,86 @@ async fn the_consumer_continues_the_trace_of_the_span_that_wrote_the_event() {
     assert!(header.contains(&writer_trace.to_string()), "{header}");
     // The header names the relay's publish span, itself a child of the writer.
     assert_ne!(span_id(&header), writer_span, "{header}");
+}
+
+/// Events handled together by a batch route emit events that each continue
+/// the trace of their own cause.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_route_emits_each_event_in_the_trace_of_its_cause() {
+    install_tracing();
+    let setup = setup().await;
+    let mut writer_traces = Vec::new();
+    for order in ["b-1", "b-2", "b-3"] {
+        let root = tracing::info_span!("place_order");
+        writer_traces.push(root.context().span().span_context().trace_id().to_string());
+        append(&setup, &[placed(order)]).instrument(root).await;
+    }
+    Relay::new(
+        setup.pool.clone(),
+        setup.url.clone(),
+        setup.js.clone(),
+        RelayConfig::default(),
+    )
+    .relay_batch()
+    .await
+    .unwrap();
+
+    // In the stream before the consumer starts: one batch, one call.
+    let behaviour = Arc::new(Behaviour::default());
+    let consumer = consumer_with(
+        &setup,
+        ConsumerSpec::new("inventory", "ORDER", &[]),
+        Router::new().on_batch::<OrderPlaced, _>(record_all),
+        Arc::clone(&behaviour),
+    )
+    .with_concurrency(1);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(consumer.run(shutdown.clone()));
+    eventually("the batch", Duration::from_secs(20), || async {
+        effects(&setup, "b-3").await == 1
+    })
+    .await;
+    shutdown.cancel();
+    task.await.unwrap();
+    assert_eq!(*behaviour.batch_sizes.lock().unwrap(), [3]);
+
+    let confirmed = emitted_traceparents(&setup.url).await;
+    let traces: Vec<(String, String)> = confirmed
+        .into_iter()
+        .map(|(order, traceparent)| {
+            let trace = traceparent.split('-').nth(1).unwrap_or_default().to_owned();
+            (order, trace)
+        })
+        .collect();
+    let expected: Vec<(String, String)> = ["b-1", "b-2", "b-3"]
+        .into_iter()
+        .map(str::to_owned)
+        .zip(writer_traces)
+        .collect();
+    assert_eq!(traces, expected);
+}
+
+/// The (correlation id, traceparent) of the `order.confirmed` rows.
+async fn emitted_traceparents(url: &str) -> Vec<(String, String)> {
+    use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl as _};
+    #[derive(diesel::QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        correlation_id: String,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        traceparent: String,
+    }
+    let mut conn = AsyncPgConnection::establish(url).await.unwrap();
+    diesel::sql_query(
+        "SELECT correlation_id, traceparent FROM outbox \
+         WHERE subject = 'order.confirmed' ORDER BY correlation_id",
+    )
+    .load::<Row>(&mut conn)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|row| (row.correlation_id, row.traceparent))
+    .collect()
 }
 
 async fn outbox_traceparent(url: &str) -> String {
