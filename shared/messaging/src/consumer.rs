@@ -253,6 +253,12 @@ type Locks = Box<
         + Sync,
 >;
 
+/// The failure of a handler given another type than its route decodes;
+/// cannot happen, since the route's `decode` is the only producer.
+fn wrong_type<'a>() -> BoxFuture<'a, Result<(), HandlerError>> {
+    Box::pin(async { Err(HandlerError::permanent("internal: decoded the wrong type")) })
+}
+
 struct Route<S> {
     decode: fn(&[u8]) -> Result<Decoded, prost::DecodeError>,
     handle: Handle<S>,
@@ -302,15 +308,11 @@ impl<S: Send + Sync + 'static> Router<S> {
             + Sync
             + 'static,
     {
-        let handle: HandleOne<S> = Box::new(move |state, cx, decoded| {
-            match decoded.downcast::<E>() {
+        let handle: HandleOne<S> =
+            Box::new(move |state, cx, decoded| match decoded.downcast::<E>() {
                 Ok(event) => handler(state, cx, *event),
-                // `decode` is the only producer of `decoded` for this route.
-                Err(_) => Box::pin(async {
-                    Err(HandlerError::permanent("internal: decoded the wrong type"))
-                }),
-            }
-        });
+                Err(_) => wrong_type(),
+            });
         self.route::<E>(Handle::One(handle))
     }
 
@@ -377,9 +379,7 @@ impl<S: Send + Sync + 'static> Router<S> {
                 .collect();
             match events {
                 Some(events) => handler(state, batch, events),
-                None => Box::pin(async {
-                    Err(HandlerError::permanent("internal: decoded the wrong type"))
-                }),
+                None => wrong_type(),
             }
         });
         self.route::<E>(Handle::Batch(handle))

@@ -617,29 +617,13 @@ async fn a_failure_inside_a_batch_rolls_back_only_its_own_message() {
     task.await.unwrap();
 }
 
-/// The `(causation id, correlation id)` of the `order.confirmed` rows in
-/// the outbox, in the order they were written.
-async fn confirmations(setup: &Setup) -> Vec<(uuid::Uuid, String)> {
-    use diesel_async::RunQueryDsl as _;
-
-    #[derive(diesel::QueryableByName)]
-    struct Row {
-        #[diesel(sql_type = diesel::sql_types::Uuid)]
-        causation_id: uuid::Uuid,
-        #[diesel(sql_type = diesel::sql_types::Text)]
-        correlation_id: String,
-    }
-    let mut conn = AsyncPgConnection::establish(&setup.url).await.unwrap();
-    diesel::sql_query(
-        "SELECT causation_id, correlation_id FROM outbox \
-         WHERE subject = 'order.confirmed' ORDER BY seq",
-    )
-    .load::<Row>(&mut conn)
-    .await
-    .unwrap()
-    .into_iter()
-    .map(|row| (row.causation_id, row.correlation_id))
-    .collect()
+/// The `(causation id, correlation id)` of the `order.confirmed` rows.
+async fn causes(setup: &Setup) -> Vec<(uuid::Uuid, String)> {
+    confirmations(setup)
+        .await
+        .into_iter()
+        .map(|row| (row.causation_id, row.correlation_id))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -680,7 +664,7 @@ async fn a_batch_route_applies_a_batch_in_one_call_and_one_by_one_when_it_fails(
         .zip(["a", "b", "c"])
         .map(|(id, order)| (*id, order.to_owned()))
         .collect();
-    assert_eq!(confirmations(&setup).await, expected);
+    assert_eq!(causes(&setup).await, expected);
 
     // One bad event fails the call: the batch is redone one event at a
     // time, the bad one is dead-lettered and its neighbours applied.
@@ -702,7 +686,7 @@ async fn a_batch_route_applies_a_batch_in_one_call_and_one_by_one_when_it_fails(
     assert_eq!(effects(&setup, "d").await, 1);
     assert_eq!(effects(&setup, "e").await, 1);
     assert_eq!(effects(&setup, "bad").await, 0);
-    let confirmed = confirmations(&setup).await;
+    let confirmed = causes(&setup).await;
     assert_eq!(
         confirmed[3..],
         [(ids[0], "d".to_owned()), (ids[2], "e".to_owned())]

@@ -155,12 +155,12 @@ async fn a_batch_route_emits_each_event_in_the_trace_of_its_cause() {
     task.await.unwrap();
     assert_eq!(*behaviour.batch_sizes.lock().unwrap(), [3]);
 
-    let confirmed = emitted_traceparents(&setup.url).await;
-    let traces: Vec<(String, String)> = confirmed
+    let traces: Vec<(String, String)> = confirmations(&setup)
+        .await
         .into_iter()
-        .map(|(order, traceparent)| {
-            let trace = traceparent.split('-').nth(1).unwrap_or_default().to_owned();
-            (order, trace)
+        .map(|row| {
+            let trace = row.traceparent.split('-').nth(1).unwrap_or_default();
+            (row.correlation_id, trace.to_owned())
         })
         .collect();
     let expected: Vec<(String, String)> = ["b-1", "b-2", "b-3"]
@@ -169,29 +169,6 @@ async fn a_batch_route_emits_each_event_in_the_trace_of_its_cause() {
         .zip(writer_traces)
         .collect();
     assert_eq!(traces, expected);
-}
-
-/// The (correlation id, traceparent) of the `order.confirmed` rows.
-async fn emitted_traceparents(url: &str) -> Vec<(String, String)> {
-    use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl as _};
-    #[derive(diesel::QueryableByName)]
-    struct Row {
-        #[diesel(sql_type = diesel::sql_types::Text)]
-        correlation_id: String,
-        #[diesel(sql_type = diesel::sql_types::Text)]
-        traceparent: String,
-    }
-    let mut conn = AsyncPgConnection::establish(url).await.unwrap();
-    diesel::sql_query(
-        "SELECT correlation_id, traceparent FROM outbox \
-         WHERE subject = 'order.confirmed' ORDER BY correlation_id",
-    )
-    .load::<Row>(&mut conn)
-    .await
-    .unwrap()
-    .into_iter()
-    .map(|row| (row.correlation_id, row.traceparent))
-    .collect()
 }
 
 async fn outbox_traceparent(url: &str) -> String {

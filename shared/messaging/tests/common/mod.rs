@@ -280,6 +280,29 @@ pub async fn count(url: &str, sql: &str) -> i64 {
         .n
 }
 
+/// An `order.confirmed` row of the outbox, as the batch handler wrote it.
+#[derive(Debug, diesel::QueryableByName)]
+pub struct Confirmation {
+    #[diesel(sql_type = SqlUuid)]
+    pub causation_id: uuid::Uuid,
+    #[diesel(sql_type = Text)]
+    pub correlation_id: String,
+    #[diesel(sql_type = Text)]
+    pub traceparent: String,
+}
+
+/// The `order.confirmed` rows of the outbox, in the order they were written.
+pub async fn confirmations(setup: &Setup) -> Vec<Confirmation> {
+    let mut conn = AsyncPgConnection::establish(&setup.url).await.unwrap();
+    diesel::sql_query(
+        "SELECT causation_id, correlation_id, coalesce(traceparent, '') AS traceparent \
+         FROM outbox WHERE subject = 'order.confirmed' ORDER BY seq",
+    )
+    .load(&mut conn)
+    .await
+    .unwrap()
+}
+
 pub async fn effects(setup: &Setup, order_id: &str) -> i64 {
     count(
         &setup.url,
