@@ -4,14 +4,19 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound as _, Utc};
+use diesel::pg::Pg;
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text, Uuid as SqlUuid};
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
+use diesel::sql_types::{
+    Array, BigInt, Bool, Integer, Nullable, Text, Timestamptz, Uuid as SqlUuid,
+};
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl};
 use shop_db::{Cached, PgPool};
-use shop_messaging::{HandlerError, Outbox, OutgoingEvent};
+use shop_messaging::{HandlerError, Outbox, OutboxWrite, OutgoingEvent};
 use shop_proto::order::v1::{OrderCancelled, OrderConfirmed, OrderItem, OrderPlaced};
 use shop_service::{ApiError, timestamp};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::domain::{self, Decision, OrderLines, SagaEvent, Status};
@@ -48,6 +53,74 @@ pub(crate) struct Order {
 
 /// The first step of every saga.
 const PLACED: &str = "order.placed";
+
+/// PlaceOrder's one statement: the order, its lines, its first step and
+/// `order.placed`, written only if the user is known and the idempotency key
+/// is new (a key used before inserts nothing, after waiting for a concurrent
+/// request with the same key to commit or not). One statement is one round
+/// trip and commits by itself. Returns (user known, order written).
+struct PlaceStatement<'a> {
+    user_id: Uuid,
+    order_id: Uuid,
+    key: Option<&'a str>,
+    deadline: DateTime<Utc>,
+    now: DateTime<Utc>,
+    skus: Vec<&'a str>,
+    quantities: Vec<i32>,
+    events: OutboxWrite,
+}
+
+impl QueryFragment<Pg> for PlaceStatement<'_> {
+    fn walk_ast<'b>(&'b self, mut pass: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        pass.push_sql("WITH known AS (SELECT user_id FROM known_users WHERE user_id = ");
+        pass.push_bind_param::<SqlUuid, _>(&self.user_id)?;
+        pass.push_sql(
+            "), placed AS (INSERT INTO orders (order_id, user_id, status, idempotency_key, \
+             deadline, created_at, updated_at) SELECT ",
+        );
+        pass.push_bind_param::<SqlUuid, _>(&self.order_id)?;
+        pass.push_sql(", user_id, ");
+        pass.push_bind_param::<Text, _>(Status::Pending.as_str())?;
+        pass.push_sql(", ");
+        pass.push_bind_param::<Nullable<Text>, _>(&self.key)?;
+        pass.push_sql(", ");
+        pass.push_bind_param::<Timestamptz, _>(&self.deadline)?;
+        pass.push_sql(", ");
+        pass.push_bind_param::<Timestamptz, _>(&self.now)?;
+        pass.push_sql(", ");
+        pass.push_bind_param::<Timestamptz, _>(&self.now)?;
+        pass.push_sql(
+            " FROM known ON CONFLICT (user_id, idempotency_key) DO NOTHING RETURNING order_id), \
+             items AS (INSERT INTO order_items (order_id, sku, quantity) \
+             SELECT placed.order_id, item.sku, item.quantity FROM placed, unnest(",
+        );
+        pass.push_bind_param::<Array<Text>, _>(&self.skus)?;
+        pass.push_sql(", ");
+        pass.push_bind_param::<Array<Integer>, _>(&self.quantities)?;
+        pass.push_sql(
+            ") AS item (sku, quantity)), \
+             steps AS (INSERT INTO order_steps (order_id, name, occurred_at) \
+             SELECT order_id, ",
+        );
+        pass.push_bind_param::<Text, _>(PLACED)?;
+        pass.push_sql(", ");
+        pass.push_bind_param::<Timestamptz, _>(&self.now)?;
+        pass.push_sql(" FROM placed), events AS (");
+        self.events.walk_ast(pass.reborrow())?;
+        pass.push_sql(") SELECT EXISTS (SELECT FROM known), EXISTS (SELECT FROM placed)");
+        Ok(())
+    }
+}
+
+impl Query for PlaceStatement<'_> {
+    type SqlType = (Bool, Bool);
+}
+
+/// No static id: prepared once per connection, keyed by its text.
+impl QueryId for PlaceStatement<'_> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
 
 /// The order use cases.
 #[derive(Clone)]
@@ -106,84 +179,49 @@ impl Orders {
         // What PostgreSQL keeps, so that the reply equals a later GetOrder.
         let now = Utc::now().trunc_subsecs(6);
         let deadline = now + self.deadline;
-        let outbox = self.outbox.clone();
-        let result = conn
-            .transaction::<_, PlaceError, _>(async |conn| {
-                let known: Option<Uuid> = known_users::table
-                    .find(user_id)
-                    .select(known_users::user_id)
-                    .first(conn)
-                    .await
-                    .optional()?;
-                if known.is_none() {
-                    return Err(PlaceError::UnknownUser);
-                }
-                // A key used before inserts nothing (after waiting for a
-                // concurrent request with the same key to commit or not).
-                let inserted = Cached(
-                    diesel::insert_into(orders::table)
-                        .values((
-                            orders::order_id.eq(order_id),
-                            orders::user_id.eq(user_id),
-                            orders::status.eq(Status::Pending.as_str()),
-                            orders::idempotency_key.eq(key.as_deref()),
-                            orders::deadline.eq(deadline),
-                            orders::created_at.eq(now),
-                            orders::updated_at.eq(now),
-                        ))
-                        .on_conflict((orders::user_id, orders::idempotency_key))
-                        .do_nothing(),
-                )
-                .execute(conn)
-                .await?;
-                if inserted == 0 {
-                    return Err(PlaceError::KeyTaken);
-                }
-                let rows: Vec<_> = lines
-                    .lines()
-                    .iter()
-                    .map(|(sku, quantity)| {
-                        (
-                            order_items::order_id.eq(order_id),
-                            order_items::sku.eq(sku),
-                            order_items::quantity.eq(*quantity),
-                        )
-                    })
-                    .collect();
-                Cached(diesel::insert_into(order_items::table).values(&rows))
-                    .execute(conn)
-                    .await?;
-                diesel::insert_into(order_steps::table)
-                    .values((
-                        order_steps::order_id.eq(order_id),
-                        order_steps::name.eq(PLACED),
-                        order_steps::occurred_at.eq(now),
-                    ))
-                    .execute(conn)
-                    .await?;
-                let event = OrderPlaced {
-                    order_id: order_id.to_string(),
-                    user_id: user_id.to_string(),
-                    items: lines
-                        .lines()
-                        .iter()
-                        .map(|(sku, quantity)| OrderItem {
-                            sku: sku.clone(),
-                            quantity: *quantity,
-                        })
-                        .collect(),
-                    placed_at: Some(timestamp(now)),
-                    deadline: Some(timestamp(deadline)),
-                };
-                outbox
-                    .append(
-                        conn,
-                        &[OutgoingEvent::new(&event).correlated(order_id.to_string())],
-                    )
-                    .await?;
-                Ok(())
-            })
-            .await;
+        let event = OrderPlaced {
+            order_id: order_id.to_string(),
+            user_id: user_id.to_string(),
+            items: lines
+                .lines()
+                .iter()
+                .map(|(sku, quantity)| OrderItem {
+                    sku: sku.clone(),
+                    quantity: *quantity,
+                })
+                .collect(),
+            placed_at: Some(timestamp(now)),
+            deadline: Some(timestamp(deadline)),
+        };
+        let events = self.outbox.write_when(
+            "placed",
+            vec![OutgoingEvent::new(&event).correlated(order_id.to_string())],
+        );
+        let span = events.span().clone();
+        let statement = PlaceStatement {
+            user_id,
+            order_id,
+            key: key.as_deref(),
+            deadline,
+            now,
+            skus: lines.lines().iter().map(|(sku, _)| sku.as_str()).collect(),
+            quantities: lines
+                .lines()
+                .iter()
+                .map(|(_, quantity)| *quantity)
+                .collect(),
+            events,
+        };
+        let result = match statement
+            .get_result::<(bool, bool)>(&mut conn)
+            .instrument(span)
+            .await
+        {
+            Ok((false, _)) => Err(PlaceError::UnknownUser),
+            Ok((true, false)) => Err(PlaceError::KeyTaken),
+            Ok((true, true)) => Ok(()),
+            Err(error) => Err(PlaceError::Database(error)),
+        };
         // Back to the pool before reading anything else: holding one
         // connection while waiting for another can exhaust the pool.
         drop(conn);
@@ -760,5 +798,104 @@ mod tests {
         .err()
         .unwrap();
         assert!(matches!(error, HandlerError::Permanent(_)), "{error}");
+    }
+
+    /// PlaceOrder's one statement writes the order, its lines, its first
+    /// step and its event together, or nothing at all.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_order_is_placed_with_its_event_or_not_at_all() {
+        let postgres = TestPostgres::start().await;
+        let url = postgres.create_database("orders").await;
+        shop_db::migrate(&url, vec![shop_messaging::MIGRATIONS, crate::MIGRATIONS])
+            .await
+            .unwrap();
+        let pool = shop_db::pool(&url, 2).unwrap();
+        let orders = Orders::new(
+            pool.clone(),
+            Outbox::new("shop/order"),
+            Duration::from_secs(60),
+            SagaMetrics::default(),
+        );
+        #[derive(QueryableByName, Debug, Clone, PartialEq)]
+        struct Written {
+            #[diesel(sql_type = Text)]
+            event_type: String,
+            #[diesel(sql_type = Text)]
+            source: String,
+            #[diesel(sql_type = Nullable<Text>)]
+            correlation_id: Option<String>,
+        }
+        let written = async || -> (i64, i64, i64, Vec<Written>) {
+            let mut conn = pool.get().await.unwrap();
+            let orders: i64 = orders::table.count().get_result(&mut conn).await.unwrap();
+            let items: i64 = order_items::table
+                .count()
+                .get_result(&mut conn)
+                .await
+                .unwrap();
+            let steps: i64 = order_steps::table
+                .count()
+                .get_result(&mut conn)
+                .await
+                .unwrap();
+            let events = diesel::sql_query(
+                "SELECT event_type, source, correlation_id FROM outbox ORDER BY seq",
+            )
+            .load(&mut conn)
+            .await
+            .unwrap();
+            (orders, items, steps, events)
+        };
+        let user_id = Uuid::now_v7();
+        let items = [("LAMP".to_owned(), 2), ("DESK".to_owned(), 1)];
+
+        let error = orders
+            .place_order(user_id, &items, "k1")
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(error, ApiError::FailedPrecondition(_)),
+            "{error:?}"
+        );
+        assert_eq!(
+            written().await,
+            (0, 0, 0, vec![]),
+            "an unknown user's order writes nothing"
+        );
+
+        learn_user(&mut pool.get().await.unwrap(), user_id)
+            .await
+            .unwrap();
+        let order = orders.place_order(user_id, &items, "k1").await.unwrap();
+        let order_id = order.row.order_id;
+        let event = Written {
+            event_type: "shop.order.v1.OrderPlaced".into(),
+            source: "shop/order".into(),
+            correlation_id: Some(order_id.to_string()),
+        };
+        assert_eq!(written().await, (1, 2, 1, vec![event.clone()]));
+        let stored = orders.get_order(order_id).await.unwrap();
+        assert_eq!(stored.row.status, "PENDING");
+        assert_eq!(stored.row.created_at, order.row.created_at);
+        assert_eq!(
+            stored.items,
+            [("DESK".to_owned(), 1), ("LAMP".to_owned(), 2)]
+        );
+        assert_eq!(stored.steps.len(), 1);
+        assert_eq!(stored.steps[0].occurred_at, order.row.created_at);
+
+        // The same key: the first order, and nothing more written.
+        let again = orders
+            .place_order(user_id, &[("LAMP".to_owned(), 9)], "k1")
+            .await
+            .unwrap();
+        assert_eq!(again.row.order_id, order_id);
+        assert_eq!(again.items, stored.items);
+        assert_eq!(written().await, (1, 2, 1, vec![event.clone()]));
+        // No key: never deduplicated.
+        let other = orders.place_order(user_id, &items, "").await.unwrap();
+        assert_ne!(other.row.order_id, order_id);
+        assert_eq!(written().await.0, 2);
     }
 }

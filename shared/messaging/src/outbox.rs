@@ -148,6 +148,114 @@ impl Outbox {
     }
 }
 
+/// Events that a statement of the caller's own writes, so that a change and
+/// its events take one round trip and one implicit transaction instead of
+/// `BEGIN`, a statement each and `COMMIT` (see [`Outbox::write_when`]).
+///
+/// It renders as `INSERT INTO outbox ... SELECT ... WHERE EXISTS (SELECT
+/// FROM guard)`, for the caller's `WITH` list, where `guard` names one of
+/// the statement's common table expressions that returns a row when the
+/// change was made: no change, no events.
+pub struct OutboxWrite {
+    span: tracing::Span,
+    guard: &'static str,
+    source: Arc<str>,
+    context: TraceContext,
+    created_at: DateTime<Utc>,
+    rows: Vec<(Uuid, OutgoingEvent)>,
+}
+
+impl std::fmt::Debug for OutboxWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboxWrite")
+            .field("guard", &self.guard)
+            .field("events", &self.rows.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Outbox {
+    /// `events`, for a statement of the caller's own to write if its common
+    /// table expression `guard` returns a row. The rows carry the context of
+    /// an outbox-write span, a child of the current span: run the statement
+    /// in [`OutboxWrite::span`].
+    pub fn write_when(&self, guard: &'static str, events: Vec<OutgoingEvent>) -> OutboxWrite {
+        let span = write_span(&events);
+        let context = span.in_scope(trace::current);
+        OutboxWrite {
+            span,
+            guard,
+            source: Arc::clone(&self.source),
+            context,
+            created_at: Utc::now(),
+            rows: events
+                .into_iter()
+                .map(|event| (Uuid::now_v7(), event))
+                .collect(),
+        }
+    }
+}
+
+impl OutboxWrite {
+    /// The outbox-write span whose context the rows carry.
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
+    }
+
+    /// The ids of the events, in order.
+    pub fn event_ids(&self) -> Vec<Uuid> {
+        self.rows.iter().map(|(id, _)| *id).collect()
+    }
+}
+
+impl diesel::query_builder::QueryFragment<diesel::pg::Pg> for OutboxWrite {
+    fn walk_ast<'b>(
+        &'b self,
+        mut pass: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
+    ) -> QueryResult<()> {
+        use diesel::sql_types::{Bytea, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+        pass.push_sql(
+            "INSERT INTO outbox (event_id, subject, event_type, source, payload, \
+             correlation_id, causation_id, traceparent, tracestate, created_at) ",
+        );
+        if self.rows.is_empty() {
+            pass.push_sql(
+                "SELECT event_id, subject, event_type, source, payload, correlation_id, \
+                 causation_id, traceparent, tracestate, created_at FROM outbox WHERE false",
+            );
+            return Ok(());
+        }
+        pass.push_sql("SELECT written.* FROM (VALUES ");
+        for (index, (event_id, event)) in self.rows.iter().enumerate() {
+            pass.push_sql(if index == 0 { "(" } else { ", (" });
+            pass.push_bind_param::<SqlUuid, _>(event_id)?;
+            pass.push_sql(", ");
+            pass.push_bind_param::<Text, _>(&event.subject)?;
+            pass.push_sql(", ");
+            pass.push_bind_param::<Text, _>(&event.event_type)?;
+            pass.push_sql(", ");
+            pass.push_bind_param::<Text, _>(&*self.source)?;
+            pass.push_sql(", ");
+            pass.push_bind_param::<Bytea, _>(&event.payload)?;
+            pass.push_sql(", ");
+            pass.push_bind_param::<Nullable<Text>, _>(&event.correlation_id)?;
+            pass.push_sql(", ");
+            pass.push_bind_param::<Nullable<SqlUuid>, _>(&event.causation_id)?;
+            pass.push_sql(", ");
+            pass.push_bind_param::<Nullable<Text>, _>(&self.context.traceparent)?;
+            pass.push_sql(", ");
+            pass.push_bind_param::<Nullable<Text>, _>(&self.context.tracestate)?;
+            pass.push_sql(", ");
+            pass.push_bind_param::<Timestamptz, _>(&self.created_at)?;
+            pass.push_sql(")");
+        }
+        pass.push_sql(") AS written WHERE EXISTS (SELECT FROM ");
+        pass.push_identifier(self.guard)?;
+        pass.push_sql(")");
+        Ok(())
+    }
+}
+
 /// The span of one outbox write; the written rows carry its context.
 fn write_span(events: &[OutgoingEvent]) -> tracing::Span {
     let subjects: Vec<&str> = events.iter().map(|event| event.subject).collect();
