@@ -193,7 +193,17 @@ impl Infrastructure {
         )
         .await
         .context("migrating the database")?;
-        let pool = shop_db::pool(&config.database_url, config.db_pool_size)?;
+        // Every statement on the hot path finds its rows by key, so a plan
+        // made once per connection serves every call; left to choose,
+        // PostgreSQL plans the array-parameter statements afresh each time.
+        let pool = shop_db::pool(
+            &shop_db::with_setting(
+                &config.database_url,
+                "plan_cache_mode",
+                "force_generic_plan",
+            ),
+            config.db_pool_size,
+        )?;
         // The relay's own connections: busy consumers must never starve it,
         // since what they wait for is what it publishes. Its commits only
         // mark rows published, so they need not wait for the disk: a mark
