@@ -726,7 +726,7 @@ impl<S: Send + Sync + 'static> EventConsumer<S> {
         Self {
             inner: Arc::new(inner),
             spec,
-            concurrency: 4,
+            concurrency: 1,
             batch_size: 64,
             inbox_retention: Duration::from_secs(14 * 24 * 3600),
         }
@@ -740,7 +740,12 @@ impl<S: Send + Sync + 'static> EventConsumer<S> {
     }
 
     /// Sets how many batches are handled at once, each on a connection of
-    /// its own (at least 1; default 4).
+    /// its own (at least 1; default 1). One batch at a time makes the next
+    /// batch take everything that arrived meanwhile, so batches grow with
+    /// the load; batches side by side split the same messages into smaller
+    /// ones, each paying a transaction, and queue on the same locks when
+    /// events touch the same rows (one popular product). More than one
+    /// helps when handlers wait on something other than this database.
     #[must_use]
     pub fn with_concurrency(mut self, concurrency: usize) -> Self {
         self.concurrency = concurrency.max(1);

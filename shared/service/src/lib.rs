@@ -77,6 +77,10 @@ pub struct ServiceConfig {
     /// milliseconds.
     #[arg(long, env = "ACK_WAIT_MS", default_value_t = 30_000)]
     pub ack_wait_ms: u64,
+    /// Batches each event consumer handles at once, each in a transaction
+    /// of its own (see `EventConsumer::with_concurrency`).
+    #[arg(long, env = "CONSUMER_CONCURRENCY", default_value_t = 1)]
+    pub consumer_concurrency: usize,
     /// Log format: `text` or `json`.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
@@ -99,6 +103,7 @@ impl ServiceConfig {
             db_pool_size: 8,
             stream_replicas: 1,
             ack_wait_ms: 30_000,
+            consumer_concurrency: 1,
             log_format: LogFormat::Text,
         }
     }
@@ -166,6 +171,7 @@ pub struct Infrastructure {
     pub metrics: MessagingMetrics,
     registry: Arc<std::sync::Mutex<Registry>>,
     ack_wait: Duration,
+    consumer_concurrency: usize,
     database_url: String,
 }
 
@@ -253,6 +259,7 @@ impl Infrastructure {
             metrics,
             registry: Arc::new(std::sync::Mutex::new(registry)),
             ack_wait: Duration::from_millis(config.ack_wait_ms),
+            consumer_concurrency: config.consumer_concurrency,
             database_url: config.database_url.clone(),
         })
     }
@@ -276,6 +283,7 @@ impl Infrastructure {
             router,
             state,
         )
+        .with_concurrency(self.consumer_concurrency)
         .with_metrics(self.metrics.clone())
     }
 
