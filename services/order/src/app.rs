@@ -219,7 +219,10 @@ impl Orders {
         {
             Ok((false, _)) => Err(PlaceError::UnknownUser),
             Ok((true, false)) => Err(PlaceError::KeyTaken),
-            Ok((true, true)) => Ok(()),
+            Ok((true, true)) => {
+                self.outbox.committed();
+                Ok(())
+            }
             Err(error) => Err(PlaceError::Database(error)),
         };
         // Back to the pool before reading anything else: holding one
@@ -368,6 +371,9 @@ impl Orders {
                 Ok(overdue)
             })
             .await?;
+        if !overdue.is_empty() {
+            self.outbox.committed();
+        }
         for (_, _, placed_at) in &overdue {
             self.metrics.ended(&SagaEnd {
                 outcome: "cancelled",

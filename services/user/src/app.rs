@@ -69,7 +69,10 @@ impl Users {
             })
             .await;
         match result {
-            Ok(user) => Ok(user),
+            Ok(user) => {
+                self.outbox.committed();
+                Ok(user)
+            }
             Err(error) if is_unique_violation(&error) => Err(ApiError::AlreadyExists(format!(
                 "a user with email {} exists already",
                 email.as_str()

@@ -120,12 +120,15 @@ async fn main() {
 
     let shutdown = CancellationToken::new();
     let producer_pool = shop_db::pool(&producer_url, 32).expect("pool");
+    // The writers report their commits, as a service's use cases do.
+    let outbox = Outbox::new("shop/bench");
     let relay = Relay::new(
         producer_pool,
         producer_url.clone(),
         js.clone(),
         RelayConfig::default(),
-    );
+    )
+    .woken_by(&outbox);
     let relay = tokio::spawn(relay.run(shutdown.clone()));
 
     let hook = {
@@ -182,8 +185,8 @@ async fn main() {
             let total = options.events as u64;
             let per_transaction = options.per_transaction as u64;
             let rate = options.rate;
+            let outbox = outbox.clone();
             tokio::spawn(async move {
-                let outbox = Outbox::new("shop/bench");
                 let mut conn = AsyncPgConnection::establish(&url).await.expect("connect");
                 loop {
                     let first = next.fetch_add(per_transaction, Ordering::Relaxed);
@@ -206,12 +209,13 @@ async fn main() {
                             .correlated(index.to_string())
                         })
                         .collect();
-                    let outbox = outbox.clone();
+                    let appending = outbox.clone();
                     conn.transaction::<_, diesel::result::Error, _>(async move |conn| {
-                        outbox.append(conn, &events).await
+                        appending.append(conn, &events).await
                     })
                     .await
                     .expect("append");
+                    outbox.committed();
                     let now = nanos(Instant::now());
                     for index in indices {
                         committed[index as usize].store(now, Ordering::Relaxed);

@@ -1286,7 +1286,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
             [span] => span.clone(),
             _ => tracing::Span::none(),
         };
-        let (result, emitted, after_commit) = match &route.handle {
+        let (result, emitted, mut after_commit) = match &route.handle {
             Handle::One(handle) => {
                 let mut decoded = decoded.into_iter();
                 let (Some(decoded), None, [envelope]) =
@@ -1333,7 +1333,11 @@ impl<S: Send + Sync + 'static> Inner<S> {
         }
         let emitted: Vec<(&tracing::Span, Vec<OutgoingEvent>)> =
             spans.iter().zip(emitted).collect();
-        self.outbox.append_each(conn, &emitted).await?;
+        if emitted.iter().any(|(_, events)| !events.is_empty()) {
+            self.outbox.append_each(conn, &emitted).await?;
+            let outbox = self.outbox.clone();
+            after_commit.push(Box::new(move || outbox.committed()));
+        }
         Ok(after_commit)
     }
 

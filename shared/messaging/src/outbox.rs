@@ -10,12 +10,14 @@
 //! is the row's id.
 //!
 //! Replicas relay side by side: each batch is claimed with
-//! `FOR UPDATE SKIP LOCKED`. An idle relay sleeps on `LISTEN outbox`; a
-//! trigger notifies when events arrive in an empty outbox. After a batch the
-//! relay keeps polling briefly (`linger`), so that under load no transaction
-//! pays for a NOTIFY, which serialises commits. A slow poll is the backstop
-//! for everything else (a writer whose transaction outlived the linger, a
-//! notification lost with a dropped connection).
+//! `FOR UPDATE SKIP LOCKED`. A writer in the relay's own process wakes it
+//! after its commit ([`Outbox::committed`], [`Relay::woken_by`]): no poll, no
+//! round trip through the database. For writers elsewhere, an idle relay
+//! also sleeps on `LISTEN outbox`; a trigger notifies when events arrive in
+//! an empty outbox (not on every insert: a NOTIFY serialises commits). A
+//! relay may keep polling briefly after a batch (`linger`, off by default).
+//! A slow poll is the backstop for everything else (a writer that did not
+//! report, a notification lost with a dropped connection).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,6 +45,7 @@ use crate::trace::{self, TraceContext};
 #[derive(Debug, Clone)]
 pub struct Outbox {
     source: Arc<str>,
+    committed: Arc<Notify>,
 }
 
 #[derive(Insertable)]
@@ -65,7 +68,16 @@ impl Outbox {
     pub fn new(source: impl Into<Arc<str>>) -> Self {
         Self {
             source: source.into(),
+            committed: Arc::default(),
         }
+    }
+
+    /// Tells the relay woken by this outbox ([`Relay::woken_by`]) that rows
+    /// appended through it have committed, so that it publishes them at once
+    /// instead of at its next look. Call it after the commit: before, the
+    /// relay would find nothing. A missed call costs only that wait.
+    pub fn committed(&self) {
+        self.committed.notify_one();
     }
 
     /// The `ce-source` of this outbox's events.
@@ -279,7 +291,9 @@ pub struct RelayConfig {
     /// How long an idle relay waits for a notification before looking anyway.
     pub poll_interval: Duration,
     /// After a batch, how long the relay keeps looking every `linger_poll`
-    /// before it goes idle.
+    /// before it goes idle (default zero: writers in the relay's process
+    /// wake it, see [`Relay::woken_by`]; lingering catches busy writers
+    /// elsewhere sooner than the poll).
     pub linger: Duration,
     /// The interval of those looks.
     pub linger_poll: Duration,
@@ -294,7 +308,7 @@ impl Default for RelayConfig {
         Self {
             batch_size: 500,
             poll_interval: Duration::from_secs(1),
-            linger: Duration::from_millis(500),
+            linger: Duration::ZERO,
             linger_poll: Duration::from_millis(5),
             retention: Duration::from_secs(3600),
             cleanup_interval: Duration::from_secs(60),
@@ -325,6 +339,7 @@ pub struct Relay {
     config: RelayConfig,
     published: Arc<AtomicU64>,
     metrics: MessagingMetrics,
+    wake: Arc<Notify>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -380,7 +395,17 @@ impl Relay {
             config,
             published: Arc::default(),
             metrics: MessagingMetrics::default(),
+            wake: Arc::default(),
         }
+    }
+
+    /// Wakes the relay whenever `outbox` reports a commit
+    /// ([`Outbox::committed`]): events written in this process go out without
+    /// waiting for a poll or a notification.
+    #[must_use]
+    pub fn woken_by(mut self, outbox: &Outbox) -> Self {
+        self.wake = Arc::clone(&outbox.committed);
+        self
     }
 
     /// Counts into `metrics` (the service's registered set).
@@ -421,7 +446,7 @@ impl Relay {
 
     /// Publishes pending rows until none is left or shutdown is requested.
     pub async fn run(self, shutdown: CancellationToken) {
-        let wake = Arc::new(Notify::new());
+        let wake = Arc::clone(&self.wake);
         let listener = tokio::spawn(listen(
             self.database_url.clone(),
             Arc::clone(&wake),

@@ -729,6 +729,48 @@ async fn an_idle_relay_is_woken_by_the_database_when_events_arrive() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_relay_is_woken_by_its_outbox_once_the_writer_has_committed() {
+    let setup = setup().await;
+    // No notification from the database and a poll an hour apart: only the
+    // outbox's own wake-up can bring the event out in time.
+    AsyncPgConnection::establish(&setup.url)
+        .await
+        .unwrap()
+        .batch_execute("ALTER TABLE outbox DISABLE TRIGGER outbox_notify")
+        .await
+        .unwrap();
+    let relay = Relay::new(
+        setup.pool.clone(),
+        setup.url.clone(),
+        setup.js.clone(),
+        RelayConfig {
+            poll_interval: Duration::from_secs(3600),
+            linger: Duration::ZERO,
+            ..RelayConfig::default()
+        },
+    )
+    .woken_by(&setup.outbox);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(relay.run(shutdown.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    append(&setup, &[placed("o-1")]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        stream_messages(&setup.js, "ORDER").await,
+        0,
+        "committed but not reported: the relay sleeps on"
+    );
+    setup.outbox.committed();
+    eventually("the event published", WAIT, || async {
+        stream_messages(&setup.js, "ORDER").await == 1
+    })
+    .await;
+    shutdown.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_stopping_relay_publishes_what_is_committed_before_it_returns() {
     let setup = setup().await;
     append(&setup, &[placed("o-1"), placed("o-2")]).await;

@@ -334,6 +334,7 @@ impl Infrastructure {
             self.js.clone(),
             RelayConfig::default(),
         )
+        .woken_by(&self.outbox)
         .with_metrics(self.metrics.clone())
     }
 
