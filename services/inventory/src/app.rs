@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Text};
+use diesel::sql_types::{Array, BigInt, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use shop_db::{Cached, PgPool};
 use shop_messaging::HandlerError;
@@ -212,8 +212,8 @@ pub(crate) async fn reserve(
     })
     .collect();
     let mut taken: BTreeMap<String, i64> = BTreeMap::new();
-    let mut new_reservations = Vec::new();
-    let mut new_lines = Vec::new();
+    let mut new_reservations = NewReservations::default();
+    let mut new_lines = NewLines::default();
     let mut decisions = Vec::with_capacity(orders.len());
     for order in orders {
         // Seen before (a redelivery under another id, or a cancellation that
@@ -229,28 +229,16 @@ pub(crate) async fn reserve(
                         product.available -= line.quantity;
                     }
                     *taken.entry(line.sku.clone()).or_default() += line.quantity;
-                    new_lines.push((
-                        reservation_lines::order_id.eq(order.order_id),
-                        reservation_lines::sku.eq(line.sku.clone()),
-                        reservation_lines::quantity.eq(line.quantity),
-                        reservation_lines::unit_price_cents.eq(line.unit_price_cents),
-                    ));
+                    new_lines.order_ids.push(order.order_id);
+                    new_lines.skus.push(line.sku.clone());
+                    new_lines.quantities.push(line.quantity);
+                    new_lines.unit_prices.push(line.unit_price_cents);
                 }
-                new_reservations.push(new_reservation(
-                    order,
-                    Status::Reserved,
-                    total_cents,
-                    String::new(),
-                ));
+                new_reservations.push(order, Status::Reserved, total_cents, String::new());
                 decisions.push(Reservation::Reserved { lines, total_cents });
             }
             Err(rejection) => {
-                new_reservations.push(new_reservation(
-                    order,
-                    Status::Rejected,
-                    0,
-                    rejection.reason.clone(),
-                ));
+                new_reservations.push(order, Status::Rejected, 0, rejection.reason.clone());
                 decisions.push(Reservation::Rejected {
                     sku: rejection.sku,
                     reason: rejection.reason,
@@ -258,41 +246,68 @@ pub(crate) async fn reserve(
             }
         }
     }
-    shift(conn, Shift::Reserve, &taken).await?;
-    if !new_reservations.is_empty() {
-        Cached(diesel::insert_into(reservations::table).values(&new_reservations))
-            .execute(conn)
-            .await?;
+    if new_reservations.order_ids.is_empty() {
+        return Ok(decisions);
     }
-    if !new_lines.is_empty() {
-        Cached(diesel::insert_into(reservation_lines::table).values(&new_lines))
-            .execute(conn)
-            .await?;
-    }
+    // The units, the reservations and their lines in one statement (the
+    // lines' reference to their reservation is checked at its end).
+    let (skus, units): (Vec<&str>, Vec<i64>) = taken
+        .iter()
+        .map(|(sku, units)| (sku.as_str(), *units))
+        .unzip();
+    Cached(
+        diesel::sql_query(format!(
+            "WITH moved AS ({}), \
+             decided AS (INSERT INTO reservations (order_id, user_id, status, total_cents, reason) \
+             SELECT * FROM unnest($3::uuid[], $4::uuid[], $5::text[], $6::bigint[], $7::text[])) \
+             INSERT INTO reservation_lines (order_id, sku, quantity, unit_price_cents) \
+             SELECT * FROM unnest($8::uuid[], $9::text[], $10::bigint[], $11::bigint[])",
+            Shift::Reserve.statement()
+        ))
+        .bind::<Array<Text>, _>(&skus)
+        .bind::<Array<BigInt>, _>(&units)
+        .bind::<Array<SqlUuid>, _>(&new_reservations.order_ids)
+        .bind::<Array<SqlUuid>, _>(&new_reservations.user_ids)
+        .bind::<Array<Text>, _>(&new_reservations.statuses)
+        .bind::<Array<BigInt>, _>(&new_reservations.totals)
+        .bind::<Array<Text>, _>(&new_reservations.reasons)
+        .bind::<Array<SqlUuid>, _>(&new_lines.order_ids)
+        .bind::<Array<Text>, _>(&new_lines.skus)
+        .bind::<Array<BigInt>, _>(&new_lines.quantities)
+        .bind::<Array<BigInt>, _>(&new_lines.unit_prices),
+    )
+    .execute(conn)
+    .await?;
     Ok(decisions)
 }
 
-type NewReservation = (
-    diesel::dsl::Eq<reservations::order_id, Uuid>,
-    diesel::dsl::Eq<reservations::user_id, Uuid>,
-    diesel::dsl::Eq<reservations::status, &'static str>,
-    diesel::dsl::Eq<reservations::total_cents, i64>,
-    diesel::dsl::Eq<reservations::reason, String>,
-);
+/// Reservations to insert, column by column.
+#[derive(Default)]
+struct NewReservations {
+    order_ids: Vec<Uuid>,
+    user_ids: Vec<Uuid>,
+    statuses: Vec<&'static str>,
+    totals: Vec<i64>,
+    reasons: Vec<String>,
+}
 
-fn new_reservation(
-    order: &Placed,
-    status: Status,
-    total_cents: i64,
-    reason: String,
-) -> NewReservation {
-    (
-        reservations::order_id.eq(order.order_id),
-        reservations::user_id.eq(order.user_id),
-        reservations::status.eq(status.as_str()),
-        reservations::total_cents.eq(total_cents),
-        reservations::reason.eq(reason),
-    )
+impl NewReservations {
+    fn push(&mut self, order: &Placed, status: Status, total_cents: i64, reason: String) {
+        self.order_ids.push(order.order_id);
+        self.user_ids.push(order.user_id);
+        self.statuses.push(status.as_str());
+        self.totals.push(total_cents);
+        self.reasons.push(reason);
+    }
+}
+
+/// Reservation lines to insert, column by column.
+#[derive(Default)]
+struct NewLines {
+    order_ids: Vec<Uuid>,
+    skus: Vec<String>,
+    quantities: Vec<i64>,
+    unit_prices: Vec<i64>,
 }
 
 /// Where units move between a product's counts.
@@ -300,8 +315,6 @@ fn new_reservation(
 enum Shift {
     /// available -> reserved
     Reserve,
-    /// reserved -> sold
-    Sell,
     /// reserved -> available
     Release,
 }
@@ -312,12 +325,6 @@ impl Shift {
             Self::Reserve => {
                 "UPDATE products SET available = available - moved.quantity, \
                  reserved = reserved + moved.quantity \
-                 FROM unnest($1::text[], $2::bigint[]) AS moved (sku, quantity) \
-                 WHERE products.sku = moved.sku"
-            }
-            Self::Sell => {
-                "UPDATE products SET reserved = reserved - moved.quantity, \
-                 sold = sold + moved.quantity \
                  FROM unnest($1::text[], $2::bigint[]) AS moved (sku, quantity) \
                  WHERE products.sku = moved.sku"
             }
@@ -487,23 +494,19 @@ pub(crate) async fn sell(
     if to_sell.is_empty() {
         return Ok(());
     }
-    let lines: Vec<(String, i64)> = Cached(
-        reservation_lines::table
-            .filter(reservation_lines::order_id.eq_any(&to_sell))
-            .select((reservation_lines::sku, reservation_lines::quantity)),
-    )
-    .load(conn)
-    .await?;
-    let mut sold: BTreeMap<String, i64> = BTreeMap::new();
-    for (sku, quantity) in lines {
-        *sold.entry(sku).or_default() += quantity;
-    }
-    shift(conn, Shift::Sell, &sold).await?;
+    // The reservations marked sold and their lines' units moved, in one
+    // statement.
     Cached(
-        diesel::update(reservations::table.filter(reservations::order_id.eq_any(&to_sell))).set((
-            reservations::status.eq(Status::Sold.as_str()),
-            reservations::updated_at.eq(diesel::dsl::now),
-        )),
+        diesel::sql_query(
+            "WITH sold_orders AS (UPDATE reservations SET status = $2, updated_at = now() \
+             WHERE order_id = ANY($1) RETURNING order_id), \
+             moved AS (SELECT line.sku, sum(line.quantity)::bigint AS quantity \
+             FROM reservation_lines AS line JOIN sold_orders USING (order_id) GROUP BY line.sku) \
+             UPDATE products SET reserved = reserved - moved.quantity, \
+             sold = sold + moved.quantity FROM moved WHERE products.sku = moved.sku",
+        )
+        .bind::<Array<SqlUuid>, _>(&to_sell)
+        .bind::<Text, _>(Status::Sold.as_str()),
     )
     .execute(conn)
     .await?;

@@ -613,30 +613,19 @@ pub(crate) async fn advance(
         }
         advanced.push(Advanced { emit, end });
     }
-    update_orders(conn, &moving).await?;
-    let rows: Vec<_> = steps
-        .iter()
-        .map(|(order_id, name, detail)| {
-            (
-                order_steps::order_id.eq(*order_id),
-                order_steps::name.eq(name),
-                order_steps::detail.eq(detail),
-            )
-        })
-        .collect();
-    Cached(diesel::insert_into(order_steps::table).values(&rows))
-        .execute(conn)
-        .await?;
+    write_moves(conn, &moving, &steps).await?;
     Ok(advanced)
 }
 
-/// Writes the orders a batch changed, in one statement.
-async fn update_orders(
+/// Writes the orders a batch changed and the steps it recorded (in this
+/// order), in one statement.
+async fn write_moves(
     conn: &mut AsyncPgConnection,
     moving: &HashMap<Uuid, Moving>,
+    steps: &[(Uuid, String, String)],
 ) -> QueryResult<()> {
     let changed: Vec<(&Uuid, &Moving)> = moving.iter().filter(|(_, order)| order.changed).collect();
-    if changed.is_empty() {
+    if changed.is_empty() && steps.is_empty() {
         return Ok(());
     }
     let order_ids: Vec<Uuid> = changed.iter().map(|(id, _)| **id).collect();
@@ -653,20 +642,32 @@ async fn update_orders(
         .iter()
         .map(|(_, order)| order.status_changed)
         .collect();
+    let (step_orders, (names, details)): (Vec<Uuid>, (Vec<&str>, Vec<&str>)) = steps
+        .iter()
+        .map(|(order_id, name, detail)| (*order_id, (name.as_str(), detail.as_str())))
+        .unzip();
     Cached(
         diesel::sql_query(
-            "UPDATE orders SET status = moved.status, total_cents = moved.total_cents, \
+            "WITH moved_orders AS (UPDATE orders SET status = moved.status, \
+             total_cents = moved.total_cents, \
              cancel_reason = coalesce(moved.cancel_reason, orders.cancel_reason), \
              updated_at = CASE WHEN moved.moved THEN now() ELSE orders.updated_at END \
              FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::bool[]) \
              AS moved (order_id, status, total_cents, cancel_reason, moved) \
-             WHERE orders.order_id = moved.order_id",
+             WHERE orders.order_id = moved.order_id) \
+             INSERT INTO order_steps (order_id, name, detail) \
+             SELECT step.order_id, step.name, step.detail \
+             FROM unnest($6::uuid[], $7::text[], $8::text[]) WITH ORDINALITY \
+             AS step (order_id, name, detail, position) ORDER BY step.position",
         )
         .bind::<Array<SqlUuid>, _>(&order_ids)
         .bind::<Array<Text>, _>(&statuses)
         .bind::<Array<BigInt>, _>(&totals)
         .bind::<Array<Nullable<Text>>, _>(&reasons)
-        .bind::<Array<Bool>, _>(&moved),
+        .bind::<Array<Bool>, _>(&moved)
+        .bind::<Array<SqlUuid>, _>(&step_orders)
+        .bind::<Array<Text>, _>(&names)
+        .bind::<Array<Text>, _>(&details),
     )
     .execute(conn)
     .await?;

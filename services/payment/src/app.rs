@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Uuid as SqlUuid};
+use diesel::sql_types::{Array, BigInt, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl};
 use shop_db::{Cached, PgPool};
 use shop_messaging::HandlerError;
@@ -204,7 +204,7 @@ pub(crate) async fn debit(
     .into_iter()
     .collect();
     let mut debited: BTreeMap<Uuid, i64> = BTreeMap::new();
-    let mut rows = Vec::new();
+    let mut rows = NewPayments::default();
     let mut decisions = Vec::with_capacity(charges.len());
     for charge in charges {
         // Seen before (a redelivery under another id, or a cancellation that
@@ -227,36 +227,47 @@ pub(crate) async fn debit(
                 format!("insufficient funds: balance {balance} cents, order {amount} cents");
             (status::DECLINED, reason.clone(), Debit::Declined(reason))
         };
-        rows.push((
-            payments::order_id.eq(charge.order_id),
-            payments::user_id.eq(charge.user_id),
-            payments::amount_cents.eq(amount),
-            payments::status.eq(status),
-            payments::reason.eq(reason),
-        ));
+        rows.order_ids.push(charge.order_id);
+        rows.user_ids.push(charge.user_id);
+        rows.amounts.push(amount);
+        rows.statuses.push(status);
+        rows.reasons.push(reason);
         decisions.push(decision);
     }
-    if !debited.is_empty() {
-        let users: Vec<Uuid> = debited.keys().copied().collect();
-        let amounts: Vec<i64> = debited.values().copied().collect();
-        Cached(
-            diesel::sql_query(
-                "UPDATE accounts SET balance_cents = balance_cents - debit.amount \
-                 FROM unnest($1::uuid[], $2::bigint[]) AS debit (user_id, amount) \
-                 WHERE accounts.user_id = debit.user_id",
-            )
-            .bind::<Array<SqlUuid>, _>(&users)
-            .bind::<Array<BigInt>, _>(&amounts),
+    if rows.order_ids.is_empty() {
+        return Ok(decisions);
+    }
+    // The balances and the payments in one statement.
+    let (users, amounts): (Vec<Uuid>, Vec<i64>) = debited.into_iter().unzip();
+    Cached(
+        diesel::sql_query(
+            "WITH debited AS (UPDATE accounts SET balance_cents = balance_cents - debit.amount \
+             FROM unnest($1::uuid[], $2::bigint[]) AS debit (user_id, amount) \
+             WHERE accounts.user_id = debit.user_id) \
+             INSERT INTO payments (order_id, user_id, amount_cents, status, reason) \
+             SELECT * FROM unnest($3::uuid[], $4::uuid[], $5::bigint[], $6::text[], $7::text[])",
         )
-        .execute(conn)
-        .await?;
-    }
-    if !rows.is_empty() {
-        Cached(diesel::insert_into(payments::table).values(&rows))
-            .execute(conn)
-            .await?;
-    }
+        .bind::<Array<SqlUuid>, _>(&users)
+        .bind::<Array<BigInt>, _>(&amounts)
+        .bind::<Array<SqlUuid>, _>(&rows.order_ids)
+        .bind::<Array<SqlUuid>, _>(&rows.user_ids)
+        .bind::<Array<BigInt>, _>(&rows.amounts)
+        .bind::<Array<Text>, _>(&rows.statuses)
+        .bind::<Array<Text>, _>(&rows.reasons),
+    )
+    .execute(conn)
+    .await?;
     Ok(decisions)
+}
+
+/// Payments to insert, column by column.
+#[derive(Default)]
+struct NewPayments {
+    order_ids: Vec<Uuid>,
+    user_ids: Vec<Uuid>,
+    amounts: Vec<i64>,
+    statuses: Vec<&'static str>,
+    reasons: Vec<String>,
 }
 
 /// Compensation c3: refund a cancelled order's capture. Returns the amount
