@@ -458,8 +458,13 @@ impl Relay {
         let mut look_first = true;
         while !shutdown.is_cancelled() {
             let result = self.claim_and_publish(look_first).await;
-            // After a batch more rows are likely: claim straight away.
-            look_first = !matches!(result, Ok(count) if count > 0);
+            // After a full batch more rows are waiting: claim straight away.
+            // A wake-up asks first: many find their rows claimed already
+            // (a batch takes every row committed before it, and the writer
+            // and the database's notification may each wake the relay for
+            // the same commit), and asking costs one statement where an
+            // empty claim costs a transaction.
+            look_first = !matches!(result, Ok(count) if count as i64 == self.config.batch_size);
             match result {
                 // A full batch: more may be waiting.
                 Ok(count) if count as i64 == self.config.batch_size => {
