@@ -697,25 +697,31 @@ mod tests {
         }
     }
 
-    /// Several events in one call move their orders as they would one
-    /// after another: a later event sees what an earlier one did.
-    #[tokio::test(flavor = "multi_thread")]
-    async fn events_advanced_together_move_each_order_in_turn() {
+    /// A migrated order database, its pool and the use cases on it.
+    async fn order_database() -> (TestPostgres, PgPool, Orders) {
         let postgres = TestPostgres::start().await;
         let url = postgres.create_database("orders").await;
         shop_db::migrate(&url, vec![shop_messaging::MIGRATIONS, crate::MIGRATIONS])
             .await
             .unwrap();
         let pool = shop_db::pool(&url, 2).unwrap();
-        let mut conn = pool.get().await.unwrap();
-        let user_id = Uuid::now_v7();
-        learn_user(&mut conn, user_id).await.unwrap();
         let orders = Orders::new(
             pool.clone(),
             Outbox::new("shop/order"),
             Duration::from_secs(60),
             SagaMetrics::default(),
         );
+        (postgres, pool, orders)
+    }
+
+    /// Several events in one call move their orders as they would one
+    /// after another: a later event sees what an earlier one did.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn events_advanced_together_move_each_order_in_turn() {
+        let (_postgres, pool, orders) = order_database().await;
+        let mut conn = pool.get().await.unwrap();
+        let user_id = Uuid::now_v7();
+        learn_user(&mut conn, user_id).await.unwrap();
         let items = [("LAMP".to_owned(), 1)];
         let ann = orders.place_order(user_id, &items, "").await.unwrap();
         let bob = orders.place_order(user_id, &items, "").await.unwrap();
@@ -811,18 +817,7 @@ mod tests {
     /// step and its event together, or nothing at all.
     #[tokio::test(flavor = "multi_thread")]
     async fn an_order_is_placed_with_its_event_or_not_at_all() {
-        let postgres = TestPostgres::start().await;
-        let url = postgres.create_database("orders").await;
-        shop_db::migrate(&url, vec![shop_messaging::MIGRATIONS, crate::MIGRATIONS])
-            .await
-            .unwrap();
-        let pool = shop_db::pool(&url, 2).unwrap();
-        let orders = Orders::new(
-            pool.clone(),
-            Outbox::new("shop/order"),
-            Duration::from_secs(60),
-            SagaMetrics::default(),
-        );
+        let (_postgres, pool, orders) = order_database().await;
         #[derive(QueryableByName, Debug, Clone, PartialEq)]
         struct Written {
             #[diesel(sql_type = Text)]

@@ -213,11 +213,6 @@ impl OutboxWrite {
     pub fn span(&self) -> &tracing::Span {
         &self.span
     }
-
-    /// The ids of the events, in order.
-    pub fn event_ids(&self) -> Vec<Uuid> {
-        self.rows.iter().map(|(id, _)| *id).collect()
-    }
 }
 
 impl diesel::query_builder::QueryFragment<diesel::pg::Pg> for OutboxWrite {

@@ -694,11 +694,10 @@ async fn a_batch_route_applies_a_batch_in_one_call_and_one_by_one_when_it_fails(
     assert_eq!(dead_letters(&setup, 1).await.len(), 1);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_idle_relay_is_woken_by_the_database_when_events_arrive() {
-    let setup = setup().await;
-    // A poll an hour apart: only LISTEN/NOTIFY can bring the event out in time.
-    let relay = Relay::new(
+/// A relay that polls an hour apart and never lingers: only a wake-up
+/// brings an event out in time.
+fn sleepy_relay(setup: &Setup) -> Relay {
+    Relay::new(
         setup.pool.clone(),
         setup.url.clone(),
         setup.js.clone(),
@@ -707,7 +706,14 @@ async fn an_idle_relay_is_woken_by_the_database_when_events_arrive() {
             linger: Duration::ZERO,
             ..RelayConfig::default()
         },
-    );
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_relay_is_woken_by_the_database_when_events_arrive() {
+    let setup = setup().await;
+    // A poll an hour apart: only LISTEN/NOTIFY can bring the event out in time.
+    let relay = sleepy_relay(&setup);
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(relay.run(shutdown.clone()));
     // Let it go idle on LISTEN.
@@ -739,17 +745,7 @@ async fn a_relay_is_woken_by_its_outbox_once_the_writer_has_committed() {
         .batch_execute("ALTER TABLE outbox DISABLE TRIGGER outbox_notify")
         .await
         .unwrap();
-    let relay = Relay::new(
-        setup.pool.clone(),
-        setup.url.clone(),
-        setup.js.clone(),
-        RelayConfig {
-            poll_interval: Duration::from_secs(3600),
-            linger: Duration::ZERO,
-            ..RelayConfig::default()
-        },
-    )
-    .woken_by(&setup.outbox);
+    let relay = sleepy_relay(&setup).woken_by(&setup.outbox);
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(relay.run(shutdown.clone()));
     tokio::time::sleep(Duration::from_millis(300)).await;
