@@ -1,0 +1,55 @@
+//! The authentication flags every service takes.
+
+use std::path::PathBuf;
+
+/// Where the trusted keys come from and what a token must say.
+///
+/// Exactly one of `--jwks-file`, `--jwks-url` and `--jwks` names the keys.
+#[derive(Debug, Clone, clap::Args)]
+#[group(id = "jwks_source", required = true, multiple = false, args = ["jwks_file", "jwks_url", "jwks"])]
+pub struct AuthConfig {
+    /// A JSON Web Key Set file holding the identity provider's public keys
+    /// (read again when a token names a key it lacks).
+    #[arg(long, env = "JWKS_FILE")]
+    pub jwks_file: Option<PathBuf>,
+    /// The identity provider's JWKS URL (its `jwks_uri`), cached and
+    /// refreshed every `--jwks-refresh-s` and when a token names a new key.
+    #[arg(long, env = "JWKS_URL")]
+    pub jwks_url: Option<String>,
+    /// The JSON Web Key Set itself, inline.
+    #[arg(long, env = "JWKS", hide_env_values = true)]
+    pub jwks: Option<String>,
+    /// The `iss` every token must carry.
+    #[arg(long, env = "JWT_ISSUER")]
+    pub jwt_issuer: String,
+    /// The `aud` every token must name.
+    #[arg(long, env = "JWT_AUDIENCE", default_value = "shop")]
+    pub jwt_audience: String,
+    /// Where the roles are in the token: a claim name, or a dotted path
+    /// into nested claims (Keycloak: `realm_access.roles`).
+    #[arg(long, env = "JWT_ROLES_CLAIM", default_value = "roles")]
+    pub jwt_roles_claim: String,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds.
+    #[arg(long, env = "JWT_LEEWAY_S", default_value_t = 30)]
+    pub jwt_leeway_s: u64,
+    /// How often keys from `--jwks-url` are fetched again, in seconds.
+    #[arg(long, env = "JWKS_REFRESH_S", default_value_t = 300)]
+    pub jwks_refresh_s: u64,
+}
+
+impl AuthConfig {
+    /// Trust `jwks` (a JSON Web Key Set) for tokens from `issuer` to
+    /// `audience`, with the defaults otherwise.
+    pub fn inline(jwks: String, issuer: &str, audience: &str) -> Self {
+        Self {
+            jwks_file: None,
+            jwks_url: None,
+            jwks: Some(jwks),
+            jwt_issuer: issuer.to_owned(),
+            jwt_audience: audience.to_owned(),
+            jwt_roles_claim: "roles".into(),
+            jwt_leeway_s: 30,
+            jwks_refresh_s: 300,
+        }
+    }
+}
