@@ -58,7 +58,9 @@ def main():
     notes = "; ".join(m["error"] for m in result["messages"])
     print(f"  helm lint --strict: ok{f' (info: {notes})' if notes else ''}")
 
-    kinds = validate(render(chart_path, None), "default values")
+    # The one value without a default: whom to trust.
+    trust = {"auth": {"issuer": "shopctl", "jwks": '{"keys": []}'}}
+    kinds = validate(render(chart_path, trust), "default values (and auth)")
     assert kinds.count("Deployment") == 4 and kinds.count("StatefulSet") == 2, kinds
     for path in value_files:
         values = yaml.safe_load(open(path))
@@ -67,7 +69,9 @@ def main():
 
     # A wrong value fails at install time, naming the field.
     for wrong in ({"logFormat": "xml"}, {"services": {"order": {"replicas": "three"}}},
-                  {"nats": {"enabled": False, "url": "http://wrong"}}):
+                  {"nats": {"enabled": False, "url": "http://wrong"}},
+                  {"auth": {"issuer": "", "jwks": ""}},
+                  {"auth": {"issuer": "idp", "jwksUrl": "ftp://idp/certs"}}):
         try:
             render(chart_path, wrong)
         except helm_python.HelmError as error:

@@ -35,7 +35,6 @@ use shop_proto::user::v1::CreateUserRequest;
 use shop_proto::user::v1::user_service_client::UserServiceClient;
 use shop_test_support::{TestNats, TestPostgres};
 use tokio::sync::Mutex;
-use tonic::transport::Channel;
 
 const STARTING_CREDIT: i64 = 1_000_000_000;
 const DEADLINE_MS: u64 = 8_000;
@@ -179,10 +178,8 @@ impl System {
         }
     }
 
-    fn channel(&self, name: &'static str) -> Channel {
-        Channel::from_shared(self.processes[&(name, 0)].endpoint())
-            .unwrap()
-            .connect_lazy()
+    fn channel(&self, name: &'static str) -> shop_auth::BearerChannel {
+        processes::admin_channel(self.processes[&(name, 0)].endpoint())
     }
 
     async fn inject(&mut self, fault: Fault, lasting: Duration) {
@@ -231,7 +228,7 @@ struct Driven {
 /// clients, retrying each call (with its idempotency key) until the system
 /// answers.
 async fn drive(
-    orders: OrderServiceClient<Channel>,
+    orders: OrderServiceClient<shop_auth::BearerChannel>,
     users: Arc<Vec<String>>,
     sagas: usize,
     rate: f64,

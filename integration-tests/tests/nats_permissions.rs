@@ -75,11 +75,7 @@ async fn each_service_publishes_only_its_own_events_and_the_saga_still_runs() {
             ServiceProcess::start(name, &url, &nats.url(), &env).await,
         );
     }
-    let channel = |name: &str| {
-        tonic::transport::Channel::from_shared(services[name].endpoint())
-            .unwrap()
-            .connect_lazy()
-    };
+    let channel = |name: &str| processes::admin_channel(services[name].endpoint());
 
     // A whole saga across the four, each on its own credentials.
     let user_id = UserServiceClient::new(channel("user"))

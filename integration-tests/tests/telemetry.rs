@@ -194,11 +194,7 @@ async fn a_saga_is_one_trace_across_the_services_it_touches() {
         let process = ServiceProcess::start(name, &url, &infra.nats.url(), &env).await;
         services.insert(name, process);
     }
-    let channel = |name: &str| {
-        tonic::transport::Channel::from_shared(services[name].endpoint())
-            .unwrap()
-            .connect_lazy()
-    };
+    let channel = |name: &str| processes::admin_channel(services[name].endpoint());
     let mut users = UserServiceClient::new(channel("user"));
     let mut orders = OrderServiceClient::new(channel("order"));
     let mut inventory = InventoryServiceClient::new(channel("inventory"));

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use shop_proto::order::v1::order_service_client::OrderServiceClient;
 use shop_proto::order::v1::{GetOrderRequest, Order, OrderStatus, PlaceOrderRequest};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tonic::transport::Channel;
 
 /// The service binaries and where they are.
 pub const BINARIES: [&str; 4] = ["user-svc", "order-svc", "inventory-svc", "payment-svc"];
@@ -69,6 +68,22 @@ fn newest(path: &Path) -> Option<std::time::SystemTime> {
         .filter_map(Result::ok)
         .filter_map(|entry| newest(&entry.path()))
         .max()
+}
+
+/// The key every service process of a test run trusts.
+pub fn issuer() -> &'static shop_auth::LocalIssuer {
+    static ISSUER: OnceLock<shop_auth::LocalIssuer> = OnceLock::new();
+    ISSUER.get_or_init(shop_auth::LocalIssuer::generate)
+}
+
+/// A lazy channel to `endpoint` that calls as the administrator.
+pub fn admin_channel(endpoint: String) -> shop_auth::BearerChannel {
+    shop_auth::with_token(
+        tonic::transport::Channel::from_shared(endpoint)
+            .unwrap()
+            .connect_lazy(),
+        &issuer().admin_token(),
+    )
 }
 
 pub fn free_port() -> u16 {
@@ -207,6 +222,8 @@ fn spawn(
         .env("GRPC_ADDR", format!("127.0.0.1:{grpc}"))
         .env("HTTP_ADDR", format!("127.0.0.1:{http}"))
         .env("LOG_FORMAT", "json")
+        .env("JWKS", issuer().jwks())
+        .env("JWT_ISSUER", shop_auth::LOCAL_ISSUER)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(if std::env::var_os("TEST_LOG").is_some() {
@@ -244,7 +261,7 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 /// Places an order, retrying while the order service has not yet learned of
 /// a just-created user (from `user.created`).
 pub async fn place_order(
-    orders: &mut OrderServiceClient<Channel>,
+    orders: &mut OrderServiceClient<shop_auth::BearerChannel>,
     request: tonic::Request<PlaceOrderRequest>,
 ) -> Order {
     let (metadata, extensions, message) = request.into_parts();
@@ -266,7 +283,10 @@ pub async fn place_order(
 }
 
 /// Waits until the order has left PENDING, and returns it.
-pub async fn settled(orders: &mut OrderServiceClient<Channel>, order_id: &str) -> Order {
+pub async fn settled(
+    orders: &mut OrderServiceClient<shop_auth::BearerChannel>,
+    order_id: &str,
+) -> Order {
     let started = Instant::now();
     loop {
         let order = orders

@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use shop_auth::BearerChannel;
 use shop_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use shop_proto::inventory::v1::{CreateProductRequest, GetProductRequest};
 use shop_proto::order::v1::order_service_client::OrderServiceClient;
@@ -23,7 +24,6 @@ use shop_proto::user::v1::CreateUserRequest;
 use shop_proto::user::v1::user_service_client::UserServiceClient;
 use shop_service::{LogFormat, Running, ServiceConfig};
 use shop_test_support::TestInfra;
-use tonic::transport::Channel;
 
 pub const STARTING_CREDIT: i64 = 100_000;
 const WAIT: Duration = Duration::from_secs(30);
@@ -88,6 +88,7 @@ impl Shop {
         ServiceConfig::local(
             self.infra.postgres.url(&format!("shop_{service}")),
             self.infra.nats.url(),
+            self.infra.issuer.auth_config(),
         )
     }
 
@@ -128,23 +129,46 @@ impl Shop {
         self.services.insert(service, running);
     }
 
-    async fn channel(&self, service: &str) -> Channel {
-        self.services[service].channel().await.unwrap()
+    /// A channel to `service` that sends no token.
+    pub async fn channel_without_token(&self, service: &str) -> BearerChannel {
+        tonic::service::interceptor::InterceptedService::new(
+            self.services[service].channel().await.unwrap(),
+            shop_auth::Bearer::none(),
+        )
     }
 
-    pub async fn users(&self) -> UserServiceClient<Channel> {
+    /// A channel to `service` that sends `token`.
+    pub async fn channel_with(&self, service: &str, token: &str) -> BearerChannel {
+        shop_auth::with_token(self.services[service].channel().await.unwrap(), token)
+    }
+
+    async fn channel(&self, service: &str) -> BearerChannel {
+        self.channel_with(service, &self.infra.issuer.admin_token())
+            .await
+    }
+
+    /// The clients below call as the shop's administrator.
+    pub async fn users(&self) -> UserServiceClient<BearerChannel> {
         UserServiceClient::new(self.channel("user").await)
     }
 
-    pub async fn orders(&self) -> OrderServiceClient<Channel> {
+    pub async fn orders(&self) -> OrderServiceClient<BearerChannel> {
         OrderServiceClient::new(self.channel("order").await)
     }
 
-    pub async fn inventory(&self) -> InventoryServiceClient<Channel> {
+    /// The order service as the customer `user_id`, with their own token.
+    pub async fn orders_as(&self, user_id: &str) -> OrderServiceClient<BearerChannel> {
+        OrderServiceClient::new(
+            self.channel_with("order", &self.infra.issuer.user_token(user_id))
+                .await,
+        )
+    }
+
+    pub async fn inventory(&self) -> InventoryServiceClient<BearerChannel> {
         InventoryServiceClient::new(self.channel("inventory").await)
     }
 
-    pub async fn payments(&self) -> PaymentServiceClient<Channel> {
+    pub async fn payments(&self) -> PaymentServiceClient<BearerChannel> {
         PaymentServiceClient::new(self.channel("payment").await)
     }
 
@@ -178,6 +202,12 @@ impl Shop {
         user.user_id
     }
 
+    /// Notes a user created some other way than [`Shop::create_user`], for
+    /// the invariants.
+    pub fn track_user(&mut self, user_id: &str) {
+        self.users.insert(user_id.to_owned(), 0);
+    }
+
     /// Notes a deposit, for the money invariant.
     pub fn deposited(&mut self, user_id: &str, amount: i64) {
         *self.users.get_mut(user_id).unwrap() += amount;
@@ -197,8 +227,8 @@ impl Shop {
         self.stocked.insert(sku.to_owned(), stock);
     }
 
-    /// Places an order, retrying while the order service has not yet
-    /// learned of a just-created user.
+    /// Places an order as the customer, with their own token, retrying
+    /// while the order service has not yet learned of a just-created user.
     pub async fn place(
         &self,
         user_id: &str,
@@ -216,7 +246,7 @@ impl Shop {
                 .collect(),
             idempotency_key: key.into(),
         };
-        let mut orders = self.orders().await;
+        let mut orders = self.orders_as(user_id).await;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match orders.place_order(request.clone()).await {

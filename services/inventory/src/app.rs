@@ -8,7 +8,7 @@ use diesel::sql_types::{Array, BigInt, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use shop_db::{Cached, PgPool};
 use shop_messaging::HandlerError;
-use shop_service::{ApiError, is_unique_violation};
+use shop_service::{ApiError, Caller, is_unique_violation};
 use uuid::Uuid;
 
 use crate::domain::{self, Line, Status, Stock};
@@ -50,13 +50,17 @@ impl Catalogue {
         Self { pool }
     }
 
+    /// A new product with its first stock: the catalogue is the shop's to
+    /// change, not its customers'.
     pub(crate) async fn create_product(
         &self,
+        caller: &Caller,
         sku: &str,
         name: &str,
         price_cents: i64,
         stock: i64,
     ) -> Result<Product, ApiError> {
+        caller.require_role("CreateProduct", &[])?;
         check_sku(sku)?;
         let name = name.trim();
         if name.is_empty() || name.chars().count() > 200 {
@@ -95,6 +99,7 @@ impl Catalogue {
         }
     }
 
+    /// A product; any authenticated caller may read the catalogue.
     pub(crate) async fn get_product(&self, sku: &str) -> Result<Product, ApiError> {
         check_sku(sku)?;
         let mut conn = self.pool.get().await?;
@@ -107,7 +112,14 @@ impl Catalogue {
             .ok_or_else(|| ApiError::NotFound(format!("no product {sku}")))
     }
 
-    pub(crate) async fn add_stock(&self, sku: &str, quantity: i64) -> Result<Product, ApiError> {
+    /// More units of a product.
+    pub(crate) async fn add_stock(
+        &self,
+        caller: &Caller,
+        sku: &str,
+        quantity: i64,
+    ) -> Result<Product, ApiError> {
+        caller.require_role("AddStock", &[])?;
         check_sku(sku)?;
         if quantity < 1 {
             return Err(ApiError::InvalidArgument(format!(
@@ -588,7 +600,13 @@ mod tests {
             .unwrap();
         let mut conn = AsyncPgConnection::establish(&url).await.unwrap();
         Catalogue::new(shop_db::pool(&url, 1).unwrap())
-            .create_product("LAMP", "Lamp", 1999, 3)
+            .create_product(
+                &Caller::new("admin", vec![shop_service::roles::ADMIN.into()]),
+                "LAMP",
+                "Lamp",
+                1999,
+                3,
+            )
             .await
             .unwrap();
 

@@ -4,7 +4,7 @@ use shop_proto::inventory::v1 as pb;
 use shop_proto::inventory::v1::inventory_service_server::{
     InventoryService, InventoryServiceServer,
 };
-use shop_service::page_size;
+use shop_service::{caller_of, page_size};
 use tonic::{Request, Response, Status};
 
 use crate::app::{Catalogue, Product};
@@ -40,10 +40,11 @@ impl InventoryService for InventoryApi {
         &self,
         request: Request<pb::CreateProductRequest>,
     ) -> Result<Response<pb::CreateProductResponse>, Status> {
+        let caller = caller_of(&request)?;
         let r = request.into_inner();
         let product = self
             .catalogue
-            .create_product(&r.sku, &r.name, r.price_cents, r.stock)
+            .create_product(&caller, &r.sku, &r.name, r.price_cents, r.stock)
             .await?;
         Ok(Response::new(pb::CreateProductResponse {
             product: Some(to_proto(product)),
@@ -64,8 +65,12 @@ impl InventoryService for InventoryApi {
         &self,
         request: Request<pb::AddStockRequest>,
     ) -> Result<Response<pb::AddStockResponse>, Status> {
+        let caller = caller_of(&request)?;
         let r = request.into_inner();
-        let product = self.catalogue.add_stock(&r.sku, r.quantity).await?;
+        let product = self
+            .catalogue
+            .add_stock(&caller, &r.sku, r.quantity)
+            .await?;
         Ok(Response::new(pb::AddStockResponse {
             product: Some(to_proto(product)),
         }))

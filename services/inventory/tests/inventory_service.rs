@@ -16,14 +16,13 @@ use shop_proto::inventory::v1::{
 use shop_proto::order::v1::{OrderCancelled, OrderConfirmed, OrderItem, OrderPlaced};
 use shop_service::{Running, ServiceConfig};
 use shop_test_support::TestInfra;
-use tonic::transport::Channel;
 
 const WAIT: Duration = Duration::from_secs(20);
 
 struct Inventory {
     infra: TestInfra,
     js: jetstream::Context,
-    client: InventoryServiceClient<Channel>,
+    client: InventoryServiceClient<shop_auth::BearerChannel>,
     _running: Running,
 }
 
@@ -32,7 +31,7 @@ impl Inventory {
         let infra = TestInfra::start().await;
         let url = infra.postgres.create_database("shop_inventory").await;
         let config = shop_inventory::Config {
-            service: ServiceConfig::local(url, infra.nats.url()),
+            service: ServiceConfig::local(url, infra.nats.url(), infra.issuer.auth_config()),
         };
         let js = jetstream::new(infra.nats.client().await);
         // The producers' streams, as the order and payment services would make them.
@@ -45,7 +44,10 @@ impl Inventory {
             .await
             .unwrap();
         let running = Running::spawn(shop_inventory::build(config).await.unwrap());
-        let mut client = InventoryServiceClient::new(running.channel().await.unwrap());
+        let mut client = InventoryServiceClient::new(shop_auth::with_token(
+            running.channel().await.unwrap(),
+            &infra.issuer.admin_token(),
+        ));
         client
             .create_product(CreateProductRequest {
                 sku: "LAMP".into(),

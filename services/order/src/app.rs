@@ -14,7 +14,7 @@ use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl};
 use shop_db::{Cached, PgPool};
 use shop_messaging::{HandlerError, Outbox, OutboxWrite, OutgoingEvent};
 use shop_proto::order::v1::{OrderCancelled, OrderConfirmed, OrderItem, OrderPlaced};
-use shop_service::{ApiError, timestamp};
+use shop_service::{ApiError, Caller, timestamp};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use uuid::Uuid;
@@ -163,10 +163,12 @@ impl Orders {
     /// The same user and idempotency key return the first order.
     pub(crate) async fn place_order(
         &self,
+        caller: &Caller,
         user_id: Uuid,
         items: &[(String, i32)],
         idempotency_key: &str,
     ) -> Result<Order, ApiError> {
+        caller.require_user(user_id)?;
         let lines = OrderLines::parse(items).map_err(ApiError::InvalidArgument)?;
         if idempotency_key.chars().count() > 200 {
             return Err(ApiError::InvalidArgument(
@@ -261,7 +263,7 @@ impl Orders {
                 let existing = by_key(&mut conn, user_id, key.as_deref()).await?;
                 drop(conn);
                 match existing {
-                    Some(existing) => self.get_order(existing).await,
+                    Some(existing) => self.load_order(existing).await,
                     // Orders are never deleted.
                     None => Err(ApiError::Internal(format!(
                         "idempotency key {key:?} of user {user_id} is taken by no order"
@@ -272,7 +274,19 @@ impl Orders {
         }
     }
 
-    pub(crate) async fn get_order(&self, order_id: Uuid) -> Result<Order, ApiError> {
+    /// An order with its lines and steps: the caller's own, or anyone's for
+    /// an administrator.
+    pub(crate) async fn get_order(
+        &self,
+        caller: &Caller,
+        order_id: Uuid,
+    ) -> Result<Order, ApiError> {
+        let order = self.load_order(order_id).await?;
+        caller.require_user(order.row.user_id)?;
+        Ok(order)
+    }
+
+    async fn load_order(&self, order_id: Uuid) -> Result<Order, ApiError> {
         let mut conn = self.pool.get().await?;
         let row = orders::table
             .find(order_id)
@@ -300,10 +314,12 @@ impl Orders {
     /// previous page).
     pub(crate) async fn list_orders(
         &self,
+        caller: &Caller,
         user_id: Uuid,
         after: Option<Uuid>,
         limit: i64,
     ) -> Result<Vec<Order>, ApiError> {
+        caller.require_user(user_id)?;
         let ids: Vec<Uuid> = {
             let mut conn = self.pool.get().await?;
             let mut query = orders::table
@@ -330,7 +346,7 @@ impl Orders {
         };
         let mut found = Vec::with_capacity(ids.len());
         for id in ids {
-            found.push(self.get_order(id).await?);
+            found.push(self.load_order(id).await?);
         }
         Ok(found)
     }
@@ -682,6 +698,10 @@ mod tests {
 
     use super::*;
 
+    fn admin() -> Caller {
+        Caller::new("admin", vec![shop_service::roles::ADMIN.into()])
+    }
+
     fn progress(order_id: Uuid, event: SagaEvent, total_cents: Option<i64>) -> Progress {
         let subject = match &event {
             SagaEvent::Reserved => "inventory.reserved",
@@ -723,8 +743,14 @@ mod tests {
         let user_id = Uuid::now_v7();
         learn_user(&mut conn, user_id).await.unwrap();
         let items = [("LAMP".to_owned(), 1)];
-        let ann = orders.place_order(user_id, &items, "").await.unwrap();
-        let bob = orders.place_order(user_id, &items, "").await.unwrap();
+        let ann = orders
+            .place_order(&admin(), user_id, &items, "")
+            .await
+            .unwrap();
+        let bob = orders
+            .place_order(&admin(), user_id, &items, "")
+            .await
+            .unwrap();
         let (ann, bob) = (ann.row.order_id, bob.row.order_id);
 
         let events = [
@@ -759,7 +785,7 @@ mod tests {
                 "recorded"
             ]
         );
-        let ann = orders.get_order(ann).await.unwrap();
+        let ann = orders.load_order(ann).await.unwrap();
         assert_eq!(
             (
                 ann.row.status.as_str(),
@@ -779,7 +805,7 @@ mod tests {
                 "payment.failed"
             ]
         );
-        let bob = orders.get_order(bob).await.unwrap();
+        let bob = orders.load_order(bob).await.unwrap();
         assert_eq!(
             (
                 bob.row.status.as_str(),
@@ -852,7 +878,7 @@ mod tests {
         let items = [("LAMP".to_owned(), 2), ("DESK".to_owned(), 1)];
 
         let error = orders
-            .place_order(user_id, &items, "k1")
+            .place_order(&admin(), user_id, &items, "k1")
             .await
             .err()
             .unwrap();
@@ -869,7 +895,10 @@ mod tests {
         learn_user(&mut pool.get().await.unwrap(), user_id)
             .await
             .unwrap();
-        let order = orders.place_order(user_id, &items, "k1").await.unwrap();
+        let order = orders
+            .place_order(&admin(), user_id, &items, "k1")
+            .await
+            .unwrap();
         let order_id = order.row.order_id;
         let event = Written {
             event_type: "shop.order.v1.OrderPlaced".into(),
@@ -877,7 +906,7 @@ mod tests {
             correlation_id: Some(order_id.to_string()),
         };
         assert_eq!(written().await, (1, 2, 1, vec![event.clone()]));
-        let stored = orders.get_order(order_id).await.unwrap();
+        let stored = orders.load_order(order_id).await.unwrap();
         assert_eq!(stored.row.status, "PENDING");
         assert_eq!(stored.row.created_at, order.row.created_at);
         assert_eq!(
@@ -889,14 +918,17 @@ mod tests {
 
         // The same key: the first order, and nothing more written.
         let again = orders
-            .place_order(user_id, &[("LAMP".to_owned(), 9)], "k1")
+            .place_order(&admin(), user_id, &[("LAMP".to_owned(), 9)], "k1")
             .await
             .unwrap();
         assert_eq!(again.row.order_id, order_id);
         assert_eq!(again.items, stored.items);
         assert_eq!(written().await, (1, 2, 1, vec![event.clone()]));
         // No key: never deduplicated.
-        let other = orders.place_order(user_id, &items, "").await.unwrap();
+        let other = orders
+            .place_order(&admin(), user_id, &items, "")
+            .await
+            .unwrap();
         assert_ne!(other.row.order_id, order_id);
         assert_eq!(written().await.0, 2);
     }

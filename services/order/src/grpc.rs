@@ -2,7 +2,7 @@
 
 use shop_proto::order::v1 as pb;
 use shop_proto::order::v1::order_service_server::{OrderService, OrderServiceServer};
-use shop_service::{ApiError, page_size, parse_uuid, timestamp};
+use shop_service::{ApiError, caller_of, page_size, parse_uuid, timestamp};
 use tonic::{Request, Response, Status};
 
 use crate::app::{Order, Orders};
@@ -60,6 +60,7 @@ impl OrderService for OrderApi {
         &self,
         request: Request<pb::PlaceOrderRequest>,
     ) -> Result<Response<pb::PlaceOrderResponse>, Status> {
+        let caller = caller_of(&request)?;
         let r = request.into_inner();
         let user_id = parse_uuid("user_id", &r.user_id)?;
         let items: Vec<(String, i32)> = r
@@ -69,7 +70,7 @@ impl OrderService for OrderApi {
             .collect();
         let order = self
             .orders
-            .place_order(user_id, &items, &r.idempotency_key)
+            .place_order(&caller, user_id, &items, &r.idempotency_key)
             .await?;
         // The request's server span: its log lines and trace name the order.
         tracing::Span::current().record("order_id", order.row.order_id.to_string());
@@ -82,8 +83,9 @@ impl OrderService for OrderApi {
         &self,
         request: Request<pb::GetOrderRequest>,
     ) -> Result<Response<pb::GetOrderResponse>, Status> {
+        let caller = caller_of(&request)?;
         let order_id = parse_uuid("order_id", &request.get_ref().order_id)?;
-        let order = self.orders.get_order(order_id).await?;
+        let order = self.orders.get_order(&caller, order_id).await?;
         Ok(Response::new(pb::GetOrderResponse {
             order: Some(to_proto(order)),
         }))
@@ -93,6 +95,7 @@ impl OrderService for OrderApi {
         &self,
         request: Request<pb::ListOrdersRequest>,
     ) -> Result<Response<pb::ListOrdersResponse>, Status> {
+        let caller = caller_of(&request)?;
         let r = request.into_inner();
         let user_id = parse_uuid("user_id", &r.user_id)?;
         let limit = page_size(r.page_size)?;
@@ -102,7 +105,10 @@ impl OrderService for OrderApi {
                 ApiError::InvalidArgument("page_token is not one this service gave out".into())
             })?),
         };
-        let orders = self.orders.list_orders(user_id, after, limit).await?;
+        let orders = self
+            .orders
+            .list_orders(&caller, user_id, after, limit)
+            .await?;
         let next_page_token = if orders.len() as i64 == limit {
             orders
                 .last()

@@ -18,14 +18,13 @@ use shop_proto::payment::v1::PaymentCompleted;
 use shop_proto::user::v1::UserCreated;
 use shop_service::{Running, ServiceConfig};
 use shop_test_support::TestInfra;
-use tonic::transport::Channel;
 
 const WAIT: Duration = Duration::from_secs(20);
 
 struct Orders {
     infra: TestInfra,
     js: jetstream::Context,
-    client: OrderServiceClient<Channel>,
+    client: OrderServiceClient<shop_auth::BearerChannel>,
     _running: Running,
 }
 
@@ -34,7 +33,7 @@ impl Orders {
         let infra = TestInfra::start().await;
         let url = infra.postgres.create_database("shop_order").await;
         let config = shop_order::Config {
-            service: ServiceConfig::local(url, infra.nats.url()),
+            service: ServiceConfig::local(url, infra.nats.url(), infra.issuer.auth_config()),
             saga_deadline_ms: deadline.as_millis() as u64,
         };
         let js = jetstream::new(infra.nats.client().await);
@@ -49,7 +48,10 @@ impl Orders {
                 .unwrap();
         }
         let running = Running::spawn(shop_order::build(config).await.unwrap());
-        let client = OrderServiceClient::new(running.channel().await.unwrap());
+        let client = OrderServiceClient::new(shop_auth::with_token(
+            running.channel().await.unwrap(),
+            &infra.issuer.admin_token(),
+        ));
         Self {
             infra,
             js,

@@ -8,7 +8,7 @@ use diesel::sql_types::{Array, BigInt, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl};
 use shop_db::{Cached, PgPool};
 use shop_messaging::HandlerError;
-use shop_service::{ApiError, is_unique_violation};
+use shop_service::{ApiError, Caller, is_unique_violation, roles};
 use uuid::Uuid;
 
 use crate::schema::{accounts, deposits, payments};
@@ -45,7 +45,13 @@ impl Wallets {
         Self { pool }
     }
 
-    pub(crate) async fn balance(&self, user_id: Uuid) -> Result<i64, ApiError> {
+    /// A wallet's balance: the caller's own, or anyone's for an administrator.
+    pub(crate) async fn balance(&self, caller: &Caller, user_id: Uuid) -> Result<i64, ApiError> {
+        caller.require_user(user_id)?;
+        self.read_balance(user_id).await
+    }
+
+    async fn read_balance(&self, user_id: Uuid) -> Result<i64, ApiError> {
         let mut conn = self.pool.get().await?;
         accounts::table
             .find(user_id)
@@ -57,13 +63,16 @@ impl Wallets {
     }
 
     /// Adds money; a repeated `idempotency_key` credits once and returns the
-    /// balance as it is.
+    /// balance as it is. Money comes in through a payment provider (or an
+    /// administrator), never from the customer's own token.
     pub(crate) async fn deposit(
         &self,
+        caller: &Caller,
         user_id: Uuid,
         amount_cents: i64,
         idempotency_key: &str,
     ) -> Result<i64, ApiError> {
+        caller.require_role("Deposit", &[roles::PAYMENT_PROVIDER])?;
         if amount_cents < 1 {
             return Err(ApiError::InvalidArgument(format!(
                 "amount_cents must be at least 1, got {amount_cents}"
@@ -118,22 +127,30 @@ impl Wallets {
             )),
             // The same deposit again: it was credited the first time.
             Err(DepositError::Database(error)) if is_unique_violation(&error) => {
-                self.balance(user_id).await
+                self.read_balance(user_id).await
             }
             Err(DepositError::Database(error)) => Err(error.into()),
         }
     }
 
-    pub(crate) async fn payment(&self, order_id: Uuid) -> Result<Payment, ApiError> {
+    /// An order's payment: the caller's own, or anyone's for an
+    /// administrator.
+    pub(crate) async fn payment(
+        &self,
+        caller: &Caller,
+        order_id: Uuid,
+    ) -> Result<Payment, ApiError> {
         let mut conn = self.pool.get().await?;
-        payments::table
+        let payment = payments::table
             .find(order_id)
             .filter(payments::status.ne(status::CANCELLED))
             .select(Payment::as_select())
             .first(&mut conn)
             .await
             .optional()?
-            .ok_or_else(|| ApiError::NotFound(format!("no payment for order {order_id}")))
+            .ok_or_else(|| ApiError::NotFound(format!("no payment for order {order_id}")))?;
+        caller.require_user(payment.user_id)?;
+        Ok(payment)
     }
 }
 

@@ -2,7 +2,7 @@
 
 use shop_proto::payment::v1 as pb;
 use shop_proto::payment::v1::payment_service_server::{PaymentService, PaymentServiceServer};
-use shop_service::{ApiError, parse_uuid};
+use shop_service::{ApiError, caller_of, parse_uuid};
 use tonic::{Request, Response, Status};
 
 use crate::app::{Wallets, status};
@@ -27,8 +27,9 @@ impl PaymentService for PaymentApi {
         &self,
         request: Request<pb::GetAccountRequest>,
     ) -> Result<Response<pb::GetAccountResponse>, Status> {
+        let caller = caller_of(&request)?;
         let user_id = parse_uuid("user_id", &request.get_ref().user_id)?;
-        let balance_cents = self.wallets.balance(user_id).await?;
+        let balance_cents = self.wallets.balance(&caller, user_id).await?;
         Ok(Response::new(pb::GetAccountResponse {
             account: Some(pb::Account {
                 user_id: user_id.to_string(),
@@ -41,11 +42,12 @@ impl PaymentService for PaymentApi {
         &self,
         request: Request<pb::DepositRequest>,
     ) -> Result<Response<pb::DepositResponse>, Status> {
+        let caller = caller_of(&request)?;
         let r = request.into_inner();
         let user_id = parse_uuid("user_id", &r.user_id)?;
         let balance_cents = self
             .wallets
-            .deposit(user_id, r.amount_cents, &r.idempotency_key)
+            .deposit(&caller, user_id, r.amount_cents, &r.idempotency_key)
             .await?;
         Ok(Response::new(pb::DepositResponse {
             account: Some(pb::Account {
@@ -59,8 +61,9 @@ impl PaymentService for PaymentApi {
         &self,
         request: Request<pb::GetPaymentRequest>,
     ) -> Result<Response<pb::GetPaymentResponse>, Status> {
+        let caller = caller_of(&request)?;
         let order_id = parse_uuid("order_id", &request.get_ref().order_id)?;
-        let payment = self.wallets.payment(order_id).await?;
+        let payment = self.wallets.payment(&caller, order_id).await?;
         let state = match payment.status.as_str() {
             status::CAPTURED => pb::PaymentStatus::Captured,
             status::DECLINED => pb::PaymentStatus::Declined,

@@ -19,14 +19,13 @@ use shop_proto::payment::v1::{
 use shop_proto::user::v1::UserCreated;
 use shop_service::{Running, ServiceConfig};
 use shop_test_support::TestInfra;
-use tonic::transport::Channel;
 
 const WAIT: Duration = Duration::from_secs(20);
 
 struct Payments {
     infra: TestInfra,
     js: jetstream::Context,
-    client: PaymentServiceClient<Channel>,
+    client: PaymentServiceClient<shop_auth::BearerChannel>,
     user_id: String,
     _running: Running,
 }
@@ -37,7 +36,7 @@ impl Payments {
         let infra = TestInfra::start().await;
         let url = infra.postgres.create_database("shop_payment").await;
         let config = shop_payment::Config {
-            service: ServiceConfig::local(url, infra.nats.url()),
+            service: ServiceConfig::local(url, infra.nats.url(), infra.issuer.auth_config()),
             starting_credit_cents: 5000,
         };
         let js = jetstream::new(infra.nats.client().await);
@@ -52,7 +51,10 @@ impl Payments {
                 .unwrap();
         }
         let running = Running::spawn(shop_payment::build(config).await.unwrap());
-        let client = PaymentServiceClient::new(running.channel().await.unwrap());
+        let client = PaymentServiceClient::new(shop_auth::with_token(
+            running.channel().await.unwrap(),
+            &infra.issuer.admin_token(),
+        ));
         let mut payments = Self {
             infra,
             js,

@@ -6,7 +6,7 @@ use diesel_async::{AsyncConnection as _, RunQueryDsl};
 use shop_db::PgPool;
 use shop_messaging::{Outbox, OutgoingEvent};
 use shop_proto::user::v1::UserCreated;
-use shop_service::{ApiError, is_unique_violation, timestamp};
+use shop_service::{ApiError, Caller, is_unique_violation, timestamp};
 use uuid::Uuid;
 
 use crate::domain::{Email, UserName};
@@ -35,12 +35,30 @@ impl Users {
     }
 
     /// Registers a user and publishes `user.created`, in one transaction.
-    pub(crate) async fn create_user(&self, email: &str, name: &str) -> Result<User, ApiError> {
+    ///
+    /// An administrator registers anyone, under a new id. Anyone else
+    /// registers themselves: the identity provider has already given them
+    /// a subject, and that subject becomes their `user_id`, once. The id is
+    /// never taken from the request, so no one can register as someone else.
+    pub(crate) async fn create_user(
+        &self,
+        caller: &Caller,
+        email: &str,
+        name: &str,
+    ) -> Result<User, ApiError> {
+        let user_id = if caller.is_admin() {
+            Uuid::now_v7()
+        } else {
+            caller.user_id().ok_or_else(|| {
+                ApiError::PermissionDenied(
+                    "a customer registers under their token's subject, which must be a UUID".into(),
+                )
+            })?
+        };
         let email = Email::parse(email).map_err(ApiError::InvalidArgument)?;
         let name = UserName::parse(name).map_err(ApiError::InvalidArgument)?;
         let mut conn = self.pool.get().await?;
         let outbox = self.outbox.clone();
-        let user_id = Uuid::now_v7();
         let result = conn
             .transaction::<_, diesel::result::Error, _>(async |conn| {
                 let user: User = diesel::insert_into(users::table)
@@ -73,6 +91,12 @@ impl Users {
                 self.outbox.committed();
                 Ok(user)
             }
+            Err(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::UniqueViolation,
+                info,
+            )) if info.constraint_name() == Some("users_pkey") => Err(ApiError::AlreadyExists(
+                format!("user {user_id} is registered already"),
+            )),
             Err(error) if is_unique_violation(&error) => Err(ApiError::AlreadyExists(format!(
                 "a user with email {} exists already",
                 email.as_str()
@@ -81,7 +105,9 @@ impl Users {
         }
     }
 
-    pub(crate) async fn get_user(&self, user_id: Uuid) -> Result<User, ApiError> {
+    /// A user's record: their own, or anyone's for an administrator.
+    pub(crate) async fn get_user(&self, caller: &Caller, user_id: Uuid) -> Result<User, ApiError> {
+        caller.require_user(user_id)?;
         let mut conn = self.pool.get().await?;
         users::table
             .find(user_id)
@@ -96,9 +122,11 @@ impl Users {
     /// user of the previous page).
     pub(crate) async fn list_users(
         &self,
+        caller: &Caller,
         after: Option<Uuid>,
         limit: i64,
     ) -> Result<Vec<User>, ApiError> {
+        caller.require_role("ListUsers", &[])?;
         let mut conn = self.pool.get().await?;
         let mut query = users::table
             .select(User::as_select())

@@ -2,7 +2,7 @@
 
 use shop_proto::user::v1 as pb;
 use shop_proto::user::v1::user_service_server::{UserService, UserServiceServer};
-use shop_service::{ApiError, page_size, parse_uuid, timestamp};
+use shop_service::{ApiError, caller_of, page_size, parse_uuid, timestamp};
 use tonic::{Request, Response, Status};
 
 use crate::app::{User, Users};
@@ -36,10 +36,11 @@ impl UserService for UserApi {
         &self,
         request: Request<pb::CreateUserRequest>,
     ) -> Result<Response<pb::CreateUserResponse>, Status> {
+        let caller = caller_of(&request)?;
         let request = request.into_inner();
         let user = self
             .users
-            .create_user(&request.email, &request.name)
+            .create_user(&caller, &request.email, &request.name)
             .await?;
         Ok(Response::new(pb::CreateUserResponse {
             user: Some(to_proto(user)),
@@ -50,8 +51,9 @@ impl UserService for UserApi {
         &self,
         request: Request<pb::GetUserRequest>,
     ) -> Result<Response<pb::GetUserResponse>, Status> {
+        let caller = caller_of(&request)?;
         let user_id = parse_uuid("user_id", &request.get_ref().user_id)?;
-        let user = self.users.get_user(user_id).await?;
+        let user = self.users.get_user(&caller, user_id).await?;
         Ok(Response::new(pb::GetUserResponse {
             user: Some(to_proto(user)),
         }))
@@ -61,6 +63,7 @@ impl UserService for UserApi {
         &self,
         request: Request<pb::ListUsersRequest>,
     ) -> Result<Response<pb::ListUsersResponse>, Status> {
+        let caller = caller_of(&request)?;
         let request = request.into_inner();
         let limit = page_size(request.page_size)?;
         let after = match request.page_token.as_str() {
@@ -69,7 +72,7 @@ impl UserService for UserApi {
                 ApiError::InvalidArgument("page_token is not one this service gave out".into())
             })?),
         };
-        let users = self.users.list_users(after, limit).await?;
+        let users = self.users.list_users(&caller, after, limit).await?;
         let next_page_token = if users.len() as i64 == limit {
             users
                 .last()

@@ -24,6 +24,8 @@ fn user_svc(infra: &TestInfra, url: &str, grpc: u16, http: u16) -> tokio::proces
         .env("GRPC_ADDR", format!("127.0.0.1:{grpc}"))
         .env("HTTP_ADDR", format!("127.0.0.1:{http}"))
         .env("LOG_FORMAT", "json")
+        .env("JWKS", infra.issuer.jwks())
+        .env("JWT_ISSUER", shop_auth::LOCAL_ISSUER)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -14,7 +14,7 @@ async fn spawn() -> (TestInfra, Running) {
     let infra = TestInfra::start().await;
     let url = infra.postgres.create_database("shop_user").await;
     let config = shop_user::Config {
-        service: ServiceConfig::local(url, infra.nats.url()),
+        service: ServiceConfig::local(url, infra.nats.url(), infra.issuer.auth_config()),
     };
     let running = Running::spawn(shop_user::build(config).await.unwrap());
     (infra, running)
@@ -46,7 +46,10 @@ async fn grpcurl(args: &[&str]) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_created_user_is_stored_and_published_as_user_created() {
     let (infra, running) = spawn().await;
-    let mut users = UserServiceClient::new(running.channel().await.unwrap());
+    let mut users = UserServiceClient::new(shop_auth::with_token(
+        running.channel().await.unwrap(),
+        &infra.issuer.admin_token(),
+    ));
     let user = users
         .create_user(CreateUserRequest {
             email: "Ann@Example.com".into(),
@@ -100,8 +103,11 @@ async fn a_created_user_is_stored_and_published_as_user_created() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn users_are_listed_page_by_page_in_registration_order() {
-    let (_infra, running) = spawn().await;
-    let mut users = UserServiceClient::new(running.channel().await.unwrap());
+    let (infra, running) = spawn().await;
+    let mut users = UserServiceClient::new(shop_auth::with_token(
+        running.channel().await.unwrap(),
+        &infra.issuer.admin_token(),
+    ));
     let mut created = Vec::new();
     for i in 0..5 {
         let request = CreateUserRequest {
@@ -144,10 +150,10 @@ async fn users_are_listed_page_by_page_in_registration_order() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn reflection_health_and_http_probes_answer() {
-    let (_infra, running) = spawn().await;
+    let (infra, running) = spawn().await;
     let addr = running.grpc_addr().to_string();
-    // grpcurl 1.8 asks over reflection v1alpha; only what this server serves
-    // is listed.
+    // Listing and health checks need no token. grpcurl 1.8 asks over
+    // reflection v1alpha; only what this server serves is listed.
     let services = grpcurl(&["-plaintext", &addr, "list"]).await;
     assert!(!services.contains("OrderService"), "{services}");
     for service in ["shop.user.v1.UserService", "grpc.health.v1.Health"] {
@@ -165,8 +171,11 @@ async fn reflection_health_and_http_probes_answer() {
     ])
     .await;
     assert!(health.contains("\"SERVING\""), "{health}");
+    let authorization = format!("authorization: Bearer {}", infra.issuer.admin_token());
     let created = grpcurl(&[
         "-plaintext",
+        "-H",
+        &authorization,
         "-d",
         r#"{"email":"grpcurl@example.com","name":"From grpcurl"}"#,
         &addr,
@@ -255,7 +264,10 @@ async fn health_follows_nats_and_postgres_down_and_back() {
     wait_health(&running, true).await;
 
     // And it serves again, with no restart.
-    let mut users = UserServiceClient::new(running.channel().await.unwrap());
+    let mut users = UserServiceClient::new(shop_auth::with_token(
+        running.channel().await.unwrap(),
+        &infra.issuer.admin_token(),
+    ));
     users
         .create_user(CreateUserRequest {
             email: "back@example.com".into(),

@@ -6,15 +6,14 @@ use std::path::PathBuf;
 ///
 /// Exactly one of `--jwks-file`, `--jwks-url` and `--jwks` names the keys.
 #[derive(Debug, Clone, clap::Args)]
-#[group(id = "jwks_source", required = true, multiple = false, args = ["jwks_file", "jwks_url", "jwks"])]
 pub struct AuthConfig {
     /// A JSON Web Key Set file holding the identity provider's public keys
     /// (read again when a token names a key it lacks).
-    #[arg(long, env = "JWKS_FILE")]
+    #[arg(long, env = "JWKS_FILE", conflicts_with_all = ["jwks_url", "jwks"])]
     pub jwks_file: Option<PathBuf>,
     /// The identity provider's JWKS URL (its `jwks_uri`), cached and
     /// refreshed every `--jwks-refresh-s` and when a token names a new key.
-    #[arg(long, env = "JWKS_URL")]
+    #[arg(long, env = "JWKS_URL", conflicts_with = "jwks")]
     pub jwks_url: Option<String>,
     /// The JSON Web Key Set itself, inline.
     #[arg(long, env = "JWKS", hide_env_values = true)]
@@ -51,5 +50,40 @@ impl AuthConfig {
             jwt_leeway_s: 30,
             jwks_refresh_s: 300,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::AuthConfig;
+
+    #[derive(Debug, clap::Parser)]
+    struct Service {
+        #[command(flatten)]
+        auth: AuthConfig,
+    }
+
+    #[test]
+    fn one_key_source_with_an_issuer() {
+        let parsed =
+            Service::try_parse_from(["svc", "--jwks-file", "/k.json", "--jwt-issuer", "idp"])
+                .unwrap();
+        assert_eq!(parsed.auth.jwt_issuer, "idp");
+        assert_eq!(parsed.auth.jwt_audience, "shop");
+        assert!(Service::try_parse_from(["svc", "--jwks-url", "https://idp/certs"]).is_err());
+        assert!(
+            Service::try_parse_from([
+                "svc",
+                "--jwks-file",
+                "/k.json",
+                "--jwks-url",
+                "https://idp/certs",
+                "--jwt-issuer",
+                "idp",
+            ])
+            .is_err()
+        );
     }
 }

@@ -177,3 +177,8 @@ impl tonic::service::Interceptor for Bearer {
 /// A channel that sends a bearer token: what the generated clients take.
 pub type BearerChannel =
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>;
+
+/// `channel`, sending `token` with every call.
+pub fn with_token(channel: tonic::transport::Channel, token: &str) -> BearerChannel {
+    tonic::service::interceptor::InterceptedService::new(channel, Bearer::new(token))
+}

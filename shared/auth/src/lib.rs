@@ -33,5 +33,5 @@ pub use caller::{Caller, Denied, roles};
 pub use config::AuthConfig;
 pub use error::AuthError;
 pub use issuer::{LOCAL_AUDIENCE, LOCAL_ISSUER, LocalIssuer};
-pub use layer::{AuthLayer, Authenticated, Bearer, BearerChannel, caller_of};
+pub use layer::{AuthLayer, Authenticated, Bearer, BearerChannel, caller_of, with_token};
 pub use verifier::Verifier;

@@ -17,6 +17,9 @@ pub enum ApiError {
     /// The request is well-formed but the system is not in a state to take it.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The caller is authenticated but may not do this.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// A dependency is unreachable; retrying later may succeed.
     #[error("{0}")]
     Unavailable(String),
@@ -54,6 +57,12 @@ impl From<DieselError> for ApiError {
     }
 }
 
+impl From<shop_auth::Denied> for ApiError {
+    fn from(denied: shop_auth::Denied) -> Self {
+        Self::PermissionDenied(denied.to_string())
+    }
+}
+
 impl From<diesel_async::pooled_connection::deadpool::PoolError> for ApiError {
     fn from(error: diesel_async::pooled_connection::deadpool::PoolError) -> Self {
         Self::Unavailable(format!("the database is unreachable: {error}"))
@@ -67,6 +76,7 @@ impl From<ApiError> for tonic::Status {
             ApiError::NotFound(message) => Self::not_found(message),
             ApiError::AlreadyExists(message) => Self::already_exists(message),
             ApiError::FailedPrecondition(message) => Self::failed_precondition(message),
+            ApiError::PermissionDenied(message) => Self::permission_denied(message),
             ApiError::Unavailable(message) => Self::unavailable(message),
             ApiError::Internal(message) => {
                 tracing::error!(%message, "internal error");

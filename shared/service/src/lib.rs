@@ -20,6 +20,7 @@ mod telemetry;
 
 pub use error::{ApiError, is_unique_violation, page_size, parse_uuid};
 pub use observe::GrpcMetrics;
+pub use shop_auth::{AuthConfig, Caller, caller_of, roles};
 pub use telemetry::Telemetry;
 
 use std::net::SocketAddr;
@@ -84,13 +85,20 @@ pub struct ServiceConfig {
     /// Log format: `text` or `json`.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
+    /// Who may call: the identity provider's keys and what its tokens say.
+    #[command(flatten)]
+    pub auth: AuthConfig,
 }
 
 impl ServiceConfig {
     /// A configuration for `database_url` and `nats_url` with both servers on
-    /// free ports of 127.0.0.1 and the defaults otherwise: for tests and
-    /// local runs.
-    pub fn local(database_url: impl Into<String>, nats_url: impl Into<String>) -> Self {
+    /// free ports of 127.0.0.1, trusting the tokens `auth` describes, and
+    /// the defaults otherwise: for tests and local runs.
+    pub fn local(
+        database_url: impl Into<String>,
+        nats_url: impl Into<String>,
+        auth: AuthConfig,
+    ) -> Self {
         let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
         Self {
             database_url: database_url.into(),
@@ -105,6 +113,7 @@ impl ServiceConfig {
             ack_wait_ms: 30_000,
             consumer_concurrency: 1,
             log_format: LogFormat::Text,
+            auth,
         }
     }
 }
@@ -170,6 +179,7 @@ pub struct Infrastructure {
     /// The relay's and consumers' metrics; give them to every consumer.
     pub metrics: MessagingMetrics,
     registry: Arc<std::sync::Mutex<Registry>>,
+    verifier: shop_auth::Verifier,
     ack_wait: Duration,
     consumer_concurrency: usize,
     database_url: String,
@@ -193,6 +203,10 @@ impl Infrastructure {
         stream: StreamSpec,
         migrations: EmbeddedMigrations,
     ) -> anyhow::Result<Self> {
+        // First: a service that could not check tokens must not start.
+        let verifier = shop_auth::Verifier::from_config(&config.auth)
+            .await
+            .context("loading the keys that verify bearer tokens")?;
         shop_db::migrate(
             &config.database_url,
             vec![shop_messaging::MIGRATIONS, migrations],
@@ -258,6 +272,7 @@ impl Infrastructure {
             outbox: Outbox::new(format!("shop/{service}")),
             metrics,
             registry: Arc::new(std::sync::Mutex::new(registry)),
+            verifier,
             ack_wait: Duration::from_millis(config.ack_wait_ms),
             consumer_concurrency: config.consumer_concurrency,
             database_url: config.database_url.clone(),
@@ -549,6 +564,7 @@ impl Server {
         ));
         tracker.close();
 
+        let verifier = infra.verifier.clone();
         let ready = Arc::new(infra);
         let scraped = Arc::clone(&ready);
         let app = axum::Router::new()
@@ -592,10 +608,12 @@ impl Server {
         });
         tracing::info!(service = name, grpc = %grpc.local_addr()?, "serving");
         let incoming = tokio_stream_listener(grpc);
+        // Observed first, so that refused calls are counted and traced too.
         let grpc = tonic::transport::Server::builder()
             .layer(observe::ObserveLayer {
                 metrics: grpc_metrics,
             })
+            .layer(shop_auth::AuthLayer::new(verifier))
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
         // A client that keeps its connection open must not hold the process:

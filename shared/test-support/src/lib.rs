@@ -7,7 +7,8 @@
 //!   store, for fault tests.
 //! - [`TestPostgres`]: one cluster per test (`initdb`, fsync off); each call to
 //!   [`TestPostgres::create_database`] hands out a fresh, empty database.
-//! - [`TestInfra`]: both at once, started concurrently.
+//! - [`TestInfra`]: both at once, started concurrently, with a signing key
+//!   ([`shop_auth::LocalIssuer`]) for the services to trust.
 //! - [`TestNats::start_in`] and [`TestPostgres::start_in`]: the same servers
 //!   with their data in a kept directory on fixed ports, for a local stack.
 //!
@@ -57,13 +58,17 @@ pub enum HarnessError {
     },
 }
 
-/// A NATS server and a PostgreSQL cluster for one test.
+/// A NATS server, a PostgreSQL cluster and an identity provider for one
+/// test.
 #[derive(Debug)]
 pub struct TestInfra {
     /// The JetStream server.
     pub nats: TestNats,
     /// The PostgreSQL cluster.
     pub postgres: TestPostgres,
+    /// The key the test's services trust (`issuer.auth_config()`) and its
+    /// tokens (`admin_token`, `user_token`).
+    pub issuer: shop_auth::LocalIssuer,
 }
 
 impl TestInfra {
@@ -72,7 +77,11 @@ impl TestInfra {
     pub async fn start() -> Self {
         let (nats, postgres) = tokio::join!(TestNats::try_start(), TestPostgres::try_start());
         match (nats, postgres) {
-            (Ok(nats), Ok(postgres)) => Self { nats, postgres },
+            (Ok(nats), Ok(postgres)) => Self {
+                nats,
+                postgres,
+                issuer: shop_auth::LocalIssuer::generate(),
+            },
             (Err(error), _) | (_, Err(error)) => panic!("{error}"),
         }
     }

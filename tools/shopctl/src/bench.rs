@@ -13,6 +13,7 @@ use anyhow::Context as _;
 use futures::StreamExt as _;
 use hdrhistogram::Histogram;
 use prost::Message as _;
+use shop_auth::BearerChannel;
 use shop_proto::inventory::v1::CreateProductRequest;
 use shop_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use shop_proto::order::v1::order_service_client::OrderServiceClient;
@@ -22,6 +23,7 @@ use shop_proto::user::v1::user_service_client::UserServiceClient;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
+use crate::credentials::Credentials;
 use shopctl::nats::NatsArgs;
 
 /// Options of `shopctl bench`.
@@ -59,6 +61,10 @@ pub(crate) struct Bench {
     /// NATS, where the sagas' ends are watched.
     #[command(flatten)]
     nats: NatsArgs,
+    /// The administrator sets up products and buyers; each buyer places
+    /// orders with a token of their own.
+    #[command(flatten)]
+    credentials: Credentials,
 }
 
 impl Bench {
@@ -66,9 +72,11 @@ impl Bench {
         let channel = |endpoint: &str| -> anyhow::Result<Channel> {
             Ok(Channel::from_shared(endpoint.to_owned())?.connect_lazy())
         };
-        let mut users = UserServiceClient::new(channel(&self.user)?);
-        let mut inventory = InventoryServiceClient::new(channel(&self.inventory)?);
-        let orders = OrderServiceClient::new(channel(&self.order)?);
+        let admin = self.credentials.admin()?;
+        let mut users = UserServiceClient::new(shop_auth::with_token(channel(&self.user)?, &admin));
+        let mut inventory =
+            InventoryServiceClient::new(shop_auth::with_token(channel(&self.inventory)?, &admin));
+        let order_channel = channel(&self.order)?;
         let nats = self.nats.connect().await?;
 
         let run = std::time::SystemTime::now()
@@ -107,6 +115,17 @@ impl Bench {
                     .user_id,
             );
         }
+
+        // One client per buyer, each with the buyer's own token.
+        let orders = buyers
+            .iter()
+            .map(|buyer| {
+                Ok(OrderServiceClient::new(shop_auth::with_token(
+                    order_channel.clone(),
+                    &self.credentials.user(buyer)?,
+                )))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
 
         // Every saga ends with one of these; the waiter for its order is told.
         let ends_seen = Ends::default();
@@ -156,7 +175,7 @@ impl Bench {
                 .await;
             }
             let permit = Arc::clone(&permits).acquire_owned().await?;
-            let mut orders = orders.clone();
+            let mut orders = orders[index as usize % orders.len()].clone();
             let request = PlaceOrderRequest {
                 user_id: buyers[index as usize % buyers.len()].clone(),
                 items: vec![OrderItem {
@@ -256,13 +275,13 @@ impl Bench {
 /// learned of the new user (from `user.created`), and waits for its end: the
 /// measured run then starts warm and with every user known.
 async fn warm_up(
-    orders: &OrderServiceClient<Channel>,
+    orders: &[OrderServiceClient<BearerChannel>],
     ends: &Ends,
     buyers: &[String],
     sku: &str,
     run: u128,
 ) -> anyhow::Result<()> {
-    for (i, buyer) in buyers.iter().enumerate() {
+    for (i, (buyer, orders)) in buyers.iter().zip(orders).enumerate() {
         let request = PlaceOrderRequest {
             user_id: buyer.clone(),
             items: vec![OrderItem {

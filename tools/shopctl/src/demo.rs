@@ -3,6 +3,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use shop_auth::BearerChannel;
 use shop_proto::inventory::v1::CreateProductRequest;
 use shop_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use shop_proto::order::v1::order_service_client::OrderServiceClient;
@@ -10,6 +11,8 @@ use shop_proto::order::v1::{GetOrderRequest, Order, OrderItem, OrderStatus, Plac
 use shop_proto::user::v1::CreateUserRequest;
 use shop_proto::user::v1::user_service_client::UserServiceClient;
 use tonic::transport::Channel;
+
+use crate::credentials::Credentials;
 
 /// Options of `shopctl demo`.
 #[derive(Debug, clap::Args)]
@@ -23,6 +26,10 @@ pub(crate) struct Demo {
     /// The inventory service.
     #[arg(long, default_value = "http://localhost:50053")]
     inventory: String,
+    /// The shop's administrator creates the user and the products; the
+    /// customer places the orders with a token of their own.
+    #[command(flatten)]
+    credentials: Credentials,
 }
 
 async fn connect(endpoint: &str) -> anyhow::Result<Channel> {
@@ -34,9 +41,14 @@ async fn connect(endpoint: &str) -> anyhow::Result<Channel> {
 
 impl Demo {
     pub(crate) async fn run(self) -> anyhow::Result<()> {
-        let mut users = UserServiceClient::new(connect(&self.user).await?);
-        let mut orders = OrderServiceClient::new(connect(&self.order).await?);
-        let mut inventory = InventoryServiceClient::new(connect(&self.inventory).await?);
+        let admin = self.credentials.admin()?;
+        let mut users =
+            UserServiceClient::new(shop_auth::with_token(connect(&self.user).await?, &admin));
+        let order_channel = connect(&self.order).await?;
+        let mut inventory = InventoryServiceClient::new(shop_auth::with_token(
+            connect(&self.inventory).await?,
+            &admin,
+        ));
         // Names of their own, so that the demo can run again on the same stack.
         let run = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
@@ -56,6 +68,10 @@ impl Demo {
             .context("CreateUser returned no user")?
             .user_id;
         println!("user     {email} ({user_id})");
+        let mut orders = OrderServiceClient::new(shop_auth::with_token(
+            order_channel,
+            &self.credentials.user(&user_id)?,
+        ));
         let products = [
             ("LAMP", "Desk lamp", 1999, 5),
             ("LAST", "Last of its kind", 4999, 1),
@@ -101,7 +117,7 @@ impl Demo {
 /// Places an order, waiting while the order service has not yet learned of
 /// the new user (it does from `user.created`).
 async fn place(
-    orders: &mut OrderServiceClient<Channel>,
+    orders: &mut OrderServiceClient<BearerChannel>,
     request: PlaceOrderRequest,
 ) -> anyhow::Result<Order> {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -124,7 +140,10 @@ async fn place(
     }
 }
 
-async fn settle(orders: &mut OrderServiceClient<Channel>, order_id: &str) -> anyhow::Result<Order> {
+async fn settle(
+    orders: &mut OrderServiceClient<BearerChannel>,
+    order_id: &str,
+) -> anyhow::Result<Order> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let order = orders

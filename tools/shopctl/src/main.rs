@@ -12,16 +12,20 @@
 //!   streams, dead letters included.
 //! - `dlq`: list, show, replay (to the consumer that gave up only) and
 //!   purge dead letters.
+//! - `token`: a token signed with the local key `up` made, for grpcurl;
+//!   `keygen` makes such a key elsewhere (compose does).
 //! - `probe`: a service's `grpc.health.v1` status as an exit code, for
 //!   container health checks.
 
 #![allow(clippy::print_stdout)] // a CLI talks on stdout
 
 mod bench;
+mod credentials;
 mod demo;
 mod dlq;
 mod probe;
 mod saga;
+mod token;
 mod up;
 
 use clap::Parser as _;
@@ -39,6 +43,10 @@ enum Command {
     Saga(saga::Saga),
     /// List, show, replay or purge dead letters.
     Dlq(dlq::Dlq),
+    /// Make the local signing key if there is none, and write its public keys (JWKS).
+    Keygen(token::Keygen),
+    /// Print a token signed with the local key (for grpcurl's `-H "authorization: Bearer $TOKEN"`).
+    Token(token::Token),
     /// Exit 0 when a service reports SERVING on grpc.health.v1 (for health checks).
     Probe(probe::Probe),
 }
@@ -51,6 +59,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Bench(bench) => bench.run().await,
         Command::Saga(saga) => saga.run().await,
         Command::Dlq(dlq) => dlq.run().await,
+        Command::Token(token) => token.run(),
+        Command::Keygen(keygen) => keygen.run(),
         Command::Probe(probe) => probe.run().await,
     }
 }

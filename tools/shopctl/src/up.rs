@@ -28,6 +28,10 @@ pub(crate) struct Up {
     /// Log format of the services: `text` or `json`.
     #[arg(long, default_value = "text")]
     log_format: LogFormat,
+    /// The address the services listen on; loopback unless you mean to
+    /// let other machines in (`0.0.0.0`).
+    #[arg(long, default_value = "127.0.0.1")]
+    listen: std::net::IpAddr,
 }
 
 /// The services with their default ports, in start order.
@@ -49,7 +53,7 @@ impl Up {
         // Free ports first: a clear error before anything starts.
         for (service, grpc, http) in SERVICES {
             for (what, port) in [("gRPC", grpc), ("HTTP", http)] {
-                if std::net::TcpListener::bind(("0.0.0.0", port)).is_err() {
+                if std::net::TcpListener::bind((self.listen, port)).is_err() {
                     anyhow::bail!(
                         "port {port} ({service} {what}) is taken: stop whatever listens there and run shopctl up again"
                     );
@@ -65,17 +69,22 @@ impl Up {
         );
         let (mut nats, mut postgres) = (nats?, postgres?);
         let urls = create_databases(&postgres).await?;
+        // The local identity provider: `shopctl token` signs with this key,
+        // the services trust its public half (read again when it changes).
+        let auth_dir = data_dir.join("auth");
+        let issuer = shop_auth::LocalIssuer::load_or_create(&auth_dir)
+            .with_context(|| format!("making the local signing key in {}", auth_dir.display()))?;
+        let mut auth = issuer.auth_config();
+        auth.jwks = None;
+        auth.jwks_file = Some(shop_auth::LocalIssuer::jwks_path(&auth_dir));
 
         let mut running = Vec::new();
-        for ((service, _, http), url) in SERVICES.into_iter().zip(urls) {
+        for ((service, grpc, http), url) in SERVICES.into_iter().zip(urls) {
             let config = ServiceConfig {
                 log_format: self.log_format,
-                ..ServiceConfig::local(url, nats.url())
-            };
-            let config = ServiceConfig {
-                grpc_addr: None,
-                http_addr: None,
-                ..config
+                grpc_addr: Some((self.listen, grpc).into()),
+                http_addr: Some((self.listen, http).into()),
+                ..ServiceConfig::local(url, nats.url(), auth.clone())
             };
             let server = build(service, config).instrument(span(service)).await?;
             running.push((service, http, Running::spawn_in(server, span(service))));
@@ -204,13 +213,14 @@ fn print_banner(nats_url: &str, postgres_port: u16, took: Duration) {
         "  NATS   {nats_url}      PostgreSQL 127.0.0.1:{postgres_port} (databases shop_user, shop_order, ...)"
     );
     println!();
-    println!("Try:");
+    println!("Try (every call but health and reflection needs a token):");
     println!("  grpcurl -plaintext localhost:50052 list");
+    println!("  TOKEN=$(scripts/shopctl token --admin)");
     println!(
-        "  grpcurl -plaintext -d '{{\"email\":\"ann@example.com\",\"name\":\"Ann\"}}' localhost:50051 shop.user.v1.UserService/CreateUser"
+        "  grpcurl -plaintext -H \"authorization: Bearer $TOKEN\" -d '{{\"email\":\"ann@example.com\",\"name\":\"Ann\"}}' localhost:50051 shop.user.v1.UserService/CreateUser"
     );
     println!(
-        "  grpcurl -plaintext -d '{{\"sku\":\"LAMP\",\"name\":\"Desk lamp\",\"price_cents\":1999,\"stock\":10}}' localhost:50053 shop.inventory.v1.InventoryService/CreateProduct"
+        "  grpcurl -plaintext -H \"authorization: Bearer $TOKEN\" -d '{{\"sku\":\"LAMP\",\"name\":\"Desk lamp\",\"price_cents\":1999,\"stock\":10}}' localhost:50053 shop.inventory.v1.InventoryService/CreateProduct"
     );
     println!();
     println!("Ctrl-C stops everything.");
