@@ -1,5 +1,7 @@
 //! `deploy/nats/nats.conf` on a real nats-server: every service works with
-//! its own credentials, and a service cannot publish another's events.
+//! its own credentials; a service cannot publish another's events, read
+//! another's deliveries or API replies through any inbox, or administer the
+//! shared `DLQ` and `REPLAY` streams.
 
 #![allow(clippy::unwrap_used)]
 
@@ -43,6 +45,7 @@ async fn nats() -> TestNats {
 async fn connect_as(nats: &TestNats, user: &str) -> async_nats::Client {
     async_nats::ConnectOptions::new()
         .user_and_password(user.into(), password(user))
+        .custom_inbox_prefix(format!("_INBOX_{user}"))
         .connect(nats.url())
         .await
         .unwrap()
@@ -63,12 +66,18 @@ async fn stored(js: &async_nats::jetstream::Context, stream: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn each_service_publishes_only_its_own_events_and_the_saga_still_runs() {
     let (nats, postgres) = tokio::join!(nats(), TestPostgres::start());
+    // The operator's step: the services may not make the shared streams.
+    let made = shopctl::nats::provision_shared(connect_as(&nats, "shopctl").await, 1)
+        .await
+        .unwrap();
+    assert_eq!(made, ["DLQ", "REPLAY"]);
     let mut services = HashMap::new();
     for name in SERVICES {
         let url = postgres.create_database(&format!("shop_{name}")).await;
         let env = [
             ("NATS_USER", name.to_owned()),
             ("NATS_PASSWORD", password(name)),
+            ("PROVISION_SHARED_STREAMS", "false".to_owned()),
         ];
         services.insert(
             name,
@@ -120,6 +129,9 @@ async fn each_service_publishes_only_its_own_events_and_the_saga_still_runs() {
     let (errors_tx, mut errors) = tokio::sync::mpsc::unbounded_channel();
     let order_client = async_nats::ConnectOptions::new()
         .user_and_password("order".into(), password("order"))
+        .custom_inbox_prefix("_INBOX_order")
+        // A refused request is never answered: do not wait long for it.
+        .request_timeout(Some(Duration::from_secs(1)))
         .event_callback(move |event| {
             let errors_tx = errors_tx.clone();
             async move {
@@ -173,6 +185,88 @@ async fn each_service_publishes_only_its_own_events_and_the_saga_still_runs() {
     );
     let payments_after = stored(&admin, "PAYMENT").await;
     assert_eq!(payments_after, payments_before, "nothing forged was stored");
+
+    // No inbox but its own: not the shared one, not another service's.
+    for inbox in ["_INBOX.>", "_INBOX_payment.>", ">"] {
+        let _denied = order_client.subscribe(inbox).await.unwrap();
+        let error = tokio::time::timeout(Duration::from_secs(5), errors.recv())
+            .await
+            .expect("the server reports the violation")
+            .unwrap();
+        assert!(
+            error.contains(&format!(
+                "Permissions Violation for Subscription to \"{inbox}\""
+            )),
+            "{error}"
+        );
+    }
+
+    // The dead letters are the operator's: a service may add its own but
+    // not change, purge or delete the queue, nor the replays.
+    admin
+        .publish("dlq.order.order.placed", "kept".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let dlq_before = stored(&admin, "DLQ").await;
+    let order_js = async_nats::jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(1))
+        .build(order_client.clone());
+    for stream in ["DLQ", "REPLAY"] {
+        let wiped = async_nats::jetstream::stream::Config {
+            name: stream.to_owned(),
+            subjects: vec![format!("{}.>", stream.to_lowercase())],
+            max_messages: 1,
+            ..Default::default()
+        };
+        assert!(
+            order_js.update_stream(wiped).await.is_err(),
+            "{stream} updated"
+        );
+        assert!(
+            order_js.delete_stream(stream).await.is_err(),
+            "{stream} deleted"
+        );
+        let purged = order_client
+            .request(format!("$JS.API.STREAM.PURGE.{stream}"), "".into())
+            .await;
+        assert!(purged.is_err(), "{stream} purged: {purged:?}");
+        let created = order_js
+            .create_stream(async_nats::jetstream::stream::Config {
+                name: format!("{stream}2"),
+                subjects: vec!["dlq.order.x".into()],
+                ..Default::default()
+            })
+            .await;
+        assert!(created.is_err(), "a stream beside {stream} created");
+    }
+    // Nor replay to itself: replays come from the operator.
+    let replay = order_js
+        .publish("replay.order.payment.completed", "x".into())
+        .await;
+    let replayed = match replay {
+        Ok(ack) => ack.await.is_ok(),
+        Err(_) => false,
+    };
+    assert!(!replayed, "a service published a replay");
+    assert_eq!(
+        stored(&admin, "DLQ").await,
+        dlq_before,
+        "the dead letters are all there"
+    );
+    assert_eq!(
+        admin
+            .get_stream("DLQ")
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .config
+            .max_messages,
+        -1
+    );
 
     // Its own subjects it may publish; a wrong password gets nowhere.
     let own = connect_as(&nats, "order").await;

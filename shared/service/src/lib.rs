@@ -85,6 +85,16 @@ pub struct ServiceConfig {
     /// Log format: `text` or `json`.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
+    /// Create or update the shared `DLQ` and `REPLAY` streams at start-up.
+    /// Off where NATS gives each service least privilege: the operator
+    /// makes them (`shopctl provision`), and a service only checks.
+    #[arg(
+        long,
+        env = "PROVISION_SHARED_STREAMS",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub provision_shared_streams: bool,
     /// Who may call: the identity provider's keys and what its tokens say.
     #[command(flatten)]
     pub auth: AuthConfig,
@@ -113,6 +123,7 @@ impl ServiceConfig {
             ack_wait_ms: 30_000,
             consumer_concurrency: 1,
             log_format: LogFormat::Text,
+            provision_shared_streams: true,
             auth,
         }
     }
@@ -233,8 +244,12 @@ impl Infrastructure {
             &shop_db::with_setting(&config.database_url, "synchronous_commit", "off"),
             2,
         )?;
+        // Replies (JetStream API answers, pulled messages) come to an inbox
+        // of the service's own, so that NATS can let each service subscribe
+        // to its own replies only.
         let mut options = async_nats::ConnectOptions::new()
             .name(format!("shop-{service}"))
+            .custom_inbox_prefix(format!("_INBOX_{service}"))
             .retry_on_initial_connect()
             .max_reconnects(None);
         if let Some(creds) = &config.nats_creds {
@@ -256,10 +271,20 @@ impl Infrastructure {
             .provision(&js)
             .await?;
         for shared in [StreamSpec::dead_letters(), StreamSpec::replays()] {
-            shared
-                .with_replicas(config.stream_replicas)
-                .provision(&js)
-                .await?;
+            if config.provision_shared_streams {
+                shared
+                    .with_replicas(config.stream_replicas)
+                    .provision(&js)
+                    .await?;
+            } else if let Err(error) = js.get_stream(&shared.name).await {
+                // Not fatal: a dead letter waits (and is retried) until the
+                // stream exists, and the replay consumer keeps trying.
+                tracing::warn!(
+                    stream = %shared.name,
+                    %error,
+                    "a shared stream is missing; the operator makes it with `shopctl provision`"
+                );
+            }
         }
         let metrics = MessagingMetrics::default();
         let mut registry = Registry::default();

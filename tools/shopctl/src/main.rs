@@ -14,6 +14,8 @@
 //!   purge dead letters.
 //! - `token`: a token signed with the local key `up` made, for grpcurl;
 //!   `keygen` makes such a key elsewhere (compose does).
+//! - `provision`: the shared `DLQ` and `REPLAY` streams, which only the
+//!   operator may administer.
 //! - `probe`: a service's `grpc.health.v1` status as an exit code, for
 //!   container health checks.
 
@@ -47,8 +49,31 @@ enum Command {
     Keygen(token::Keygen),
     /// Print a token signed with the local key (for grpcurl's `-H "authorization: Bearer $TOKEN"`).
     Token(token::Token),
+    /// Create or update the shared DLQ and REPLAY streams (the operator's step before the services start).
+    Provision(Provision),
     /// Exit 0 when a service reports SERVING on grpc.health.v1 (for health checks).
     Probe(probe::Probe),
+}
+
+/// Options of `shopctl provision`.
+#[derive(Debug, clap::Args)]
+struct Provision {
+    /// NATS, with the operator's credentials.
+    #[command(flatten)]
+    nats: shopctl::nats::NatsArgs,
+    /// Replicas of each stream (3 on a three-node cluster).
+    #[arg(long, env = "STREAM_REPLICAS", default_value_t = 1)]
+    stream_replicas: usize,
+}
+
+impl Provision {
+    async fn run(self) -> anyhow::Result<()> {
+        let client = self.nats.connect().await?;
+        for stream in shopctl::nats::provision_shared(client, self.stream_replicas).await? {
+            println!("{stream}: ready");
+        }
+        Ok(())
+    }
 }
 
 #[tokio::main]
@@ -61,6 +86,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Dlq(dlq) => dlq.run().await,
         Command::Token(token) => token.run(),
         Command::Keygen(keygen) => keygen.run(),
+        Command::Provision(provision) => provision.run().await,
         Command::Probe(probe) => probe.run().await,
     }
 }

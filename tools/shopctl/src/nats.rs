@@ -44,3 +44,24 @@ impl NatsArgs {
         })
     }
 }
+
+/// Creates or updates the streams every service shares, `DLQ` and `REPLAY`:
+/// an operator's step, since no service may administer them.
+pub async fn provision_shared(
+    client: async_nats::Client,
+    replicas: usize,
+) -> anyhow::Result<Vec<String>> {
+    let js = async_nats::jetstream::new(client);
+    let mut made = Vec::new();
+    for spec in [
+        shop_messaging::StreamSpec::dead_letters(),
+        shop_messaging::StreamSpec::replays(),
+    ] {
+        let spec = spec.with_replicas(replicas);
+        spec.provision(&js)
+            .await
+            .with_context(|| format!("creating or updating the {} stream", spec.name))?;
+        made.push(spec.name);
+    }
+    Ok(made)
+}
