@@ -89,3 +89,34 @@ async fn serves_until_sigterm_and_refuses_a_taken_port_clearly() {
     );
     assert!(stdout.contains("stopped"), "{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn secrets_stay_out_of_help_and_errors() {
+    let infra = TestInfra::start().await;
+    let secret_url = "postgres://shop:hunter2-db@127.0.0.1:1/shop_user";
+    let mut help = user_svc(&infra, secret_url, free_port(), free_port());
+    help.env("NATS_PASSWORD", "hunter2-nats").arg("--help");
+    let help = help.output().await.unwrap();
+    assert!(help.status.success());
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(text.contains("DATABASE_URL"), "{text}");
+    assert!(!text.contains("hunter2"), "--help shows a secret:\n{text}");
+
+    // A database that cannot be reached: the error names it, not its password.
+    let mut failing = user_svc(&infra, secret_url, free_port(), free_port());
+    failing
+        .env("NATS_USER", "user")
+        .env("NATS_PASSWORD", "hunter2-nats");
+    let failed = tokio::time::timeout(Duration::from_secs(30), failing.output())
+        .await
+        .expect("gives up on an unreachable database")
+        .unwrap();
+    assert!(!failed.status.success());
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&failed.stdout),
+        String::from_utf8_lossy(&failed.stderr)
+    );
+    assert!(said.contains("database"), "{said}");
+    assert!(!said.contains("hunter2"), "a secret in the output:\n{said}");
+}

@@ -34,6 +34,7 @@ use diesel_async::RunQueryDsl as _;
 use diesel_migrations::EmbeddedMigrations;
 use futures::future::BoxFuture;
 use prometheus_client::registry::Registry;
+use secrecy::{ExposeSecret as _, SecretString};
 use shop_db::PgPool;
 use shop_messaging::{
     ConsumerSpec, EventConsumer, MessagingMetrics, Outbox, Relay, RelayConfig, Router, StreamSpec,
@@ -45,9 +46,10 @@ use tokio_util::task::TaskTracker;
 /// Flags and environment variables every service takes.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServiceConfig {
-    /// PostgreSQL URL of the service's own database.
-    #[arg(long, env = "DATABASE_URL")]
-    pub database_url: String,
+    /// PostgreSQL URL of the service's own database (a secret: never shown
+    /// in `--help` or logs).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_parser = secret)]
+    pub database_url: SecretString,
     /// NATS server URL.
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
@@ -58,8 +60,8 @@ pub struct ServiceConfig {
     #[arg(long, env = "NATS_USER", requires = "nats_password")]
     pub nats_user: Option<String>,
     /// NATS password of `--nats-user`.
-    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
-    pub nats_password: Option<String>,
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true, value_parser = secret)]
+    pub nats_password: Option<SecretString>,
     /// Address of the gRPC server [default: 0.0.0.0 and the service's port].
     #[arg(long, env = "GRPC_ADDR")]
     pub grpc_addr: Option<SocketAddr>,
@@ -111,7 +113,7 @@ impl ServiceConfig {
     ) -> Self {
         let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
         Self {
-            database_url: database_url.into(),
+            database_url: SecretString::from(database_url.into()),
             nats_url: nats_url.into(),
             nats_creds: None,
             nats_user: None,
@@ -127,6 +129,11 @@ impl ServiceConfig {
             auth,
         }
     }
+}
+
+/// A command-line or environment value kept as a secret.
+fn secret(value: &str) -> Result<SecretString, std::convert::Infallible> {
+    Ok(SecretString::from(value))
 }
 
 /// How logs are written.
@@ -193,7 +200,7 @@ pub struct Infrastructure {
     verifier: shop_auth::Verifier,
     ack_wait: Duration,
     consumer_concurrency: usize,
-    database_url: String,
+    database_url: SecretString,
 }
 
 impl std::fmt::Debug for Infrastructure {
@@ -218,21 +225,15 @@ impl Infrastructure {
         let verifier = shop_auth::Verifier::from_config(&config.auth)
             .await
             .context("loading the keys that verify bearer tokens")?;
-        shop_db::migrate(
-            &config.database_url,
-            vec![shop_messaging::MIGRATIONS, migrations],
-        )
-        .await
-        .context("migrating the database")?;
+        let database_url = config.database_url.expose_secret();
+        shop_db::migrate(database_url, vec![shop_messaging::MIGRATIONS, migrations])
+            .await
+            .context("migrating the database")?;
         // Every statement on the hot path finds its rows by key, so a plan
         // made once per connection serves every call; left to choose,
         // PostgreSQL plans the array-parameter statements afresh each time.
         let pool = shop_db::pool(
-            &shop_db::with_setting(
-                &config.database_url,
-                "plan_cache_mode",
-                "force_generic_plan",
-            ),
+            &shop_db::with_setting(database_url, "plan_cache_mode", "force_generic_plan"),
             config.db_pool_size,
         )?;
         // The relay's own connections: busy consumers must never starve it,
@@ -241,7 +242,7 @@ impl Infrastructure {
         // lost in a crash publishes the row again, and JetStream (the row id
         // is the message id) and the consumers' inboxes drop the copy.
         let relay_pool = shop_db::pool(
-            &shop_db::with_setting(&config.database_url, "synchronous_commit", "off"),
+            &shop_db::with_setting(database_url, "synchronous_commit", "off"),
             2,
         )?;
         // Replies (JetStream API answers, pulled messages) come to an inbox
@@ -259,7 +260,7 @@ impl Infrastructure {
                 .context("reading the NATS credentials")?;
         }
         if let (Some(user), Some(password)) = (&config.nats_user, &config.nats_password) {
-            options = options.user_and_password(user.clone(), password.clone());
+            options = options.user_and_password(user.clone(), password.expose_secret().to_owned());
         }
         let nats = options
             .connect(&config.nats_url)
@@ -370,7 +371,7 @@ impl Infrastructure {
     pub fn relay(&self) -> Relay {
         Relay::new(
             self.relay_pool.clone(),
-            self.database_url.clone(),
+            self.database_url.expose_secret().to_owned(),
             self.js.clone(),
             RelayConfig::default(),
         )

@@ -19,8 +19,12 @@ pub struct NatsArgs {
     #[arg(long = "nats-user", env = "NATS_USER", requires = "nats_password")]
     pub nats_user: Option<String>,
     /// The password of `--nats-user`.
-    #[arg(long = "nats-password", env = "NATS_PASSWORD", hide_env_values = true)]
-    pub nats_password: Option<String>,
+    #[arg(long = "nats-password", env = "NATS_PASSWORD", hide_env_values = true, value_parser = secret)]
+    pub nats_password: Option<secrecy::SecretString>,
+}
+
+fn secret(value: &str) -> Result<secrecy::SecretString, std::convert::Infallible> {
+    Ok(secrecy::SecretString::from(value))
 }
 
 impl NatsArgs {
@@ -34,7 +38,10 @@ impl NatsArgs {
                 .with_context(|| format!("reading the NATS credentials {}", creds.display()))?;
         }
         if let (Some(user), Some(password)) = (&self.nats_user, &self.nats_password) {
-            options = options.user_and_password(user.clone(), password.clone());
+            options = options.user_and_password(
+                user.clone(),
+                secrecy::ExposeSecret::expose_secret(password).to_owned(),
+            );
         }
         options.connect(&self.nats_url).await.with_context(|| {
             format!(
