@@ -2,6 +2,10 @@
 //!
 //! - [`migrate`]: applies embedded diesel migrations at start-up, in order,
 //!   skipping those already applied, so several replicas may start at once.
+//! - [`pending`]: the migrations not yet applied, read without changing
+//!   anything, for a runtime role that may not alter the schema.
+//! - [`grant_runtime`]: what a service's runtime role may do on the tables
+//!   its owner made: read and write rows, nothing more.
 //! - [`pool`]: a deadpool of diesel-async connections.
 //! - [`Cached`]: a statement kept prepared that diesel would prepare afresh
 //!   each time (updates, multi-row inserts).
@@ -70,6 +74,75 @@ where
     })
     .await
     .map_err(|error| DbError::Migrate(format!("the migration task failed: {error}")))?
+}
+
+/// The versions of the migrations in `sources` that `database_url` has not
+/// applied. Only reads, so a role without rights on the schema may ask.
+pub async fn pending<S>(database_url: &str, sources: Vec<S>) -> Result<Vec<String>, DbError>
+where
+    S: MigrationSource<Pg>,
+{
+    #[derive(diesel::QueryableByName)]
+    struct Applied {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        version: String,
+    }
+    let mut connection = AsyncPgConnection::establish(database_url).await?;
+    let applied: Vec<Applied> = match diesel_async::RunQueryDsl::load(
+        diesel::sql_query("SELECT version FROM __diesel_schema_migrations"),
+        &mut connection,
+    )
+    .await
+    {
+        Ok(rows) => rows,
+        // No migration was ever applied here.
+        Err(diesel::result::Error::DatabaseError(_, info))
+            if info.message().contains("does not exist") =>
+        {
+            Vec::new()
+        }
+        Err(error) => return Err(DbError::Migrate(error.to_string())),
+    };
+    let applied: std::collections::HashSet<String> =
+        applied.into_iter().map(|row| row.version).collect();
+    let mut pending = Vec::new();
+    for source in sources {
+        let migrations = source
+            .migrations()
+            .map_err(|error| DbError::Migrate(error.to_string()))?;
+        for migration in migrations {
+            let version = migration.name().version().to_string();
+            if !applied.contains(&version) {
+                pending.push(version);
+            }
+        }
+    }
+    Ok(pending)
+}
+
+/// Lets `role` read and write the rows of every table and sequence in the
+/// `public` schema of `owner_url`'s database, and read which migrations
+/// were applied, and nothing else: it cannot create, alter or drop
+/// anything, so the constraints that back the invariants stay. Run as the
+/// owner after migrating; new tables of later migrations are granted the
+/// same way by default.
+pub async fn grant_runtime(owner_url: &str, role: &str) -> Result<(), DbError> {
+    let quoted = format!("\"{}\"", role.replace('"', "\"\""));
+    let mut connection = AsyncPgConnection::establish(owner_url).await?;
+    connection
+        .batch_execute(&format!(
+            "REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+             GRANT USAGE ON SCHEMA public TO {quoted};
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {quoted};
+             GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {quoted};
+             REVOKE INSERT, UPDATE, DELETE ON __diesel_schema_migrations FROM {quoted};
+             ALTER DEFAULT PRIVILEGES IN SCHEMA public
+                 GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {quoted};
+             ALTER DEFAULT PRIVILEGES IN SCHEMA public
+                 GRANT USAGE, SELECT ON SEQUENCES TO {quoted};"
+        ))
+        .await
+        .map_err(|error| DbError::Migrate(format!("granting {role} its rights: {error}")))
 }
 
 /// A pool of at most `max_size` connections to `database_url`. Connections

@@ -87,6 +87,19 @@ pub struct ServiceConfig {
     /// Log format: `text` or `json`.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
+    /// At start-up, apply the schema's pending migrations (`apply`), or only
+    /// check that none is pending (`check`), for a runtime role that may
+    /// not change the schema.
+    #[arg(long, env = "MIGRATIONS", default_value = "apply")]
+    pub migrations: Migrations,
+    /// Apply the migrations and exit: the deployment's step, run with the
+    /// database owner's `DATABASE_URL`.
+    #[arg(long)]
+    pub migrate_only: bool,
+    /// With `--migrate-only`: the runtime role that may then read and
+    /// write the tables' rows, and nothing more.
+    #[arg(long, env = "GRANT_TO", requires = "migrate_only")]
+    pub grant_to: Option<String>,
     /// Create or update the shared `DLQ` and `REPLAY` streams at start-up.
     /// Off where NATS gives each service least privilege: the operator
     /// makes them (`shopctl provision`), and a service only checks.
@@ -125,6 +138,9 @@ impl ServiceConfig {
             ack_wait_ms: 30_000,
             consumer_concurrency: 1,
             log_format: LogFormat::Text,
+            migrations: Migrations::Apply,
+            migrate_only: false,
+            grant_to: None,
             provision_shared_streams: true,
             auth,
         }
@@ -134,6 +150,34 @@ impl ServiceConfig {
 /// A command-line or environment value kept as a secret.
 fn secret(value: &str) -> Result<SecretString, std::convert::Infallible> {
     Ok(SecretString::from(value))
+}
+
+/// What a service does about its schema at start-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Migrations {
+    /// Apply the pending migrations (the role must own the schema).
+    Apply,
+    /// Refuse to start while any is pending; change nothing.
+    Check,
+}
+
+/// The deployment's migration step: applies the messaging tables' and
+/// `migrations` as the database's owner (`config.database_url`), then
+/// grants `config.grant_to`, the runtime role, the rows and nothing more.
+pub async fn migrate_only(
+    config: &ServiceConfig,
+    migrations: EmbeddedMigrations,
+) -> anyhow::Result<()> {
+    let url = config.database_url.expose_secret();
+    let applied = shop_db::migrate(url, vec![shop_messaging::MIGRATIONS, migrations])
+        .await
+        .context("migrating the database")?;
+    tracing::info!(applied = applied.len(), versions = ?applied, "migrations applied");
+    if let Some(role) = &config.grant_to {
+        shop_db::grant_runtime(url, role).await?;
+        tracing::info!(%role, "runtime role granted the tables' rows");
+    }
+    Ok(())
 }
 
 /// How logs are written.
@@ -212,8 +256,9 @@ impl std::fmt::Debug for Infrastructure {
 }
 
 impl Infrastructure {
-    /// Migrates the database (the messaging tables, then `migrations`),
-    /// builds the pool, connects to NATS and provisions `stream`, the
+    /// Migrates the database (the messaging tables, then `migrations`), or
+    /// only checks that it is migrated (`--migrations check`), builds the
+    /// pool, connects to NATS and provisions `stream`, the
     /// dead-letter stream and the stream of replayed dead letters.
     pub async fn start(
         config: &ServiceConfig,
@@ -226,9 +271,25 @@ impl Infrastructure {
             .await
             .context("loading the keys that verify bearer tokens")?;
         let database_url = config.database_url.expose_secret();
-        shop_db::migrate(database_url, vec![shop_messaging::MIGRATIONS, migrations])
-            .await
-            .context("migrating the database")?;
+        match config.migrations {
+            Migrations::Apply => {
+                shop_db::migrate(database_url, vec![shop_messaging::MIGRATIONS, migrations])
+                    .await
+                    .context("migrating the database")?;
+            }
+            Migrations::Check => {
+                let pending =
+                    shop_db::pending(database_url, vec![shop_messaging::MIGRATIONS, migrations])
+                        .await
+                        .context("checking the database's migrations")?;
+                anyhow::ensure!(
+                    pending.is_empty(),
+                    "the database lacks {} migration(s) ({}): run the service with --migrate-only and the database owner's DATABASE_URL first",
+                    pending.len(),
+                    pending.join(", ")
+                );
+            }
+        }
         // Every statement on the hot path finds its rows by key, so a plan
         // made once per connection serves every call; left to choose,
         // PostgreSQL plans the array-parameter statements afresh each time.

@@ -79,11 +79,23 @@ impl Up {
         auth.jwks_file = Some(shop_auth::LocalIssuer::jwks_path(&auth_dir));
 
         let mut running = Vec::new();
-        for ((service, grpc, http), url) in SERVICES.into_iter().zip(urls) {
+        for ((service, grpc, http), (owner_url, url)) in SERVICES.into_iter().zip(urls) {
+            // The migration step, as the schema's owner; the service then
+            // runs as a role that can only read and write rows.
+            let owner = ServiceConfig {
+                migrate_only: true,
+                grant_to: Some(format!("shop_{service}")),
+                ..ServiceConfig::local(owner_url, nats.url(), auth.clone())
+            };
+            shop_service::migrate_only(&owner, migrations(service))
+                .instrument(span(service))
+                .await
+                .with_context(|| format!("migrating the {service} database"))?;
             let config = ServiceConfig {
                 log_format: self.log_format,
                 grpc_addr: Some((self.listen, grpc).into()),
                 http_addr: Some((self.listen, http).into()),
+                migrations: shop_service::Migrations::Check,
                 ..ServiceConfig::local(url, nats.url(), auth.clone())
             };
             let server = build(service, config).instrument(span(service)).await?;
@@ -117,6 +129,15 @@ fn span(service: &str) -> tracing::Span {
     }
 }
 
+fn migrations(service: &str) -> diesel_migrations::EmbeddedMigrations {
+    match service {
+        "user" => shop_user::MIGRATIONS,
+        "order" => shop_order::MIGRATIONS,
+        "inventory" => shop_inventory::MIGRATIONS,
+        _ => shop_payment::MIGRATIONS,
+    }
+}
+
 async fn build(service: &str, config: ServiceConfig) -> anyhow::Result<Server> {
     match service {
         "user" => shop_user::build(shop_user::Config { service: config }).await,
@@ -139,32 +160,51 @@ async fn build(service: &str, config: ServiceConfig) -> anyhow::Result<Server> {
     .with_context(|| format!("starting the {service} service"))
 }
 
-/// One database per service, owned by a role of its own that can connect to
-/// no other database; returns each service's URL, in `SERVICES` order.
-async fn create_databases(postgres: &TestPostgres) -> anyhow::Result<Vec<String>> {
+/// One database per service, with two roles of its own that can connect to
+/// no other database: `shop_<service>_owner` owns the schema and runs the
+/// migrations, `shop_<service>` (the service's) reads and writes rows and
+/// can change nothing else. Returns each service's (owner, runtime) URLs,
+/// in `SERVICES` order.
+async fn create_databases(postgres: &TestPostgres) -> anyhow::Result<Vec<(String, String)>> {
     let mut admin = AsyncPgConnection::establish(&postgres.url("postgres")).await?;
     let mut urls = Vec::new();
     for (service, _, _) in SERVICES {
         let name = format!("shop_{service}");
+        let owner = format!("{name}_owner");
         admin
             .batch_execute(&format!(
                 "DO $$ BEGIN
+                   IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{owner}') THEN CREATE ROLE {owner} LOGIN; END IF;
                    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{name}') THEN CREATE ROLE {name} LOGIN; END IF;
                  END $$;"
             ))
             .await?;
         // Kept from an earlier run: reuse it.
         if let Err(error) = admin
-            .batch_execute(&format!("CREATE DATABASE {name} OWNER {name}"))
+            .batch_execute(&format!("CREATE DATABASE {name} OWNER {owner}"))
             .await
             && !error.to_string().contains("already exists")
         {
             return Err(error).with_context(|| format!("creating database {name}"));
         }
         admin
-            .batch_execute(&format!("REVOKE ALL ON DATABASE {name} FROM PUBLIC"))
+            .batch_execute(&format!(
+                "ALTER DATABASE {name} OWNER TO {owner};
+                 REVOKE ALL ON DATABASE {name} FROM PUBLIC;
+                 GRANT CONNECT ON DATABASE {name} TO {name};"
+            ))
             .await?;
-        urls.push(postgres.local_url(&name, &name));
+        // A data directory from before the roles were split: the service's
+        // role owned its tables; hand them to the owner.
+        let mut database = AsyncPgConnection::establish(&postgres.url(&name)).await?;
+        database
+            .batch_execute(&format!("REASSIGN OWNED BY {name} TO {owner}"))
+            .await
+            .with_context(|| format!("handing the tables of {name} to {owner}"))?;
+        urls.push((
+            postgres.local_url(&owner, &name),
+            postgres.local_url(&name, &name),
+        ));
     }
     Ok(urls)
 }
