@@ -9,6 +9,7 @@
 )]
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shop_auth::BearerChannel;
@@ -29,10 +30,12 @@ pub const STARTING_CREDIT: i64 = 100_000;
 const WAIT: Duration = Duration::from_secs(30);
 
 /// How the shop is configured for a test.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct Settings {
     pub saga_deadline: Duration,
     pub starting_credit: i64,
+    /// Serve TLS, with client certificates required, from these files.
+    pub tls: Option<Arc<TestTls>>,
 }
 
 impl Default for Settings {
@@ -40,7 +43,123 @@ impl Default for Settings {
         Self {
             saga_deadline: Duration::from_secs(30),
             starting_credit: STARTING_CREDIT,
+            tls: None,
         }
+    }
+}
+
+/// A test CA, a server certificate for `localhost` and `127.0.0.1` and a
+/// client certificate, all signed by the CA, in a temporary directory.
+pub struct TestTls {
+    dir: tempfile::TempDir,
+    ca: String,
+    client_cert: String,
+    client_key: String,
+}
+
+impl TestTls {
+    pub fn generate() -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "shop test CA");
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf = |names: Vec<String>| {
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(names)
+                .unwrap()
+                .signed_by(&key, &issuer)
+                .unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let (server_cert, server_key) = leaf(vec!["localhost".into(), "127.0.0.1".into()]);
+        let (client_cert, client_key) = leaf(vec!["shop-test-client".into()]);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("server.pem"), server_cert).unwrap();
+        std::fs::write(dir.path().join("server.key"), server_key).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.path().join("client.pem"), &client_cert).unwrap();
+        std::fs::write(dir.path().join("client.key"), &client_key).unwrap();
+        Self {
+            dir,
+            ca: ca.pem(),
+            client_cert,
+            client_key,
+        }
+    }
+
+    /// One of the files: `ca.pem`, `server.pem`, `server.key`,
+    /// `client.pem`, `client.key`.
+    pub fn path(&self, file: &str) -> std::path::PathBuf {
+        self.dir.path().join(file)
+    }
+
+    /// The servers' settings: this certificate, clients signed by this CA.
+    pub fn config(&self) -> shop_service::TlsConfig {
+        shop_service::TlsConfig {
+            tls_cert: Some(self.dir.path().join("server.pem")),
+            tls_key: Some(self.dir.path().join("server.key")),
+            tls_client_ca: Some(self.dir.path().join("ca.pem")),
+        }
+    }
+
+    /// A TLS channel to `addr` that trusts this CA, presenting `client`'s
+    /// client certificate (or none).
+    pub async fn channel(
+        &self,
+        addr: std::net::SocketAddr,
+        client: Option<&TestTls>,
+    ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+        let mut tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca))
+            .domain_name("localhost");
+        if let Some(client) = client {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                &client.client_cert,
+                &client.client_key,
+            ));
+        }
+        tonic::transport::Channel::from_shared(format!("https://localhost:{}", addr.port()))
+            .unwrap()
+            .tls_config(tls)?
+            .connect()
+            .await
+    }
+
+    /// A GET over TLS that trusts this CA: the whole response.
+    pub async fn https_get(
+        &self,
+        addr: std::net::SocketAddr,
+        path: &str,
+    ) -> std::io::Result<String> {
+        use rustls::pki_types::pem::PemObject as _;
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls::pki_types::CertificateDer::from_pem_slice(self.ca.as_bytes()).unwrap())
+            .unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = connector.connect(name, tcp).await?;
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        tls.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        // A server may close without close_notify: keep what arrived.
+        let _ = tls.read_to_end(&mut response).await;
+        Ok(String::from_utf8_lossy(&response).into_owned())
     }
 }
 
@@ -85,11 +204,39 @@ impl Shop {
     }
 
     fn config(&self, service: &str) -> ServiceConfig {
-        ServiceConfig::local(
-            self.infra.postgres.url(&format!("shop_{service}")),
-            self.infra.nats.url(),
-            self.infra.issuer.auth_config(),
-        )
+        ServiceConfig {
+            tls: self
+                .settings
+                .tls
+                .as_ref()
+                .map(|tls| tls.config())
+                .unwrap_or_default(),
+            ..ServiceConfig::local(
+                self.infra.postgres.url(&format!("shop_{service}")),
+                self.infra.nats.url(),
+                self.infra.issuer.auth_config(),
+            )
+        }
+    }
+
+    /// Where `service` serves gRPC.
+    pub fn grpc_addr(&self, service: &str) -> std::net::SocketAddr {
+        self.services[service].grpc_addr()
+    }
+
+    /// Where `service` serves HTTP.
+    pub fn http_addr(&self, service: &str) -> std::net::SocketAddr {
+        self.services[service].http_addr()
+    }
+
+    async fn raw_channel(&self, service: &str) -> tonic::transport::Channel {
+        match &self.settings.tls {
+            Some(tls) => tls
+                .channel(self.grpc_addr(service), Some(tls))
+                .await
+                .unwrap(),
+            None => self.services[service].channel().await.unwrap(),
+        }
     }
 
     async fn launch(&self, service: &'static str) -> Running {
@@ -132,14 +279,14 @@ impl Shop {
     /// A channel to `service` that sends no token.
     pub async fn channel_without_token(&self, service: &str) -> BearerChannel {
         tonic::service::interceptor::InterceptedService::new(
-            self.services[service].channel().await.unwrap(),
+            self.raw_channel(service).await,
             shop_auth::Bearer::none(),
         )
     }
 
     /// A channel to `service` that sends `token`.
     pub async fn channel_with(&self, service: &str, token: &str) -> BearerChannel {
-        shop_auth::with_token(self.services[service].channel().await.unwrap(), token)
+        shop_auth::with_token(self.raw_channel(service).await, token)
     }
 
     async fn channel(&self, service: &str) -> BearerChannel {

@@ -17,11 +17,13 @@
 mod error;
 mod observe;
 mod telemetry;
+mod tls;
 
 pub use error::{ApiError, is_unique_violation, page_size, parse_uuid};
 pub use observe::GrpcMetrics;
 pub use shop_auth::{AuthConfig, Caller, caller_of, roles};
 pub use telemetry::Telemetry;
+pub use tls::TlsConfig;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -113,6 +115,9 @@ pub struct ServiceConfig {
     /// Who may call: the identity provider's keys and what its tokens say.
     #[command(flatten)]
     pub auth: AuthConfig,
+    /// TLS on the gRPC and HTTP ports.
+    #[command(flatten)]
+    pub tls: TlsConfig,
 }
 
 impl ServiceConfig {
@@ -143,6 +148,7 @@ impl ServiceConfig {
             grant_to: None,
             provision_shared_streams: true,
             auth,
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -478,6 +484,7 @@ pub struct Server {
     infra: Infrastructure,
     tasks: Vec<Task>,
     services: Vec<&'static str>,
+    tls: Option<tls::ServerTls>,
 }
 
 impl std::fmt::Debug for Server {
@@ -531,6 +538,10 @@ impl Server {
                 .unwrap_or(SocketAddr::from((any, ports.http))),
         )
         .await?;
+        let tls = config
+            .tls
+            .server_tls()
+            .context("loading the TLS certificate")?;
         let (health, health_service) = tonic_health::server::health_reporter();
         let routes = tonic::service::Routes::new(health_service);
         Ok(Self {
@@ -542,6 +553,7 @@ impl Server {
             infra,
             tasks: Vec::new(),
             services: Vec::new(),
+            tls,
         })
     }
 
@@ -598,6 +610,7 @@ impl Server {
             infra,
             tasks,
             services,
+            tls,
         } = self;
         // Reflection names only what this server serves. Both versions:
         // grpcurl before 1.9 speaks only v1alpha.
@@ -688,15 +701,31 @@ impl Server {
                 }),
             );
         let http_shutdown = shutdown.clone();
-        let http = tokio::spawn(async move {
-            axum::serve(http, app)
-                .with_graceful_shutdown(http_shutdown.cancelled_owned())
-                .await
-        });
-        tracing::info!(service = name, grpc = %grpc.local_addr()?, "serving");
+        let http = match &tls {
+            Some(tls) => {
+                let listener = tls::TlsListener::new(http, tls.http.clone(), shutdown.clone())?;
+                tokio::spawn(async move {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(http_shutdown.cancelled_owned())
+                        .await
+                })
+            }
+            None => tokio::spawn(async move {
+                axum::serve(http, app)
+                    .with_graceful_shutdown(http_shutdown.cancelled_owned())
+                    .await
+            }),
+        };
+        tracing::info!(service = name, grpc = %grpc.local_addr()?, tls = tls.is_some(), "serving");
         let incoming = tokio_stream_listener(grpc);
         // Observed first, so that refused calls are counted and traced too.
-        let grpc = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &tls {
+            builder = builder
+                .tls_config(tls.grpc.clone())
+                .context("configuring gRPC TLS")?;
+        }
+        let grpc = builder
             .layer(observe::ObserveLayer {
                 metrics: grpc_metrics,
             })

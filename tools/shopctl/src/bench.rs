@@ -65,12 +65,15 @@ pub(crate) struct Bench {
     /// orders with a token of their own.
     #[command(flatten)]
     credentials: Credentials,
+    /// TLS, for `https://` endpoints.
+    #[command(flatten)]
+    tls: shopctl::client_tls::ClientTls,
 }
 
 impl Bench {
     pub(crate) async fn run(self) -> anyhow::Result<()> {
         let channel = |endpoint: &str| -> anyhow::Result<Channel> {
-            Ok(Channel::from_shared(endpoint.to_owned())?.connect_lazy())
+            Ok(self.tls.endpoint(endpoint)?.connect_lazy())
         };
         let admin = self.credentials.admin()?;
         let mut users = UserServiceClient::new(shop_auth::with_token(channel(&self.user)?, &admin));

@@ -30,10 +30,13 @@ pub(crate) struct Demo {
     /// customer places the orders with a token of their own.
     #[command(flatten)]
     credentials: Credentials,
+    /// TLS, for `https://` endpoints.
+    #[command(flatten)]
+    tls: shopctl::client_tls::ClientTls,
 }
 
-async fn connect(endpoint: &str) -> anyhow::Result<Channel> {
-    Channel::from_shared(endpoint.to_owned())?
+async fn connect(tls: &shopctl::client_tls::ClientTls, endpoint: &str) -> anyhow::Result<Channel> {
+    tls.endpoint(endpoint)?
         .connect()
         .await
         .with_context(|| format!("cannot reach {endpoint}: is the stack up (scripts/shopctl up)?"))
@@ -42,11 +45,13 @@ async fn connect(endpoint: &str) -> anyhow::Result<Channel> {
 impl Demo {
     pub(crate) async fn run(self) -> anyhow::Result<()> {
         let admin = self.credentials.admin()?;
-        let mut users =
-            UserServiceClient::new(shop_auth::with_token(connect(&self.user).await?, &admin));
-        let order_channel = connect(&self.order).await?;
+        let mut users = UserServiceClient::new(shop_auth::with_token(
+            connect(&self.tls, &self.user).await?,
+            &admin,
+        ));
+        let order_channel = connect(&self.tls, &self.order).await?;
         let mut inventory = InventoryServiceClient::new(shop_auth::with_token(
-            connect(&self.inventory).await?,
+            connect(&self.tls, &self.inventory).await?,
             &admin,
         ));
         // Names of their own, so that the demo can run again on the same stack.

@@ -19,12 +19,17 @@ pub(crate) struct Probe {
     /// How long to wait for an answer, in milliseconds.
     #[arg(long, default_value_t = 2000)]
     timeout_ms: u64,
+    /// TLS, for an `https://` endpoint.
+    #[command(flatten)]
+    tls: shopctl::client_tls::ClientTls,
 }
 
 impl Probe {
     pub(crate) async fn run(self) -> anyhow::Result<()> {
         let timeout = Duration::from_millis(self.timeout_ms);
-        let channel = tonic::transport::Channel::from_shared(self.grpc.clone())?
+        let channel = self
+            .tls
+            .endpoint(&self.grpc)?
             .connect_timeout(timeout)
             .timeout(timeout)
             .connect()
