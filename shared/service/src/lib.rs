@@ -1,12 +1,19 @@
 //! What every service binary shares, so that none writes it again.
 //!
 //! - [`ServiceConfig`]: the common flags and environment variables
-//!   (`DATABASE_URL`, `NATS_URL`, `GRPC_ADDR`, `HTTP_ADDR`, ...).
-//! - [`Infrastructure`]: start-up of the database (migrations, pool) and of
-//!   JetStream (the service's stream and the `DLQ` stream), and the outbox.
+//!   (`DATABASE_URL`, `NATS_URL`, `GRPC_ADDR`, `HTTP_ADDR`, the token
+//!   verification of [`AuthConfig`], the [`TlsConfig`], ...); secrets are
+//!   kept in `secrecy` types.
+//! - [`migrate_only`]: the deployment's migration step, as the schema's
+//!   owner, granting the runtime role the rows.
+//! - [`Infrastructure`]: start-up of the token verifier, the database
+//!   (migrations applied or checked, pool) and JetStream (the service's
+//!   stream; `DLQ` and `REPLAY` made or checked), and the outbox.
 //! - [`Server`]: the gRPC server (with reflection, `grpc.health.v1`, a span
-//!   and metrics per request), the HTTP server (`/healthz`, `/readyz`,
-//!   `/metrics`) and the background tasks (relay,
+//!   and metrics per request, and every other call authenticated by
+//!   `shop_auth`'s layer; the handlers check the [`Caller`]), the HTTP
+//!   server (`/healthz`, `/readyz`, `/metrics`), both over TLS when a
+//!   certificate is given, and the background tasks (relay,
 //!   consumers, sweepers), run until shutdown, on the service's default
 //!   [`Ports`] unless configured otherwise; [`Running`] runs one on a task.
 //! - [`shutdown_on_signal`] and [`Telemetry`] (logs, traces over OTLP) for

@@ -102,7 +102,12 @@ impl Up {
             running.push((service, http, Running::spawn_in(server, span(service))));
         }
         for (service, http, _) in &running {
-            wait_ready(service, *http).await?;
+            let host = if self.listen.is_unspecified() {
+                std::net::IpAddr::from([127, 0, 0, 1])
+            } else {
+                self.listen
+            };
+            wait_ready(service, (host, *http).into()).await?;
         }
         print_banner(&nats.url(), postgres.port(), started.elapsed());
 
@@ -210,13 +215,11 @@ async fn create_databases(postgres: &TestPostgres) -> anyhow::Result<Vec<(String
 }
 
 /// Waits until the service's `/readyz` answers 200.
-async fn wait_ready(service: &str, http_port: u16) -> anyhow::Result<()> {
+async fn wait_ready(service: &str, http: std::net::SocketAddr) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let ready = async {
-            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", http_port))
-                .await
-                .ok()?;
+            let mut stream = tokio::net::TcpStream::connect(http).await.ok()?;
             stream
                 .write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
                 .await
@@ -232,7 +235,7 @@ async fn wait_ready(service: &str, http_port: u16) -> anyhow::Result<()> {
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "{service} did not become ready on port {http_port}"
+            "{service} did not become ready on {http}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
