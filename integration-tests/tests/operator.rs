@@ -43,6 +43,9 @@ async fn steps(js: &jetstream::Context, order_id: &str, count: usize) -> Vec<Str
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_timeline_shows_each_saga_across_the_services_in_order() {
+    // The span layer a local stack runs with, so that events carry their
+    // trace context (nothing is exported without an OTLP endpoint).
+    shop_service::init_logs(shop_service::LogFormat::Text);
     let mut shop = Shop::start(Settings::default()).await;
     let js = jetstream::new(shop.infra.nats.client().await);
     let user = shop.create_user("tim@example.com").await;
@@ -71,6 +74,17 @@ async fn a_timeline_shows_each_saga_across_the_services_in_order() {
     );
     let timeline = read(&js, &confirmed.order_id).await;
     assert_eq!(timeline.outcome(), Outcome::Confirmed);
+    // One trace for the whole saga, which Jaeger finds by its id.
+    let trace = timeline.trace_id().expect("the saga's trace id");
+    assert_eq!(trace.len(), 32, "{trace}");
+    assert!(
+        timeline
+            .steps
+            .iter()
+            .all(|step| step.trace_id.as_deref() == Some(trace)),
+        "{:?}",
+        timeline.steps
+    );
     assert_eq!(
         timeline.steps[0].detail,
         format!("2 x LAMP for user {user}")

@@ -49,6 +49,9 @@ fn print(timeline: &Timeline) {
         timeline.order_id,
         first.time.format("%Y-%m-%d %H:%M:%S%.3f UTC")
     );
+    if let Some(trace_id) = timeline.trace_id() {
+        println!("trace {trace_id} (Jaeger: search by this trace id)");
+    }
     for step in &timeline.steps {
         let micros = (step.time - first.time).num_microseconds().unwrap_or(0);
         let at = format!("+{}.{:01} ms", micros / 1000, (micros % 1000) / 100);

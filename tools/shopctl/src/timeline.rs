@@ -45,6 +45,8 @@ pub struct Step {
     pub event_type: String,
     /// Its key fields, for people.
     pub detail: String,
+    /// The W3C trace id its `traceparent` carries: the saga's trace.
+    pub trace_id: Option<String>,
     /// Set when this step is a dead letter.
     pub dead_letter: Option<DeadLetterStep>,
 }
@@ -147,6 +149,12 @@ impl Timeline {
         }
     }
 
+    /// The saga's trace id (what Jaeger finds it by): the one its first
+    /// event carries, which the later ones continue.
+    pub fn trace_id(&self) -> Option<&str> {
+        self.steps.iter().find_map(|step| step.trace_id.as_deref())
+    }
+
     /// The saga's dead letters.
     pub fn dead_letters(&self) -> impl Iterator<Item = &DeadLetterStep> {
         self.steps
@@ -179,6 +187,39 @@ fn step(message: &jetstream::Message) -> Option<Step> {
         subject: get(dead_letter_headers::SUBJECT).unwrap_or_else(|| message.subject.to_string()),
         detail: describe(&event_type, &message.payload),
         event_type,
+        trace_id: get(headers::TRACEPARENT).and_then(|value| trace_id(&value)),
         dead_letter,
     })
+}
+
+/// The trace id of a W3C `traceparent` (`00-<trace id>-<span id>-<flags>`),
+/// unless it is malformed or all zeros (no trace).
+fn trace_id(traceparent: &str) -> Option<String> {
+    let mut parts = traceparent.split('-');
+    let (_version, id) = (parts.next()?, parts.next()?);
+    let valid = id.len() == 32
+        && id.bytes().all(|b| b.is_ascii_hexdigit())
+        && id.bytes().any(|b| b != b'0');
+    valid.then(|| id.to_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::trace_id;
+
+    #[test]
+    fn a_traceparent_gives_its_trace_id() {
+        assert_eq!(
+            trace_id("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        for bad in [
+            "",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f35-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e47zz-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(trace_id(bad), None, "{bad:?}");
+        }
+    }
 }
