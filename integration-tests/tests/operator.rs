@@ -45,7 +45,7 @@ async fn steps(js: &jetstream::Context, order_id: &str, count: usize) -> Vec<Str
 async fn a_timeline_shows_each_saga_across_the_services_in_order() {
     // The span layer a local stack runs with, so that events carry their
     // trace context (nothing is exported without an OTLP endpoint).
-    shop_service::init_logs(shop_service::LogFormat::Text);
+    let _telemetry = shop_service::init_logs("test", shop_service::LogFormat::Text);
     let mut shop = Shop::start(Settings::default()).await;
     let js = jetstream::new(shop.infra.nats.client().await);
     let user = shop.create_user("tim@example.com").await;

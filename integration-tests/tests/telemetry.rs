@@ -5,19 +5,12 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod collector;
 mod processes;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use collector::{Collector, Span};
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use processes::{ServiceProcess, free_port, http_get, place_order, settled};
 use shop_proto::inventory::v1::CreateProductRequest;
@@ -27,117 +20,6 @@ use shop_proto::order::v1::{OrderItem, OrderStatus, PlaceOrderRequest};
 use shop_proto::user::v1::CreateUserRequest;
 use shop_proto::user::v1::user_service_client::UserServiceClient;
 use shop_test_support::TestInfra;
-
-/// A span as the collector received it, with its service's name.
-#[derive(Debug, Clone)]
-struct Span {
-    service: String,
-    trace_id: String,
-    span_id: String,
-    parent_span_id: String,
-    name: String,
-    kind: i32,
-    attributes: HashMap<String, String>,
-}
-
-#[derive(Default, Clone)]
-struct Collector {
-    spans: Arc<Mutex<Vec<Span>>>,
-}
-
-fn text(value: Option<&AnyValue>) -> String {
-    match value.and_then(|v| v.value.as_ref()) {
-        Some(any_value::Value::StringValue(s)) => s.clone(),
-        Some(any_value::Value::IntValue(i)) => i.to_string(),
-        Some(any_value::Value::BoolValue(b)) => b.to_string(),
-        Some(any_value::Value::DoubleValue(d)) => d.to_string(),
-        _ => String::new(),
-    }
-}
-
-fn attributes(list: &[KeyValue]) -> HashMap<String, String> {
-    list.iter()
-        .map(|kv| (kv.key.clone(), text(kv.value.as_ref())))
-        .collect()
-}
-
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let mut spans = self.spans.lock().unwrap();
-        for resource_spans in request.into_inner().resource_spans {
-            let resource = resource_spans
-                .resource
-                .map(|r| attributes(&r.attributes))
-                .unwrap_or_default();
-            let service = resource.get("service.name").cloned().unwrap_or_default();
-            for scope in resource_spans.scope_spans {
-                for span in scope.spans {
-                    spans.push(Span {
-                        service: service.clone(),
-                        trace_id: hex(&span.trace_id),
-                        span_id: hex(&span.span_id),
-                        parent_span_id: hex(&span.parent_span_id),
-                        name: span.name.clone(),
-                        kind: span.kind,
-                        attributes: attributes(&span.attributes),
-                    });
-                }
-            }
-        }
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-impl Collector {
-    fn trace(&self, trace_id: &str) -> Vec<Span> {
-        self.spans
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|span| span.trace_id == trace_id)
-            .cloned()
-            .collect()
-    }
-
-    /// Waits until the trace holds a consumer span of each (service,
-    /// subject), then returns the trace.
-    async fn wait_for(&self, trace_id: &str, consumed: &[(&str, &str)]) -> Vec<Span> {
-        let started = Instant::now();
-        loop {
-            let spans = self.trace(trace_id);
-            let missing: Vec<_> = consumed
-                .iter()
-                .filter(|(service, subject)| {
-                    !spans.iter().any(|span| {
-                        span.service == *service
-                            && span.kind == SpanKind::Consumer as i32
-                            && span.name == format!("{subject} process")
-                    })
-                })
-                .collect();
-            if missing.is_empty() {
-                return spans;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "trace {trace_id} lacks the consumer spans {missing:?}; it has {:#?}",
-                spans
-                    .iter()
-                    .map(|s| format!("{} {}", s.service, s.name))
-                    .collect::<Vec<_>>()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
 
 /// Every consumer span's parent is the producer span that published its
 /// event (same message id) in the same trace.
@@ -169,12 +51,7 @@ fn with_traceparent<T>(message: T, trace_id: &str, span_id: &str) -> tonic::Requ
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_saga_is_one_trace_across_the_services_it_touches() {
-    let collector = Collector::default();
-    let otlp_port = free_port();
-    let server = tonic::transport::Server::builder()
-        .add_service(TraceServiceServer::new(collector.clone()))
-        .serve(([127, 0, 0, 1], otlp_port).into());
-    let server = tokio::spawn(server);
+    let (collector, otlp_port, server) = Collector::start(free_port());
 
     let infra = TestInfra::start().await;
     let env = [

@@ -180,7 +180,7 @@ impl Shop {
     pub async fn start(settings: Settings) -> Self {
         // Logs only when asked for: TEST_LOG=1 RUST_LOG=debug cargo nextest run ...
         if std::env::var_os("TEST_LOG").is_some() {
-            shop_service::init_logs(LogFormat::Text);
+            let _ = shop_service::init_logs("test", LogFormat::Text);
         }
         let infra = TestInfra::start().await;
         for service in SERVICES {

@@ -1503,6 +1503,7 @@ fn consumer_span(consumer: &str, envelope: &Envelope) -> tracing::Span {
         "process",
         otel.name = format!("{} process", envelope.subject),
         otel.kind = "consumer",
+        shop.service = %consumer,
         messaging.system = "nats",
         messaging.operation.type = "process",
         messaging.destination.name = %envelope.subject,

@@ -96,7 +96,7 @@ impl Outbox {
             return Ok(Vec::new());
         }
         // The rows carry this span's context: each publish is its child.
-        let span = write_span(events);
+        let span = write_span(&self.source, events);
         let context = span.in_scope(trace::current);
         let rows: Vec<_> = events.iter().map(|event| (event, &context)).collect();
         self.insert(conn, &rows).instrument(span).await
@@ -114,7 +114,7 @@ impl Outbox {
             .iter()
             .filter(|(_, events)| !events.is_empty())
             .map(|(parent, events)| {
-                let span = parent.in_scope(|| write_span(events));
+                let span = parent.in_scope(|| write_span(&self.source, events));
                 let context = span.in_scope(trace::current);
                 (span, context, events.as_slice())
             })
@@ -192,7 +192,7 @@ impl Outbox {
     /// an outbox-write span, a child of the current span: run the statement
     /// in [`OutboxWrite::span`].
     pub fn write_when(&self, guard: &'static str, events: Vec<OutgoingEvent>) -> OutboxWrite {
-        let span = write_span(&events);
+        let span = write_span(&self.source, &events);
         let context = span.in_scope(trace::current);
         OutboxWrite {
             span,
@@ -264,11 +264,12 @@ impl diesel::query_builder::QueryFragment<diesel::pg::Pg> for OutboxWrite {
 }
 
 /// The span of one outbox write; the written rows carry its context.
-fn write_span(events: &[OutgoingEvent]) -> tracing::Span {
+fn write_span(source: &str, events: &[OutgoingEvent]) -> tracing::Span {
     let subjects: Vec<&str> = events.iter().map(|event| event.subject).collect();
     tracing::info_span!(
         "outbox write",
         otel.kind = "internal",
+        shop.service = crate::trace::service_of(source),
         messaging.system = "nats",
         messaging.destination.name = %subjects.join(" "),
         messaging.batch.message_count = events.len(),
@@ -603,6 +604,7 @@ impl Relay {
             "publish",
             otel.name = format!("{} publish", row.subject),
             otel.kind = "producer",
+            shop.service = crate::trace::service_of(&row.source),
             messaging.system = "nats",
             messaging.operation.type = "publish",
             messaging.destination.name = %row.subject,

@@ -110,3 +110,13 @@ impl Injector for MetadataInjector<'_> {
         }
     }
 }
+
+/// The span attribute that names the service a span belongs to, for a
+/// process that runs several (a local stack exports each service's spans
+/// under its own `service.name`).
+pub const SERVICE_ATTRIBUTE: &str = "shop.service";
+
+/// The service of an outbox source: `shop/order` is `order`.
+pub fn service_of(source: &str) -> &str {
+    source.strip_prefix("shop/").unwrap_or(source)
+}

@@ -204,12 +204,17 @@ pub enum LogFormat {
 
 /// Installs the global subscriber of a process that runs several services
 /// (a local stack, tests): logs filtered by `RUST_LOG` (default `info`),
-/// spans with trace context, exported as `service.name` = `shop` when
-/// `OTEL_EXPORTER_OTLP_ENDPOINT` is set. A service's `main` uses
-/// [`Telemetry::init`] instead, to name itself and flush at exit.
-pub fn init_logs(format: LogFormat) {
-    if let Err(error) = Telemetry::init("shop", format) {
-        tracing::warn!(error = %error, "spans are not exported");
+/// spans with trace context, exported when `OTEL_EXPORTER_OTLP_ENDPOINT` is
+/// set with each service's spans under its own `service.name` and the
+/// rest under `process_name` ([`Telemetry::init_stack`]). A service's
+/// `main` uses [`Telemetry::init`] instead, to name itself and flush at exit.
+pub fn init_logs(process_name: &str, format: LogFormat) -> Option<Telemetry> {
+    match Telemetry::init_stack(process_name, format) {
+        Ok(telemetry) => Some(telemetry),
+        Err(error) => {
+            tracing::warn!(error = %error, "spans are not exported");
+            None
+        }
     }
 }
 
@@ -735,6 +740,7 @@ impl Server {
         let grpc = builder
             .layer(observe::ObserveLayer {
                 metrics: grpc_metrics,
+                service: name,
             })
             .layer(shop_auth::AuthLayer::new(verifier))
             .add_routes(routes)

@@ -68,6 +68,8 @@ impl GrpcMetrics {
 #[derive(Debug, Clone)]
 pub(crate) struct ObserveLayer {
     pub(crate) metrics: GrpcMetrics,
+    /// The serving service, e.g. `order`.
+    pub(crate) service: &'static str,
 }
 
 impl<S> tower_layer::Layer<S> for ObserveLayer {
@@ -77,6 +79,7 @@ impl<S> tower_layer::Layer<S> for ObserveLayer {
         Observed {
             inner,
             metrics: self.metrics.clone(),
+            service: self.service,
         }
     }
 }
@@ -86,6 +89,7 @@ impl<S> tower_layer::Layer<S> for ObserveLayer {
 pub(crate) struct Observed<S> {
     inner: S,
     metrics: GrpcMetrics,
+    service: &'static str,
 }
 
 /// Health checks and reflection are counted but get no span: probes would
@@ -117,6 +121,7 @@ where
                 "grpc",
                 otel.name = %method,
                 otel.kind = "server",
+                shop.service = self.service,
                 rpc.system = "grpc",
                 rpc.service = %service,
                 rpc.method = %rpc,

@@ -13,7 +13,8 @@
 use anyhow::Context as _;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
@@ -56,18 +57,60 @@ impl Telemetry {
     where
         W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
     {
+        let exporter = if export_requested() {
+            Some(Exporter::Single(otlp(None)?))
+        } else {
+            None
+        };
+        Self::install(service_name, format, writer, exporter)
+    }
+
+    /// For a process that runs several services (a local stack): like
+    /// [`Telemetry::init`] for `process_name`, but a span that names its
+    /// service in `shop.service` (the gRPC, outbox, publish and consumer
+    /// spans do) is exported under that service's `service.name`, as the
+    /// service's own binary would export it; the rest under `process_name`.
+    pub fn init_stack(process_name: &str, format: LogFormat) -> anyhow::Result<Self> {
+        let exporter = if export_requested() {
+            Some(Exporter::ByService(ByService::new(None)?))
+        } else {
+            None
+        };
+        Self::install(process_name, format, std::io::stdout, exporter)
+    }
+
+    /// [`Telemetry::init_stack`], exporting to the OTLP/gRPC `endpoint`
+    /// whatever the environment says.
+    pub fn init_stack_exporting_to(
+        process_name: &str,
+        format: LogFormat,
+        endpoint: &str,
+    ) -> anyhow::Result<Self> {
+        let exporter = Exporter::ByService(ByService::new(Some(endpoint))?);
+        Self::install(process_name, format, std::io::stdout, Some(exporter))
+    }
+
+    fn install<W>(
+        service_name: &str,
+        format: LogFormat,
+        writer: W,
+        exporter: Option<Exporter>,
+    ) -> anyhow::Result<Self>
+    where
+        W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+    {
         let mut resource = Resource::builder();
         if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
             resource = resource.with_service_name(service_name.to_owned());
         }
         let mut provider = SdkTracerProvider::builder().with_resource(resource.build());
-        let exporting = export_requested();
-        if exporting {
-            let exporter = opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .build()
-                .context("building the OTLP span exporter")?;
-            provider = provider.with_batch_exporter(exporter);
+        let exporting = exporter.is_some();
+        match exporter {
+            Some(Exporter::Single(exporter)) => provider = provider.with_batch_exporter(exporter),
+            Some(Exporter::ByService(exporter)) => {
+                provider = provider.with_batch_exporter(exporter);
+            }
+            None => {}
         }
         let provider = provider.build();
         let spans = tracing_opentelemetry::layer().with_tracer(provider.tracer("shop"));
@@ -106,5 +149,111 @@ impl Telemetry {
         if let Ok(Err(error)) = flushed {
             tracing::warn!(%error, "cannot flush the last spans");
         }
+    }
+}
+
+/// What the spans are exported with.
+enum Exporter {
+    /// One exporter: one `service.name`.
+    Single(opentelemetry_otlp::SpanExporter),
+    /// One exporter per service of a local stack.
+    ByService(ByService),
+}
+
+/// An OTLP/gRPC span exporter, to `endpoint` or where the environment says.
+fn otlp(endpoint: Option<&str>) -> anyhow::Result<opentelemetry_otlp::SpanExporter> {
+    use opentelemetry_otlp::WithExportConfig as _;
+    let mut builder = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+    if let Some(endpoint) = endpoint {
+        builder = builder.with_endpoint(endpoint);
+    }
+    builder.build().context("building the OTLP span exporter")
+}
+
+/// The services a local stack runs in one process.
+const STACK_SERVICES: [&str; 4] = ["user", "order", "inventory", "payment"];
+
+/// Exports each span with the resource of the service its `shop.service`
+/// attribute names: one OTLP exporter per service, each with that service's
+/// `service.name` on the process's resource, and one for the process's own
+/// spans.
+#[derive(Debug)]
+struct ByService {
+    process: opentelemetry_otlp::SpanExporter,
+    services: Vec<(&'static str, opentelemetry_otlp::SpanExporter)>,
+}
+
+impl ByService {
+    fn new(endpoint: Option<&str>) -> anyhow::Result<Self> {
+        Ok(Self {
+            process: otlp(endpoint)?,
+            services: STACK_SERVICES
+                .iter()
+                .map(|name| Ok((*name, otlp(endpoint)?)))
+                .collect::<anyhow::Result<_>>()?,
+        })
+    }
+
+    /// Which exporter takes `span`: 0 for the process, `i + 1` for service
+    /// `i`.
+    fn route(&self, span: &SpanData) -> usize {
+        span.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == shop_messaging::trace::SERVICE_ATTRIBUTE)
+            .and_then(|kv| {
+                let name = kv.value.as_str();
+                self.services
+                    .iter()
+                    .position(|(service, _)| *service == name)
+            })
+            .map_or(0, |index| index + 1)
+    }
+}
+
+impl SpanExporter for ByService {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let mut parts: Vec<Vec<SpanData>> = vec![Vec::new(); self.services.len() + 1];
+        for span in batch {
+            let index = self.route(&span);
+            parts[index].push(span);
+        }
+        let mut result = Ok(());
+        for (index, part) in parts.into_iter().enumerate() {
+            if part.is_empty() {
+                continue;
+            }
+            let exporter = match index {
+                0 => &self.process,
+                i => &self.services[i - 1].1,
+            };
+            if let Err(error) = exporter.export(part).await {
+                result = Err(error);
+            }
+        }
+        result
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.process.set_resource(resource);
+        for (name, exporter) in &mut self.services {
+            let own =
+                Resource::builder_empty()
+                    .with_attributes(resource.iter().map(|(key, value)| {
+                        opentelemetry::KeyValue::new(key.clone(), value.clone())
+                    }))
+                    .with_service_name(*name)
+                    .build();
+            exporter.set_resource(&own);
+        }
+    }
+
+    fn shutdown_with_timeout(&self, timeout: std::time::Duration) -> OTelSdkResult {
+        let mut result = self.process.shutdown_with_timeout(timeout);
+        for (_, exporter) in &self.services {
+            if let Err(error) = exporter.shutdown_with_timeout(timeout) {
+                result = Err(error);
+            }
+        }
+        result
     }
 }

@@ -44,7 +44,9 @@ const SERVICES: [(&str, u16, u16); 4] = [
 
 impl Up {
     pub(crate) async fn run(self) -> anyhow::Result<()> {
-        shop_service::init_logs(self.log_format);
+        // Each service's spans under its own service.name, shopctl's own
+        // under `shopctl`; flushed when the stack stops.
+        let telemetry = shop_service::init_logs("shopctl", self.log_format);
         let shutdown = shop_service::shutdown_on_signal();
         if self.fresh && self.data_dir.exists() {
             std::fs::remove_dir_all(&self.data_dir)
@@ -118,6 +120,9 @@ impl Up {
                 .stop()
                 .await
                 .with_context(|| format!("stopping {service}"))?;
+        }
+        if let Some(telemetry) = telemetry {
+            telemetry.shutdown().await;
         }
         nats.stop();
         postgres.stop();
