@@ -8,7 +8,9 @@
 //! - during a migration window `shop.order.v2.OrderPlaced` goes out beside
 //!   v1 on the same subject: the v1 consumer (this service) applies v1 and
 //!   acks v2 as a type it does not know, and a v2 consumer applies v2 and
-//!   ignores v1, each routed by `ce-type`.
+//!   ignores v1, each routed by `ce-type`;
+//! - but a type on another type's subject (a cancellation on
+//!   `order.placed`) is dead-lettered with that reason, not applied.
 
 #![allow(clippy::unwrap_used)]
 
@@ -359,4 +361,83 @@ async fn v2_beside_v1_each_consumer_applies_its_own_version() {
     assert_eq!(inventory.consumed("dead_lettered").await, 0);
     shutdown.cancel();
     task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_on_another_types_subject_is_dead_lettered_not_applied() {
+    let inventory = Inventory::start().await;
+    let order_id = uuid::Uuid::now_v7().to_string();
+    let placed = OrderPlaced {
+        order_id: order_id.clone(),
+        user_id: uuid::Uuid::now_v7().to_string(),
+        items: vec![OrderItem {
+            sku: "LAMP".into(),
+            quantity: 2,
+        }],
+        ..Default::default()
+    };
+    inventory
+        .publish(
+            "order.placed",
+            "shop.order.v1.OrderPlaced",
+            placed.encode_to_vec(),
+            &order_id,
+        )
+        .await;
+    eventually("the lamps are reserved", || async {
+        inventory.reserved_lamps().await == 2
+    })
+    .await;
+    // A cancellation that arrives on order.placed: routing by type alone
+    // would release the stock.
+    let cancelled = shop_proto::order::v1::OrderCancelled {
+        order_id: order_id.clone(),
+        user_id: placed.user_id.clone(),
+        reason: "forged".into(),
+    };
+    inventory
+        .publish(
+            "order.placed",
+            "shop.order.v1.OrderCancelled",
+            cancelled.encode_to_vec(),
+            &order_id,
+        )
+        .await;
+    eventually("the misplaced cancellation is dead-lettered", || async {
+        inventory.consumed("dead_lettered").await == 1
+    })
+    .await;
+    let dlq = inventory.js.get_stream("DLQ").await.unwrap();
+    let letters = shop_messaging::dead_letters::read_stream(
+        &dlq,
+        jetstream::consumer::DeliverPolicy::All,
+        |_| std::ops::ControlFlow::Continue(true),
+    )
+    .await
+    .unwrap();
+    assert_eq!(letters.len(), 1);
+    let reason = letters[0]
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(shop_messaging::consumer::dead_letter_headers::REASON))
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default();
+    assert!(
+        reason.contains("belongs on order.cancelled, not on order.placed"),
+        "{reason}"
+    );
+    assert_eq!(inventory.reserved_lamps().await, 2, "nothing was released");
+    // The same cancellation on its own subject is applied.
+    inventory
+        .publish(
+            "order.cancelled",
+            "shop.order.v1.OrderCancelled",
+            cancelled.encode_to_vec(),
+            &order_id,
+        )
+        .await;
+    eventually("the lamps are released", || async {
+        inventory.reserved_lamps().await == 0
+    })
+    .await;
 }

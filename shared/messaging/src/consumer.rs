@@ -260,6 +260,8 @@ fn wrong_type<'a>() -> BoxFuture<'a, Result<(), HandlerError>> {
 }
 
 struct Route<S> {
+    /// The one subject events of this type are published on.
+    subject: &'static str,
     decode: fn(&[u8]) -> Result<Decoded, prost::DecodeError>,
     handle: Handle<S>,
     locks: Option<Locks>,
@@ -442,6 +444,7 @@ impl<S: Send + Sync + 'static> Router<S> {
         self.routes.insert(
             E::TYPE,
             Route {
+                subject: E::SUBJECT,
                 decode: decode::<E>,
                 handle,
                 locks: None,
@@ -1030,6 +1033,14 @@ impl<S: Send + Sync + 'static> Inner<S> {
             tracing::debug!(consumer = %self.name, event_type = %envelope.event_type, "no route; acked");
             return Ok(None);
         };
+        // A type on another type's subject is a producer's bug or a forgery:
+        // applying it would let one event do another's work.
+        if envelope.subject != route.subject {
+            return Err(Failure::Permanent(format!(
+                "a {} belongs on {}, not on {}",
+                envelope.event_type, route.subject, envelope.subject
+            )));
+        }
         let decoded = (route.decode)(&envelope.body).map_err(|error| {
             Failure::Permanent(format!(
                 "body is not a valid {}: {error}",
