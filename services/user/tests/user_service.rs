@@ -283,3 +283,37 @@ async fn health_follows_nats_and_postgres_down_and_back() {
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn made_up_paths_count_under_one_label() {
+    let (infra, running) = spawn().await;
+    let channel = running.channel().await.unwrap();
+    for (i, token) in [None, Some(infra.issuer.admin_token())]
+        .into_iter()
+        .cycle()
+        .take(40)
+        .enumerate()
+    {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await.unwrap();
+        let mut request = tonic::Request::new(());
+        if let Some(token) = token {
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        let path = format!("/x.Made{i}/Up{i}").parse().unwrap();
+        let answer = grpc
+            .unary::<(), (), _>(request, path, tonic_prost::ProstCodec::default())
+            .await;
+        assert!(answer.is_err(), "{i}: a made-up path answered");
+    }
+    let metrics = http_get(running.http_addr(), "/metrics").await;
+    assert!(!metrics.contains("x.Made"), "{metrics}");
+    let unknown: u64 = metrics
+        .lines()
+        .filter(|line| line.starts_with("shop_grpc_requests_total{method=\"unknown\""))
+        .map(|line| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(unknown, 40, "{metrics}");
+}

@@ -647,6 +647,7 @@ impl Server {
                     .build_v1alpha()
                     .context("building gRPC reflection")?,
             );
+        let methods = observe::served_methods(&services);
         let tracker = TaskTracker::new();
         tracker.spawn(infra.relay().run(shutdown.clone()));
         tracker.spawn(sample_gauges(infra.clone(), shutdown.clone()));
@@ -741,6 +742,7 @@ impl Server {
             .layer(observe::ObserveLayer {
                 metrics: grpc_metrics,
                 service: name,
+                methods: Arc::new(methods),
             })
             .layer(shop_auth::AuthLayer::new(verifier))
             .add_routes(routes)

@@ -2,6 +2,8 @@
 //! caller's `traceparent`, and Prometheus counts and latencies by method and
 //! status code.
 
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -70,6 +72,10 @@ pub(crate) struct ObserveLayer {
     pub(crate) metrics: GrpcMetrics,
     /// The serving service, e.g. `order`.
     pub(crate) service: &'static str,
+    /// The methods this server serves (`package.Service/Method`): only
+    /// these become label values, so that made-up paths cannot grow the
+    /// metrics without bound.
+    pub(crate) methods: Arc<HashSet<String>>,
 }
 
 impl<S> tower_layer::Layer<S> for ObserveLayer {
@@ -80,6 +86,7 @@ impl<S> tower_layer::Layer<S> for ObserveLayer {
             inner,
             metrics: self.metrics.clone(),
             service: self.service,
+            methods: Arc::clone(&self.methods),
         }
     }
 }
@@ -90,6 +97,42 @@ pub(crate) struct Observed<S> {
     inner: S,
     metrics: GrpcMetrics,
     service: &'static str,
+    methods: Arc<HashSet<String>>,
+}
+
+/// The label of every method this server does not serve.
+const UNKNOWN_METHOD: &str = "unknown";
+
+/// The methods of `services` (full names) in the descriptor sets, as
+/// `package.Service/Method`, with health checks and reflection.
+pub(crate) fn served_methods(services: &[&str]) -> HashSet<String> {
+    use prost::Message as _;
+    let mut methods: HashSet<String> = [
+        "grpc.health.v1.Health/Check",
+        "grpc.health.v1.Health/Watch",
+        "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect();
+    let Ok(set) = prost_types::FileDescriptorSet::decode(shop_proto::FILE_DESCRIPTOR_SET) else {
+        return methods;
+    };
+    for file in set.file {
+        for service in &file.service {
+            let full = format!("{}.{}", file.package(), service.name());
+            if services.contains(&full.as_str()) {
+                methods.extend(
+                    service
+                        .method
+                        .iter()
+                        .map(|method| format!("{full}/{}", method.name())),
+                );
+            }
+        }
+    }
+    methods
 }
 
 /// Health checks and reflection are counted but get no span: probes would
@@ -140,6 +183,11 @@ where
         let started = Instant::now();
         let response = self.inner.call(request).instrument(span.clone());
         let metrics = self.metrics.clone();
+        let method = if self.methods.contains(&method) {
+            method
+        } else {
+            UNKNOWN_METHOD.to_owned()
+        };
         Box::pin(async move {
             let response = response.await;
             // A failed unary call is a trailers-only response: its status is
