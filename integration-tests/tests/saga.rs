@@ -378,6 +378,29 @@ async fn a_repeated_place_order_returns_the_first_order_and_starts_one_saga() {
     }
     shop.deposited(&user, 700);
 
+    // A key names one request: reused for another one it is refused, and
+    // nothing is written.
+    let other = shop
+        .place(&user, &[("LAMP", 2)], "checkout-42")
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::FailedPrecondition, "{other:?}");
+    assert!(
+        other.message().contains(&first.order_id),
+        "{}",
+        other.message()
+    );
+    let other = payments
+        .deposit(DepositRequest {
+            user_id: user.clone(),
+            amount_cents: 5000,
+            idempotency_key: "topup".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::FailedPrecondition, "{other:?}");
+    assert!(other.message().contains("700 cents"), "{}", other.message());
+
     // The same key sent eight times at once: one order, one saga.
     let racing =
         futures::future::join_all((0..8).map(|_| shop.place(&user, &[("LAMP", 1)], "checkout-43")))

@@ -160,7 +160,8 @@ impl Orders {
     }
 
     /// Saga step 1: a PENDING order and `order.placed`, in one transaction.
-    /// The same user and idempotency key return the first order.
+    /// The same user, idempotency key and items return the first order;
+    /// the same key with other items is FAILED_PRECONDITION.
     pub(crate) async fn place_order(
         &self,
         caller: &Caller,
@@ -263,7 +264,21 @@ impl Orders {
                 let existing = by_key(&mut conn, user_id, key.as_deref()).await?;
                 drop(conn);
                 match existing {
-                    Some(existing) => self.load_order(existing).await,
+                    Some(existing) => {
+                        let first = self.load_order(existing).await?;
+                        // The key names one request: the same key for other
+                        // items is a client's bug, not a retry.
+                        let mut wanted = lines.lines().to_vec();
+                        wanted.sort();
+                        if first.items != wanted {
+                            return Err(ApiError::FailedPrecondition(format!(
+                                "idempotency_key {:?} was used for another order ({}) with other items: use a new key for a new order",
+                                key.as_deref().unwrap_or_default(),
+                                first.row.order_id
+                            )));
+                        }
+                        Ok(first)
+                    }
                     // Orders are never deleted.
                     None => Err(ApiError::Internal(format!(
                         "idempotency key {key:?} of user {user_id} is taken by no order"

@@ -62,8 +62,9 @@ impl Wallets {
             .ok_or_else(|| ApiError::NotFound(format!("no wallet for user {user_id}")))
     }
 
-    /// Adds money; a repeated `idempotency_key` credits once and returns the
-    /// balance as it is. Money comes in through a payment provider (or an
+    /// Adds money; a repeated `idempotency_key` with the same amount credits
+    /// once and returns the balance as it is, with another amount it is
+    /// FAILED_PRECONDITION. Money comes in through a payment provider (or an
     /// administrator), never from the customer's own token.
     pub(crate) async fn deposit(
         &self,
@@ -125,8 +126,24 @@ impl Wallets {
             Err(DepositError::Overflow) => Err(ApiError::InvalidArgument(
                 "the deposit would overflow the balance".into(),
             )),
-            // The same deposit again: it was credited the first time.
+            // The same deposit again: it was credited the first time. The
+            // key names one request: another amount under it is a client's
+            // bug, not a retry.
             Err(DepositError::Database(error)) if is_unique_violation(&error) => {
+                let mut conn = self.pool.get().await?;
+                let first: i64 = deposits::table
+                    .filter(deposits::user_id.eq(user_id))
+                    .filter(deposits::idempotency_key.eq(key))
+                    .select(deposits::amount_cents)
+                    .first(&mut conn)
+                    .await?;
+                drop(conn);
+                if first != amount_cents {
+                    return Err(ApiError::FailedPrecondition(format!(
+                        "idempotency_key {:?} was used for a deposit of {first} cents, not {amount_cents}: use a new key for a new deposit",
+                        key.unwrap_or_default()
+                    )));
+                }
                 self.read_balance(user_id).await
             }
             Err(DepositError::Database(error)) => Err(error.into()),
