@@ -171,6 +171,9 @@ async fn bad_requests_get_the_right_code_and_change_nothing() {
         ("", "Ann"),
         ("bob@example.com", ""),
         ("bob@example.com", &"x".repeat(201)),
+        // PostgreSQL stores no NUL in text.
+        ("bo\0b@example.com", "Bob"),
+        ("bob@example.com", "B\0b"),
     ] {
         let request = CreateUserRequest {
             email: email.into(),
@@ -228,6 +231,7 @@ async fn bad_requests_get_the_right_code_and_change_nothing() {
         vec![("LAMP", 0)],
         vec![("LAMP", 1001)],
         vec![("", 1)],
+        vec![("LA\0MP", 1)],
         vec![("LAMP", 1), ("LAMP", 2)],
     ] {
         let status = shop.place(&user, &items, "").await.unwrap_err();
@@ -284,6 +288,27 @@ async fn bad_requests_get_the_right_code_and_change_nothing() {
         Code::AlreadyExists
     );
     assert_eq!(
+        code(inventory.create_product(product("N\0L", 1, 1)).await),
+        Code::InvalidArgument
+    );
+    let nul_name = CreateProductRequest {
+        name: "Th\0ng".into(),
+        ..product("NUL", 1, 1)
+    };
+    assert_eq!(
+        code(inventory.create_product(nul_name).await),
+        Code::InvalidArgument
+    );
+    // More than a stock can hold.
+    let overflow = inventory
+        .add_stock(AddStockRequest {
+            sku: "LAMP".into(),
+            quantity: i64::MAX,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(overflow.code(), Code::OutOfRange, "{overflow:?}");
+    assert_eq!(
         code(
             inventory
                 .add_stock(AddStockRequest {
@@ -326,6 +351,18 @@ async fn bad_requests_get_the_right_code_and_change_nothing() {
     assert_eq!(
         code(payments.deposit(deposit(&unknown, 10)).await),
         Code::NotFound
+    );
+    let nul_key = DepositRequest {
+        idempotency_key: "k\0".into(),
+        ..deposit(&user, 10)
+    };
+    assert_eq!(code(payments.deposit(nul_key).await), Code::InvalidArgument);
+    assert_eq!(
+        shop.place(&user, &[("LAMP", 1)], "k\0")
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
     );
     assert_eq!(
         code(

@@ -41,6 +41,9 @@ fn check_sku(sku: &str) -> Result<(), ApiError> {
         _ if sku.trim() != sku => Err(ApiError::InvalidArgument(
             "sku must not start or end with spaces".into(),
         )),
+        _ if sku.contains('\0') => Err(ApiError::InvalidArgument(
+            "sku must not contain NUL characters".into(),
+        )),
         _ => Ok(()),
     }
 }
@@ -63,6 +66,11 @@ impl Catalogue {
         caller.require_role("CreateProduct", &[])?;
         check_sku(sku)?;
         let name = name.trim();
+        if name.contains('\0') {
+            return Err(ApiError::InvalidArgument(
+                "name must not contain NUL characters".into(),
+            ));
+        }
         if name.is_empty() || name.chars().count() > 200 {
             return Err(ApiError::InvalidArgument(
                 "name must be 1 to 200 characters".into(),

@@ -176,6 +176,11 @@ impl Orders {
                 "idempotency_key must be at most 200 characters".into(),
             ));
         }
+        if idempotency_key.contains('\0') {
+            return Err(ApiError::InvalidArgument(
+                "idempotency_key must not contain NUL characters".into(),
+            ));
+        }
         let key = Some(idempotency_key.to_owned()).filter(|key| !key.is_empty());
         let mut conn = self.pool.get().await?;
         let order_id = Uuid::now_v7();

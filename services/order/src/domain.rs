@@ -55,6 +55,11 @@ impl OrderLines {
             if sku.trim().is_empty() {
                 return Err(format!("items[{index}].sku is required"));
             }
+            if sku.contains('\0') {
+                return Err(format!(
+                    "items[{index}].sku must not contain NUL characters"
+                ));
+            }
             if sku.chars().count() > 64 {
                 return Err(format!("items[{index}].sku must be at most 64 characters"));
             }

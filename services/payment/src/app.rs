@@ -84,6 +84,11 @@ impl Wallets {
                 "idempotency_key must be at most 200 characters".into(),
             ));
         }
+        if idempotency_key.contains('\0') {
+            return Err(ApiError::InvalidArgument(
+                "idempotency_key must not contain NUL characters".into(),
+            ));
+        }
         let key = Some(idempotency_key).filter(|key| !key.is_empty());
         let mut conn = self.pool.get().await?;
         let result = conn

@@ -11,6 +11,9 @@ impl Email {
         if value.is_empty() {
             return Err("email is required".into());
         }
+        if value.contains('\0') {
+            return Err("email must not contain NUL characters".into());
+        }
         if value.chars().count() > 254 {
             return Err("email must be at most 254 characters".into());
         }
@@ -50,6 +53,9 @@ pub(crate) struct UserName(String);
 impl UserName {
     pub(crate) fn parse(value: &str) -> Result<Self, String> {
         let value = value.trim();
+        if value.contains('\0') {
+            return Err("name must not contain NUL characters".into());
+        }
         match value.chars().count() {
             0 => Err("name is required".into()),
             n if n > 200 => Err(format!("name must be at most 200 characters, got {n}")),

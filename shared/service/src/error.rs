@@ -17,6 +17,9 @@ pub enum ApiError {
     /// The request is well-formed but the system is not in a state to take it.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A value would leave its range (a sum past what a column holds).
+    #[error("{0}")]
+    OutOfRange(String),
     /// The caller is authenticated but may not do this.
     #[error("{0}")]
     PermissionDenied(String),
@@ -52,6 +55,17 @@ impl From<DieselError> for ApiError {
             {
                 Self::Unavailable(format!("the database is unreachable: {error}"))
             }
+            // A sum of the request's numbers and the stored ones that a
+            // BIGINT cannot hold (22003): the request's fault, not a bug.
+            DieselError::DatabaseError(DatabaseErrorKind::Unknown, info)
+                if info.message().contains("out of range") =>
+            {
+                Self::OutOfRange(format!(
+                    "a number is out of range (at most {} in sums): {}",
+                    i64::MAX,
+                    info.message()
+                ))
+            }
             _ => Self::Internal(error.to_string()),
         }
     }
@@ -77,6 +91,7 @@ impl From<ApiError> for tonic::Status {
             ApiError::AlreadyExists(message) => Self::already_exists(message),
             ApiError::FailedPrecondition(message) => Self::failed_precondition(message),
             ApiError::PermissionDenied(message) => Self::permission_denied(message),
+            ApiError::OutOfRange(message) => Self::out_of_range(message),
             ApiError::Unavailable(message) => Self::unavailable(message),
             ApiError::Internal(message) => {
                 tracing::error!(%message, "internal error");
