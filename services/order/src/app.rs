@@ -936,13 +936,23 @@ mod tests {
         assert_eq!(stored.steps.len(), 1);
         assert_eq!(stored.steps[0].occurred_at, order.row.created_at);
 
-        // The same key: the first order, and nothing more written.
+        // The same key and items: the first order, and nothing more written.
         let again = orders
-            .place_order(&admin(), user_id, &[("LAMP".to_owned(), 9)], "k1")
+            .place_order(&admin(), user_id, &items, "k1")
             .await
             .unwrap();
         assert_eq!(again.row.order_id, order_id);
         assert_eq!(again.items, stored.items);
+        assert_eq!(written().await, (1, 2, 1, vec![event.clone()]));
+        // The same key for other items: refused, and nothing written.
+        let other_items = orders
+            .place_order(&admin(), user_id, &[("LAMP".to_owned(), 9)], "k1")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&other_items, ApiError::FailedPrecondition(message) if message.contains(&order_id.to_string())),
+            "{other_items:?}"
+        );
         assert_eq!(written().await, (1, 2, 1, vec![event.clone()]));
         // No key: never deduplicated.
         let other = orders
