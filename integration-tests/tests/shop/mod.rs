@@ -333,10 +333,17 @@ impl Shop {
             .into_inner()
             .user
             .unwrap();
+        self.registered(&user.user_id).await;
+        user.user_id
+    }
+
+    /// Waits until the payment service opened the wallet of `user_id`, and
+    /// notes the user for the invariants (however they were created).
+    pub async fn registered(&mut self, user_id: &str) {
         let payments = self.payments().await;
         eventually("the wallet opens", || {
             let mut payments = payments.clone();
-            let user_id = user.user_id.clone();
+            let user_id = user_id.to_owned();
             async move {
                 payments
                     .get_account(GetAccountRequest { user_id })
@@ -345,13 +352,6 @@ impl Shop {
             }
         })
         .await;
-        self.users.insert(user.user_id.clone(), 0);
-        user.user_id
-    }
-
-    /// Notes a user created some other way than [`Shop::create_user`], for
-    /// the invariants.
-    pub fn track_user(&mut self, user_id: &str) {
         self.users.insert(user_id.to_owned(), 0);
     }
 

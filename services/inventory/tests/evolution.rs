@@ -14,17 +14,19 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream;
 use prost::Message as _;
 use shop_messaging::envelope::publish_direct;
-use shop_messaging::{ConsumerSpec, EventConsumer, Outbox, OutgoingEvent, Router, StreamSpec};
+use shop_messaging::{ConsumerSpec, EventConsumer, Outbox, OutgoingEvent, Router};
 use shop_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
-use shop_proto::inventory::v1::{CreateProductRequest, GetProductRequest, InventoryReserved};
+use shop_proto::inventory::v1::{GetProductRequest, InventoryReserved};
 use shop_proto::order::v1::{OrderItem, OrderPlaced};
-use shop_service::{Running, ServiceConfig};
+use shop_service::Running;
 use shop_test_support::TestInfra;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -92,32 +94,9 @@ struct Inventory {
 
 impl Inventory {
     async fn start() -> Self {
-        let infra = TestInfra::start().await;
-        let url = infra.postgres.create_database("shop_inventory").await;
-        let js = jetstream::new(infra.nats.client().await);
-        for (stream, prefix) in [("ORDER", "order"), ("PAYMENT", "payment")] {
-            StreamSpec::new(stream, prefix)
-                .provision(&js)
-                .await
-                .unwrap();
-        }
-        let config = shop_inventory::Config {
-            service: ServiceConfig::local(url, infra.nats.url(), infra.issuer.auth_config()),
-        };
-        let running = Running::spawn(shop_inventory::build(config).await.unwrap());
-        let mut client = InventoryServiceClient::new(shop_auth::with_token(
-            running.channel().await.unwrap(),
-            &infra.issuer.admin_token(),
-        ));
-        client
-            .create_product(CreateProductRequest {
-                sku: "LAMP".into(),
-                name: "Lamp".into(),
-                price_cents: 1999,
-                stock: 10,
-            })
-            .await
-            .unwrap();
+        let common::Started {
+            infra, js, running, ..
+        } = common::start(10).await;
         Self { infra, js, running }
     }
 

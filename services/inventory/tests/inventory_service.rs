@@ -3,18 +3,18 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::time::Duration;
 
 use async_nats::jetstream;
 use prost::Message as _;
+use shop_messaging::OutgoingEvent;
 use shop_messaging::envelope::publish_direct;
-use shop_messaging::{OutgoingEvent, StreamSpec};
 use shop_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
-use shop_proto::inventory::v1::{
-    CreateProductRequest, GetProductRequest, InventoryRejected, InventoryReserved, Product,
-};
+use shop_proto::inventory::v1::{GetProductRequest, InventoryRejected, InventoryReserved, Product};
 use shop_proto::order::v1::{OrderCancelled, OrderConfirmed, OrderItem, OrderPlaced};
-use shop_service::{Running, ServiceConfig};
+use shop_service::Running;
 use shop_test_support::TestInfra;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -28,35 +28,12 @@ struct Inventory {
 
 impl Inventory {
     async fn start() -> Self {
-        let infra = TestInfra::start().await;
-        let url = infra.postgres.create_database("shop_inventory").await;
-        let config = shop_inventory::Config {
-            service: ServiceConfig::local(url, infra.nats.url(), infra.issuer.auth_config()),
-        };
-        let js = jetstream::new(infra.nats.client().await);
-        // The producers' streams, as the order and payment services would make them.
-        StreamSpec::new("ORDER", "order")
-            .provision(&js)
-            .await
-            .unwrap();
-        StreamSpec::new("PAYMENT", "payment")
-            .provision(&js)
-            .await
-            .unwrap();
-        let running = Running::spawn(shop_inventory::build(config).await.unwrap());
-        let mut client = InventoryServiceClient::new(shop_auth::with_token(
-            running.channel().await.unwrap(),
-            &infra.issuer.admin_token(),
-        ));
-        client
-            .create_product(CreateProductRequest {
-                sku: "LAMP".into(),
-                name: "Lamp".into(),
-                price_cents: 1999,
-                stock: 3,
-            })
-            .await
-            .unwrap();
+        let common::Started {
+            infra,
+            js,
+            running,
+            client,
+        } = common::start(3).await;
         Self {
             infra,
             js,
