@@ -190,6 +190,22 @@ async fn reflection_health_and_http_probes_answer() {
     assert!(readyz.starts_with("HTTP/1.1 200"), "{readyz}");
 }
 
+/// Polls `check` until it holds, for at most 15 s.
+async fn until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    while !check().await {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(15),
+            "never: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// The overall `grpc.health.v1` status and `/readyz`'s status line, polled
 /// until they read `serving` (or the opposite), within 15 s.
 async fn wait_health(running: &Running, serving: bool) {
@@ -238,7 +254,30 @@ async fn health_follows_nats_and_postgres_down_and_back() {
     wait_health(&running, true).await;
 
     infra.nats.stop();
-    wait_health(&running, false).await;
+    // Still ready: its RPCs need only PostgreSQL (events wait in the
+    // outbox), so a NATS outage must not take it out of its Service. The
+    // outage shows in /readyz's text and in a gauge.
+    let http = running.http_addr();
+    until("NATS shows as disconnected", move || async move {
+        let readyz = http_get(http, "/readyz").await;
+        let metrics = http_get(http, "/metrics").await;
+        readyz.starts_with("HTTP/1.1 200")
+            && readyz.contains("NATS disconnected")
+            && metrics.contains("shop_nats_connected 0")
+    })
+    .await;
+    wait_health(&running, true).await;
+    let mut users = UserServiceClient::new(shop_auth::with_token(
+        running.channel().await.unwrap(),
+        &infra.issuer.admin_token(),
+    ));
+    users
+        .create_user(CreateUserRequest {
+            email: "no-nats@example.com".into(),
+            name: "Without NATS".into(),
+        })
+        .await
+        .expect("registering needs PostgreSQL only");
     // Alive all the same: a liveness probe must not restart it.
     let liveness =
         tonic_health::pb::health_client::HealthClient::new(running.channel().await.unwrap())
@@ -256,7 +295,11 @@ async fn health_follows_nats_and_postgres_down_and_back() {
     let healthz = http_get(running.http_addr(), "/healthz").await;
     assert!(healthz.starts_with("HTTP/1.1 200"), "alive all along");
     infra.nats.start_again().await;
-    wait_health(&running, true).await;
+    until("NATS shows as connected again", move || async move {
+        let metrics = http_get(http, "/metrics").await;
+        metrics.contains("shop_nats_connected 1")
+    })
+    .await;
 
     infra.postgres.stop();
     wait_health(&running, false).await;
@@ -278,7 +321,7 @@ async fn health_follows_nats_and_postgres_down_and_back() {
     let metrics = http_get(running.http_addr(), "/metrics").await;
     assert!(
         metrics.contains(
-            r#"shop_grpc_requests_total{method="shop.user.v1.UserService/CreateUser",code="Ok"} 1"#
+            r#"shop_grpc_requests_total{method="shop.user.v1.UserService/CreateUser",code="Ok"} 2"#
         ),
         "{metrics}"
     );

@@ -67,6 +67,8 @@ pub struct MessagingMetrics {
     pub outbox_lag: Gauge<f64, AtomicU64>,
     /// Messages in the `DLQ` stream, neither replayed nor purged.
     pub dead_letters_stored: Gauge,
+    /// 1 while the service's NATS connection is up, 0 while it is not.
+    pub nats_connected: Gauge,
 }
 
 impl Default for MessagingMetrics {
@@ -79,6 +81,7 @@ impl Default for MessagingMetrics {
             outbox_pending: Gauge::default(),
             outbox_lag: Gauge::default(),
             dead_letters_stored: Gauge::default(),
+            nats_connected: Gauge::default(),
         }
     }
 }
@@ -122,6 +125,11 @@ impl MessagingMetrics {
             "shop_dead_letters_stored",
             "Messages in the DLQ stream, neither replayed nor purged",
             self.dead_letters_stored.clone(),
+        );
+        registry.register(
+            "shop_nats_connected",
+            "1 while the service's NATS connection is up (events wait in the outbox while it is not)",
+            self.nats_connected.clone(),
         );
     }
 }

@@ -81,6 +81,18 @@ pub struct ServiceConfig {
     /// Most database connections.
     #[arg(long, env = "DB_POOL_SIZE", default_value_t = 16)]
     pub db_pool_size: usize,
+    /// The longest a statement may run, in milliseconds.
+    #[arg(long, env = "DB_STATEMENT_TIMEOUT_MS", default_value_t = 30_000)]
+    pub db_statement_timeout_ms: u64,
+    /// The longest a statement may wait for a row lock, in milliseconds;
+    /// a consumer's batch that hits it is tried again in place, its
+    /// messages kept.
+    #[arg(long, env = "DB_LOCK_TIMEOUT_MS", default_value_t = 5_000)]
+    pub db_lock_timeout_ms: u64,
+    /// How long a session may sit idle inside a transaction before the
+    /// database ends it, in milliseconds.
+    #[arg(long, env = "DB_IDLE_IN_TRANSACTION_TIMEOUT_MS", default_value_t = 60_000)]
+    pub db_idle_in_transaction_timeout_ms: u64,
     /// Replicas of the service's stream (1 on a single NATS server).
     #[arg(long, env = "STREAM_REPLICAS", default_value_t = 1)]
     pub stream_replicas: usize,
@@ -128,6 +140,18 @@ pub struct ServiceConfig {
 }
 
 impl ServiceConfig {
+    /// The bounds on every pooled database session's waits.
+    pub fn session_limits(&self) -> shop_db::SessionLimits {
+        shop_db::SessionLimits {
+            statement_timeout: Duration::from_millis(self.db_statement_timeout_ms),
+            lock_timeout: Duration::from_millis(self.db_lock_timeout_ms),
+            idle_in_transaction_timeout: Duration::from_millis(
+                self.db_idle_in_transaction_timeout_ms,
+            ),
+            ..shop_db::SessionLimits::default()
+        }
+    }
+
     /// A configuration for `database_url` and `nats_url` with both servers on
     /// free ports of 127.0.0.1, trusting the tokens `auth` describes, and
     /// the defaults otherwise: for tests and local runs.
@@ -146,6 +170,9 @@ impl ServiceConfig {
             grpc_addr: Some(any_port),
             http_addr: Some(any_port),
             db_pool_size: 8,
+            db_statement_timeout_ms: 30_000,
+            db_lock_timeout_ms: 5_000,
+            db_idle_in_transaction_timeout_ms: 60_000,
             stream_replicas: 1,
             ack_wait_ms: 30_000,
             consumer_concurrency: 1,
@@ -311,18 +338,21 @@ impl Infrastructure {
         // Every statement on the hot path finds its rows by key, so a plan
         // made once per connection serves every call; left to choose,
         // PostgreSQL plans the array-parameter statements afresh each time.
-        let pool = shop_db::pool(
+        let limits = config.session_limits();
+        let pool = shop_db::pool_with_limits(
             &shop_db::with_setting(database_url, "plan_cache_mode", "force_generic_plan"),
             config.db_pool_size,
+            &limits,
         )?;
         // The relay's own connections: busy consumers must never starve it,
         // since what they wait for is what it publishes. Its commits only
         // mark rows published, so they need not wait for the disk: a mark
         // lost in a crash publishes the row again, and JetStream (the row id
         // is the message id) and the consumers' inboxes drop the copy.
-        let relay_pool = shop_db::pool(
+        let relay_pool = shop_db::pool_with_limits(
             &shop_db::with_setting(database_url, "synchronous_commit", "off"),
             2,
+            &limits,
         )?;
         // Replies (JetStream API answers, pulled messages) come to an inbox
         // of the service's own, so that NATS can let each service subscribe
@@ -380,7 +410,9 @@ impl Infrastructure {
             verifier,
             ack_wait: Duration::from_millis(config.ack_wait_ms),
             consumer_concurrency: config.consumer_concurrency,
-            database_url: config.database_url.clone(),
+            // The relay's LISTEN connection idles for hours: keepalives
+            // find a vanished server.
+            database_url: SecretString::from(limits.apply(database_url)),
         })
     }
 
@@ -458,8 +490,8 @@ impl Infrastructure {
         .with_metrics(self.metrics.clone())
     }
 
-    /// Whether PostgreSQL answers and NATS is connected.
-    pub async fn ready(&self) -> bool {
+    /// What the service's dependencies look like now.
+    pub async fn readiness(&self) -> Readiness {
         let nats = self.nats.connection_state() == async_nats::connection::State::Connected;
         let database = async {
             let mut conn = self.pool.get().await.ok()?;
@@ -470,13 +502,46 @@ impl Infrastructure {
             .ok()
             .flatten()
             .is_some();
-        nats && database
+        self.metrics.nats_connected.set(i64::from(nats));
+        Readiness { database, nats }
+    }
+}
+
+/// The state of a service's dependencies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Readiness {
+    /// PostgreSQL answered a query within 2 s.
+    pub database: bool,
+    /// The NATS connection is up.
+    pub nats: bool,
+}
+
+impl Readiness {
+    /// Whether the service can serve its RPCs: they need PostgreSQL only.
+    /// Without NATS, what they commit waits in the outbox and the
+    /// consumers wait for the broker, so a NATS outage does not take the
+    /// service out of its load balancer.
+    pub fn serving(self) -> bool {
+        self.database
+    }
+
+    /// One line for `/readyz`.
+    fn describe(self) -> &'static str {
+        match (self.database, self.nats) {
+            (true, true) => "ready: database up, NATS connected",
+            (true, false) => {
+                "ready: database up, NATS disconnected (events wait in the outbox)"
+            }
+            (false, true) => "not ready: database unreachable, NATS connected",
+            (false, false) => "not ready: database unreachable, NATS disconnected",
+        }
     }
 }
 
 /// The `grpc.health.v1` service name that answers SERVING as long as the
 /// process serves, for liveness probes; the server as a whole (`""`) and
-/// each API answer SERVING only while PostgreSQL and NATS do.
+/// each API answer SERVING only while PostgreSQL does (see
+/// [`Readiness::serving`]).
 pub const LIVENESS: &str = "liveness";
 
 /// How long a stopping server waits for its open connections to finish.
@@ -610,8 +675,10 @@ impl Server {
             .expect("a bound listener has an address")
     }
 
-    /// Serves until `shutdown` is cancelled, then stops taking requests,
-    /// lets the background tasks finish their work in hand, and returns.
+    /// Serves until `shutdown` is cancelled, then, in this order: stops
+    /// taking requests and messages, lets the requests, batches and
+    /// background tasks in hand finish, lets the relay publish what they
+    /// committed (for at most its drain time), and returns.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Self {
             name,
@@ -648,8 +715,12 @@ impl Server {
                     .context("building gRPC reflection")?,
             );
         let methods = observe::served_methods(&services);
+        // The relay stops last: it publishes what the requests and the
+        // consumers commit while they finish, so a stopped service leaves
+        // nothing in its outbox for the next start.
+        let relay_stop = CancellationToken::new();
+        let relay = tokio::spawn(infra.relay().run(relay_stop.clone()));
         let tracker = TaskTracker::new();
-        tracker.spawn(infra.relay().run(shutdown.clone()));
         tracker.spawn(sample_gauges(infra.clone(), shutdown.clone()));
         let grpc_metrics = GrpcMetrics::default();
         infra.register_metrics(|registry| grpc_metrics.register(registry));
@@ -702,14 +773,13 @@ impl Server {
                 axum::routing::get(move || {
                     let infra = Arc::clone(&ready);
                     async move {
-                        if infra.ready().await {
-                            (StatusCode::OK, "ready")
+                        let readiness = infra.readiness().await;
+                        let status = if readiness.serving() {
+                            StatusCode::OK
                         } else {
-                            (
-                                StatusCode::SERVICE_UNAVAILABLE,
-                                "database or NATS unreachable",
-                            )
-                        }
+                            StatusCode::SERVICE_UNAVAILABLE
+                        };
+                        (status, readiness.describe())
                     }
                 }),
             );
@@ -764,6 +834,10 @@ impl Server {
             Err(_) => tracing::warn!(service = name, "HTTP connections still open; closing them"),
         }
         tracker.wait().await;
+        relay_stop.cancel();
+        if let Err(error) = relay.await {
+            tracing::error!(service = name, %error, "the outbox relay task failed");
+        }
         tracing::info!(service = name, "stopped");
         Ok(())
     }
@@ -858,19 +932,20 @@ async fn sample_gauges(infra: Infrastructure, shutdown: CancellationToken) {
     }
 }
 
-/// Reports every gRPC service SERVING while the database and NATS answer,
-/// NOT_SERVING otherwise.
+/// Reports every gRPC service SERVING while the service can serve (the
+/// database answers), NOT_SERVING otherwise, and logs each change of either
+/// dependency.
 async fn watch_health(
     health: tonic_health::server::HealthReporter,
     services: Vec<&'static str>,
     infra: Infrastructure,
     shutdown: CancellationToken,
 ) {
-    let mut last = None;
+    let mut last: Option<Readiness> = None;
     loop {
-        let ready = infra.ready().await;
-        if last != Some(ready) {
-            let status = if ready {
+        let now = infra.readiness().await;
+        if last.map(Readiness::serving) != Some(now.serving()) {
+            let status = if now.serving() {
                 tonic_health::ServingStatus::Serving
             } else {
                 tonic_health::ServingStatus::NotServing
@@ -878,11 +953,18 @@ async fn watch_health(
             for service in services.iter().copied().chain([""]) {
                 health.set_service_status(service, status).await;
             }
-            if last.is_some() {
-                tracing::warn!(ready, "dependencies changed state");
-            }
-            last = Some(ready);
         }
+        if let Some(last) = last
+            && last != now
+        {
+            tracing::warn!(
+                database = now.database,
+                nats = now.nats,
+                serving = now.serving(),
+                "dependencies changed state"
+            );
+        }
+        last = Some(now);
         tokio::select! {
             () = shutdown.cancelled() => {
                 for service in services.iter().copied().chain([""]) {
