@@ -26,6 +26,7 @@ use diesel_async::pooled_connection::{
 };
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, SimpleAsyncConnection as _};
 use diesel_migrations::MigrationHarness as _;
+use std::time::Duration;
 
 /// A pool of connections to one service's database.
 pub type PgPool = Pool<AsyncPgConnection>;
@@ -145,22 +146,102 @@ pub async fn grant_runtime(owner_url: &str, role: &str) -> Result<(), DbError> {
         .map_err(|error| DbError::Migrate(format!("granting {role} its rights: {error}")))
 }
 
-/// A pool of at most `max_size` connections to `database_url`. Connections
-/// are opened lazily, so building the pool does not wait for the database.
-/// Waiting for a free connection, opening one and checking one all time out
-/// after 5 s, so that a request fails (UNAVAILABLE) instead of hanging while
-/// the database is unreachable or the pool is exhausted.
+/// Bounds on how long a pooled session may wait, so that a stuck peer (a
+/// paused process holding a row lock, a half-open connection) costs a
+/// clear error after a while instead of a hang.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// The longest a statement may run (`statement_timeout`).
+    pub statement_timeout: Duration,
+    /// The longest a statement may wait for a lock (`lock_timeout`); keep
+    /// it below the statement timeout, so that waiting on someone else's
+    /// lock reads as such.
+    pub lock_timeout: Duration,
+    /// How long a session may sit idle inside a transaction before the
+    /// server ends it and releases its locks
+    /// (`idle_in_transaction_session_timeout`).
+    pub idle_in_transaction_timeout: Duration,
+    /// After how long without traffic TCP starts probing the other end,
+    /// on both sides (then every 10 s, giving up after 3 unanswered).
+    pub keepalive_idle: Duration,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        Self {
+            statement_timeout: Duration::from_secs(30),
+            lock_timeout: Duration::from_secs(5),
+            idle_in_transaction_timeout: Duration::from_secs(60),
+            keepalive_idle: Duration::from_secs(30),
+        }
+    }
+}
+
+impl SessionLimits {
+    /// `database_url` with these limits: server settings for each session
+    /// (libpq's `options`; PostgreSQL's side of the keepalives included, so
+    /// that the server finds a vanished client too) and the client's TCP
+    /// keepalives.
+    pub fn apply(&self, database_url: &str) -> String {
+        let idle = self.keepalive_idle.as_secs().max(1).to_string();
+        let url = with_settings(
+            database_url,
+            &[
+                ("statement_timeout", &millis(self.statement_timeout)),
+                ("lock_timeout", &millis(self.lock_timeout)),
+                (
+                    "idle_in_transaction_session_timeout",
+                    &millis(self.idle_in_transaction_timeout),
+                ),
+                ("tcp_keepalives_idle", &idle),
+                ("tcp_keepalives_interval", "10"),
+                ("tcp_keepalives_count", "3"),
+            ],
+        );
+        with_params(
+            &url,
+            &[
+                ("keepalives", "1"),
+                ("keepalives_idle", &idle),
+                ("keepalives_interval", "10"),
+                ("keepalives_retries", "3"),
+            ],
+        )
+    }
+}
+
+fn millis(duration: Duration) -> String {
+    duration.as_millis().to_string()
+}
+
+/// A pool of at most `max_size` connections to `database_url`, each session
+/// with the default [`SessionLimits`]. Connections are opened lazily, so
+/// building the pool does not wait for the database. Waiting for a free
+/// connection, opening one and checking one all time out after 5 s, so that
+/// a request fails (UNAVAILABLE) instead of hanging while the database is
+/// unreachable or the pool is exhausted.
 ///
 /// A connection goes back out without a test query: a closed one (its
 /// server gone, its socket shut) or one left in a broken transaction is
 /// discarded, and any other failure shows at its first statement, which
 /// callers handle anyway. The test query cost one round trip per checkout.
 pub fn pool(database_url: &str, max_size: usize) -> Result<PgPool, DbError> {
+    pool_with_limits(database_url, max_size, &SessionLimits::default())
+}
+
+/// [`pool`] with `limits` on every session.
+pub fn pool_with_limits(
+    database_url: &str,
+    max_size: usize,
+    limits: &SessionLimits,
+) -> Result<PgPool, DbError> {
     let mut config = ManagerConfig::default();
     config.recycling_method = RecyclingMethod::Fast;
-    let manager =
-        AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(database_url, config);
-    let timeout = Some(std::time::Duration::from_secs(5));
+    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(
+        limits.apply(database_url),
+        config,
+    );
+    let timeout = Some(Duration::from_secs(5));
     Pool::builder(manager)
         .max_size(max_size)
         .runtime(deadpool::Runtime::Tokio1)
@@ -175,17 +256,86 @@ pub fn pool(database_url: &str, max_size: usize) -> Result<PgPool, DbError> {
 /// it (libpq's `options`), in the URL form (`postgres://...`) or the
 /// key-value form (`host=... dbname=...`).
 pub fn with_setting(database_url: &str, name: &str, value: &str) -> String {
-    if database_url.starts_with("postgres://") || database_url.starts_with("postgresql://") {
-        let separator = if database_url.contains('?') { '&' } else { '?' };
-        format!("{database_url}{separator}options=-c%20{name}%3D{value}")
+    with_settings(database_url, &[(name, value)])
+}
+
+/// `database_url` with server settings for every session, added to the
+/// `options` it may already carry (a later `options` would replace an
+/// earlier one).
+pub fn with_settings(database_url: &str, settings: &[(&str, &str)]) -> String {
+    let flags: Vec<String> = settings
+        .iter()
+        .map(|(name, value)| format!("-c {name}={value}"))
+        .collect();
+    let flags = flags.join(" ");
+    if is_url(database_url) {
+        let encoded = flags.replace(' ', "%20").replace('=', "%3D");
+        let (base, query) = database_url
+            .split_once('?')
+            .unwrap_or((database_url, ""));
+        let mut found = false;
+        let mut pairs: Vec<String> = query
+            .split('&')
+            .filter(|pair| !pair.is_empty())
+            .map(|pair| match pair.strip_prefix("options=") {
+                Some(existing) if !found => {
+                    found = true;
+                    format!("options={existing}%20{encoded}")
+                }
+                _ => pair.to_owned(),
+            })
+            .collect();
+        if !found {
+            pairs.push(format!("options={encoded}"));
+        }
+        format!("{base}?{}", pairs.join("&"))
+    } else if let Some(start) = database_url.find("options='") {
+        let open = start + "options='".len();
+        match database_url[open..].find('\'') {
+            Some(close) => format!(
+                "{} {flags}{}",
+                &database_url[..open + close],
+                &database_url[open + close..]
+            ),
+            None => format!("{database_url} options='{flags}'"),
+        }
     } else {
-        format!("{database_url} options='-c {name}={value}'")
+        format!("{database_url} options='{flags}'")
     }
+}
+
+/// `database_url` with connection parameters (`keepalives`, ...), in
+/// either form; a parameter the URL names already is left as it is.
+pub fn with_params(database_url: &str, params: &[(&str, &str)]) -> String {
+    let mut url = database_url.to_owned();
+    for (key, value) in params {
+        if is_url(&url) {
+            let query = url.split_once('?').map_or("", |(_, query)| query);
+            if query.split('&').any(|pair| pair.split('=').next() == Some(key)) {
+                continue;
+            }
+            let separator = if url.contains('?') { '&' } else { '?' };
+            url = format!("{url}{separator}{key}={value}");
+        } else {
+            if url
+                .split_whitespace()
+                .any(|pair| pair.split('=').next() == Some(key))
+            {
+                continue;
+            }
+            url = format!("{url} {key}={value}");
+        }
+    }
+    url
+}
+
+fn is_url(database_url: &str) -> bool {
+    database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")
 }
 
 #[cfg(test)]
 mod tests {
-    use super::with_setting;
+    use super::{SessionLimits, with_params, with_setting, with_settings};
 
     #[test]
     fn a_setting_joins_either_form_of_url() {
@@ -201,5 +351,41 @@ mod tests {
             with_setting("host=h dbname=db", "a", "b"),
             "host=h dbname=db options='-c a=b'"
         );
+    }
+
+    #[test]
+    fn settings_join_the_options_already_there() {
+        assert_eq!(
+            with_setting(
+                &with_setting("postgres://u@h/db", "a", "b"),
+                "c",
+                "d"
+            ),
+            "postgres://u@h/db?options=-c%20a%3Db%20-c%20c%3Dd"
+        );
+        assert_eq!(
+            with_settings("host=h options='-c a=b' dbname=db", &[("c", "d")]),
+            "host=h options='-c a=b -c c=d' dbname=db"
+        );
+    }
+
+    #[test]
+    fn params_do_not_override_the_urls_own() {
+        assert_eq!(
+            with_params("postgres://h/db?keepalives_idle=5", &[("keepalives_idle", "30"), ("keepalives", "1")]),
+            "postgres://h/db?keepalives_idle=5&keepalives=1"
+        );
+        assert_eq!(
+            with_params("host=h keepalives=0", &[("keepalives", "1"), ("keepalives_idle", "30")]),
+            "host=h keepalives=0 keepalives_idle=30"
+        );
+    }
+
+    #[test]
+    fn the_limits_parse_as_a_connection_string() {
+        let url = SessionLimits::default().apply("postgres://u:p@h:5432/db?sslmode=disable");
+        assert!(url.contains("lock_timeout%3D5000"), "{url}");
+        assert!(url.contains("statement_timeout%3D30000"), "{url}");
+        assert!(url.contains("&keepalives_idle=30"), "{url}");
     }
 }

@@ -36,7 +36,7 @@
 //! older consumer ignores the event types a newer producer adds.
 
 use std::any::Any;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -609,12 +609,8 @@ impl From<diesel::result::Error> for BatchFailed {
     }
 }
 
-/// How many times a batch is tried again in place before its messages are
-/// handed back as failed deliveries.
-const RETRIES_HERE: u32 = 30;
-
 /// The pause before trying a batch again in place: 50 ms, doubling, at most
-/// 5 s (about two minutes over all the tries).
+/// 5 s.
 fn retry_here_delay(attempts: u32) -> Duration {
     Duration::from_millis(50u64 << attempts.saturating_sub(1).min(7)).min(Duration::from_secs(5))
 }
@@ -634,6 +630,8 @@ fn passing(error: &diesel::result::Error) -> bool {
         Error::DatabaseError(Kind::Unknown, info) => {
             let message = info.message();
             message.contains("deadlock detected")
+                // Another session holds the rows (see `SessionLimits`).
+                || message.contains("lock timeout")
                 || message.contains("the database system is")
                 || message.contains("connection")
         }
@@ -823,6 +821,12 @@ impl<S: Send + Sync + 'static> EventConsumer<S> {
             shutdown.clone(),
         ));
         let permits = Arc::new(Semaphore::new(self.concurrency));
+        // Fetched while every batch slot was busy: kept leased (progress
+        // acks) until a slot frees, so that a stalled batch does not make
+        // the messages behind it age into redeliveries. JetStream's
+        // `max_ack_pending` bounds how many there can be.
+        let mut held: VecDeque<jetstream::Message> = VecDeque::new();
+        let lease_every = (self.inner.ack_wait / 3).max(Duration::from_millis(100));
         failures = 0;
         'fetch: while !shutdown.is_cancelled() {
             let stream = consumer
@@ -846,54 +850,69 @@ impl<S: Send + Sync + 'static> EventConsumer<S> {
                 }
             };
             loop {
-                let permit = tokio::select! {
-                    biased;
-                    () = shutdown.cancelled() => {
-                        release_buffered(&mut messages).await;
-                        break 'fetch;
-                    }
-                    permit = Arc::clone(&permits).acquire_owned() => permit.expect("the semaphore is never closed"),
-                };
-                let first = tokio::select! {
-                    biased;
-                    () = shutdown.cancelled() => {
-                        release_buffered(&mut messages).await;
-                        break 'fetch;
-                    }
-                    next = messages.next() => next,
-                };
-                let mut batch = match first {
-                    Some(Ok(message)) => vec![message],
-                    Some(Err(error)) => {
-                        // Missed heartbeats, a reconnect: start a fresh pull.
-                        tracing::warn!(consumer = %self.inner.name, error = %error, "pull consumer error; pulling again");
-                        continue 'fetch;
-                    }
-                    None => {
-                        tracing::warn!(consumer = %self.inner.name, "message stream ended; pulling again");
-                        continue 'fetch;
-                    }
-                };
-                // Whatever else has already arrived joins the batch: one
-                // commit for many messages under load, no waiting when idle.
                 let mut pull_again = false;
-                while batch.len() < self.batch_size {
-                    match messages.next().now_or_never() {
-                        Some(Some(Ok(message))) => batch.push(message),
-                        Some(Some(Err(_)) | None) => {
-                            pull_again = true;
-                            break;
+                let permit = loop {
+                    tokio::select! {
+                        biased;
+                        () = shutdown.cancelled() => {
+                            release(held.drain(..)).await;
+                            release_buffered(&mut messages).await;
+                            break 'fetch;
                         }
-                        None => break,
+                        permit = Arc::clone(&permits).acquire_owned() => {
+                            break permit.expect("the semaphore is never closed");
+                        }
+                        () = tokio::time::sleep(lease_every) => {
+                            pull_again |= take_arrived(&mut messages, &mut held, usize::MAX);
+                            for message in &held {
+                                // A lost progress ack only risks a
+                                // redelivery, which the inbox absorbs.
+                                let _ = message.ack_with(AckKind::Progress).await;
+                            }
+                        }
+                    }
+                };
+                let mut batch: Vec<jetstream::Message> =
+                    held.drain(..held.len().min(self.batch_size)).collect();
+                if batch.is_empty() && !pull_again {
+                    let first = tokio::select! {
+                        biased;
+                        () = shutdown.cancelled() => {
+                            release_buffered(&mut messages).await;
+                            break 'fetch;
+                        }
+                        next = messages.next() => next,
+                    };
+                    match first {
+                        Some(Ok(message)) => batch.push(message),
+                        Some(Err(error)) => {
+                            // Missed heartbeats, a reconnect: start a fresh pull.
+                            tracing::warn!(consumer = %self.inner.name, error = %error, "pull consumer error; pulling again");
+                            continue 'fetch;
+                        }
+                        None => {
+                            tracing::warn!(consumer = %self.inner.name, "message stream ended; pulling again");
+                            continue 'fetch;
+                        }
                     }
                 }
+                // Whatever else has already arrived joins the batch: one
+                // commit for many messages under load, no waiting when idle.
+                if !pull_again {
+                    let room = self.batch_size - batch.len();
+                    let mut arrived = VecDeque::new();
+                    pull_again = take_arrived(&mut messages, &mut arrived, room);
+                    batch.extend(arrived);
+                }
                 failures = 0;
-                let inner = Arc::clone(&self.inner);
-                let shutdown = shutdown.clone();
-                tracker.spawn(async move {
-                    inner.process_batch(batch, &shutdown).await;
-                    drop(permit);
-                });
+                if !batch.is_empty() {
+                    let inner = Arc::clone(&self.inner);
+                    let shutdown = shutdown.clone();
+                    tracker.spawn(async move {
+                        inner.process_batch(batch, &shutdown).await;
+                        drop(permit);
+                    });
+                }
                 if pull_again {
                     continue 'fetch;
                 }
@@ -941,8 +960,13 @@ impl<S: Send + Sync + 'static> Inner<S> {
                     never = self.keep_alive(&batch) => match never {},
                 };
                 match applied {
-                    Ok(Err(BatchFailed::Passing(reason))) if attempts < RETRIES_HERE => {
-                        attempts += 1;
+                    // Nothing is wrong with the messages: keep them (and
+                    // their leases) for as long as it takes, rather than
+                    // spend their deliveries on an outage or on a lock
+                    // someone else holds. Each try is bounded by the
+                    // session's statement and lock timeouts.
+                    Ok(Err(BatchFailed::Passing(reason))) => {
+                        attempts = attempts.saturating_add(1);
                         self.stats
                             .batches_tried_again
                             .fetch_add(1, Ordering::Relaxed);
@@ -1538,6 +1562,35 @@ async fn release_buffered(messages: &mut jetstream::consumer::pull::Stream) {
     while let Some(Some(Ok(message))) = messages.next().now_or_never() {
         let _ = message.ack_with(AckKind::Nak(None)).await;
     }
+}
+
+/// Naks messages taken from the stream but not started.
+async fn release(messages: impl Iterator<Item = jetstream::Message>) {
+    for message in messages {
+        let _ = message.ack_with(AckKind::Nak(None)).await;
+    }
+}
+
+/// Moves up to `room` messages that have already arrived into `into`,
+/// without waiting. `true` when the pull broke (an error, the stream
+/// ended) and must be started again.
+fn take_arrived(
+    messages: &mut jetstream::consumer::pull::Stream,
+    into: &mut VecDeque<jetstream::Message>,
+    room: usize,
+) -> bool {
+    let mut taken = 0;
+    while taken < room {
+        match messages.next().now_or_never() {
+            Some(Some(Ok(message))) => {
+                into.push_back(message);
+                taken += 1;
+            }
+            Some(Some(Err(_)) | None) => return true,
+            None => break,
+        }
+    }
+    false
 }
 
 /// Deletes inbox rows older than `retention`, hourly.

@@ -55,6 +55,25 @@ impl From<DieselError> for ApiError {
             {
                 Self::Unavailable(format!("the database is unreachable: {error}"))
             }
+            // Waited longer than the session allows (see
+            // `shop_db::SessionLimits`): someone else holds the rows, or the
+            // database is overloaded. Worth a retry.
+            DieselError::DatabaseError(DatabaseErrorKind::Unknown, info)
+                if info.message().contains("lock timeout") =>
+            {
+                Self::Unavailable(format!(
+                    "the rows this needs are locked by another transaction; retry: {}",
+                    info.message()
+                ))
+            }
+            DieselError::DatabaseError(DatabaseErrorKind::Unknown, info)
+                if info.message().contains("statement timeout") =>
+            {
+                Self::Unavailable(format!(
+                    "the database did not answer in time; retry: {}",
+                    info.message()
+                ))
+            }
             // A sum of the request's numbers and the stored ones that a
             // BIGINT cannot hold (22003): the request's fault, not a bug.
             DieselError::DatabaseError(DatabaseErrorKind::Unknown, info)
