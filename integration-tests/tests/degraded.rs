@@ -1,7 +1,8 @@
 //! Degraded but alive: with NATS down the shop still takes orders and
 //! finishes their sagas once NATS is back; with PostgreSQL down its RPCs
 //! answer UNAVAILABLE instead of hanging, and every service recovers by
-//! itself when PostgreSQL returns.
+//! itself when PostgreSQL returns; a row lock held for minutes by someone
+//! else stalls the sagas that need it and dead-letters none of them.
 
 #![allow(clippy::unwrap_used)]
 
@@ -9,6 +10,7 @@ mod shop;
 
 use std::time::{Duration, Instant};
 
+use diesel_async::{AsyncConnection as _, AsyncPgConnection, SimpleAsyncConnection as _};
 use shop::{Settings, Shop};
 use shop_proto::order::v1::{GetOrderRequest, OrderStatus};
 
@@ -73,5 +75,67 @@ async fn rpcs_answer_unavailable_while_postgres_is_down_and_recover_by_themselve
     .await;
     let order = shop.settled(&order.order_id).await;
     assert_eq!(order.status(), OrderStatus::Confirmed, "{:?}", order.steps);
+    shop.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_lock_held_past_every_redelivery_dead_letters_nothing() {
+    let ack_wait = Duration::from_secs(1);
+    let mut shop = Shop::start(Settings {
+        ack_wait,
+        saga_deadline: Duration::from_secs(120),
+        ..Settings::default()
+    })
+    .await;
+    let user = shop.create_user("locked@example.com").await;
+    shop.create_product("LAMP", 100, 50).await;
+    let first = shop.place(&user, &[("LAMP", 1)], "warm").await.unwrap();
+    shop.settled(&first.order_id).await;
+
+    // A session elsewhere (a paused replica, a forgotten psql) holds the
+    // product's row: every reservation of LAMP waits on it.
+    let mut holder =
+        AsyncPgConnection::establish(&shop.infra.postgres.url("shop_inventory"))
+            .await
+            .unwrap();
+    holder
+        .batch_execute("BEGIN; SELECT * FROM products WHERE sku = 'LAMP' FOR UPDATE")
+        .await
+        .unwrap();
+    let mut stalled = Vec::new();
+    for i in 0..12 {
+        let order = shop
+            .place(&user, &[("LAMP", 1)], &format!("stalled-{i}"))
+            .await
+            .unwrap();
+        stalled.push(order.order_id);
+    }
+    // Longer than max_deliver (8) x the ack wait: before, the messages
+    // fetched behind the stuck batch spent their deliveries meanwhile.
+    tokio::time::sleep(ack_wait * 8 + Duration::from_secs(4)).await;
+    for order_id in &stalled {
+        assert_eq!(
+            shop.order(order_id).await.status(),
+            OrderStatus::Pending,
+            "nothing moves while the lock is held"
+        );
+    }
+    holder.batch_execute("ROLLBACK").await.unwrap();
+
+    for order_id in &stalled {
+        let order = shop.settled(order_id).await;
+        assert_eq!(order.status(), OrderStatus::Confirmed, "{:?}", order.steps);
+    }
+    let js = async_nats::jetstream::new(shop.infra.nats.client().await);
+    let dead_letters = js
+        .get_stream("DLQ")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages;
+    assert_eq!(dead_letters, 0, "a stall is nobody's messages' fault");
     shop.check_invariants().await;
 }

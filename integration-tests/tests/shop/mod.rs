@@ -34,6 +34,8 @@ const WAIT: Duration = Duration::from_secs(30);
 pub struct Settings {
     pub saga_deadline: Duration,
     pub starting_credit: i64,
+    /// How long JetStream waits for a consumer's ack before redelivering.
+    pub ack_wait: Duration,
     /// Serve TLS, with client certificates required, from these files.
     pub tls: Option<Arc<TestTls>>,
 }
@@ -43,6 +45,7 @@ impl Default for Settings {
         Self {
             saga_deadline: Duration::from_secs(30),
             starting_credit: STARTING_CREDIT,
+            ack_wait: Duration::from_secs(30),
             tls: None,
         }
     }
@@ -211,6 +214,7 @@ impl Shop {
                 .as_ref()
                 .map(|tls| tls.config())
                 .unwrap_or_default(),
+            ack_wait_ms: self.settings.ack_wait.as_millis() as u64,
             ..ServiceConfig::local(
                 self.infra.postgres.url(&format!("shop_{service}")),
                 self.infra.nats.url(),
