@@ -331,7 +331,8 @@ impl Orders {
     }
 
     /// A user's orders, newest first, after `after` (the last order of the
-    /// previous page).
+    /// previous page), in at most four statements whatever the page's size:
+    /// the cursor, the orders, all their lines, all their steps.
     pub(crate) async fn list_orders(
         &self,
         caller: &Caller,
@@ -340,35 +341,69 @@ impl Orders {
         limit: i64,
     ) -> Result<Vec<Order>, ApiError> {
         caller.require_user(user_id)?;
-        let ids: Vec<Uuid> = {
-            let mut conn = self.pool.get().await?;
-            let mut query = orders::table
+        let mut conn = self.pool.get().await?;
+        let mut query = orders::table
+            .filter(orders::user_id.eq(user_id))
+            .order((orders::created_at.desc(), orders::order_id.desc()))
+            .select(OrderRow::as_select())
+            .limit(limit)
+            .into_boxed();
+        if let Some(after) = after {
+            let cursor: DateTime<Utc> = orders::table
+                .find(after)
                 .filter(orders::user_id.eq(user_id))
-                .order((orders::created_at.desc(), orders::order_id.desc()))
-                .select(orders::order_id)
-                .limit(limit)
-                .into_boxed();
-            if let Some(after) = after {
-                let cursor: DateTime<Utc> = orders::table
-                    .find(after)
-                    .select(orders::created_at)
-                    .first(&mut conn)
-                    .await
-                    .optional()?
-                    .ok_or_else(|| ApiError::InvalidArgument("page_token names no order".into()))?;
-                query = query.filter(
-                    orders::created_at.lt(cursor).or(orders::created_at
-                        .eq(cursor)
-                        .and(orders::order_id.lt(after))),
-                );
-            }
-            query.load(&mut conn).await?
-        };
-        let mut found = Vec::with_capacity(ids.len());
-        for id in ids {
-            found.push(self.load_order(id).await?);
+                .select(orders::created_at)
+                .first(&mut conn)
+                .await
+                .optional()?
+                .ok_or_else(|| {
+                    ApiError::InvalidArgument(
+                        "page_token names no order of this user: pass the next_page_token of the previous page".into(),
+                    )
+                })?;
+            query = query.filter(
+                orders::created_at.lt(cursor).or(orders::created_at
+                    .eq(cursor)
+                    .and(orders::order_id.lt(after))),
+            );
         }
-        Ok(found)
+        let rows: Vec<OrderRow> = query.load(&mut conn).await?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Uuid> = rows.iter().map(|row| row.order_id).collect();
+        let lines: Vec<(Uuid, String, i32)> = order_items::table
+            .filter(order_items::order_id.eq_any(&ids))
+            .order((order_items::order_id, order_items::sku))
+            .select((
+                order_items::order_id,
+                order_items::sku,
+                order_items::quantity,
+            ))
+            .load(&mut conn)
+            .await?;
+        let steps: Vec<(Uuid, Step)> = order_steps::table
+            .filter(order_steps::order_id.eq_any(&ids))
+            .order((order_steps::order_id, order_steps::step_id))
+            .select((order_steps::order_id, Step::as_select()))
+            .load(&mut conn)
+            .await?;
+        let mut items_of: HashMap<Uuid, Vec<(String, i32)>> = HashMap::new();
+        for (order_id, sku, quantity) in lines {
+            items_of.entry(order_id).or_default().push((sku, quantity));
+        }
+        let mut steps_of: HashMap<Uuid, Vec<Step>> = HashMap::new();
+        for (order_id, step) in steps {
+            steps_of.entry(order_id).or_default().push(step);
+        }
+        Ok(rows
+            .into_iter()
+            .map(|row| Order {
+                items: items_of.remove(&row.order_id).unwrap_or_default(),
+                steps: steps_of.remove(&row.order_id).unwrap_or_default(),
+                row,
+            })
+            .collect())
     }
 
     /// Step t: cancels PENDING orders past their deadline, a batch per

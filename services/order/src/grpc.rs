@@ -1,5 +1,6 @@
 //! The gRPC adapter.
 
+use prost::Message as _;
 use shop_proto::order::v1 as pb;
 use shop_proto::order::v1::order_service_server::{OrderService, OrderServiceServer};
 use shop_service::{ApiError, caller_of, page_size, parse_uuid, timestamp};
@@ -7,6 +8,11 @@ use tonic::{Request, Response, Status};
 
 use crate::app::{Order, Orders};
 use crate::domain;
+
+/// The most bytes of orders in one `ListOrders` reply: under the 4 MiB a
+/// gRPC client accepts by default, whatever the orders hold (a page of
+/// 1,000 orders of 100 lines each would be many times that).
+const MAX_PAGE_BYTES: usize = 3 * 1024 * 1024;
 
 pub(crate) struct OrderApi {
     orders: Orders,
@@ -109,16 +115,28 @@ impl OrderService for OrderApi {
             .orders
             .list_orders(&caller, user_id, after, limit)
             .await?;
-        let next_page_token = if orders.len() as i64 == limit {
-            orders
-                .last()
-                .map(|o| o.row.order_id.to_string())
-                .unwrap_or_default()
-        } else {
-            String::new()
+        let fetched = orders.len();
+        // Whole orders up to the reply's byte budget; the rest come on the
+        // next page.
+        let mut page = Vec::with_capacity(fetched);
+        let mut bytes = 0;
+        for order in orders {
+            let order = to_proto(order);
+            // The field's tag and length prefix: a few bytes more.
+            let size = order.encoded_len() + 8;
+            if !page.is_empty() && bytes + size > MAX_PAGE_BYTES {
+                break;
+            }
+            bytes += size;
+            page.push(order);
+        }
+        let more = page.len() < fetched || fetched as i64 == limit;
+        let next_page_token = match page.last() {
+            Some(last) if more => last.order_id.clone(),
+            _ => String::new(),
         };
         Ok(Response::new(pb::ListOrdersResponse {
-            orders: orders.into_iter().map(to_proto).collect(),
+            orders: page,
             next_page_token,
         }))
     }

@@ -247,3 +247,82 @@ async fn a_capture_after_the_deadline_cancels_instead_of_confirming() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_largest_page_of_the_largest_orders_fits_a_clients_default_limit() {
+    use shop_proto::order::v1::ListOrdersRequest;
+    let mut orders = Orders::start(Duration::from_secs(600)).await;
+    let user_id = orders.known_user().await;
+    orders.place(&user_id).await;
+    // The largest order there can be: 100 lines, each SKU 64 characters of
+    // four bytes each. A thousand of them would be over 25 MiB.
+    let big = |n: usize| PlaceOrderRequest {
+        user_id: user_id.clone(),
+        items: (0..100)
+            .map(|line| OrderItem {
+                sku: format!("{n:04}{line:03}{}", "😀".repeat(57)),
+                quantity: 1000,
+            })
+            .collect(),
+        idempotency_key: String::new(),
+    };
+    let mut placed = vec![];
+    for n in 0..140 {
+        let order = orders
+            .client
+            .place_order(big(n))
+            .await
+            .unwrap()
+            .into_inner()
+            .order
+            .unwrap();
+        placed.push(order.order_id);
+    }
+
+    // The client's default limit (4 MiB) is left as it is: a reply past it
+    // would fail to decode here.
+    let mut listed = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = orders
+            .client
+            .list_orders(ListOrdersRequest {
+                user_id: user_id.clone(),
+                page_size: 1000,
+                page_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        assert!(page.encoded_len() <= 4 * 1024 * 1024);
+        for order in &page.orders {
+            assert!(order.items.len() == 100 || order.items.len() == 1);
+            assert!(!order.steps.is_empty(), "each order keeps its steps");
+        }
+        listed.extend(page.orders.into_iter().map(|order| order.order_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert!(pages >= 2, "141 of these orders do not fit one reply");
+    assert_eq!(listed.len(), 141, "every order once");
+    let newest_first: Vec<String> = placed.iter().rev().cloned().collect();
+    assert_eq!(listed[..140], newest_first[..], "newest first, none skipped");
+
+    // Another user's order is not a cursor into this user's list.
+    let other = orders.known_user().await;
+    let theirs = orders.place(&other).await;
+    let status = orders
+        .client
+        .list_orders(ListOrdersRequest {
+            user_id,
+            page_size: 10,
+            page_token: theirs.order_id,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+}
