@@ -125,6 +125,15 @@ impl DeadLetter {
     }
 }
 
+/// A part of the dead-letter queue.
+#[derive(Debug, Clone)]
+pub struct DeadLetterPage {
+    /// Oldest first.
+    pub letters: Vec<DeadLetter>,
+    /// The sequence the next page starts from; `None` on the last page.
+    pub next: Option<u64>,
+}
+
 /// The `DLQ` stream.
 #[derive(Debug, Clone)]
 pub struct DeadLetters {
@@ -149,20 +158,66 @@ impl DeadLetters {
         Ok(Self { js, stream })
     }
 
-    /// Every dead letter, oldest first.
+    /// Every dead letter, oldest first, all in memory: for small queues
+    /// and tests; [`page`](Self::page) reads a large one a part at a time.
     pub async fn list(&self) -> Result<Vec<DeadLetter>, DeadLetterError> {
-        read_stream(&self.stream, DeliverPolicy::All, |_| {
-            ControlFlow::Continue(true)
-        })
-        .await?
-        .into_iter()
-        .map(|message| {
-            let info = message.info().map_err(jetstream_error)?;
-            let (sequence, time) = (info.stream_sequence, info.published);
-            let headers = message.headers.clone().unwrap_or_default();
-            DeadLetter::from_stored(sequence, time, headers, message.payload.clone())
-        })
-        .collect()
+        let mut letters = Vec::new();
+        let mut from = 1;
+        loop {
+            let page = self.page(from, 1000, None).await?;
+            letters.extend(page.letters);
+            match page.next {
+                Some(next) => from = next,
+                None => return Ok(letters),
+            }
+        }
+    }
+
+    /// At most `limit` dead letters from sequence `from` on, oldest first,
+    /// only `consumer`'s when given (the server filters by subject), and
+    /// where the next page starts when there may be more.
+    pub async fn page(
+        &self,
+        from: u64,
+        limit: usize,
+        consumer: Option<&str>,
+    ) -> Result<DeadLetterPage, DeadLetterError> {
+        let limit = limit.max(1);
+        let filter = consumer.map(|consumer| format!("dlq.{consumer}.>"));
+        let mut kept = 0;
+        let messages = read_stream_filtered(
+            &self.stream,
+            DeliverPolicy::ByStartSequence {
+                start_sequence: from.max(1),
+            },
+            filter,
+            |_| {
+                // One more than asked for says whether a next page exists.
+                if kept > limit {
+                    return ControlFlow::Break(());
+                }
+                kept += 1;
+                ControlFlow::Continue(true)
+            },
+        )
+        .await?;
+        let mut letters = messages
+            .into_iter()
+            .map(|message| {
+                let info = message.info().map_err(jetstream_error)?;
+                let (sequence, time) = (info.stream_sequence, info.published);
+                let headers = message.headers.clone().unwrap_or_default();
+                DeadLetter::from_stored(sequence, time, headers, message.payload.clone())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let next = if letters.len() > limit {
+            let first_of_next = letters.remove(limit);
+            letters.truncate(limit);
+            Some(first_of_next.sequence)
+        } else {
+            None
+        };
+        Ok(DeadLetterPage { letters, next })
     }
 
     /// The dead letter with this sequence.
@@ -230,6 +285,16 @@ impl DeadLetters {
 pub async fn read_stream(
     stream: &jetstream::stream::Stream,
     start: DeliverPolicy,
+    keep: impl FnMut(&jetstream::Message) -> ControlFlow<(), bool>,
+) -> Result<Vec<jetstream::Message>, DeadLetterError> {
+    read_stream_filtered(stream, start, None, keep).await
+}
+
+/// [`read_stream`], only the messages on subjects matching `filter`.
+pub async fn read_stream_filtered(
+    stream: &jetstream::stream::Stream,
+    start: DeliverPolicy,
+    filter: Option<String>,
     mut keep: impl FnMut(&jetstream::Message) -> ControlFlow<(), bool>,
 ) -> Result<Vec<jetstream::Message>, DeadLetterError> {
     let mut stream = stream.clone();
@@ -246,6 +311,7 @@ pub async fn read_stream(
     let consumer = stream
         .create_consumer(jetstream::consumer::pull::OrderedConfig {
             deliver_policy: start,
+            filter_subject: filter.unwrap_or_default(),
             ..Default::default()
         })
         .await

@@ -34,7 +34,7 @@ use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 pub use consumer::{
     Batch, Context, EventConsumer, HandlerError, Processed, ProcessedHook, RetryPolicy, Router,
 };
-pub use dead_letters::{DeadLetter, DeadLetterError, DeadLetters};
+pub use dead_letters::{DeadLetter, DeadLetterError, DeadLetterPage, DeadLetters};
 pub use envelope::{Envelope, EnvelopeError, OutgoingEvent};
 pub use metrics::MessagingMetrics;
 pub use outbox::{Outbox, OutboxWrite, Relay, RelayConfig};

@@ -154,3 +154,58 @@ async fn an_empty_queue_lists_nothing_and_a_missing_one_says_so() {
         Err(DeadLetterError::NoStream)
     ));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_queue_is_read_a_page_at_a_time_and_by_consumer() {
+    use shop_messaging::consumer::dead_letter_headers as dlq;
+    let setup = setup().await;
+    // 25 dead letters, inventory's and payment's interleaved.
+    for i in 0..25u64 {
+        let consumer = if i % 5 < 3 { "inventory" } else { "payment" };
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(dlq::CONSUMER, consumer);
+        headers.insert(dlq::SUBJECT, "order.placed");
+        headers.insert(dlq::STREAM, "ORDER");
+        headers.insert(dlq::STREAM_SEQUENCE, (i + 1).to_string().as_str());
+        headers.insert(dlq::DELIVERIES, "1");
+        headers.insert(dlq::REASON, format!("reason {i}").as_str());
+        setup
+            .js
+            .publish_with_headers(
+                format!("dlq.{consumer}.order.placed"),
+                headers,
+                "body".into(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let queue = DeadLetters::open(setup.js.clone()).await.unwrap();
+
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    let mut from = 1;
+    loop {
+        let page = queue.page(from, 10, None).await.unwrap();
+        assert!(page.letters.len() <= 10);
+        pages += 1;
+        seen.extend(page.letters.iter().map(|letter| letter.sequence));
+        match page.next {
+            Some(next) => from = next,
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, (1..=25).collect::<Vec<u64>>(), "each once, in order");
+
+    let payment = queue.page(1, 4, Some("payment")).await.unwrap();
+    let sequences: Vec<u64> = payment.letters.iter().map(|l| l.sequence).collect();
+    assert_eq!(sequences, [4, 5, 9, 10]);
+    assert!(payment.letters.iter().all(|l| l.consumer == "payment"));
+    assert_eq!(payment.next, Some(14));
+    let rest = queue.page(14, 100, Some("payment")).await.unwrap();
+    assert_eq!(rest.letters.len(), 6);
+    assert_eq!(rest.next, None);
+    assert_eq!(queue.list().await.unwrap().len(), 25);
+}

@@ -20,11 +20,18 @@ pub(crate) struct Dlq {
 
 #[derive(Debug, clap::Subcommand)]
 enum Command {
-    /// Every dead letter, oldest first, with its consumer and reason.
+    /// The dead letters, oldest first, with their consumer and reason, a
+    /// page at a time.
     List {
         /// Only those of this consumer (a service name).
         #[arg(long)]
         consumer: Option<String>,
+        /// Start at this number (the one the previous page names).
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        /// The most to show.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
     },
     /// One dead letter in full: headers, reason, the event's fields.
     Show {
@@ -57,9 +64,19 @@ impl Dlq {
         let js = jetstream::new(self.nats.connect().await?);
         let queue = DeadLetters::open(js).await?;
         match self.command {
-            Command::List { consumer } => {
-                let letters = of(queue.list().await?, consumer.as_deref());
-                print_list(&letters);
+            Command::List {
+                consumer,
+                from,
+                limit,
+            } => {
+                let page = queue.page(from, limit, consumer.as_deref()).await?;
+                print_list(&page.letters);
+                if let Some(next) = page.next {
+                    let only = consumer
+                        .map(|consumer| format!(" --consumer {consumer}"))
+                        .unwrap_or_default();
+                    println!("more: shopctl dlq list{only} --from {next} --limit {limit}");
+                }
             }
             Command::Show { sequence } => print_letter(&queue.get(sequence).await?),
             Command::Replay(selection) => {
@@ -93,19 +110,22 @@ impl Selection {
         if !self.all {
             return Ok(self.sequences);
         }
-        let letters = of(queue.list().await?, self.consumer.as_deref());
-        if letters.is_empty() {
+        // Only the numbers are kept, a page at a time.
+        let mut sequences = Vec::new();
+        let mut from = 1;
+        loop {
+            let page = queue.page(from, 500, self.consumer.as_deref()).await?;
+            sequences.extend(page.letters.iter().map(|letter| letter.sequence));
+            match page.next {
+                Some(next) => from = next,
+                None => break,
+            }
+        }
+        if sequences.is_empty() {
             println!("no dead letters");
         }
-        Ok(letters.iter().map(|letter| letter.sequence).collect())
+        Ok(sequences)
     }
-}
-
-fn of(letters: Vec<DeadLetter>, consumer: Option<&str>) -> Vec<DeadLetter> {
-    letters
-        .into_iter()
-        .filter(|letter| consumer.is_none_or(|c| letter.consumer == c))
-        .collect()
 }
 
 fn print_list(letters: &[DeadLetter]) {
