@@ -69,11 +69,25 @@ pub struct StreamSpec {
     pub duplicate_window: Duration,
     /// How long messages are kept; zero keeps them until limits are hit.
     pub max_age: Duration,
+    /// The most bytes the stream holds. A full stream refuses new messages
+    /// rather than drop old ones nobody may have consumed yet: the relay
+    /// keeps the events in the outbox and retries (its lag alerts), and a
+    /// dead letter that cannot be stored is retried, never lost.
+    pub max_bytes: i64,
+    /// The largest message the stream takes (the server's default
+    /// `max_payload`): every event this system writes is far smaller.
+    pub max_message_size: i32,
 }
+
+/// 1 GiB: a service's own stream, by default.
+pub const STREAM_MAX_BYTES: i64 = 1 << 30;
+/// 128 MiB each for `DLQ` and `REPLAY`.
+pub const SHARED_STREAM_MAX_BYTES: i64 = 128 << 20;
 
 impl StreamSpec {
     /// The stream of a producing service: `name` on `<prefix>.>`, file
-    /// storage, one replica, a two-minute duplicate window, kept for 7 days.
+    /// storage, one replica, a two-minute duplicate window, kept for 7 days,
+    /// at most [`STREAM_MAX_BYTES`], messages of at most 1 MiB.
     pub fn new(name: impl Into<String>, subject_prefix: &str) -> Self {
         Self {
             name: name.into(),
@@ -81,21 +95,35 @@ impl StreamSpec {
             replicas: 1,
             duplicate_window: Duration::from_secs(120),
             max_age: Duration::from_secs(7 * 24 * 3600),
+            max_bytes: STREAM_MAX_BYTES,
+            max_message_size: 1 << 20,
         }
     }
 
-    /// The dead-letter stream, `DLQ` on `dlq.>`, kept for 30 days.
+    /// The dead-letter stream, `DLQ` on `dlq.>`, kept for 30 days, at most
+    /// [`SHARED_STREAM_MAX_BYTES`].
     pub fn dead_letters() -> Self {
         Self {
             max_age: Duration::from_secs(30 * 24 * 3600),
+            max_bytes: SHARED_STREAM_MAX_BYTES,
             ..Self::new(DLQ_STREAM, "dlq")
         }
     }
 
     /// The stream of replayed dead letters, `REPLAY` on `replay.>`, kept for
-    /// 7 days.
+    /// 7 days, at most [`SHARED_STREAM_MAX_BYTES`].
     pub fn replays() -> Self {
-        Self::new(REPLAY_STREAM, REPLAY_STREAM_PREFIX)
+        Self {
+            max_bytes: SHARED_STREAM_MAX_BYTES,
+            ..Self::new(REPLAY_STREAM, REPLAY_STREAM_PREFIX)
+        }
+    }
+
+    /// Sets the most bytes the stream holds.
+    #[must_use]
+    pub fn with_max_bytes(mut self, max_bytes: i64) -> Self {
+        self.max_bytes = max_bytes;
+        self
     }
 
     /// Sets the replica count.
@@ -114,6 +142,9 @@ impl StreamSpec {
             num_replicas: self.replicas,
             duplicate_window: self.duplicate_window,
             max_age: self.max_age,
+            max_bytes: self.max_bytes,
+            max_message_size: self.max_message_size,
+            discard: stream::DiscardPolicy::New,
             ..Default::default()
         };
         js.create_or_update_stream(config)

@@ -525,6 +525,12 @@ async fn provisioning_creates_then_updates_in_place() {
         async_nats::jetstream::stream::StorageType::File
     );
     assert_eq!(info.subjects, ["order.>"]);
+    assert_eq!(info.max_bytes, shop_messaging::provision::STREAM_MAX_BYTES);
+    assert_eq!(info.max_message_size, 1 << 20);
+    assert_eq!(
+        info.discard,
+        async_nats::jetstream::stream::DiscardPolicy::New
+    );
 
     let mut consumer =
         shop_messaging::ConsumerSpec::new("payment", "ORDER", &["order.placed", "order.cancelled"]);
@@ -552,6 +558,41 @@ async fn provisioning_creates_then_updates_in_place() {
         info.ack_policy,
         async_nats::jetstream::consumer::AckPolicy::Explicit
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_stream_refuses_new_events_which_wait_in_the_outbox() {
+    let setup = setup().await;
+    shop_messaging::StreamSpec::new("ORDER", "order")
+        .with_max_bytes(2048)
+        .provision(&setup.js)
+        .await
+        .unwrap();
+    let relay = relay(&setup);
+    let mut published = 0;
+    let refused = loop {
+        append(&setup, &[placed(&format!("o-{published}"))]).await;
+        match relay.relay_batch().await {
+            Ok(_) => published += 1,
+            Err(error) => break error,
+        }
+        assert!(published < 100, "2 KiB never filled");
+    };
+    assert!(published > 0);
+    assert!(refused.to_string().contains("publish"), "{refused}");
+    // Nothing already stored was dropped to make room, and the refused
+    // event is still the outbox's.
+    assert_eq!(stream_messages(&setup.js, "ORDER").await, published);
+    assert_eq!(pending(&setup).await, 1);
+
+    // Room again (an operator raised the limit): it goes out.
+    shop_messaging::StreamSpec::new("ORDER", "order")
+        .provision(&setup.js)
+        .await
+        .unwrap();
+    relay.relay_batch().await.unwrap();
+    assert_eq!(pending(&setup).await, 0);
+    assert_eq!(stream_messages(&setup.js, "ORDER").await, published + 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -96,6 +96,11 @@ pub struct ServiceConfig {
     /// Replicas of the service's stream (1 on a single NATS server).
     #[arg(long, env = "STREAM_REPLICAS", default_value_t = 1)]
     pub stream_replicas: usize,
+    /// The most bytes the service's stream holds; once full it refuses new
+    /// events, which wait in the outbox (1 GiB by default; messages also
+    /// leave after 7 days).
+    #[arg(long, env = "STREAM_MAX_BYTES", default_value_t = shop_messaging::provision::STREAM_MAX_BYTES)]
+    pub stream_max_bytes: i64,
     /// How long a delivered event may stay unacknowledged before JetStream
     /// hands it to another replica (its consumer died or hung), in
     /// milliseconds.
@@ -174,6 +179,7 @@ impl ServiceConfig {
             db_lock_timeout_ms: 5_000,
             db_idle_in_transaction_timeout_ms: 60_000,
             stream_replicas: 1,
+            stream_max_bytes: shop_messaging::provision::STREAM_MAX_BYTES,
             ack_wait_ms: 30_000,
             consumer_concurrency: 1,
             log_format: LogFormat::Text,
@@ -378,6 +384,7 @@ impl Infrastructure {
         let js = jetstream::new(nats.clone());
         stream
             .with_replicas(config.stream_replicas)
+            .with_max_bytes(config.stream_max_bytes)
             .provision(&js)
             .await?;
         for shared in [StreamSpec::dead_letters(), StreamSpec::replays()] {
