@@ -299,15 +299,46 @@ async fn bad_requests_get_the_right_code_and_change_nothing() {
         code(inventory.create_product(nul_name).await),
         Code::InvalidArgument
     );
-    // More than a stock can hold.
+    // Past the stated limits (shop_service::limits).
+    use shop_service::limits::{MAX_DEPOSIT_CENTS, MAX_PRICE_CENTS, MAX_REQUEST_BYTES, MAX_UNITS};
+    for request in [
+        product("BIG", MAX_PRICE_CENTS + 1, 1),
+        product("BIG", i64::MAX, 1),
+        product("BIG", 1, MAX_UNITS + 1),
+        product("BIG", 1, i64::MAX),
+    ] {
+        assert_eq!(
+            code(inventory.create_product(request).await),
+            Code::InvalidArgument
+        );
+    }
+    for quantity in [i64::MAX, MAX_UNITS + 1, -1, i64::MIN] {
+        let status = inventory
+            .add_stock(AddStockRequest {
+                sku: "LAMP".into(),
+                quantity,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    }
+    // Within the limit alone, past it with what LAMP already has.
     let overflow = inventory
         .add_stock(AddStockRequest {
             sku: "LAMP".into(),
-            quantity: i64::MAX,
+            quantity: MAX_UNITS,
         })
         .await
         .unwrap_err();
     assert_eq!(overflow.code(), Code::OutOfRange, "{overflow:?}");
+    assert!(overflow.message().contains("stocked with 3 units"), "{overflow:?}");
+    // A request past the size limit is refused before any handler runs.
+    let huge = CreateProductRequest {
+        name: "x".repeat(MAX_REQUEST_BYTES + 1),
+        ..product("HUGE", 1, 1)
+    };
+    let status = inventory.create_product(huge).await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
     assert_eq!(
         code(
             inventory
@@ -344,10 +375,13 @@ async fn bad_requests_get_the_right_code_and_change_nothing() {
         amount_cents,
         idempotency_key: String::new(),
     };
-    assert_eq!(
-        code(payments.deposit(deposit(&user, 0)).await),
-        Code::InvalidArgument
-    );
+    for amount in [0, -1, i64::MIN, MAX_DEPOSIT_CENTS + 1, i64::MAX] {
+        assert_eq!(
+            code(payments.deposit(deposit(&user, amount)).await),
+            Code::InvalidArgument,
+            "{amount}"
+        );
+    }
     assert_eq!(
         code(payments.deposit(deposit(&unknown, 10)).await),
         Code::NotFound
@@ -376,6 +410,49 @@ async fn bad_requests_get_the_right_code_and_change_nothing() {
     // Nothing moved.
     assert_eq!(shop.product("LAMP").await.available, 3);
     assert_eq!(shop.balance(&user).await, STARTING_CREDIT);
+    shop.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deposits_stop_at_the_balance_limit_and_a_repeat_past_it_still_answers() {
+    use shop_service::limits::{MAX_BALANCE_CENTS, MAX_DEPOSIT_CENTS};
+    let mut shop = Shop::start(Settings::default()).await;
+    let user = shop.create_user("rich@example.com").await;
+    let mut payments = shop.payments().await;
+    let deposit = |amount_cents, key: &str| DepositRequest {
+        user_id: user.clone(),
+        amount_cents,
+        idempotency_key: key.into(),
+    };
+    // Up to just under the limit, in the largest deposits there are.
+    let room = MAX_BALANCE_CENTS - STARTING_CREDIT;
+    for i in 0..room / MAX_DEPOSIT_CENTS {
+        payments
+            .deposit(deposit(MAX_DEPOSIT_CENTS, &format!("big-{i}")))
+            .await
+            .unwrap();
+        shop.deposited(&user, MAX_DEPOSIT_CENTS);
+    }
+    let last = room % MAX_DEPOSIT_CENTS;
+    let full = payments
+        .deposit(deposit(last, "last"))
+        .await
+        .unwrap()
+        .into_inner();
+    shop.deposited(&user, last);
+    assert_eq!(full.account.unwrap().balance_cents, MAX_BALANCE_CENTS);
+
+    let status = payments.deposit(deposit(1, "one-more")).await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(status.message().contains("past the limit"), "{status:?}");
+    // The deposit that filled it, repeated, still answers as the first time.
+    let again = payments
+        .deposit(deposit(last, "last"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.account.unwrap().balance_cents, MAX_BALANCE_CENTS);
+    assert_eq!(shop.balance(&user).await, MAX_BALANCE_CENTS);
     shop.check_invariants().await;
 }
 

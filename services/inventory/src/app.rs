@@ -8,7 +8,7 @@ use diesel::sql_types::{Array, BigInt, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use shop_db::{Cached, PgPool};
 use shop_messaging::HandlerError;
-use shop_service::{ApiError, Caller, is_unique_violation};
+use shop_service::{ApiError, Caller, is_unique_violation, limits};
 use uuid::Uuid;
 
 use crate::domain::{self, Line, Status, Stock};
@@ -76,14 +76,16 @@ impl Catalogue {
                 "name must be 1 to 200 characters".into(),
             ));
         }
-        if price_cents < 0 {
+        if !(0..=limits::MAX_PRICE_CENTS).contains(&price_cents) {
             return Err(ApiError::InvalidArgument(format!(
-                "price_cents must not be negative, got {price_cents}"
+                "price_cents must be 0 to {}, got {price_cents}",
+                limits::MAX_PRICE_CENTS
             )));
         }
-        if stock < 0 {
+        if !(0..=limits::MAX_UNITS).contains(&stock) {
             return Err(ApiError::InvalidArgument(format!(
-                "stock must not be negative, got {stock}"
+                "stock must be 0 to {}, got {stock}",
+                limits::MAX_UNITS
             )));
         }
         let mut conn = self.pool.get().await?;
@@ -129,24 +131,46 @@ impl Catalogue {
     ) -> Result<Product, ApiError> {
         caller.require_role("AddStock", &[])?;
         check_sku(sku)?;
-        if quantity < 1 {
+        if !(1..=limits::MAX_UNITS).contains(&quantity) {
             return Err(ApiError::InvalidArgument(format!(
-                "quantity must be at least 1, got {quantity}"
+                "quantity must be 1 to {}, got {quantity}",
+                limits::MAX_UNITS
             )));
         }
         let mut conn = self.pool.get().await?;
-        Cached(
-            diesel::update(products::table.find(sku))
-                .set((
-                    products::available.eq(products::available + quantity),
-                    products::stocked.eq(products::stocked + quantity),
-                ))
-                .returning(Product::as_returning()),
+        // Only while the product's units stay within the limit; no row
+        // back means no product or a sum past it.
+        let added = Cached(
+            diesel::update(
+                products::table
+                    .find(sku)
+                    .filter(products::stocked.le(limits::MAX_UNITS - quantity)),
+            )
+            .set((
+                products::available.eq(products::available + quantity),
+                products::stocked.eq(products::stocked + quantity),
+            ))
+            .returning(Product::as_returning()),
         )
         .get_result(&mut conn)
         .await
-        .optional()?
-        .ok_or_else(|| ApiError::NotFound(format!("no product {sku}")))
+        .optional()?;
+        if let Some(product) = added {
+            return Ok(product);
+        }
+        let stocked: Option<i64> = products::table
+            .find(sku)
+            .select(products::stocked)
+            .first(&mut conn)
+            .await
+            .optional()?;
+        Err(match stocked {
+            None => ApiError::NotFound(format!("no product {sku}")),
+            Some(stocked) => ApiError::OutOfRange(format!(
+                "{sku} has been stocked with {stocked} units; {quantity} more would pass the limit of {}",
+                limits::MAX_UNITS
+            )),
+        })
     }
 
     pub(crate) async fn list_products(

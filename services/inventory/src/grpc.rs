@@ -20,6 +20,7 @@ impl InventoryApi {
 
     pub(crate) fn into_server(self) -> InventoryServiceServer<Self> {
         InventoryServiceServer::new(self)
+            .max_decoding_message_size(shop_service::limits::MAX_REQUEST_BYTES)
     }
 }
 

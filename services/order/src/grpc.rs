@@ -25,6 +25,7 @@ impl OrderApi {
 
     pub(crate) fn into_server(self) -> OrderServiceServer<Self> {
         OrderServiceServer::new(self)
+            .max_decoding_message_size(shop_service::limits::MAX_REQUEST_BYTES)
     }
 }
 

@@ -8,7 +8,7 @@ use diesel::sql_types::{Array, BigInt, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl};
 use shop_db::{Cached, PgPool};
 use shop_messaging::HandlerError;
-use shop_service::{ApiError, Caller, is_unique_violation, roles};
+use shop_service::{ApiError, Caller, is_unique_violation, limits, roles};
 use uuid::Uuid;
 
 use crate::schema::{accounts, deposits, payments};
@@ -74,9 +74,10 @@ impl Wallets {
         idempotency_key: &str,
     ) -> Result<i64, ApiError> {
         caller.require_role("Deposit", &[roles::PAYMENT_PROVIDER])?;
-        if amount_cents < 1 {
+        if !(1..=limits::MAX_DEPOSIT_CENTS).contains(&amount_cents) {
             return Err(ApiError::InvalidArgument(format!(
-                "amount_cents must be at least 1, got {amount_cents}"
+                "amount_cents must be 1 to {}, got {amount_cents}",
+                limits::MAX_DEPOSIT_CENTS
             )));
         }
         if idempotency_key.chars().count() > 200 {
@@ -103,7 +104,8 @@ impl Wallets {
                     .ok_or(DepositError::NoWallet)?;
                 let new_balance = balance
                     .checked_add(amount_cents)
-                    .ok_or(DepositError::Overflow)?;
+                    .filter(|new_balance| *new_balance <= limits::MAX_BALANCE_CENTS)
+                    .ok_or(DepositError::OverLimit(balance))?;
                 diesel::insert_into(deposits::table)
                     .values((
                         deposits::deposit_id.eq(Uuid::now_v7()),
@@ -128,31 +130,60 @@ impl Wallets {
             Err(DepositError::NoWallet) => {
                 Err(ApiError::NotFound(format!("no wallet for user {user_id}")))
             }
-            Err(DepositError::Overflow) => Err(ApiError::InvalidArgument(
-                "the deposit would overflow the balance".into(),
-            )),
             // The same deposit again: it was credited the first time. The
             // key names one request: another amount under it is a client's
-            // bug, not a retry.
+            // bug, not a retry. (A repeat may also find the balance past the
+            // limit, the first deposit having brought it there.)
             Err(DepositError::Database(error)) if is_unique_violation(&error) => {
-                let mut conn = self.pool.get().await?;
-                let first: i64 = deposits::table
-                    .filter(deposits::user_id.eq(user_id))
-                    .filter(deposits::idempotency_key.eq(key))
-                    .select(deposits::amount_cents)
-                    .first(&mut conn)
-                    .await?;
-                drop(conn);
-                if first != amount_cents {
-                    return Err(ApiError::FailedPrecondition(format!(
-                        "idempotency_key {:?} was used for a deposit of {first} cents, not {amount_cents}: use a new key for a new deposit",
-                        key.unwrap_or_default()
-                    )));
+                self.repeated(user_id, key, amount_cents).await
+            }
+            Err(DepositError::OverLimit(balance)) => {
+                if key.is_some() && self.first_deposit(user_id, key).await?.is_some() {
+                    return self.repeated(user_id, key, amount_cents).await;
                 }
-                self.read_balance(user_id).await
+                Err(ApiError::OutOfRange(format!(
+                    "a deposit of {amount_cents} cents would bring the balance of {balance} past the limit of {} cents",
+                    limits::MAX_BALANCE_CENTS
+                )))
             }
             Err(DepositError::Database(error)) => Err(error.into()),
         }
+    }
+
+    /// The amount first deposited under `key`, if any.
+    async fn first_deposit(
+        &self,
+        user_id: Uuid,
+        key: Option<&str>,
+    ) -> Result<Option<i64>, ApiError> {
+        let mut conn = self.pool.get().await?;
+        Ok(deposits::table
+            .filter(deposits::user_id.eq(user_id))
+            .filter(deposits::idempotency_key.eq(key))
+            .select(deposits::amount_cents)
+            .first(&mut conn)
+            .await
+            .optional()?)
+    }
+
+    /// The answer to a deposit repeated under `key`: the balance as it is,
+    /// or FAILED_PRECONDITION when the key was used for another amount.
+    async fn repeated(
+        &self,
+        user_id: Uuid,
+        key: Option<&str>,
+        amount_cents: i64,
+    ) -> Result<i64, ApiError> {
+        let first = self.first_deposit(user_id, key).await?.ok_or_else(|| {
+            ApiError::Unavailable("the deposit under this key went away; retry".into())
+        })?;
+        if first != amount_cents {
+            return Err(ApiError::FailedPrecondition(format!(
+                "idempotency_key {:?} was used for a deposit of {first} cents, not {amount_cents}: use a new key for a new deposit",
+                key.unwrap_or_default()
+            )));
+        }
+        self.read_balance(user_id).await
     }
 
     /// An order's payment: the caller's own, or anyone's for an
@@ -325,9 +356,23 @@ pub(crate) async fn refund(
         .optional()?;
     match payment {
         Some((state, amount, payer)) if state == status::CAPTURED => {
+            // Deposits stop at MAX_BALANCE_CENTS, so a refund fits unless
+            // thousands of the largest orders were captured and refunded
+            // to one wallet: then say so, rather than fail in SQL.
+            let balance: i64 = accounts::table
+                .find(payer)
+                .select(accounts::balance_cents)
+                .for_update()
+                .first(conn)
+                .await?;
+            let refunded = balance.checked_add(amount).ok_or_else(|| {
+                HandlerError::permanent(format!(
+                    "refunding {amount} cents to {payer} would overflow its balance of {balance} cents"
+                ))
+            })?;
             Cached(
                 diesel::update(accounts::table.find(payer))
-                    .set(accounts::balance_cents.eq(accounts::balance_cents + amount)),
+                    .set(accounts::balance_cents.eq(refunded)),
             )
             .execute(conn)
             .await?;
@@ -358,7 +403,8 @@ pub(crate) async fn refund(
 
 enum DepositError {
     NoWallet,
-    Overflow,
+    /// The deposit would bring the balance (this one) past the limit.
+    OverLimit(i64),
     Database(diesel::result::Error),
 }
 
@@ -375,6 +421,57 @@ mod tests {
     use shop_test_support::TestPostgres;
 
     use super::*;
+
+    /// A refund that a balance could not hold (out of reach through the
+    /// API, whose deposits stop at MAX_BALANCE_CENTS) fails permanently,
+    /// saying why, and changes nothing.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_refund_past_what_a_balance_holds_says_so_and_changes_nothing() {
+        let postgres = TestPostgres::start().await;
+        let url = postgres.create_database("payment").await;
+        shop_db::migrate(&url, vec![shop_messaging::MIGRATIONS, crate::MIGRATIONS])
+            .await
+            .unwrap();
+        let mut conn = AsyncPgConnection::establish(&url).await.unwrap();
+        let ann = Uuid::now_v7();
+        open_wallet(&mut conn, ann, 100).await.unwrap();
+        let order_id = Uuid::now_v7();
+        let charge = Charge {
+            order_id,
+            user_id: ann,
+            amount_cents: 100,
+        };
+        assert!(matches!(
+            debit(&mut conn, &[charge]).await.unwrap()[..],
+            [Debit::Captured]
+        ));
+        diesel::update(accounts::table.find(ann))
+            .set(accounts::balance_cents.eq(i64::MAX - 10))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let error = refund(&mut conn, order_id, ann).await.unwrap_err();
+        match error {
+            HandlerError::Permanent(reason) => {
+                assert!(reason.contains("would overflow"), "{reason}");
+            }
+            other => panic!("{other}"),
+        }
+        let status: String = payments::table
+            .find(order_id)
+            .select(payments::status)
+            .first(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(status, status::CAPTURED);
+        let balance: i64 = accounts::table
+            .find(ann)
+            .select(accounts::balance_cents)
+            .first(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(balance, i64::MAX - 10);
+    }
 
     /// Several charges in one call decide as they would one after another:
     /// each sees the balance the ones before it left.

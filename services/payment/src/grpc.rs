@@ -18,6 +18,7 @@ impl PaymentApi {
 
     pub(crate) fn into_server(self) -> PaymentServiceServer<Self> {
         PaymentServiceServer::new(self)
+            .max_decoding_message_size(shop_service::limits::MAX_REQUEST_BYTES)
     }
 }
 

@@ -18,6 +18,7 @@ impl UserApi {
 
     pub(crate) fn into_server(self) -> UserServiceServer<Self> {
         UserServiceServer::new(self)
+            .max_decoding_message_size(shop_service::limits::MAX_REQUEST_BYTES)
     }
 }
 

@@ -22,6 +22,7 @@
 //!   status, and the field parsers that produce it.
 
 mod error;
+pub mod limits;
 mod observe;
 mod telemetry;
 mod tls;
