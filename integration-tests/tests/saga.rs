@@ -9,7 +9,9 @@ mod shop;
 use std::time::Duration;
 
 use shop::{STARTING_CREDIT, Settings, Shop};
-use shop_proto::inventory::v1::{AddStockRequest, CreateProductRequest, GetProductRequest};
+use shop_proto::inventory::v1::{
+    AddStockRequest, CreateProductRequest, GetProductRequest, ListProductsRequest,
+};
 use shop_proto::order::v1::{GetOrderRequest, OrderStatus};
 use shop_proto::payment::v1::{DepositRequest, GetPaymentRequest, PaymentStatus};
 use shop_proto::user::v1::{CreateUserRequest, GetUserRequest, ListUsersRequest};
@@ -332,6 +334,18 @@ async fn bad_requests_get_the_right_code_and_change_nothing() {
         .unwrap_err();
     assert_eq!(overflow.code(), Code::OutOfRange, "{overflow:?}");
     assert!(overflow.message().contains("stocked with 3 units"), "{overflow:?}");
+    // A page token is a SKU this service gave out: one that cannot be is
+    // refused (found by the fuzz test: NUL reached PostgreSQL, INTERNAL).
+    for page_token in ["a\0b", &"x".repeat(65)] {
+        let status = inventory
+            .list_products(ListProductsRequest {
+                page_size: 10,
+                page_token: page_token.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    }
     // A request past the size limit is refused before any handler runs.
     let huge = CreateProductRequest {
         name: "x".repeat(MAX_REQUEST_BYTES + 1),

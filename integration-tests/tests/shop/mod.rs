@@ -364,6 +364,16 @@ impl Shop {
         *self.users.get_mut(user_id).unwrap() += amount;
     }
 
+    /// Records a product made outside [`create_product`](Self::create_product).
+    pub fn product_created(&mut self, sku: &str, stock: i64) {
+        self.stocked.insert(sku.to_owned(), stock);
+    }
+
+    /// Records units added to a product.
+    pub fn stock_added(&mut self, sku: &str, quantity: i64) {
+        *self.stocked.get_mut(sku).unwrap() += quantity;
+    }
+
     pub async fn create_product(&mut self, sku: &str, price_cents: i64, stock: i64) {
         self.inventory()
             .await

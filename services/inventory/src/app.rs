@@ -178,6 +178,14 @@ impl Catalogue {
         after: Option<&str>,
         limit: i64,
     ) -> Result<Vec<Product>, ApiError> {
+        // A token this service gave out is a SKU.
+        if let Some(after) = after
+            && check_sku(after).is_err()
+        {
+            return Err(ApiError::InvalidArgument(
+                "page_token is not one this service gave out".into(),
+            ));
+        }
         let mut conn = self.pool.get().await?;
         let mut query = products::table
             .select(Product::as_select())
