@@ -473,6 +473,42 @@ impl<S: Send + Sync + 'static> Router<S> {
     pub fn subjects(&self) -> &[&'static str] {
         &self.subjects
     }
+
+    /// What a consumer makes of a message on `subject` before any handler
+    /// runs, without a database: `Ok(Some(type))` when a route takes it,
+    /// `Ok(None)` when none does (it is acked and ignored), `Err(reason)`
+    /// when it is dead-lettered with that reason. For tests and fuzzing.
+    pub fn check(
+        &self,
+        subject: &str,
+        headers: Option<&async_nats::HeaderMap>,
+        body: bytes::Bytes,
+    ) -> Result<Option<String>, String> {
+        let envelope =
+            Envelope::parse(subject, headers, body).map_err(|error| error.to_string())?;
+        Ok(self.admit(&envelope)?.map(|_| envelope.event_type))
+    }
+
+    /// The route of a parsed envelope and its decoded event; `Ok(None)`
+    /// when no route takes its type; `Err(reason)` when it must be
+    /// dead-lettered.
+    fn admit(&self, envelope: &Envelope) -> Result<Option<(&Route<S>, Decoded)>, String> {
+        let Some(route) = self.routes.get(envelope.event_type.as_str()) else {
+            return Ok(None);
+        };
+        // A type on another type's subject is a producer's bug or a forgery:
+        // applying it would let one event do another's work.
+        if envelope.subject != route.subject {
+            return Err(format!(
+                "a {} belongs on {}, not on {}",
+                envelope.event_type, route.subject, envelope.subject
+            ));
+        }
+        let decoded = (route.decode)(&envelope.body).map_err(|error| {
+            format!("body is not a valid {}: {error}", envelope.event_type)
+        })?;
+        Ok(Some((route, decoded)))
+    }
 }
 
 /// Delays between deliveries of a message whose handler failed transiently:
@@ -923,6 +959,31 @@ impl<S: Send + Sync + 'static> EventConsumer<S> {
     }
 }
 
+/// Every event of the contract, each routed to a handler that does
+/// nothing: what a consumer of all of them would accept or refuse, for
+/// tests and fuzzing of [`Router::check`].
+pub fn contract_router() -> Router<()> {
+    fn ignore<'a, E>(
+        _: &'a (),
+        _: &'a mut Context<'_>,
+        _: E,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async { Ok(()) })
+    }
+    use shop_proto::{inventory::v1 as inventory, order::v1 as order, payment::v1 as payment};
+    Router::new()
+        .on::<shop_proto::user::v1::UserCreated, _>(ignore)
+        .on::<order::OrderPlaced, _>(ignore)
+        .on::<order::OrderConfirmed, _>(ignore)
+        .on::<order::OrderCancelled, _>(ignore)
+        .on::<inventory::InventoryReserved, _>(ignore)
+        .on::<inventory::InventoryRejected, _>(ignore)
+        .on::<inventory::InventoryReleased, _>(ignore)
+        .on::<payment::PaymentCompleted, _>(ignore)
+        .on::<payment::PaymentFailed, _>(ignore)
+        .on::<payment::PaymentRefunded, _>(ignore)
+}
+
 /// A message that parsed and decoded, ready for its handler.
 struct Prepared<'m, S> {
     envelope: Envelope,
@@ -1053,24 +1114,14 @@ impl<S: Send + Sync + 'static> Inner<S> {
             message.payload.clone(),
         )
         .map_err(|error| Failure::Permanent(error.to_string()))?;
-        let Some(route) = self.router.routes.get(envelope.event_type.as_str()) else {
+        let Some((route, decoded)) = self
+            .router
+            .admit(&envelope)
+            .map_err(Failure::Permanent)?
+        else {
             tracing::debug!(consumer = %self.name, event_type = %envelope.event_type, "no route; acked");
             return Ok(None);
         };
-        // A type on another type's subject is a producer's bug or a forgery:
-        // applying it would let one event do another's work.
-        if envelope.subject != route.subject {
-            return Err(Failure::Permanent(format!(
-                "a {} belongs on {}, not on {}",
-                envelope.event_type, route.subject, envelope.subject
-            )));
-        }
-        let decoded = (route.decode)(&envelope.body).map_err(|error| {
-            Failure::Permanent(format!(
-                "body is not a valid {}: {error}",
-                envelope.event_type
-            ))
-        })?;
         Ok(Some(Prepared {
             envelope,
             route,
