@@ -94,10 +94,9 @@ async fn a_row_lock_held_past_every_redelivery_dead_letters_nothing() {
 
     // A session elsewhere (a paused replica, a forgotten psql) holds the
     // product's row: every reservation of LAMP waits on it.
-    let mut holder =
-        AsyncPgConnection::establish(&shop.infra.postgres.url("shop_inventory"))
-            .await
-            .unwrap();
+    let mut holder = AsyncPgConnection::establish(&shop.infra.postgres.url("shop_inventory"))
+        .await
+        .unwrap();
     holder
         .batch_execute("BEGIN; SELECT * FROM products WHERE sku = 'LAMP' FOR UPDATE")
         .await

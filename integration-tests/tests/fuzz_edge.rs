@@ -33,9 +33,7 @@ use shop_proto::order::v1::{
 };
 use shop_proto::payment::v1::{DepositRequest, GetAccountRequest, GetPaymentRequest};
 use shop_proto::user::v1::{CreateUserRequest, GetUserRequest, ListUsersRequest};
-use shop_service::limits::{
-    MAX_BALANCE_CENTS, MAX_DEPOSIT_CENTS, MAX_PRICE_CENTS, MAX_UNITS,
-};
+use shop_service::limits::{MAX_BALANCE_CENTS, MAX_DEPOSIT_CENTS, MAX_PRICE_CENTS, MAX_UNITS};
 use tonic::{Code, Status};
 
 /// How many requests go in flight at once.
@@ -80,13 +78,14 @@ fn text(max: usize) -> BoxedStrategy<String> {
     ]);
     prop_oneof![
         Just(String::new()),
-        select(vec![" ", "\0", "a\0b", "  x  ", "@", "a@b", "a@b.c", "%s%n", "'; --"])
-            .prop_map(str::to_owned),
+        select(vec![
+            " ", "\0", "a\0b", "  x  ", "@", "a@b", "a@b.c", "%s%n", "'; --"
+        ])
+        .prop_map(str::to_owned),
         proptest::collection::vec(awkward, 0..max).prop_map(String::from_iter),
         proptest::collection::vec(any::<char>(), 0..max).prop_map(String::from_iter),
         // Just under, at and over the limits of 64, 200, 254 characters.
-        select(vec![63usize, 64, 65, 199, 200, 201, 253, 254, 255])
-            .prop_map(|n| "é".repeat(n)),
+        select(vec![63usize, 64, 65, 199, 200, 201, 253, 254, 255]).prop_map(|n| "é".repeat(n)),
     ]
     .boxed()
 }
@@ -144,15 +143,14 @@ where
     F: Fn(Q) -> Fut,
     Fut: Future<Output = Result<tonic::Response<A>, Status>>,
 {
-    let answers: Vec<(Q, Result<tonic::Response<A>, Status>)> =
-        futures::stream::iter(requests)
-            .map(|request| {
-                let sent = call(request.clone());
-                async move { (request, sent.await) }
-            })
-            .buffer_unordered(IN_FLIGHT)
-            .collect()
-            .await;
+    let answers: Vec<(Q, Result<tonic::Response<A>, Status>)> = futures::stream::iter(requests)
+        .map(|request| {
+            let sent = call(request.clone());
+            async move { (request, sent.await) }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .collect()
+        .await;
     let mut accepted = Vec::new();
     for (request, answer) in answers {
         match answer {
@@ -201,11 +199,18 @@ async fn generated_requests_get_considered_answers_and_leave_the_shop_consistent
     )
     .await;
     let mut user_ids = users.clone();
-    user_ids.extend(made.iter().map(|(_, answer)| answer.user.clone().unwrap().user_id));
-    call_all("GetUser", generate("GetUser", id(&user_ids), n), |user_id| {
-        let mut client = client.clone();
-        async move { client.get_user(GetUserRequest { user_id }).await }
-    })
+    user_ids.extend(
+        made.iter()
+            .map(|(_, answer)| answer.user.clone().unwrap().user_id),
+    );
+    call_all(
+        "GetUser",
+        generate("GetUser", id(&user_ids), n),
+        |user_id| {
+            let mut client = client.clone();
+            async move { client.get_user(GetUserRequest { user_id }).await }
+        },
+    )
     .await;
     call_all(
         "ListUsers",
@@ -228,7 +233,11 @@ async fn generated_requests_get_considered_answers_and_leave_the_shop_consistent
     let client = shop.inventory().await;
     let created = call_all(
         "CreateProduct",
-        generate("CreateProduct", (text(80), text(220), number(), number()), n),
+        generate(
+            "CreateProduct",
+            (text(80), text(220), number(), number()),
+            n,
+        ),
         |(sku, name, price_cents, stock)| {
             let mut client = client.clone();
             async move {
@@ -285,10 +294,14 @@ async fn generated_requests_get_considered_answers_and_leave_the_shop_consistent
     // The payment service. Deposits go to the users the invariants follow;
     // a key repeats now and then, so that repeats and misuses come up.
     let client = shop.payments().await;
-    call_all("GetAccount", generate("GetAccount", id(&user_ids), n), |user_id| {
-        let mut client = client.clone();
-        async move { client.get_account(GetAccountRequest { user_id }).await }
-    })
+    call_all(
+        "GetAccount",
+        generate("GetAccount", id(&user_ids), n),
+        |user_id| {
+            let mut client = client.clone();
+            async move { client.get_account(GetAccountRequest { user_id }).await }
+        },
+    )
     .await;
     let key = || {
         prop_oneof![
@@ -329,11 +342,7 @@ async fn generated_requests_get_considered_answers_and_leave_the_shop_consistent
         "PlaceOrder",
         generate(
             "PlaceOrder",
-            (
-                id(&users),
-                proptest::collection::vec(line, 0..110),
-                key(),
-            ),
+            (id(&users), proptest::collection::vec(line, 0..110), key()),
             n,
         ),
         |(user_id, items, idempotency_key)| {
@@ -355,10 +364,14 @@ async fn generated_requests_get_considered_answers_and_leave_the_shop_consistent
         .map(|(_, answer)| answer.order.clone().unwrap().order_id)
         .collect();
     order_ids.push(uuid::Uuid::now_v7().to_string());
-    call_all("GetOrder", generate("GetOrder", id(&order_ids), n), |order_id| {
-        let mut client = client.clone();
-        async move { client.get_order(GetOrderRequest { order_id }).await }
-    })
+    call_all(
+        "GetOrder",
+        generate("GetOrder", id(&order_ids), n),
+        |order_id| {
+            let mut client = client.clone();
+            async move { client.get_order(GetOrderRequest { order_id }).await }
+        },
+    )
     .await;
     call_all(
         "ListOrders",
@@ -382,10 +395,14 @@ async fn generated_requests_get_considered_answers_and_leave_the_shop_consistent
     )
     .await;
     let payments = shop.payments().await;
-    call_all("GetPayment", generate("GetPayment", id(&order_ids), n), |order_id| {
-        let mut payments = payments.clone();
-        async move { payments.get_payment(GetPaymentRequest { order_id }).await }
-    })
+    call_all(
+        "GetPayment",
+        generate("GetPayment", id(&order_ids), n),
+        |order_id| {
+            let mut payments = payments.clone();
+            async move { payments.get_payment(GetPaymentRequest { order_id }).await }
+        },
+    )
     .await;
 
     // Still up, all four: a plain purchase goes through.

@@ -333,7 +333,10 @@ async fn bad_requests_get_the_right_code_and_change_nothing() {
         .await
         .unwrap_err();
     assert_eq!(overflow.code(), Code::OutOfRange, "{overflow:?}");
-    assert!(overflow.message().contains("stocked with 3 units"), "{overflow:?}");
+    assert!(
+        overflow.message().contains("stocked with 3 units"),
+        "{overflow:?}"
+    );
     // A page token is a SKU this service gave out: one that cannot be is
     // refused (found by the fuzz test: NUL reached PostgreSQL, INTERNAL).
     for page_token in ["a\0b", &"x".repeat(65)] {

@@ -310,7 +310,11 @@ async fn the_largest_page_of_the_largest_orders_fits_a_clients_default_limit() {
     assert!(pages >= 2, "141 of these orders do not fit one reply");
     assert_eq!(listed.len(), 141, "every order once");
     let newest_first: Vec<String> = placed.iter().rev().cloned().collect();
-    assert_eq!(listed[..140], newest_first[..], "newest first, none skipped");
+    assert_eq!(
+        listed[..140],
+        newest_first[..],
+        "newest first, none skipped"
+    );
 
     // Another user's order is not a cursor into this user's list.
     let other = orders.known_user().await;

@@ -270,9 +270,7 @@ pub fn with_settings(database_url: &str, settings: &[(&str, &str)]) -> String {
     let flags = flags.join(" ");
     if is_url(database_url) {
         let encoded = flags.replace(' ', "%20").replace('=', "%3D");
-        let (base, query) = database_url
-            .split_once('?')
-            .unwrap_or((database_url, ""));
+        let (base, query) = database_url.split_once('?').unwrap_or((database_url, ""));
         let mut found = false;
         let mut pairs: Vec<String> = query
             .split('&')
@@ -311,7 +309,10 @@ pub fn with_params(database_url: &str, params: &[(&str, &str)]) -> String {
     for (key, value) in params {
         if is_url(&url) {
             let query = url.split_once('?').map_or("", |(_, query)| query);
-            if query.split('&').any(|pair| pair.split('=').next() == Some(key)) {
+            if query
+                .split('&')
+                .any(|pair| pair.split('=').next() == Some(key))
+            {
                 continue;
             }
             let separator = if url.contains('?') { '&' } else { '?' };
@@ -356,11 +357,7 @@ mod tests {
     #[test]
     fn settings_join_the_options_already_there() {
         assert_eq!(
-            with_setting(
-                &with_setting("postgres://u@h/db", "a", "b"),
-                "c",
-                "d"
-            ),
+            with_setting(&with_setting("postgres://u@h/db", "a", "b"), "c", "d"),
             "postgres://u@h/db?options=-c%20a%3Db%20-c%20c%3Dd"
         );
         assert_eq!(
@@ -372,11 +369,17 @@ mod tests {
     #[test]
     fn params_do_not_override_the_urls_own() {
         assert_eq!(
-            with_params("postgres://h/db?keepalives_idle=5", &[("keepalives_idle", "30"), ("keepalives", "1")]),
+            with_params(
+                "postgres://h/db?keepalives_idle=5",
+                &[("keepalives_idle", "30"), ("keepalives", "1")]
+            ),
             "postgres://h/db?keepalives_idle=5&keepalives=1"
         );
         assert_eq!(
-            with_params("host=h keepalives=0", &[("keepalives", "1"), ("keepalives_idle", "30")]),
+            with_params(
+                "host=h keepalives=0",
+                &[("keepalives", "1"), ("keepalives_idle", "30")]
+            ),
             "host=h keepalives=0 keepalives_idle=30"
         );
     }

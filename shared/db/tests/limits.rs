@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use diesel::QueryableByName;
 use diesel::sql_types::Text;
-use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl as _, SimpleAsyncConnection as _};
+use diesel_async::{
+    AsyncConnection as _, AsyncPgConnection, RunQueryDsl as _, SimpleAsyncConnection as _,
+};
 use shop_db::SessionLimits;
 use shop_test_support::TestPostgres;
 
@@ -20,13 +22,11 @@ struct Setting {
 }
 
 async fn show(conn: &mut AsyncPgConnection, name: &str) -> String {
-    diesel::sql_query(format!(
-        "SELECT current_setting('{name}') AS setting"
-    ))
-    .get_result::<Setting>(conn)
-    .await
-    .unwrap()
-    .setting
+    diesel::sql_query(format!("SELECT current_setting('{name}') AS setting"))
+        .get_result::<Setting>(conn)
+        .await
+        .unwrap()
+        .setting
 }
 
 const SHORT: SessionLimits = SessionLimits {
@@ -71,7 +71,11 @@ async fn pooled_sessions_wait_a_bounded_time_for_locks_and_transactions() {
         .await
         .unwrap_err();
     assert!(error.to_string().contains("lock timeout"), "{error}");
-    assert!(asked.elapsed() < Duration::from_secs(3), "{:?}", asked.elapsed());
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        asked.elapsed()
+    );
     holder.batch_execute("ROLLBACK").await.unwrap();
 
     // A pooled session left idle in its transaction is ended, and the lock

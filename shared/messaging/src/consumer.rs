@@ -504,9 +504,8 @@ impl<S: Send + Sync + 'static> Router<S> {
                 envelope.event_type, route.subject, envelope.subject
             ));
         }
-        let decoded = (route.decode)(&envelope.body).map_err(|error| {
-            format!("body is not a valid {}: {error}", envelope.event_type)
-        })?;
+        let decoded = (route.decode)(&envelope.body)
+            .map_err(|error| format!("body is not a valid {}: {error}", envelope.event_type))?;
         Ok(Some((route, decoded)))
     }
 }
@@ -1114,10 +1113,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
             message.payload.clone(),
         )
         .map_err(|error| Failure::Permanent(error.to_string()))?;
-        let Some((route, decoded)) = self
-            .router
-            .admit(&envelope)
-            .map_err(Failure::Permanent)?
+        let Some((route, decoded)) = self.router.admit(&envelope).map_err(Failure::Permanent)?
         else {
             tracing::debug!(consumer = %self.name, event_type = %envelope.event_type, "no route; acked");
             return Ok(None);

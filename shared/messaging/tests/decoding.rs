@@ -62,7 +62,9 @@ fn message() -> impl Strategy<Value = (String, HeaderMap, Vec<u8>, bool)> {
                 let well_formed = moved.is_none()
                     && retyped.is_none()
                     && spec.as_deref() == Some("1.0")
-                    && id.as_deref().is_some_and(|id| uuid::Uuid::parse_str(id).is_ok())
+                    && id
+                        .as_deref()
+                        .is_some_and(|id| uuid::Uuid::parse_str(id).is_ok())
                     && source.as_deref().is_some_and(|s| !s.is_empty())
                     && time.as_deref() == Some("2026-12-01T10:00:00.123456Z")
                     && causation
@@ -72,7 +74,10 @@ fn message() -> impl Strategy<Value = (String, HeaderMap, Vec<u8>, bool)> {
                 for (name, value) in [
                     (headers::SPEC_VERSION, spec),
                     (headers::ID, id),
-                    (headers::TYPE, Some(retyped.unwrap_or(event_type).to_owned())),
+                    (
+                        headers::TYPE,
+                        Some(retyped.unwrap_or(event_type).to_owned()),
+                    ),
                     (headers::SOURCE, source),
                     (headers::TIME, time),
                     (headers::CAUSATION_ID, causation),

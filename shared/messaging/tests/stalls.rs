@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, SimpleAsyncConnection as _};
-use shop_messaging::provision::StreamSpec;
 use shop_messaging::Processed;
 use shop_messaging::consumer::ConsumerStats;
+use shop_messaging::provision::StreamSpec;
 use tokio_util::sync::CancellationToken;
 
 use common::*;
@@ -125,19 +125,30 @@ async fn a_dead_letter_that_cannot_be_stored_is_retried_never_terminated() {
     )
     .await;
     assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 0);
-    assert_eq!(ack_pending(&setup).await, 1, "still the consumer's to settle");
+    assert_eq!(
+        ack_pending(&setup).await,
+        1,
+        "still the consumer's to settle"
+    );
 
     // Once the queue is back, the dead letter is stored and the original
     // terminated.
-    StreamSpec::dead_letters().provision(&setup.js).await.unwrap();
-    eventually("the dead letter is stored", Duration::from_secs(20), || async {
-        stats.dead_lettered.load(Ordering::Relaxed) == 1
-    })
+    StreamSpec::dead_letters()
+        .provision(&setup.js)
+        .await
+        .unwrap();
+    eventually(
+        "the dead letter is stored",
+        Duration::from_secs(20),
+        || async { stats.dead_lettered.load(Ordering::Relaxed) == 1 },
+    )
     .await;
     assert_eq!(stream_messages(&setup.js, "DLQ").await, 1);
-    eventually("the original is settled", Duration::from_secs(5), || async {
-        ack_pending(&setup).await == 0
-    })
+    eventually(
+        "the original is settled",
+        Duration::from_secs(5),
+        || async { ack_pending(&setup).await == 0 },
+    )
     .await;
     shutdown.cancel();
     task.await.unwrap();

@@ -92,7 +92,11 @@ pub struct ServiceConfig {
     pub db_lock_timeout_ms: u64,
     /// How long a session may sit idle inside a transaction before the
     /// database ends it, in milliseconds.
-    #[arg(long, env = "DB_IDLE_IN_TRANSACTION_TIMEOUT_MS", default_value_t = 60_000)]
+    #[arg(
+        long,
+        env = "DB_IDLE_IN_TRANSACTION_TIMEOUT_MS",
+        default_value_t = 60_000
+    )]
     pub db_idle_in_transaction_timeout_ms: u64,
     /// Replicas of the service's stream (1 on a single NATS server).
     #[arg(long, env = "STREAM_REPLICAS", default_value_t = 1)]
@@ -537,9 +541,7 @@ impl Readiness {
     fn describe(self) -> &'static str {
         match (self.database, self.nats) {
             (true, true) => "ready: database up, NATS connected",
-            (true, false) => {
-                "ready: database up, NATS disconnected (events wait in the outbox)"
-            }
+            (true, false) => "ready: database up, NATS disconnected (events wait in the outbox)",
             (false, true) => "not ready: database unreachable, NATS connected",
             (false, false) => "not ready: database unreachable, NATS disconnected",
         }

@@ -32,7 +32,9 @@ fn value(u: &mut Unstructured<'_>, name: &str) -> Result<String> {
         headers::ID | headers::CAUSATION_ID => "0190f0c2-0000-7000-8000-000000000001".to_owned(),
         headers::TYPE => u.choose(EVENTS)?.0.to_owned(),
         headers::TIME => "2026-12-01T10:00:00.123456Z".to_owned(),
-        headers::TRACEPARENT => "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned(),
+        headers::TRACEPARENT => {
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned()
+        }
         _ => "shop/order".to_owned(),
     };
     let mut value = if u.ratio(2, 3)? {
@@ -42,7 +44,10 @@ fn value(u: &mut Unstructured<'_>, name: &str) -> Result<String> {
     };
     if u.ratio(1, 8)? && !value.is_empty() {
         let at = u.choose_index(value.len())?;
-        let at = (0..=at).rev().find(|&i| value.is_char_boundary(i)).unwrap_or(0);
+        let at = (0..=at)
+            .rev()
+            .find(|&i| value.is_char_boundary(i))
+            .unwrap_or(0);
         value.insert(at, u.arbitrary::<char>()?);
     }
     // NATS header values cannot hold line breaks.
