@@ -25,9 +25,12 @@
 //! original terminated: nothing is lost and nothing blocks the stream.
 //!
 //! A batch whose transaction fails for a reason that says nothing about its
-//! messages — the database unreachable, a deadlock, a serialisation failure
-//! — is tried again in place, its messages kept with progress acks, so that
-//! an outage spends no deliveries. Routes added with
+//! messages — the database unreachable, a deadlock, a serialisation
+//! failure, a row lock held elsewhere past the session's lock timeout — is
+//! tried again in place for as long as that lasts, its messages kept with
+//! progress acks, so that an outage or a stuck peer spends no deliveries.
+//! Messages fetched while every batch slot is busy are kept leased the same
+//! way until a slot frees. Routes added with
 //! [`Router::on_locking`] name what their handlers lock; a batch takes
 //! advisory locks on those names, in one order, before any handler runs, so
 //! that batches on several replicas queue instead of deadlocking.
