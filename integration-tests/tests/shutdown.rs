@@ -77,14 +77,22 @@ async fn a_service_stopped_under_load_leaves_nothing_in_its_outbox() {
         })
         .await
         .unwrap();
-    PaymentServiceClient::new(channel("payment"))
-        .deposit(DepositRequest {
-            user_id: user_id.clone(),
-            amount_cents: 1_000_000_000,
-            idempotency_key: "stop-funds".into(),
-        })
-        .await
-        .unwrap();
+    // The wallet opens once the payment service has seen user.created.
+    let mut payments = PaymentServiceClient::new(channel("payment"));
+    let deposit = DepositRequest {
+        user_id: user_id.clone(),
+        amount_cents: 1_000_000_000,
+        idempotency_key: "stop-funds".into(),
+    };
+    let asked = std::time::Instant::now();
+    while let Err(status) = payments.deposit(deposit.clone()).await {
+        assert_eq!(status.code(), tonic::Code::NotFound, "{status}");
+        assert!(
+            asked.elapsed() < Duration::from_secs(10),
+            "no wallet: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mut orders = OrderServiceClient::new(channel("order"));
     let order = PlaceOrderRequest {
         user_id: user_id.clone(),
