@@ -1,0 +1,523 @@
+//! One batch: parse and decode each message, apply the batch in one
+//! transaction (the fast path, then, if a handler failed, the careful path
+//! with a savepoint per message), take the locks its routes name in one
+//! order, try again in place when the transaction failed for reasons that
+//! are not the messages', then settle each message.
+
+use std::any::Any;
+use std::collections::{BTreeMap, HashSet};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use diesel::prelude::*;
+use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl};
+use futures::FutureExt as _;
+use shop_db::Cached;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use super::Inner;
+use super::failure::{BatchFailed, Failure, into_passing, panic_message};
+use super::handler::{AfterCommit, Batch, Context, HandlerError};
+use super::router::{Decoded, Handle, Locks, Route};
+use crate::envelope::{Envelope, OutgoingEvent};
+use crate::metrics::ConsumerLabels;
+use crate::provision::original_subject;
+use crate::schema::inbox;
+use crate::trace;
+
+pub(super) enum Outcome {
+    Applied,
+    Duplicate,
+    Ignored,
+}
+
+/// The pause before trying a batch again in place: 50 ms, doubling, at most
+/// 5 s.
+fn retry_here_delay(attempts: u32) -> Duration {
+    Duration::from_millis(50u64 << attempts.saturating_sub(1).min(7)).min(Duration::from_secs(5))
+}
+
+diesel::define_sql_function! {
+    /// Takes an advisory lock on each key, in the order given (see the
+    /// messaging migrations).
+    fn consumer_lock_keys(keys: diesel::sql_types::Array<diesel::sql_types::BigInt>) -> diesel::sql_types::Integer;
+}
+
+/// A stable 64-bit advisory lock key for a lock name (FNV-1a), the same in
+/// every process.
+fn lock_key(name: &str) -> i64 {
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    i64::from_ne_bytes(hash.to_ne_bytes())
+}
+
+/// Why the fast path gave a batch up.
+pub(super) enum Abandoned {
+    /// A handler failed (for a reason about its message).
+    HandlerFailed(HandlerError),
+    Database(diesel::result::Error),
+}
+
+impl From<diesel::result::Error> for Abandoned {
+    fn from(error: diesel::result::Error) -> Self {
+        Self::Database(error)
+    }
+}
+
+/// A message that parsed and decoded, ready for its handler.
+pub(super) struct Prepared<'m, S> {
+    pub(super) envelope: Envelope,
+    pub(super) route: &'m Route<S>,
+    pub(super) decoded: Option<Decoded>,
+}
+
+impl<S: Send + Sync + 'static> Inner<S> {
+    /// Handles a batch of messages in one transaction, each in a savepoint of
+    /// its own so that one failure rolls back only its own effects; then
+    /// settles each message. A transaction that failed for reasons that say
+    /// nothing about the messages (the database unreachable, a deadlock) is
+    /// tried again here, the messages kept meanwhile, instead of spending
+    /// their deliveries; on shutdown they go back to JetStream.
+    pub(super) async fn process_batch(
+        &self,
+        batch: Vec<jetstream::Message>,
+        shutdown: &CancellationToken,
+    ) {
+        let started = std::time::Instant::now();
+        let mut outcomes: Vec<Option<Result<Outcome, Failure>>> = Vec::with_capacity(batch.len());
+        let mut prepared = Vec::new();
+        for (index, message) in batch.iter().enumerate() {
+            match self.prepare(message) {
+                Ok(Some(ready)) => {
+                    outcomes.push(None);
+                    prepared.push((index, ready));
+                }
+                Ok(None) => outcomes.push(Some(Ok(Outcome::Ignored))),
+                Err(failure) => outcomes.push(Some(Err(failure))),
+            }
+        }
+        if !prepared.is_empty() {
+            let mut attempts = 0u32;
+            let applied = loop {
+                let applying = AssertUnwindSafe(self.apply(&mut prepared)).catch_unwind();
+                let applied = tokio::select! {
+                    applied = applying => applied,
+                    never = self.keep_alive(&batch) => match never {},
+                };
+                match applied {
+                    // Nothing is wrong with the messages: keep them (and
+                    // their leases) for as long as it takes, rather than
+                    // spend their deliveries on an outage or on a lock
+                    // someone else holds. Each try is bounded by the
+                    // session's statement and lock timeouts.
+                    Ok(Err(BatchFailed::Passing(reason))) => {
+                        attempts = attempts.saturating_add(1);
+                        self.stats
+                            .batches_tried_again
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.metrics
+                            .batches_tried_again
+                            .get_or_create(&ConsumerLabels {
+                                consumer: self.name.clone(),
+                            })
+                            .inc();
+                        let delay = retry_here_delay(attempts);
+                        tracing::warn!(consumer = %self.name, messages = batch.len(), attempts, ?delay, %reason, "batch failed; trying again");
+                        tokio::select! {
+                            () = shutdown.cancelled() => {
+                                for message in &batch {
+                                    let _ = message.ack_with(AckKind::Nak(None)).await;
+                                }
+                                return;
+                            }
+                            () = tokio::time::sleep(delay) => {}
+                            never = self.keep_alive(&batch) => match never {},
+                        }
+                    }
+                    other => break other,
+                }
+            };
+            let results = match applied {
+                Ok(Ok(results)) => results,
+                Ok(Err(BatchFailed::Passing(reason) | BatchFailed::Other(reason))) => prepared
+                    .iter()
+                    .map(|_| Err(Failure::Transient(reason.clone())))
+                    .collect(),
+                Err(panic) => {
+                    let reason = format!("batch panicked: {}", panic_message(&*panic));
+                    prepared
+                        .iter()
+                        .map(|_| Err(Failure::Transient(reason.clone())))
+                        .collect()
+                }
+            };
+            for ((index, _), result) in prepared.iter().zip(results) {
+                outcomes[*index] = Some(result);
+            }
+        }
+        let elapsed = started.elapsed();
+        for (message, outcome) in batch.iter().zip(outcomes) {
+            let outcome =
+                outcome.unwrap_or_else(|| Err(Failure::Transient("not processed".into())));
+            self.settle(message, outcome, elapsed).await;
+        }
+    }
+
+    /// Parses and decodes a message. `Ok(None)`: no route for its type.
+    fn prepare<'m>(
+        &'m self,
+        message: &'m jetstream::Message,
+    ) -> Result<Option<Prepared<'m, S>>, Failure> {
+        let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
+        if delivered > self.retry.max_deliver {
+            // Earlier deliveries died with their process before they could
+            // be dead-lettered.
+            return Err(Failure::Permanent(format!(
+                "delivered {delivered} times, more than the {} allowed",
+                self.retry.max_deliver
+            )));
+        }
+        let envelope = Envelope::parse(
+            original_subject(&self.name, &message.subject),
+            message.headers.as_ref(),
+            message.payload.clone(),
+        )
+        .map_err(|error| Failure::Permanent(error.to_string()))?;
+        let Some((route, decoded)) = self.router.admit(&envelope).map_err(Failure::Permanent)?
+        else {
+            tracing::debug!(consumer = %self.name, event_type = %envelope.event_type, "no route; acked");
+            return Ok(None);
+        };
+        Ok(Some(Prepared {
+            envelope,
+            route,
+            decoded: Some(decoded),
+        }))
+    }
+
+    /// Runs the prepared messages' handlers in one transaction. `Err` when
+    /// the transaction itself failed: nothing was applied.
+    async fn apply(
+        &self,
+        prepared: &mut [(usize, Prepared<'_, S>)],
+    ) -> Result<Vec<Result<Outcome, Failure>>, BatchFailed> {
+        let mut conn =
+            self.pool.get().await.map_err(|error| {
+                BatchFailed::Passing(format!("no database connection: {error}"))
+            })?;
+        match self.apply_together(&mut conn, prepared).await {
+            Ok(results) => return Ok(results),
+            // A lone message's failure is all there is to know: rolled back
+            // whole, as a savepoint would have rolled it back.
+            Err(Abandoned::HandlerFailed(error)) if prepared.len() == 1 => {
+                return Ok(vec![Err(Failure::from(error))]);
+            }
+            // Someone failed: the careful path below finds out who.
+            Err(Abandoned::HandlerFailed(_)) => {}
+            Err(Abandoned::Database(error)) => return Err(BatchFailed::from(error)),
+        }
+        let (results, after_commit) = conn
+            .transaction::<_, diesel::result::Error, _>(async |conn| {
+                self.lock(conn, prepared, |_| true).await?;
+                let mut results = Vec::with_capacity(prepared.len());
+                let mut after_commit = Vec::new();
+                for (_, ready) in prepared.iter_mut() {
+                    // The handler runs in the message's span (`run_handler`).
+                    let result = self.apply_in_savepoint(conn, ready).await?;
+                    results.push(result.map(|(outcome, work)| {
+                        after_commit.extend(work);
+                        outcome
+                    }));
+                }
+                Ok((results, after_commit))
+            })
+            .await
+            .map_err(BatchFailed::from)?;
+        after_commit.into_iter().for_each(|work| work());
+        Ok(results)
+    }
+
+    /// Takes the advisory locks that the batch's events to be applied name
+    /// (see [`Router::on_locking`]), in ascending key order, before any
+    /// handler runs.
+    async fn lock(
+        &self,
+        conn: &mut AsyncPgConnection,
+        prepared: &mut [(usize, Prepared<'_, S>)],
+        to_apply: impl Fn(&Envelope) -> bool,
+    ) -> QueryResult<()> {
+        // The events of each locking route, by event type.
+        let mut by_route: BTreeMap<&str, (&Locks, Vec<&(dyn Any + Send + Sync)>)> = BTreeMap::new();
+        for (_, ready) in prepared.iter_mut() {
+            // An abandoned fast path consumed it; it decoded then, so it
+            // decodes again.
+            if ready.route.locks.is_some() && ready.decoded.is_none() {
+                ready.decoded = (ready.route.decode)(&ready.envelope.body).ok();
+            }
+        }
+        for (_, ready) in prepared
+            .iter()
+            .filter(|(_, ready)| to_apply(&ready.envelope))
+        {
+            if let (Some(locks), Some(decoded)) = (&ready.route.locks, ready.decoded.as_deref()) {
+                by_route
+                    .entry(ready.envelope.event_type.as_str())
+                    .or_insert_with(|| (locks, Vec::new()))
+                    .1
+                    .push(decoded);
+            }
+        }
+        let mut keys = Vec::new();
+        for (locks, events) in by_route.into_values() {
+            keys.extend(locks(conn, events).await?.iter().map(|name| lock_key(name)));
+        }
+        if keys.is_empty() {
+            return Ok(());
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        diesel::select(consumer_lock_keys(keys))
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
+    /// The fast path: one inbox insert for the whole batch and no
+    /// savepoints. Abandoned (rolled back) as soon as any handler fails.
+    async fn apply_together(
+        &self,
+        conn: &mut AsyncPgConnection,
+        prepared: &mut [(usize, Prepared<'_, S>)],
+    ) -> Result<Vec<Result<Outcome, Failure>>, Abandoned> {
+        let (results, after_commit) = conn
+            .transaction::<_, Abandoned, _>(async |conn| {
+                let mut after_commit = Vec::new();
+                let mut unique = HashSet::new();
+                let rows: Vec<_> = prepared
+                    .iter()
+                    .map(|(_, ready)| ready.envelope.id)
+                    .filter(|id| unique.insert(*id))
+                    .map(|id| (inbox::consumer.eq(&self.name), inbox::event_id.eq(id)))
+                    .collect();
+                let fresh: HashSet<uuid::Uuid> = Cached(
+                    diesel::insert_into(inbox::table)
+                        .values(&rows)
+                        .on_conflict_do_nothing()
+                        .returning(inbox::event_id),
+                )
+                .get_results(conn)
+                .await?
+                .into_iter()
+                .collect();
+                // Locks after the inbox insert, and only for what is to be
+                // applied: a batch waiting on another's uncommitted inbox row
+                // holds no lock that batch could need.
+                self.lock(conn, prepared, |envelope| fresh.contains(&envelope.id))
+                    .await?;
+                // Already in the inbox, or a second copy within this batch.
+                let mut unique = HashSet::new();
+                let mut results: Vec<Option<Result<Outcome, Failure>>> = prepared
+                    .iter()
+                    .map(|(_, ready)| {
+                        let id = ready.envelope.id;
+                        (!fresh.contains(&id) || !unique.insert(id))
+                            .then_some(Ok(Outcome::Duplicate))
+                    })
+                    .collect();
+                for first in 0..prepared.len() {
+                    if results[first].is_some() {
+                        continue;
+                    }
+                    let route = prepared[first].1.route;
+                    // A batch route takes the batch's other new events of its
+                    // type along.
+                    let members: Vec<usize> = match route.handle {
+                        Handle::One(_) => vec![first],
+                        Handle::Batch(_) => (first..prepared.len())
+                            .filter(|&index| {
+                                results[index].is_none()
+                                    && prepared[index].1.envelope.event_type
+                                        == prepared[first].1.envelope.event_type
+                            })
+                            .collect(),
+                    };
+                    let group: Vec<&mut Prepared<'_, S>> = prepared
+                        .iter_mut()
+                        .enumerate()
+                        .filter(|(index, _)| members.binary_search(index).is_ok())
+                        .map(|(_, (_, ready))| ready)
+                        .collect();
+                    let work =
+                        self.run_handler(conn, group)
+                            .await
+                            .map_err(|error| match into_passing(error) {
+                                Ok(error) => Abandoned::Database(error),
+                                Err(error) => Abandoned::HandlerFailed(error),
+                            })?;
+                    after_commit.extend(work);
+                    for index in members {
+                        results[index] = Some(Ok(Outcome::Applied));
+                    }
+                }
+                let results = results
+                    .into_iter()
+                    .map(|result| result.unwrap_or(Ok(Outcome::Applied)))
+                    .collect();
+                Ok((results, after_commit))
+            })
+            .await?;
+        after_commit.into_iter().for_each(|work| work());
+        Ok(results)
+    }
+
+    /// The careful path for one message: inbox row, handler and emitted
+    /// events in a savepoint, so that a failure undoes only this message.
+    /// The outer `Err` is a failure that says nothing about the message
+    /// (see [`passing`]): the whole batch is to be tried again.
+    async fn apply_in_savepoint(
+        &self,
+        conn: &mut AsyncPgConnection,
+        ready: &mut Prepared<'_, S>,
+    ) -> Result<Result<(Outcome, Vec<AfterCommit>), Failure>, diesel::result::Error> {
+        let result = conn
+            .transaction::<_, HandlerError, _>(async |conn| {
+                let inserted = diesel::insert_into(inbox::table)
+                    .values((
+                        inbox::consumer.eq(&self.name),
+                        inbox::event_id.eq(ready.envelope.id),
+                    ))
+                    .on_conflict_do_nothing()
+                    .execute(conn)
+                    .await?;
+                if inserted == 0 {
+                    return Ok((Outcome::Duplicate, Vec::new()));
+                }
+                let work = self.run_handler(conn, vec![ready]).await?;
+                Ok((Outcome::Applied, work))
+            })
+            .await;
+        match result {
+            Ok(applied) => Ok(Ok(applied)),
+            Err(error) => match into_passing(error) {
+                Ok(passing) => Err(passing),
+                Err(error) => Ok(Err(Failure::from(error))),
+            },
+        }
+    }
+
+    /// Runs the handler of `group`'s messages (one message, or several of
+    /// one batch route) and writes the events they emitted, each under its
+    /// message's span; returns the after-commit work. A panicking handler is
+    /// a transient failure.
+    async fn run_handler(
+        &self,
+        conn: &mut AsyncPgConnection,
+        mut group: Vec<&mut Prepared<'_, S>>,
+    ) -> Result<Vec<AfterCommit>, HandlerError> {
+        let Some(route) = <[_]>::first(&group).map(|ready| ready.route) else {
+            return Ok(Vec::new());
+        };
+        // Decoded once in `prepare`; decoded again if an abandoned fast path
+        // consumed it (it decoded before, so it decodes again).
+        let mut decoded = Vec::with_capacity(group.len());
+        for ready in &mut group {
+            decoded.push(match ready.decoded.take() {
+                Some(decoded) => decoded,
+                None => (route.decode)(&ready.envelope.body)
+                    .map_err(|error| HandlerError::permanent(error.to_string()))?,
+            });
+        }
+        let envelopes: Vec<&Envelope> = group.iter().map(|ready| &ready.envelope).collect();
+        let spans: Vec<tracing::Span> = envelopes
+            .iter()
+            .map(|envelope| consumer_span(&self.name, envelope))
+            .collect();
+        // One message runs in its span; the spans of several cover their
+        // shared handling, each in its own saga's trace.
+        let current = match spans.as_slice() {
+            [span] => span.clone(),
+            _ => tracing::Span::none(),
+        };
+        let (result, emitted, mut after_commit) = match &route.handle {
+            Handle::One(handle) => {
+                let mut decoded = decoded.into_iter();
+                let (Some(decoded), None, [envelope]) =
+                    (decoded.next(), decoded.next(), envelopes.as_slice())
+                else {
+                    return Err(HandlerError::permanent(
+                        "internal: a one-event route got several",
+                    ));
+                };
+                let mut cx = Context {
+                    conn: &mut *conn,
+                    envelope,
+                    emitted: Vec::new(),
+                    after_commit: Vec::new(),
+                };
+                let result = AssertUnwindSafe(handle(&self.state, &mut cx, decoded))
+                    .catch_unwind()
+                    .instrument(current)
+                    .await;
+                (result, vec![cx.emitted], cx.after_commit)
+            }
+            Handle::Batch(handle) => {
+                let mut batch = Batch {
+                    conn: &mut *conn,
+                    emitted: vec![Vec::new(); envelopes.len()],
+                    envelopes,
+                    after_commit: Vec::new(),
+                };
+                let result = AssertUnwindSafe(handle(&self.state, &mut batch, decoded))
+                    .catch_unwind()
+                    .instrument(current)
+                    .await;
+                (result, batch.emitted, batch.after_commit)
+            }
+        };
+        match result {
+            Ok(result) => result?,
+            Err(panic) => {
+                return Err(HandlerError::transient(format!(
+                    "handler panicked: {}",
+                    panic_message(&*panic)
+                )));
+            }
+        }
+        let emitted: Vec<(&tracing::Span, Vec<OutgoingEvent>)> =
+            spans.iter().zip(emitted).collect();
+        if emitted.iter().any(|(_, events)| !events.is_empty()) {
+            self.outbox.append_each(conn, &emitted).await?;
+            let outbox = self.outbox.clone();
+            after_commit.push(Box::new(move || outbox.committed()));
+        }
+        Ok(after_commit)
+    }
+}
+
+/// The consumer-kind span of one message, a child of the producer's span.
+fn consumer_span(consumer: &str, envelope: &Envelope) -> tracing::Span {
+    let span = tracing::info_span!(
+        "process",
+        otel.name = format!("{} process", envelope.subject),
+        otel.kind = "consumer",
+        shop.service = %consumer,
+        messaging.system = "nats",
+        messaging.operation.type = "process",
+        messaging.destination.name = %envelope.subject,
+        messaging.consumer.group.name = %consumer,
+        messaging.message.id = %envelope.id,
+        order_id = envelope.correlation_id.as_deref().unwrap_or_default(),
+        trace_id = tracing::field::Empty,
+    );
+    trace::continue_from(
+        &span,
+        envelope.traceparent.as_deref(),
+        envelope.tracestate.as_deref(),
+    );
+    span.record("trace_id", trace::trace_id(&span));
+    span
+}

@@ -1,0 +1,97 @@
+//! How failures are told apart: a batch's transaction that failed for
+//! reasons that say nothing about its messages (tried again in place), and a
+//! message's own failure, transient or permanent.
+
+use std::any::Any;
+
+use super::handler::HandlerError;
+
+/// Why a batch's transaction failed as a whole; nothing was applied.
+pub(super) enum BatchFailed {
+    /// For reasons that say nothing about the messages (see [`passing`]).
+    Passing(String),
+    /// Anything else.
+    Other(String),
+}
+
+impl From<diesel::result::Error> for BatchFailed {
+    fn from(error: diesel::result::Error) -> Self {
+        let reason = format!("the batch's transaction failed: {error}");
+        if passing(&error) {
+            Self::Passing(reason)
+        } else {
+            Self::Other(reason)
+        }
+    }
+}
+
+/// Whether a database error says nothing about the messages being handled:
+/// the database was unreachable or went away, or another transaction got
+/// in the way (a deadlock, a serialisation failure, a lock held past the
+/// session's lock timeout). The same batch may well succeed a moment later.
+/// diesel-async reports deadlocks and lock timeouts as `Unknown`, without
+/// their SQLSTATE, so those are told by their (English) messages.
+fn passing(error: &diesel::result::Error) -> bool {
+    use diesel::result::{DatabaseErrorKind as Kind, Error};
+    match error {
+        Error::BrokenTransactionManager => true,
+        Error::DatabaseError(
+            Kind::ClosedConnection | Kind::UnableToSendCommand | Kind::SerializationFailure,
+            _,
+        ) => true,
+        Error::DatabaseError(Kind::Unknown, info) => {
+            let message = info.message();
+            message.contains("deadlock detected")
+                // Another session holds the rows (see `SessionLimits`).
+                || message.contains("lock timeout")
+                || message.contains("the database system is")
+                || message.contains("connection")
+        }
+        _ => false,
+    }
+}
+
+/// The database error inside a handler's failure, when it is [`passing`].
+pub(super) fn into_passing(error: HandlerError) -> Result<diesel::result::Error, HandlerError> {
+    match error {
+        HandlerError::Transient(source) => match source.downcast::<diesel::result::Error>() {
+            Ok(error) if passing(&error) => Ok(*error),
+            Ok(error) => Err(HandlerError::Transient(error)),
+            Err(source) => Err(HandlerError::Transient(source)),
+        },
+        permanent @ HandlerError::Permanent(_) => Err(permanent),
+    }
+}
+
+pub(super) enum Failure {
+    Transient(String),
+    Permanent(String),
+}
+
+impl From<HandlerError> for Failure {
+    fn from(error: HandlerError) -> Self {
+        match error {
+            HandlerError::Transient(source) => Self::Transient(error_chain(&*source)),
+            HandlerError::Permanent(reason) => Self::Permanent(reason),
+        }
+    }
+}
+
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+pub(super) fn panic_message(panic: &(dyn Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string panic".to_owned())
+}

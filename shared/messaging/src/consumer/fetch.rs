@@ -1,0 +1,237 @@
+//! Fetching and leases: the pull loop, batches of whatever has arrived,
+//! messages held (progress-acked) while every batch slot is busy, the lease
+//! of a batch in progress, and what goes back to JetStream on shutdown.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+use futures::{FutureExt as _, StreamExt as _};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{EventConsumer, Inner};
+use crate::schema::inbox;
+
+impl<S: Send + Sync + 'static> EventConsumer<S> {
+    /// Provisions the durable consumer and handles messages until `shutdown`
+    /// is cancelled; then stops fetching, lets the batches in hand finish,
+    /// hands the messages fetched but not started back to JetStream (nak),
+    /// and returns. A message still on its way from an open pull request is
+    /// delivered again after the ack wait.
+    pub async fn run(self, shutdown: CancellationToken) {
+        // The broker may be down at start-up or mid-way: keep trying.
+        let mut failures = 0u32;
+        let consumer = loop {
+            match self.spec.provision(&self.inner.js).await {
+                Ok(consumer) => break consumer,
+                Err(error) => {
+                    failures += 1;
+                    tracing::warn!(consumer = %self.inner.name, error = %error, failures, "cannot provision the consumer; retrying");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(reconnect_delay(failures)) => {}
+                    }
+                }
+            }
+        };
+        let tracker = TaskTracker::new();
+        tracker.spawn(prune_inbox(
+            Arc::clone(&self.inner),
+            self.inbox_retention,
+            shutdown.clone(),
+        ));
+        let permits = Arc::new(Semaphore::new(self.concurrency));
+        // Fetched while every batch slot was busy: kept leased (progress
+        // acks) until a slot frees, so that a stalled batch does not make
+        // the messages behind it age into redeliveries. JetStream's
+        // `max_ack_pending` bounds how many there can be.
+        let mut held: VecDeque<jetstream::Message> = VecDeque::new();
+        let lease_every = (self.inner.ack_wait / 3).max(Duration::from_millis(100));
+        failures = 0;
+        'fetch: while !shutdown.is_cancelled() {
+            let stream = consumer
+                .stream()
+                .max_messages_per_batch(self.concurrency * self.batch_size)
+                // A lost pull (the server restarted) shows as missed
+                // heartbeats: frequent ones find it within a few seconds.
+                .heartbeat(Duration::from_secs(1))
+                .expires(Duration::from_secs(10))
+                .messages()
+                .await;
+            let mut messages = match stream {
+                Ok(messages) => messages,
+                Err(error) => {
+                    failures += 1;
+                    tracing::warn!(consumer = %self.inner.name, error = %error, "cannot pull messages; retrying");
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(reconnect_delay(failures)) => continue,
+                    }
+                }
+            };
+            loop {
+                let mut pull_again = false;
+                let permit = loop {
+                    tokio::select! {
+                        biased;
+                        () = shutdown.cancelled() => {
+                            release(held.drain(..)).await;
+                            release_buffered(&mut messages).await;
+                            break 'fetch;
+                        }
+                        permit = Arc::clone(&permits).acquire_owned() => {
+                            break permit.expect("the semaphore is never closed");
+                        }
+                        () = tokio::time::sleep(lease_every) => {
+                            pull_again |= take_arrived(&mut messages, &mut held, usize::MAX);
+                            for message in &held {
+                                // A lost progress ack only risks a
+                                // redelivery, which the inbox absorbs.
+                                let _ = message.ack_with(AckKind::Progress).await;
+                            }
+                        }
+                    }
+                };
+                let mut batch: Vec<jetstream::Message> =
+                    held.drain(..held.len().min(self.batch_size)).collect();
+                if batch.is_empty() && !pull_again {
+                    let first = tokio::select! {
+                        biased;
+                        () = shutdown.cancelled() => {
+                            release_buffered(&mut messages).await;
+                            break 'fetch;
+                        }
+                        next = messages.next() => next,
+                    };
+                    match first {
+                        Some(Ok(message)) => batch.push(message),
+                        Some(Err(error)) => {
+                            // Missed heartbeats, a reconnect: start a fresh pull.
+                            tracing::warn!(consumer = %self.inner.name, error = %error, "pull consumer error; pulling again");
+                            continue 'fetch;
+                        }
+                        None => {
+                            tracing::warn!(consumer = %self.inner.name, "message stream ended; pulling again");
+                            continue 'fetch;
+                        }
+                    }
+                }
+                // Whatever else has already arrived joins the batch: one
+                // commit for many messages under load, no waiting when idle.
+                if !pull_again {
+                    let room = self.batch_size - batch.len();
+                    let mut arrived = VecDeque::new();
+                    pull_again = take_arrived(&mut messages, &mut arrived, room);
+                    batch.extend(arrived);
+                }
+                failures = 0;
+                if !batch.is_empty() {
+                    let inner = Arc::clone(&self.inner);
+                    let shutdown = shutdown.clone();
+                    tracker.spawn(async move {
+                        inner.process_batch(batch, &shutdown).await;
+                        drop(permit);
+                    });
+                }
+                if pull_again {
+                    continue 'fetch;
+                }
+            }
+        }
+        tracker.close();
+        tracker.wait().await;
+    }
+}
+
+impl<S: Send + Sync + 'static> Inner<S> {
+    /// Tells JetStream every third of the ack wait that the batch is still
+    /// being worked on, so that a slow batch (waiting for locks, say) is not
+    /// delivered again to another replica meanwhile; runs until dropped.
+    pub(super) async fn keep_alive(
+        &self,
+        batch: &[jetstream::Message],
+    ) -> std::convert::Infallible {
+        let every = (self.ack_wait / 3).max(Duration::from_millis(100));
+        loop {
+            tokio::time::sleep(every).await;
+            for message in batch {
+                // A lost progress ack only risks a redelivery, which the
+                // inbox absorbs.
+                let _ = message.ack_with(AckKind::Progress).await;
+            }
+        }
+    }
+}
+
+/// Naks the messages already fetched into the client's buffer, so that
+/// another replica gets them at once instead of after the ack wait.
+async fn release_buffered(messages: &mut jetstream::consumer::pull::Stream) {
+    while let Some(Some(Ok(message))) = messages.next().now_or_never() {
+        let _ = message.ack_with(AckKind::Nak(None)).await;
+    }
+}
+
+/// Naks messages taken from the stream but not started.
+async fn release(messages: impl Iterator<Item = jetstream::Message>) {
+    for message in messages {
+        let _ = message.ack_with(AckKind::Nak(None)).await;
+    }
+}
+
+/// Moves up to `room` messages that have already arrived into `into`,
+/// without waiting. `true` when the pull broke (an error, the stream
+/// ended) and must be started again.
+fn take_arrived(
+    messages: &mut jetstream::consumer::pull::Stream,
+    into: &mut VecDeque<jetstream::Message>,
+    room: usize,
+) -> bool {
+    let mut taken = 0;
+    while taken < room {
+        match messages.next().now_or_never() {
+            Some(Some(Ok(message))) => {
+                into.push_back(message);
+                taken += 1;
+            }
+            Some(Some(Err(_)) | None) => return true,
+            None => break,
+        }
+    }
+    false
+}
+
+/// Deletes inbox rows older than `retention`, hourly.
+async fn prune_inbox<S>(inner: Arc<Inner<S>>, retention: Duration, shutdown: CancellationToken) {
+    let mut interval = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        let cutoff = chrono::Utc::now() - retention;
+        let result = async {
+            let mut conn = inner.pool.get().await.map_err(|error| error.to_string())?;
+            diesel::delete(
+                inbox::table
+                    .filter(inbox::consumer.eq(&inner.name))
+                    .filter(inbox::received_at.lt(cutoff)),
+            )
+            .execute(&mut conn)
+            .await
+            .map_err(|error| error.to_string())
+        }
+        .await;
+        if let Err(error) = result {
+            tracing::warn!(consumer = %inner.name, %error, "inbox pruning failed");
+        }
+    }
+}
+
+fn reconnect_delay(failures: u32) -> Duration {
+    Duration::from_millis(200u64 << failures.min(5)).min(Duration::from_secs(5))
+}
