@@ -125,16 +125,10 @@ async fn a_row_lock_held_past_every_redelivery_dead_letters_nothing() {
         let order = shop.settled(order_id).await;
         assert_eq!(order.status(), OrderStatus::Confirmed, "{:?}", order.steps);
     }
-    let js = async_nats::jetstream::new(shop.infra.nats.client().await);
-    let dead_letters = js
-        .get_stream("DLQ")
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .state
-        .messages;
-    assert_eq!(dead_letters, 0, "a stall is nobody's messages' fault");
+    assert_eq!(
+        shop.dead_letters().await,
+        0,
+        "a stall is nobody's messages' fault"
+    );
     shop.check_invariants().await;
 }

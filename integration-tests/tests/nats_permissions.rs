@@ -11,13 +11,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use processes::{ServiceProcess, place_order, settled};
-use shop_proto::inventory::v1::CreateProductRequest;
-use shop_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use shop_proto::order::v1::order_service_client::OrderServiceClient;
 use shop_proto::order::v1::{OrderItem, OrderStatus, PlaceOrderRequest};
 use shop_proto::payment::v1::PaymentCompleted;
-use shop_proto::user::v1::CreateUserRequest;
-use shop_proto::user::v1::user_service_client::UserServiceClient;
 use shop_test_support::{TestNats, TestPostgres};
 
 const SERVICES: [&str; 4] = ["user", "order", "inventory", "payment"];
@@ -87,26 +83,8 @@ async fn each_service_publishes_only_its_own_events_and_the_saga_still_runs() {
     let channel = |name: &str| processes::admin_channel(services[name].endpoint());
 
     // A whole saga across the four, each on its own credentials.
-    let user_id = UserServiceClient::new(channel("user"))
-        .create_user(CreateUserRequest {
-            email: "perm@example.com".into(),
-            name: "Perm".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap()
-        .user_id;
-    InventoryServiceClient::new(channel("inventory"))
-        .create_product(CreateProductRequest {
-            sku: "LAMP".into(),
-            name: "Lamp".into(),
-            price_cents: 1999,
-            stock: 3,
-        })
-        .await
-        .unwrap();
+    let user_id = processes::create_user(services["user"].endpoint(), "perm@example.com").await;
+    processes::create_product(services["inventory"].endpoint(), "LAMP", 1999, 3).await;
     let mut orders = OrderServiceClient::new(channel("order"));
     let request = PlaceOrderRequest {
         user_id,

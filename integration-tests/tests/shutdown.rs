@@ -15,14 +15,10 @@ use std::time::Duration;
 use diesel::QueryableByName;
 use diesel_async::{AsyncConnection as _, AsyncPgConnection};
 use processes::{ServiceProcess, place_order};
-use shop_proto::inventory::v1::CreateProductRequest;
-use shop_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use shop_proto::order::v1::order_service_client::OrderServiceClient;
 use shop_proto::order::v1::{OrderItem, PlaceOrderRequest};
 use shop_proto::payment::v1::DepositRequest;
 use shop_proto::payment::v1::payment_service_client::PaymentServiceClient;
-use shop_proto::user::v1::CreateUserRequest;
-use shop_proto::user::v1::user_service_client::UserServiceClient;
 use shop_test_support::{TestNats, TestPostgres};
 
 const SERVICES: [&str; 4] = ["user", "order", "inventory", "payment"];
@@ -57,26 +53,8 @@ async fn a_service_stopped_under_load_leaves_nothing_in_its_outbox() {
         urls.insert(name, url);
     }
     let channel = |name: &str| processes::admin_channel(services[name].endpoint());
-    let user_id = UserServiceClient::new(channel("user"))
-        .create_user(CreateUserRequest {
-            email: "stop@example.com".into(),
-            name: "Stop".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap()
-        .user_id;
-    InventoryServiceClient::new(channel("inventory"))
-        .create_product(CreateProductRequest {
-            sku: "LAMP".into(),
-            name: "Lamp".into(),
-            price_cents: 1,
-            stock: 1_000_000,
-        })
-        .await
-        .unwrap();
+    let user_id = processes::create_user(services["user"].endpoint(), "stop@example.com").await;
+    processes::create_product(services["inventory"].endpoint(), "LAMP", 1, 1_000_000).await;
     // The wallet opens once the payment service has seen user.created.
     let mut payments = PaymentServiceClient::new(channel("payment"));
     let deposit = DepositRequest {

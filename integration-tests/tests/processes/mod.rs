@@ -258,6 +258,40 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// Registers a user through the user service at `endpoint`, as the
+/// administrator; returns the new user's id.
+pub async fn create_user(endpoint: String, email: &str) -> String {
+    use shop_proto::user::v1::CreateUserRequest;
+    use shop_proto::user::v1::user_service_client::UserServiceClient;
+    UserServiceClient::new(admin_channel(endpoint))
+        .create_user(CreateUserRequest {
+            email: email.into(),
+            name: "Test User".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap()
+        .user_id
+}
+
+/// Adds a product through the inventory service at `endpoint`, as the
+/// administrator.
+pub async fn create_product(endpoint: String, sku: &str, price_cents: i64, stock: i64) {
+    use shop_proto::inventory::v1::CreateProductRequest;
+    use shop_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
+    InventoryServiceClient::new(admin_channel(endpoint))
+        .create_product(CreateProductRequest {
+            sku: sku.into(),
+            name: sku.into(),
+            price_cents,
+            stock,
+        })
+        .await
+        .unwrap();
+}
+
 /// Places an order, retrying while the order service has not yet learned of
 /// a just-created user (from `user.created`).
 pub async fn place_order(

@@ -364,6 +364,19 @@ impl Shop {
         *self.users.get_mut(user_id).unwrap() += amount;
     }
 
+    /// How many messages the dead-letter queue holds.
+    pub async fn dead_letters(&self) -> u64 {
+        async_nats::jetstream::new(self.infra.nats.client().await)
+            .get_stream("DLQ")
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .messages
+    }
+
     /// Records a product made outside [`create_product`](Self::create_product).
     pub fn product_created(&mut self, sku: &str, stock: i64) {
         self.stocked.insert(sku.to_owned(), stock);

@@ -422,17 +422,23 @@ mod tests {
 
     use super::*;
 
-    /// A refund that a balance could not hold (out of reach through the
-    /// API, whose deposits stop at MAX_BALANCE_CENTS) fails permanently,
-    /// saying why, and changes nothing.
-    #[tokio::test(flavor = "multi_thread")]
-    async fn a_refund_past_what_a_balance_holds_says_so_and_changes_nothing() {
+    /// A fresh, migrated payment database and a connection to it.
+    async fn migrated() -> (TestPostgres, AsyncPgConnection) {
         let postgres = TestPostgres::start().await;
         let url = postgres.create_database("payment").await;
         shop_db::migrate(&url, vec![shop_messaging::MIGRATIONS, crate::MIGRATIONS])
             .await
             .unwrap();
-        let mut conn = AsyncPgConnection::establish(&url).await.unwrap();
+        let conn = AsyncPgConnection::establish(&url).await.unwrap();
+        (postgres, conn)
+    }
+
+    /// A refund that a balance could not hold (out of reach through the
+    /// API, whose deposits stop at MAX_BALANCE_CENTS) fails permanently,
+    /// saying why, and changes nothing.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_refund_past_what_a_balance_holds_says_so_and_changes_nothing() {
+        let (_postgres, mut conn) = migrated().await;
         let ann = Uuid::now_v7();
         open_wallet(&mut conn, ann, 100).await.unwrap();
         let order_id = Uuid::now_v7();
@@ -477,12 +483,7 @@ mod tests {
     /// each sees the balance the ones before it left.
     #[tokio::test(flavor = "multi_thread")]
     async fn charges_debited_together_take_the_balance_in_turn() {
-        let postgres = TestPostgres::start().await;
-        let url = postgres.create_database("payment").await;
-        shop_db::migrate(&url, vec![shop_messaging::MIGRATIONS, crate::MIGRATIONS])
-            .await
-            .unwrap();
-        let mut conn = AsyncPgConnection::establish(&url).await.unwrap();
+        let (_postgres, mut conn) = migrated().await;
         let ann = Uuid::now_v7();
         let bob = Uuid::now_v7();
         open_wallet(&mut conn, ann, 100).await.unwrap();

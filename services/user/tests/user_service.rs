@@ -190,6 +190,23 @@ async fn reflection_health_and_http_probes_answer() {
     assert!(readyz.starts_with("HTTP/1.1 200"), "{readyz}");
 }
 
+/// Registers a user as the administrator.
+async fn register(
+    running: &Running,
+    infra: &TestInfra,
+    email: &str,
+) -> Result<tonic::Response<shop_proto::user::v1::CreateUserResponse>, tonic::Status> {
+    UserServiceClient::new(shop_auth::with_token(
+        running.channel().await.unwrap(),
+        &infra.issuer.admin_token(),
+    ))
+    .create_user(CreateUserRequest {
+        email: email.into(),
+        name: "Registered".into(),
+    })
+    .await
+}
+
 /// Polls `check` until it holds, for at most 15 s.
 async fn until<F, Fut>(what: &str, mut check: F)
 where
@@ -267,15 +284,7 @@ async fn health_follows_nats_and_postgres_down_and_back() {
     })
     .await;
     wait_health(&running, true).await;
-    let mut users = UserServiceClient::new(shop_auth::with_token(
-        running.channel().await.unwrap(),
-        &infra.issuer.admin_token(),
-    ));
-    users
-        .create_user(CreateUserRequest {
-            email: "no-nats@example.com".into(),
-            name: "Without NATS".into(),
-        })
+    register(&running, &infra, "no-nats@example.com")
         .await
         .expect("registering needs PostgreSQL only");
     // Alive all the same: a liveness probe must not restart it.
@@ -307,15 +316,7 @@ async fn health_follows_nats_and_postgres_down_and_back() {
     wait_health(&running, true).await;
 
     // And it serves again, with no restart.
-    let mut users = UserServiceClient::new(shop_auth::with_token(
-        running.channel().await.unwrap(),
-        &infra.issuer.admin_token(),
-    ));
-    users
-        .create_user(CreateUserRequest {
-            email: "back@example.com".into(),
-            name: "Back".into(),
-        })
+    register(&running, &infra, "back@example.com")
         .await
         .unwrap();
     let metrics = http_get(running.http_addr(), "/metrics").await;
