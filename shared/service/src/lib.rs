@@ -730,6 +730,8 @@ impl Server {
         // nothing in its outbox for the next start.
         let relay_stop = CancellationToken::new();
         let relay = tokio::spawn(infra.relay().run(relay_stop.clone()));
+        // Should serving fail and return early, the relay stops too.
+        let relay_stop = relay_stop.drop_guard();
         let tracker = TaskTracker::new();
         tracker.spawn(sample_gauges(infra.clone(), shutdown.clone()));
         let grpc_metrics = GrpcMetrics::default();
@@ -844,7 +846,7 @@ impl Server {
             Err(_) => tracing::warn!(service = name, "HTTP connections still open; closing them"),
         }
         tracker.wait().await;
-        relay_stop.cancel();
+        relay_stop.disarm().cancel();
         if let Err(error) = relay.await {
             tracing::error!(service = name, %error, "the outbox relay task failed");
         }
