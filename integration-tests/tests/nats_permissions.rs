@@ -47,18 +47,6 @@ async fn connect_as(nats: &TestNats, user: &str) -> async_nats::Client {
         .unwrap()
 }
 
-/// How many messages `stream` holds.
-async fn stored(js: &async_nats::jetstream::Context, stream: &str) -> u64 {
-    js.get_stream(stream)
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .state
-        .messages
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn each_service_publishes_only_its_own_events_and_the_saga_still_runs() {
     let (nats, postgres) = tokio::join!(nats(), TestPostgres::start());
@@ -100,7 +88,7 @@ async fn each_service_publishes_only_its_own_events_and_the_saga_still_runs() {
     let order = settled(&mut orders, &order_id).await;
     assert_eq!(order.status(), OrderStatus::Confirmed, "{order:?}");
     let admin = async_nats::jetstream::new(nats.client().await);
-    let payments_before = stored(&admin, "PAYMENT").await;
+    let payments_before = nats.stored("PAYMENT").await;
     assert_eq!(payments_before, 1, "the saga's payment.completed");
 
     // The order service's credentials cannot forge a payment.
@@ -161,7 +149,7 @@ async fn each_service_publishes_only_its_own_events_and_the_saga_still_runs() {
         .await
         .map_or(true, |message| message.is_none())
     );
-    let payments_after = stored(&admin, "PAYMENT").await;
+    let payments_after = nats.stored("PAYMENT").await;
     assert_eq!(payments_after, payments_before, "nothing forged was stored");
 
     // No inbox but its own: not the shared one, not another service's.
@@ -187,7 +175,7 @@ async fn each_service_publishes_only_its_own_events_and_the_saga_still_runs() {
         .unwrap()
         .await
         .unwrap();
-    let dlq_before = stored(&admin, "DLQ").await;
+    let dlq_before = nats.stored("DLQ").await;
     let order_js = async_nats::jetstream::ContextBuilder::new()
         .timeout(Duration::from_secs(1))
         .build(order_client.clone());
@@ -229,7 +217,7 @@ async fn each_service_publishes_only_its_own_events_and_the_saga_still_runs() {
     };
     assert!(!replayed, "a service published a replay");
     assert_eq!(
-        stored(&admin, "DLQ").await,
+        nats.stored("DLQ").await,
         dlq_before,
         "the dead letters are all there"
     );

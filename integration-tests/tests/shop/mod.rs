@@ -366,15 +366,7 @@ impl Shop {
 
     /// How many messages the dead-letter queue holds.
     pub async fn dead_letters(&self) -> u64 {
-        async_nats::jetstream::new(self.infra.nats.client().await)
-            .get_stream("DLQ")
-            .await
-            .unwrap()
-            .info()
-            .await
-            .unwrap()
-            .state
-            .messages
+        self.infra.nats.stored("DLQ").await
     }
 
     /// Records a product made outside [`create_product`](Self::create_product).

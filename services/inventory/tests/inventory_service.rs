@@ -170,15 +170,6 @@ async fn a_cancellation_that_overtakes_its_order_leaves_a_tombstone() {
     assert_eq!(reserved.order_id, later, "the cancelled order was reserved");
     let lamp = inventory.lamp().await;
     assert_eq!((lamp.available, lamp.reserved), (2, 1));
-    let stream = inventory
-        .js
-        .get_stream("INVENTORY")
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .state
-        .messages;
+    let stream = inventory.infra.nats.stored("INVENTORY").await;
     assert_eq!(stream, 1, "only the later order produced an event");
 }

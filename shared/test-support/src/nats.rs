@@ -147,6 +147,19 @@ impl TestNats {
             })
     }
 
+    /// How many messages `stream` holds now.
+    pub async fn stored(&self, stream: &str) -> u64 {
+        async_nats::jetstream::new(self.client().await)
+            .get_stream(stream)
+            .await
+            .unwrap_or_else(|error| panic!("no stream {stream}: {error}"))
+            .info()
+            .await
+            .unwrap_or_else(|error| panic!("no info on stream {stream}: {error}"))
+            .state
+            .messages
+    }
+
     /// The last message on `subject` of `stream`, waiting up to `timeout` for
     /// the stream and a message to appear.
     pub async fn last_message(
