@@ -1,33 +1,37 @@
-//! Reserving an order's lines, all or none. Pure: no I/O.
+//! An order's reservation: its lines reserved all or none, released on a
+//! failure, sold on a confirmation; and what a product may be. Pure: no I/O.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+
+use shop_domain::{StepError, limits};
+use uuid::Uuid;
 
 /// A product's price and what can be reserved of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Stock {
-    pub(crate) price_cents: i64,
-    pub(crate) available: i64,
+pub struct Stock {
+    pub price_cents: i64,
+    pub available: i64,
 }
 
 /// One reserved line, priced.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Line {
-    pub(crate) sku: String,
-    pub(crate) quantity: i64,
-    pub(crate) unit_price_cents: i64,
+pub struct Line {
+    pub sku: String,
+    pub quantity: i64,
+    pub unit_price_cents: i64,
 }
 
 /// Why an order cannot be reserved, naming the SKU.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Rejection {
-    pub(crate) sku: String,
-    pub(crate) reason: String,
+pub struct Rejection {
+    pub sku: String,
+    pub reason: String,
 }
 
 /// Prices and reserves every line, or rejects the order at the first line
 /// that cannot be had; nothing is reserved then. Lines are taken in SKU
 /// order, so the rejection is the same whatever the order of the request.
-pub(crate) fn reserve(
+pub fn reserve(
     items: &[(String, i64)],
     stock: &HashMap<String, Stock>,
 ) -> Result<(Vec<Line>, i64), Rejection> {
@@ -73,36 +77,165 @@ pub(crate) fn reserve(
     Ok((lines, total))
 }
 
-/// Where an order's reservation stands. The row outlives the reservation:
-/// `Cancelled` is a tombstone for an order cancelled before it was seen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Status {
-    Reserved,
-    Rejected,
-    Released,
-    Sold,
-    Cancelled,
+shop_domain::labels! {
+    /// Where an order's reservation stands. The row outlives the
+    /// reservation: `Cancelled` is a tombstone for an order cancelled before
+    /// it was seen.
+    pub enum Status {
+        Reserved = "RESERVED",
+        Rejected = "REJECTED",
+        Released = "RELEASED",
+        Sold = "SOLD",
+        Cancelled = "CANCELLED",
+    }
 }
 
-impl Status {
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            Self::Reserved => "RESERVED",
-            Self::Rejected => "REJECTED",
-            Self::Released => "RELEASED",
-            Self::Sold => "SOLD",
-            Self::Cancelled => "CANCELLED",
+/// An `order.placed` to reserve for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    pub order_id: Uuid,
+    pub user_id: Uuid,
+    pub items: Vec<(String, i64)>,
+}
+
+/// What a reservation attempt decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reservation {
+    /// Every line reserved: `inventory.reserved`.
+    Reserved { lines: Vec<Line>, total_cents: i64 },
+    /// Nothing reserved: `inventory.rejected`.
+    Rejected { sku: String, reason: String },
+    /// The order was seen before (a redelivery, or a cancellation that
+    /// overtook it): nothing to do.
+    AlreadyDecided,
+}
+
+/// Step 2 for several orders, one after another in the order given: each
+/// reserves all its lines or none ([`reserve`]) from the stock the orders
+/// before it left. `decided` holds the orders that have a reservation row
+/// (a tombstone included) and gains the ones decided here; `stock` loses
+/// the units reserved here.
+pub fn reserve_in_turn(
+    orders: &[Placed],
+    decided: &mut HashSet<Uuid>,
+    stock: &mut HashMap<String, Stock>,
+) -> Vec<Reservation> {
+    let mut reservations = Vec::with_capacity(orders.len());
+    for order in orders {
+        if !decided.insert(order.order_id) {
+            reservations.push(Reservation::AlreadyDecided);
+            continue;
+        }
+        match reserve(&order.items, stock) {
+            Ok((lines, total_cents)) => {
+                for line in &lines {
+                    if let Some(product) = stock.get_mut(&line.sku) {
+                        product.available -= line.quantity;
+                    }
+                }
+                reservations.push(Reservation::Reserved { lines, total_cents });
+            }
+            Err(rejection) => reservations.push(Reservation::Rejected {
+                sku: rejection.sku,
+                reason: rejection.reason,
+            }),
         }
     }
+    reservations
+}
 
-    pub(crate) fn parse(value: &str) -> Option<Self> {
-        Some(match value {
-            "RESERVED" => Self::Reserved,
-            "REJECTED" => Self::Rejected,
-            "RELEASED" => Self::Released,
-            "SOLD" => Self::Sold,
-            "CANCELLED" => Self::Cancelled,
-            _ => return None,
+/// What compensation c2 does to an order's reservation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// Held: give the units back and mark it RELEASED
+    /// (`inventory.released`).
+    Release,
+    /// Rejected, released already, or a tombstone: nothing.
+    Nothing,
+    /// Not seen yet: leave a tombstone so that the late `order.placed`
+    /// reserves nothing.
+    Tombstone,
+}
+
+/// Compensation c2 for a failed order whose reservation stands at `status`
+/// (none: no row). A sold one cannot be released: the order was confirmed.
+pub fn release(order_id: Uuid, status: Option<Status>) -> Result<Release, StepError> {
+    match status {
+        Some(Status::Reserved) => Ok(Release::Release),
+        Some(Status::Sold) => Err(StepError::Refused(format!(
+            "order {order_id} is sold; a release cannot undo a confirmed order"
+        ))),
+        Some(Status::Rejected | Status::Released | Status::Cancelled) => Ok(Release::Nothing),
+        None => Ok(Release::Tombstone),
+    }
+}
+
+/// Whether step 5 sells a confirmed order's reservation (`true`) or finds
+/// it sold already (`false`). The reservation is this service's own doing
+/// and comes before the confirmation: until it is visible, not yet; one
+/// that is not held contradicts the confirmation.
+pub fn sell(order_id: Uuid, status: Option<Status>) -> Result<bool, StepError> {
+    match status {
+        Some(Status::Reserved) => Ok(true),
+        Some(Status::Sold) => Ok(false),
+        Some(other) => Err(StepError::Refused(format!(
+            "order {order_id} confirmed, but its reservation is {other}"
+        ))),
+        None => Err(StepError::NotYet(format!(
+            "no reservation for confirmed order {order_id} yet"
+        ))),
+    }
+}
+
+/// A SKU as the catalogue takes it: 1 to 64 characters, no spaces around,
+/// no NUL.
+pub fn check_sku(sku: &str) -> Result<(), String> {
+    match sku.chars().count() {
+        0 => Err("sku is required".into()),
+        n if n > 64 => Err(format!("sku must be at most 64 characters, got {n}")),
+        _ if sku.trim() != sku => Err("sku must not start or end with spaces".into()),
+        _ if sku.contains('\0') => Err("sku must not contain NUL characters".into()),
+        _ => Ok(()),
+    }
+}
+
+/// A new product that passed validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewProduct {
+    pub sku: String,
+    /// Trimmed, 1 to 200 characters.
+    pub name: String,
+    pub price_cents: i64,
+    pub stock: i64,
+}
+
+impl NewProduct {
+    pub fn parse(sku: &str, name: &str, price_cents: i64, stock: i64) -> Result<Self, String> {
+        check_sku(sku)?;
+        let name = name.trim();
+        if name.contains('\0') {
+            return Err("name must not contain NUL characters".into());
+        }
+        if name.is_empty() || name.chars().count() > 200 {
+            return Err("name must be 1 to 200 characters".into());
+        }
+        if !(0..=limits::MAX_PRICE_CENTS).contains(&price_cents) {
+            return Err(format!(
+                "price_cents must be 0 to {}, got {price_cents}",
+                limits::MAX_PRICE_CENTS
+            ));
+        }
+        if !(0..=limits::MAX_UNITS).contains(&stock) {
+            return Err(format!(
+                "stock must be 0 to {}, got {stock}",
+                limits::MAX_UNITS
+            ));
+        }
+        Ok(Self {
+            sku: sku.to_owned(),
+            name: name.to_owned(),
+            price_cents,
+            stock,
         })
     }
 }
@@ -151,14 +284,28 @@ mod tests {
 
     #[test]
     fn statuses_round_trip() {
-        for status in [
-            Status::Reserved,
-            Status::Rejected,
-            Status::Released,
-            Status::Sold,
-            Status::Cancelled,
-        ] {
-            assert_eq!(Status::parse(status.as_str()), Some(status));
+        for status in Status::ALL {
+            assert_eq!(Status::parse(status.as_str()), Ok(*status));
         }
+    }
+
+    #[test]
+    fn a_release_gives_back_what_is_held_and_refuses_a_sale() {
+        let id = Uuid::nil();
+        assert_eq!(release(id, Some(Status::Reserved)), Ok(Release::Release));
+        assert_eq!(release(id, None), Ok(Release::Tombstone));
+        for status in [Status::Rejected, Status::Released, Status::Cancelled] {
+            assert_eq!(release(id, Some(status)), Ok(Release::Nothing));
+        }
+        assert!(matches!(
+            release(id, Some(Status::Sold)),
+            Err(StepError::Refused(_))
+        ));
+        assert_eq!(sell(id, Some(Status::Reserved)), Ok(true));
+        assert_eq!(sell(id, Some(Status::Sold)), Ok(false));
+        assert!(matches!(sell(id, None), Err(StepError::NotYet(_))));
+        assert!(
+            matches!(sell(id, Some(Status::Rejected)), Err(StepError::Refused(reason)) if reason.ends_with("its reservation is REJECTED"))
+        );
     }
 }

@@ -16,8 +16,8 @@ use shop_proto::inventory::v1::{
 use shop_proto::order::v1::{OrderCancelled, OrderConfirmed, OrderPlaced};
 use shop_proto::payment::v1::PaymentFailed;
 
-use crate::app::{self, Placed, Reservation};
-use crate::domain::Line;
+use crate::domain::{Line, Placed, Reservation};
+use crate::{app, store};
 
 /// What the handlers share; the database comes with each event's transaction.
 #[derive(Debug, Clone, Copy)]
@@ -87,7 +87,7 @@ fn reserved_products<'a, E: EndsReservation>(
         .filter_map(|event| uuid::Uuid::parse_str(event.order_id()).ok())
         .collect();
     Box::pin(async move {
-        let skus = app::reserved_skus(conn, &order_ids).await?;
+        let skus = store::reserved_skus(conn, &order_ids).await?;
         Ok(skus.iter().map(|sku| product_lock(sku)).collect())
     })
 }

@@ -7,7 +7,8 @@ use shop_proto::inventory::v1::inventory_service_server::{
 use shop_service::{caller_of, page_size};
 use tonic::{Request, Response, Status};
 
-use crate::app::{Catalogue, Product};
+use crate::app::Catalogue;
+use crate::store::Product;
 
 pub(crate) struct InventoryApi {
     catalogue: Catalogue,

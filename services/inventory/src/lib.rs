@@ -5,14 +5,18 @@
 //!   (reserved becomes sold), `payment.failed` and `order.cancelled` (release);
 //! - emits `inventory.reserved`, `inventory.rejected`, `inventory.released`.
 //!
-//! Modules: `domain` (reserving, pure), `app` (use cases and saga steps),
-//! `events` (the routing table), `grpc`, `schema` (`migrations/inventory/`).
+//! Modules: `domain` (the rules, pure: products, reserving in turn,
+//! releasing, selling; public so that the saga model test drives them),
+//! `app` (use cases and saga steps), `store` (every SQL statement), `events`
+//! (the routing table), `grpc` (protobuf in and out), `schema`
+//! (`migrations/inventory/`).
 
 mod app;
-mod domain;
+pub mod domain;
 mod events;
 mod grpc;
 mod schema;
+mod store;
 
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 use shop_messaging::{ConsumerSpec, StreamSpec};

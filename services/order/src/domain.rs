@@ -4,43 +4,25 @@ use std::collections::HashSet;
 
 use chrono::{DateTime, Utc};
 
-/// Where an order's saga stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Status {
-    Pending,
-    Confirmed,
-    Cancelled,
-}
-
-impl Status {
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "PENDING",
-            Self::Confirmed => "CONFIRMED",
-            Self::Cancelled => "CANCELLED",
-        }
-    }
-
-    pub(crate) fn parse(value: &str) -> Option<Self> {
-        Some(match value {
-            "PENDING" => Self::Pending,
-            "CONFIRMED" => Self::Confirmed,
-            "CANCELLED" => Self::Cancelled,
-            _ => return None,
-        })
+shop_domain::labels! {
+    /// Where an order's saga stands.
+    pub enum Status {
+        Pending = "PENDING",
+        Confirmed = "CONFIRMED",
+        Cancelled = "CANCELLED",
     }
 }
 
 /// The reason a timed-out order is cancelled with.
-pub(crate) const TIMEOUT: &str = "timeout";
+pub const TIMEOUT: &str = "timeout";
 
 /// An order request that passed validation: 1 to 100 lines, each SKU once,
 /// quantities 1 to 1000.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct OrderLines(Vec<(String, i32)>);
+pub struct OrderLines(Vec<(String, i32)>);
 
 impl OrderLines {
-    pub(crate) fn parse(items: &[(String, i32)]) -> Result<Self, String> {
+    pub fn parse(items: &[(String, i32)]) -> Result<Self, String> {
         if items.is_empty() {
             return Err("items must hold at least one line".into());
         }
@@ -77,14 +59,14 @@ impl OrderLines {
         Ok(Self(items.to_vec()))
     }
 
-    pub(crate) fn lines(&self) -> &[(String, i32)] {
+    pub fn lines(&self) -> &[(String, i32)] {
         &self.0
     }
 }
 
 /// What the saga's next event does to an order.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Decision {
+pub enum Decision {
     /// Payment captured in time: confirm.
     Confirm,
     /// Cancel, with this reason.
@@ -95,17 +77,19 @@ pub(crate) enum Decision {
 
 /// The events the order reacts to.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum SagaEvent {
+pub enum SagaEvent {
     Reserved,
     Rejected(String),
     PaymentCompleted,
     PaymentFailed(String),
+    /// The deadline sweeper found the order past its deadline (step t).
+    DeadlinePassed,
 }
 
 /// The order's state machine. Only a PENDING order changes; a capture that
 /// arrives after the deadline cancels the order (it is refunded when the
 /// payment service sees the cancellation) rather than confirm it late.
-pub(crate) fn decide(
+pub fn decide(
     status: Status,
     deadline: DateTime<Utc>,
     now: DateTime<Utc>,
@@ -118,6 +102,8 @@ pub(crate) fn decide(
         SagaEvent::Reserved => Decision::Record,
         SagaEvent::PaymentCompleted if now > deadline => Decision::Cancel(TIMEOUT.into()),
         SagaEvent::PaymentCompleted => Decision::Confirm,
+        SagaEvent::DeadlinePassed if now > deadline => Decision::Cancel(TIMEOUT.into()),
+        SagaEvent::DeadlinePassed => Decision::Record,
         SagaEvent::Rejected(reason) | SagaEvent::PaymentFailed(reason) => {
             Decision::Cancel(reason.clone())
         }
@@ -205,6 +191,28 @@ mod tests {
                 &SagaEvent::PaymentCompleted
             ),
             Decision::Cancel(TIMEOUT.into())
+        );
+        assert_eq!(
+            decide(
+                Status::Pending,
+                now - Duration::seconds(1),
+                now,
+                &SagaEvent::DeadlinePassed
+            ),
+            Decision::Cancel(TIMEOUT.into())
+        );
+        assert_eq!(
+            decide(Status::Pending, now, now, &SagaEvent::DeadlinePassed),
+            Decision::Record
+        );
+        assert_eq!(
+            decide(
+                Status::Confirmed,
+                now - Duration::seconds(1),
+                now,
+                &SagaEvent::DeadlinePassed
+            ),
+            Decision::Record
         );
     }
 }

@@ -3,7 +3,7 @@
 use prost::Message as _;
 use shop_proto::order::v1 as pb;
 use shop_proto::order::v1::order_service_server::{OrderService, OrderServiceServer};
-use shop_service::{ApiError, caller_of, page_size, parse_uuid, timestamp};
+use shop_service::{caller_of, page_after, page_size, parse_uuid, timestamp};
 use tonic::{Request, Response, Status};
 
 use crate::app::{Order, Orders};
@@ -30,23 +30,22 @@ impl OrderApi {
 }
 
 fn to_proto(order: Order) -> pb::Order {
-    let status = match domain::Status::parse(&order.row.status) {
-        Some(domain::Status::Pending) => pb::OrderStatus::Pending,
-        Some(domain::Status::Confirmed) => pb::OrderStatus::Confirmed,
-        Some(domain::Status::Cancelled) => pb::OrderStatus::Cancelled,
-        None => pb::OrderStatus::Unspecified,
+    let status = match order.status {
+        domain::Status::Pending => pb::OrderStatus::Pending,
+        domain::Status::Confirmed => pb::OrderStatus::Confirmed,
+        domain::Status::Cancelled => pb::OrderStatus::Cancelled,
     };
     pb::Order {
-        order_id: order.row.order_id.to_string(),
-        user_id: order.row.user_id.to_string(),
+        order_id: order.order_id.to_string(),
+        user_id: order.user_id.to_string(),
         items: order
             .items
             .into_iter()
             .map(|(sku, quantity)| pb::OrderItem { sku, quantity })
             .collect(),
         status: status.into(),
-        total_cents: order.row.total_cents,
-        cancel_reason: order.row.cancel_reason,
+        total_cents: order.total_cents,
+        cancel_reason: order.cancel_reason,
         steps: order
             .steps
             .into_iter()
@@ -56,8 +55,8 @@ fn to_proto(order: Order) -> pb::Order {
                 occurred_at: Some(timestamp(step.occurred_at)),
             })
             .collect(),
-        created_at: Some(timestamp(order.row.created_at)),
-        updated_at: Some(timestamp(order.row.updated_at)),
+        created_at: Some(timestamp(order.created_at)),
+        updated_at: Some(timestamp(order.updated_at)),
     }
 }
 
@@ -80,7 +79,7 @@ impl OrderService for OrderApi {
             .place_order(&caller, user_id, &items, &r.idempotency_key)
             .await?;
         // The request's server span: its log lines and trace name the order.
-        tracing::Span::current().record("order_id", order.row.order_id.to_string());
+        tracing::Span::current().record("order_id", order.order_id.to_string());
         Ok(Response::new(pb::PlaceOrderResponse {
             order: Some(to_proto(order)),
         }))
@@ -106,12 +105,7 @@ impl OrderService for OrderApi {
         let r = request.into_inner();
         let user_id = parse_uuid("user_id", &r.user_id)?;
         let limit = page_size(r.page_size)?;
-        let after = match r.page_token.as_str() {
-            "" => None,
-            token => Some(parse_uuid("page_token", token).map_err(|_| {
-                ApiError::InvalidArgument("page_token is not one this service gave out".into())
-            })?),
-        };
+        let after = page_after(&r.page_token)?;
         let orders = self
             .orders
             .list_orders(&caller, user_id, after, limit)

@@ -7,16 +7,19 @@
 //! - emits `order.placed`, `order.confirmed`, `order.cancelled` (also when a
 //!   PENDING order passes its deadline, reason `timeout`).
 //!
-//! Modules: `domain` (validation and the order's state machine, pure), `app`
-//! (use cases, saga steps, the deadline sweeper), `events` (the routing
-//! table), `grpc`, `schema` (`migrations/order/`).
+//! Modules: `domain` (validation and the order's state machine, pure;
+//! public so that the saga model test drives it), `app`
+//! (use cases, saga steps, the deadline sweeper: one file each), `store`
+//! (every SQL statement), `events` (the routing table), `grpc` (protobuf in
+//! and out), `metrics`, `schema` (`migrations/order/`).
 
 mod app;
-mod domain;
+pub mod domain;
 mod events;
 mod grpc;
 mod metrics;
 mod schema;
+mod store;
 
 use std::time::Duration;
 

@@ -1,36 +1,25 @@
 //! The payment service's use cases: wallets (gRPC) and the saga steps
-//! (events).
+//! (events), deciding with [`crate::domain`] and storing with
+//! [`crate::store`].
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashMap;
 
-use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Text, Uuid as SqlUuid};
-use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl};
-use shop_db::{Cached, PgPool};
+use diesel_async::{AsyncConnection as _, AsyncPgConnection};
+use shop_db::PgPool;
 use shop_messaging::HandlerError;
 use shop_service::{ApiError, Caller, is_unique_violation, limits, roles};
 use uuid::Uuid;
 
-use crate::schema::{accounts, deposits, payments};
+use crate::domain::{self, Charge, Debit, Deposit, PaymentStatus, Refund};
+use crate::store::{self, NewPayments};
 
-/// The statuses a payment row can have. `CANCELLED` is a tombstone: the
-/// order was cancelled before any capture, so a late reservation must not
-/// debit the wallet.
-pub(crate) mod status {
-    pub(crate) const CAPTURED: &str = "CAPTURED";
-    pub(crate) const DECLINED: &str = "DECLINED";
-    pub(crate) const REFUNDED: &str = "REFUNDED";
-    pub(crate) const CANCELLED: &str = "CANCELLED";
-}
-
-/// A payment as stored.
-#[derive(Debug, Clone, Queryable, Selectable)]
-#[diesel(table_name = payments)]
+/// An order's payment, as the API shows it.
+#[derive(Debug, Clone)]
 pub(crate) struct Payment {
     pub(crate) order_id: Uuid,
     pub(crate) user_id: Uuid,
     pub(crate) amount_cents: i64,
-    pub(crate) status: String,
+    pub(crate) status: PaymentStatus,
     pub(crate) reason: String,
 }
 
@@ -53,12 +42,8 @@ impl Wallets {
 
     async fn read_balance(&self, user_id: Uuid) -> Result<i64, ApiError> {
         let mut conn = self.pool.get().await?;
-        accounts::table
-            .find(user_id)
-            .select(accounts::balance_cents)
-            .first(&mut conn)
-            .await
-            .optional()?
+        store::balance(&mut conn, user_id)
+            .await?
             .ok_or_else(|| ApiError::NotFound(format!("no wallet for user {user_id}")))
     }
 
@@ -74,53 +59,20 @@ impl Wallets {
         idempotency_key: &str,
     ) -> Result<i64, ApiError> {
         caller.require_role("Deposit", &[roles::PAYMENT_PROVIDER])?;
-        if !(1..=limits::MAX_DEPOSIT_CENTS).contains(&amount_cents) {
-            return Err(ApiError::InvalidArgument(format!(
-                "amount_cents must be 1 to {}, got {amount_cents}",
-                limits::MAX_DEPOSIT_CENTS
-            )));
-        }
-        if idempotency_key.chars().count() > 200 {
-            return Err(ApiError::InvalidArgument(
-                "idempotency_key must be at most 200 characters".into(),
-            ));
-        }
-        if idempotency_key.contains('\0') {
-            return Err(ApiError::InvalidArgument(
-                "idempotency_key must not contain NUL characters".into(),
-            ));
-        }
-        let key = Some(idempotency_key).filter(|key| !key.is_empty());
+        let deposit =
+            Deposit::parse(amount_cents, idempotency_key).map_err(ApiError::InvalidArgument)?;
+        let key = deposit.key.as_deref();
         let mut conn = self.pool.get().await?;
         let result = conn
             .transaction::<_, DepositError, _>(async |conn| {
-                let balance: i64 = accounts::table
-                    .find(user_id)
-                    .select(accounts::balance_cents)
-                    .for_update()
-                    .first(conn)
-                    .await
-                    .optional()?
+                let balance = store::lock_balance(conn, user_id)
+                    .await?
                     .ok_or(DepositError::NoWallet)?;
-                let new_balance = balance
-                    .checked_add(amount_cents)
-                    .filter(|new_balance| *new_balance <= limits::MAX_BALANCE_CENTS)
+                let new_balance = deposit
+                    .credit(balance)
                     .ok_or(DepositError::OverLimit(balance))?;
-                diesel::insert_into(deposits::table)
-                    .values((
-                        deposits::deposit_id.eq(Uuid::now_v7()),
-                        deposits::user_id.eq(user_id),
-                        deposits::amount_cents.eq(amount_cents),
-                        deposits::idempotency_key.eq(key),
-                    ))
-                    .execute(conn)
-                    .await?;
-                Cached(
-                    diesel::update(accounts::table.find(user_id))
-                        .set(accounts::balance_cents.eq(new_balance)),
-                )
-                .execute(conn)
-                .await?;
+                store::insert_deposit(conn, user_id, amount_cents, key).await?;
+                store::set_balance(conn, user_id, new_balance).await?;
                 Ok(new_balance)
             })
             .await;
@@ -138,7 +90,7 @@ impl Wallets {
                 self.repeated(user_id, key, amount_cents).await
             }
             Err(DepositError::OverLimit(balance)) => {
-                if key.is_some() && self.first_deposit(user_id, key).await?.is_some() {
+                if self.first_deposit(user_id, key).await?.is_some() {
                     return self.repeated(user_id, key, amount_cents).await;
                 }
                 Err(ApiError::OutOfRange(format!(
@@ -156,14 +108,9 @@ impl Wallets {
         user_id: Uuid,
         key: Option<&str>,
     ) -> Result<Option<i64>, ApiError> {
+        let Some(key) = key else { return Ok(None) };
         let mut conn = self.pool.get().await?;
-        Ok(deposits::table
-            .filter(deposits::user_id.eq(user_id))
-            .filter(deposits::idempotency_key.eq(key))
-            .select(deposits::amount_cents)
-            .first(&mut conn)
-            .await
-            .optional()?)
+        Ok(store::deposit_under(&mut conn, user_id, key).await?)
     }
 
     /// The answer to a deposit repeated under `key`: the balance as it is,
@@ -194,16 +141,17 @@ impl Wallets {
         order_id: Uuid,
     ) -> Result<Payment, ApiError> {
         let mut conn = self.pool.get().await?;
-        let payment = payments::table
-            .find(order_id)
-            .filter(payments::status.ne(status::CANCELLED))
-            .select(Payment::as_select())
-            .first(&mut conn)
-            .await
-            .optional()?
+        let row = store::payment(&mut conn, order_id)
+            .await?
             .ok_or_else(|| ApiError::NotFound(format!("no payment for order {order_id}")))?;
-        caller.require_user(payment.user_id)?;
-        Ok(payment)
+        caller.require_user(row.user_id)?;
+        Ok(Payment {
+            order_id: row.order_id,
+            user_id: row.user_id,
+            amount_cents: row.amount_cents,
+            status: PaymentStatus::parse(&row.status)?,
+            reason: row.reason,
+        })
     }
 }
 
@@ -213,191 +161,76 @@ pub(crate) async fn open_wallet(
     user_id: Uuid,
     credit: i64,
 ) -> Result<(), HandlerError> {
-    diesel::insert_into(accounts::table)
-        .values((
-            accounts::user_id.eq(user_id),
-            accounts::balance_cents.eq(credit),
-        ))
-        .on_conflict_do_nothing()
-        .execute(conn)
-        .await?;
+    store::open_wallet(conn, user_id, credit).await?;
     Ok(())
 }
 
-/// What a debit decided.
-#[derive(Debug)]
-pub(crate) enum Debit {
-    Captured,
-    Declined(String),
-    /// Seen before (redelivery), or cancelled before it came: no effect.
-    AlreadyDecided,
-}
-
-/// A reserved order to charge.
-pub(crate) struct Charge {
-    pub(crate) order_id: Uuid,
-    pub(crate) user_id: Uuid,
-    pub(crate) amount_cents: i64,
-}
-
 /// Step 3 for several reserved orders, one after another in the order
-/// given: each debits its wallet if the balance the ones before it left
-/// covers it. A few statements whatever the number of orders.
+/// given, as [`domain::debit_in_turn`] decides. A few statements whatever
+/// the number of orders.
 pub(crate) async fn debit(
     conn: &mut AsyncPgConnection,
     charges: &[Charge],
 ) -> Result<Vec<Debit>, HandlerError> {
     let order_ids: Vec<Uuid> = charges.iter().map(|charge| charge.order_id).collect();
-    let mut decided: HashSet<Uuid> = Cached(
-        payments::table
-            .filter(payments::order_id.eq_any(&order_ids))
-            .select(payments::order_id)
-            .for_update(),
-    )
-    .load(conn)
-    .await?
-    .into_iter()
-    .collect();
+    let mut decided = store::lock_decided(conn, &order_ids).await?;
     let mut user_ids: Vec<Uuid> = charges.iter().map(|charge| charge.user_id).collect();
     user_ids.sort_unstable();
     user_ids.dedup();
-    // Locked in id order, so concurrent transactions never deadlock.
-    let mut balances: HashMap<Uuid, i64> = Cached(
-        accounts::table
-            .filter(accounts::user_id.eq_any(&user_ids))
-            .order(accounts::user_id)
-            .select((accounts::user_id, accounts::balance_cents))
-            .for_update(),
-    )
-    .load::<(Uuid, i64)>(conn)
-    .await?
-    .into_iter()
-    .collect();
-    let mut debited: BTreeMap<Uuid, i64> = BTreeMap::new();
+    let mut balances = store::lock_balances(conn, &user_ids).await?;
+    let debits = domain::debit_in_turn(charges, &mut decided, &mut balances)?;
+    let mut debited: HashMap<Uuid, i64> = HashMap::new();
     let mut rows = NewPayments::default();
-    let mut decisions = Vec::with_capacity(charges.len());
-    for charge in charges {
-        // Seen before (a redelivery under another id, or a cancellation that
-        // overtook it), or earlier in this batch.
-        if !decided.insert(charge.order_id) {
-            decisions.push(Debit::AlreadyDecided);
+    for (charge, debit) in charges.iter().zip(&debits) {
+        let Some(status) = debit.status() else {
             continue;
-        }
-        // `user.created` comes on another stream and may not be here yet.
-        let balance = balances.get_mut(&charge.user_id).ok_or_else(|| {
-            HandlerError::transient(format!("no wallet for user {} yet", charge.user_id))
-        })?;
-        let amount = charge.amount_cents;
-        let (status, reason, decision) = if *balance >= amount {
-            *balance -= amount;
-            *debited.entry(charge.user_id).or_default() += amount;
-            (status::CAPTURED, String::new(), Debit::Captured)
-        } else {
-            let reason =
-                format!("insufficient funds: balance {balance} cents, order {amount} cents");
-            (status::DECLINED, reason.clone(), Debit::Declined(reason))
         };
+        let reason = match debit {
+            Debit::Declined(reason) => reason.clone(),
+            _ => String::new(),
+        };
+        if status == PaymentStatus::Captured {
+            *debited.entry(charge.user_id).or_default() += charge.amount_cents;
+        }
         rows.order_ids.push(charge.order_id);
         rows.user_ids.push(charge.user_id);
-        rows.amounts.push(amount);
-        rows.statuses.push(status);
+        rows.amounts.push(charge.amount_cents);
+        rows.statuses.push(status.as_str());
         rows.reasons.push(reason);
-        decisions.push(decision);
     }
-    if rows.order_ids.is_empty() {
-        return Ok(decisions);
+    if !rows.order_ids.is_empty() {
+        store::write_debits(conn, &debited, &rows).await?;
     }
-    // The balances and the payments in one statement.
-    let (users, amounts): (Vec<Uuid>, Vec<i64>) = debited.into_iter().unzip();
-    Cached(
-        diesel::sql_query(
-            "WITH debited AS (UPDATE accounts SET balance_cents = balance_cents - debit.amount \
-             FROM unnest($1::uuid[], $2::bigint[]) AS debit (user_id, amount) \
-             WHERE accounts.user_id = debit.user_id) \
-             INSERT INTO payments (order_id, user_id, amount_cents, status, reason) \
-             SELECT * FROM unnest($3::uuid[], $4::uuid[], $5::bigint[], $6::text[], $7::text[])",
-        )
-        .bind::<Array<SqlUuid>, _>(&users)
-        .bind::<Array<BigInt>, _>(&amounts)
-        .bind::<Array<SqlUuid>, _>(&rows.order_ids)
-        .bind::<Array<SqlUuid>, _>(&rows.user_ids)
-        .bind::<Array<BigInt>, _>(&rows.amounts)
-        .bind::<Array<Text>, _>(&rows.statuses)
-        .bind::<Array<Text>, _>(&rows.reasons),
-    )
-    .execute(conn)
-    .await?;
-    Ok(decisions)
+    Ok(debits)
 }
 
-/// Payments to insert, column by column.
-#[derive(Default)]
-struct NewPayments {
-    order_ids: Vec<Uuid>,
-    user_ids: Vec<Uuid>,
-    amounts: Vec<i64>,
-    statuses: Vec<&'static str>,
-    reasons: Vec<String>,
-}
-
-/// Compensation c3: refund a cancelled order's capture. Returns the amount
-/// refunded. An order not paid yet gets a tombstone.
+/// Compensation c3: refund a cancelled order's capture, as
+/// [`domain::refund`] decides. Returns the amount refunded.
 pub(crate) async fn refund(
     conn: &mut AsyncPgConnection,
     order_id: Uuid,
     user_id: Uuid,
 ) -> Result<Option<i64>, HandlerError> {
-    let payment: Option<(String, i64, Uuid)> = payments::table
-        .find(order_id)
-        .select((payments::status, payments::amount_cents, payments::user_id))
-        .for_update()
-        .first(conn)
-        .await
-        .optional()?;
-    match payment {
-        Some((state, amount, payer)) if state == status::CAPTURED => {
-            // Deposits stop at MAX_BALANCE_CENTS, so a refund fits unless
-            // thousands of the largest orders were captured and refunded
-            // to one wallet: then say so, rather than fail in SQL.
-            let balance: i64 = accounts::table
-                .find(payer)
-                .select(accounts::balance_cents)
-                .for_update()
-                .first(conn)
-                .await?;
-            let refunded = balance.checked_add(amount).ok_or_else(|| {
-                HandlerError::permanent(format!(
-                    "refunding {amount} cents to {payer} would overflow its balance of {balance} cents"
-                ))
+    let payment = store::lock_payment(conn, order_id).await?;
+    let status = payment
+        .as_ref()
+        .map(|(status, _, _)| PaymentStatus::parse(status))
+        .transpose()?;
+    match (domain::refund(status), payment) {
+        (Refund::Refund, Some((_, amount, payer))) => {
+            let balance = store::lock_balance(conn, payer).await?.ok_or_else(|| {
+                HandlerError::permanent(format!("payment of order {order_id} has no wallet"))
             })?;
-            Cached(
-                diesel::update(accounts::table.find(payer))
-                    .set(accounts::balance_cents.eq(refunded)),
-            )
-            .execute(conn)
-            .await?;
-            Cached(diesel::update(payments::table.find(order_id)).set((
-                payments::status.eq(status::REFUNDED),
-                payments::updated_at.eq(diesel::dsl::now),
-            )))
-            .execute(conn)
-            .await?;
+            let refunded = domain::refunded(payer, balance, amount)?;
+            store::set_balance(conn, payer, refunded).await?;
+            store::mark_refunded(conn, order_id).await?;
             Ok(Some(amount))
         }
-        Some(_) => Ok(None),
-        None => {
-            diesel::insert_into(payments::table)
-                .values((
-                    payments::order_id.eq(order_id),
-                    payments::user_id.eq(user_id),
-                    payments::amount_cents.eq(0),
-                    payments::status.eq(status::CANCELLED),
-                    payments::reason.eq("cancelled before payment"),
-                ))
-                .execute(conn)
-                .await?;
+        (Refund::Tombstone, _) => {
+            store::insert_tombstone(conn, order_id, user_id).await?;
             Ok(None)
         }
+        _ => Ok(None),
     }
 }
 
@@ -418,9 +251,12 @@ impl From<diesel::result::Error> for DepositError {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
+    use diesel::prelude::*;
+    use diesel_async::RunQueryDsl;
     use shop_test_support::TestPostgres;
 
     use super::*;
+    use crate::schema::{accounts, payments};
 
     /// A fresh, migrated payment database and a connection to it.
     async fn migrated() -> (TestPostgres, AsyncPgConnection) {
@@ -469,7 +305,7 @@ mod tests {
             .first(&mut conn)
             .await
             .unwrap();
-        assert_eq!(status, status::CAPTURED);
+        assert_eq!(status, PaymentStatus::Captured.as_str());
         let balance: i64 = accounts::table
             .find(ann)
             .select(accounts::balance_cents)

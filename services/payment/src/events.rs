@@ -15,7 +15,8 @@ use shop_proto::order::v1::OrderCancelled;
 use shop_proto::payment::v1::{PaymentCompleted, PaymentFailed, PaymentRefunded};
 use shop_proto::user::v1::UserCreated;
 
-use crate::app::{self, Charge, Debit};
+use crate::app;
+use crate::domain::{Charge, Debit};
 
 /// What the handlers share.
 #[derive(Debug, Clone, Copy)]
@@ -86,12 +87,6 @@ fn on_inventories_reserved<'a>(
         let charges = events
             .iter()
             .map(|event| {
-                if event.total_cents < 0 {
-                    return Err(HandlerError::permanent(format!(
-                        "negative total {}",
-                        event.total_cents
-                    )));
-                }
                 Ok(Charge {
                     order_id: id("order_id", &event.order_id)?,
                     user_id: id("user_id", &event.user_id)?,

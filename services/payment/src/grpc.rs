@@ -5,7 +5,8 @@ use shop_proto::payment::v1::payment_service_server::{PaymentService, PaymentSer
 use shop_service::{ApiError, caller_of, parse_uuid};
 use tonic::{Request, Response, Status};
 
-use crate::app::{Wallets, status};
+use crate::app::Wallets;
+use crate::domain::PaymentStatus;
 
 pub(crate) struct PaymentApi {
     wallets: Wallets,
@@ -65,11 +66,14 @@ impl PaymentService for PaymentApi {
         let caller = caller_of(&request)?;
         let order_id = parse_uuid("order_id", &request.get_ref().order_id)?;
         let payment = self.wallets.payment(&caller, order_id).await?;
-        let state = match payment.status.as_str() {
-            status::CAPTURED => pb::PaymentStatus::Captured,
-            status::DECLINED => pb::PaymentStatus::Declined,
-            status::REFUNDED => pb::PaymentStatus::Refunded,
-            other => return Err(ApiError::Internal(format!("payment status {other}")).into()),
+        let state = match payment.status {
+            PaymentStatus::Captured => pb::PaymentStatus::Captured,
+            PaymentStatus::Declined => pb::PaymentStatus::Declined,
+            PaymentStatus::Refunded => pb::PaymentStatus::Refunded,
+            // Left out by the query: a tombstone is no payment.
+            PaymentStatus::Cancelled => {
+                return Err(ApiError::NotFound(format!("no payment for order {order_id}")).into());
+            }
         };
         Ok(Response::new(pb::GetPaymentResponse {
             payment: Some(pb::Payment {

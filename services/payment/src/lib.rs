@@ -5,13 +5,17 @@
 //!   `order.cancelled` (refund a capture);
 //! - emits `payment.completed`, `payment.failed`, `payment.refunded`.
 //!
-//! Modules: `app` (use cases and saga steps), `events` (the routing table),
-//! `grpc`, `schema` (`migrations/payment/`).
+//! Modules: `domain` (the rules, pure: deposits, charging in turn, refunds;
+//! public so that the saga model test drives them), `app` (use cases and
+//! saga steps), `store` (every SQL statement), `events` (the routing
+//! table), `grpc` (protobuf in and out), `schema` (`migrations/payment/`).
 
 mod app;
+pub mod domain;
 mod events;
 mod grpc;
 mod schema;
+mod store;
 
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 use shop_messaging::{ConsumerSpec, StreamSpec};

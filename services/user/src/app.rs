@@ -1,8 +1,7 @@
-//! The user service's use cases.
+//! The user service's use cases, validating with [`crate::domain`] and
+//! storing with [`crate::store`].
 
-use chrono::{DateTime, Utc};
-use diesel::prelude::*;
-use diesel_async::{AsyncConnection as _, RunQueryDsl};
+use diesel_async::AsyncConnection as _;
 use shop_db::PgPool;
 use shop_messaging::{Outbox, OutgoingEvent};
 use shop_proto::user::v1::UserCreated;
@@ -10,17 +9,7 @@ use shop_service::{ApiError, Caller, is_unique_violation, timestamp};
 use uuid::Uuid;
 
 use crate::domain::{Email, UserName};
-use crate::schema::users;
-
-/// A stored user.
-#[derive(Debug, Clone, Queryable, Selectable)]
-#[diesel(table_name = users)]
-pub(crate) struct User {
-    pub(crate) user_id: Uuid,
-    pub(crate) email: String,
-    pub(crate) name: String,
-    pub(crate) created_at: DateTime<Utc>,
-}
+use crate::store::{self, User};
 
 /// The use cases, over the service's database and outbox.
 #[derive(Clone)]
@@ -61,16 +50,7 @@ impl Users {
         let outbox = self.outbox.clone();
         let result = conn
             .transaction::<_, diesel::result::Error, _>(async |conn| {
-                let user: User = diesel::insert_into(users::table)
-                    .values((
-                        users::user_id.eq(user_id),
-                        users::email.eq(email.as_str()),
-                        users::email_key.eq(email.key()),
-                        users::name.eq(name.as_str()),
-                    ))
-                    .returning(User::as_returning())
-                    .get_result(conn)
-                    .await?;
+                let user = store::insert_user(conn, user_id, &email, &name).await?;
                 let event = UserCreated {
                     user_id: user.user_id.to_string(),
                     email: user.email.clone(),
@@ -109,12 +89,8 @@ impl Users {
     pub(crate) async fn get_user(&self, caller: &Caller, user_id: Uuid) -> Result<User, ApiError> {
         caller.require_user(user_id)?;
         let mut conn = self.pool.get().await?;
-        users::table
-            .find(user_id)
-            .select(User::as_select())
-            .first(&mut conn)
-            .await
-            .optional()?
+        store::user(&mut conn, user_id)
+            .await?
             .ok_or_else(|| ApiError::NotFound(format!("no user {user_id}")))
     }
 
@@ -128,26 +104,15 @@ impl Users {
     ) -> Result<Vec<User>, ApiError> {
         caller.require_role("ListUsers", &[])?;
         let mut conn = self.pool.get().await?;
-        let mut query = users::table
-            .select(User::as_select())
-            .order((users::created_at, users::user_id))
-            .limit(limit)
-            .into_boxed();
-        if let Some(after) = after {
-            let cursor: Option<DateTime<Utc>> = users::table
-                .find(after)
-                .select(users::created_at)
-                .first(&mut conn)
-                .await
-                .optional()?;
-            let cursor = cursor
-                .ok_or_else(|| ApiError::InvalidArgument("page_token names no user".into()))?;
-            query = query.filter(
-                users::created_at
-                    .gt(cursor)
-                    .or(users::created_at.eq(cursor).and(users::user_id.gt(after))),
-            );
-        }
-        Ok(query.load(&mut conn).await?)
+        let cursor = match after {
+            None => None,
+            Some(after) => {
+                let registered = store::registered_at(&mut conn, after)
+                    .await?
+                    .ok_or_else(|| ApiError::InvalidArgument("page_token names no user".into()))?;
+                Some((registered, after))
+            }
+        };
+        Ok(store::users_page(&mut conn, cursor, limit).await?)
     }
 }

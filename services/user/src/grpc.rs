@@ -2,10 +2,11 @@
 
 use shop_proto::user::v1 as pb;
 use shop_proto::user::v1::user_service_server::{UserService, UserServiceServer};
-use shop_service::{ApiError, caller_of, page_size, parse_uuid, timestamp};
+use shop_service::{caller_of, page_after, page_size, parse_uuid, timestamp};
 use tonic::{Request, Response, Status};
 
-use crate::app::{User, Users};
+use crate::app::Users;
+use crate::store::User;
 
 pub(crate) struct UserApi {
     users: Users,
@@ -67,12 +68,7 @@ impl UserService for UserApi {
         let caller = caller_of(&request)?;
         let request = request.into_inner();
         let limit = page_size(request.page_size)?;
-        let after = match request.page_token.as_str() {
-            "" => None,
-            token => Some(parse_uuid("page_token", token).map_err(|_| {
-                ApiError::InvalidArgument("page_token is not one this service gave out".into())
-            })?),
-        };
+        let after = page_after(&request.page_token)?;
         let users = self.users.list_users(&caller, after, limit).await?;
         let next_page_token = if users.len() as i64 == limit {
             users

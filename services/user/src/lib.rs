@@ -4,13 +4,15 @@
 //!
 //! - `domain`: validated email and name.
 //! - `app`: the use cases, each one transaction (with its outbox event).
-//! - `grpc`: the gRPC adapter.
+//! - `store`: every SQL statement.
+//! - `grpc`: the gRPC adapter (protobuf in and out).
 //! - `schema`: the diesel view of `migrations/user/`.
 
 mod app;
 mod domain;
 mod grpc;
 mod schema;
+mod store;
 
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 use shop_messaging::StreamSpec;

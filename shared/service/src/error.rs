@@ -2,7 +2,12 @@
 
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 
-/// Why a request failed, in the terms a caller can act on.
+/// Why a request failed, in the terms a caller can act on. The failures of
+/// what a use case stands on keep their cause as a [`source`]; what each
+/// means for the caller (retry, or a bug) is decided once, in the mapping to
+/// a [`tonic::Status`].
+///
+/// [`source`]: std::error::Error::source
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// The request is malformed; the message says which field and why.
@@ -23,83 +28,98 @@ pub enum ApiError {
     /// The caller is authenticated but may not do this.
     #[error("{0}")]
     PermissionDenied(String),
+    /// The caller's token does not allow this.
+    #[error(transparent)]
+    Denied(#[from] shop_auth::Denied),
     /// A dependency is unreachable; retrying later may succeed.
     #[error("{0}")]
     Unavailable(String),
+    /// A statement failed.
+    #[error("the database failed")]
+    Database(#[from] DieselError),
+    /// No connection could be had.
+    #[error("the database is unreachable")]
+    Pool(#[from] diesel_async::pooled_connection::deadpool::PoolError),
+    /// A stored value this version does not know.
+    #[error("a stored value is not one this service knows")]
+    Stored(#[from] shop_domain::UnknownLabel),
     /// A bug or an unexpected failure.
     #[error("internal error: {0}")]
     Internal(String),
 }
 
-impl From<DieselError> for ApiError {
-    fn from(error: DieselError) -> Self {
-        match &error {
-            // The connection broke: the server went away mid-request.
-            DieselError::DatabaseError(
-                DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
-                _,
-            )
-            | DieselError::BrokenTransactionManager => {
-                Self::Unavailable(format!("the database is unreachable: {error}"))
-            }
-            DieselError::DatabaseError(DatabaseErrorKind::SerializationFailure, _) => {
-                Self::Unavailable(format!(
-                    "a concurrent change got in the way; retry: {error}"
-                ))
-            }
-            // Shutting down, starting up, recovering, or our connection
-            // terminated by an administrator.
-            DieselError::DatabaseError(DatabaseErrorKind::Unknown, info)
-                if info.message().contains("connection")
-                    || info.message().contains("the database system is") =>
-            {
-                Self::Unavailable(format!("the database is unreachable: {error}"))
-            }
-            // Waited longer than the session allows (see
-            // `shop_db::SessionLimits`): someone else holds the rows, or the
-            // database is overloaded. Worth a retry.
-            DieselError::DatabaseError(DatabaseErrorKind::Unknown, info)
-                if info.message().contains("lock timeout") =>
-            {
-                Self::Unavailable(format!(
-                    "the rows this needs are locked by another transaction; retry: {}",
-                    info.message()
-                ))
-            }
-            DieselError::DatabaseError(DatabaseErrorKind::Unknown, info)
-                if info.message().contains("statement timeout") =>
-            {
-                Self::Unavailable(format!(
-                    "the database did not answer in time; retry: {}",
-                    info.message()
-                ))
-            }
-            // A sum of the request's numbers and the stored ones that a
-            // BIGINT cannot hold (22003): the request's fault, not a bug.
-            DieselError::DatabaseError(DatabaseErrorKind::Unknown, info)
-                if info.message().contains("out of range") =>
-            {
-                Self::OutOfRange(format!(
-                    "a number is out of range (at most {} in sums): {}",
-                    i64::MAX,
-                    info.message()
-                ))
-            }
-            _ => Self::Internal(error.to_string()),
+/// What a statement's failure means for the caller.
+fn database_status(error: &DieselError) -> tonic::Status {
+    use tonic::Status;
+    match error {
+        // The connection broke: the server went away mid-request.
+        DieselError::DatabaseError(
+            DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
+            _,
+        )
+        | DieselError::BrokenTransactionManager => {
+            Status::unavailable(format!("the database is unreachable: {error}"))
         }
+        DieselError::DatabaseError(DatabaseErrorKind::SerializationFailure, _) => {
+            Status::unavailable(format!(
+                "a concurrent change got in the way; retry: {error}"
+            ))
+        }
+        // Shutting down, starting up, recovering, or our connection
+        // terminated by an administrator.
+        DieselError::DatabaseError(DatabaseErrorKind::Unknown, info)
+            if info.message().contains("connection")
+                || info.message().contains("the database system is") =>
+        {
+            Status::unavailable(format!("the database is unreachable: {error}"))
+        }
+        // Waited longer than the session allows (see
+        // `shop_db::SessionLimits`): someone else holds the rows, or the
+        // database is overloaded. Worth a retry. (diesel-async reports these
+        // SQLSTATEs as `Unknown`, so the message is all there is to go by.)
+        DieselError::DatabaseError(DatabaseErrorKind::Unknown, info)
+            if info.message().contains("lock timeout") =>
+        {
+            Status::unavailable(format!(
+                "the rows this needs are locked by another transaction; retry: {}",
+                info.message()
+            ))
+        }
+        DieselError::DatabaseError(DatabaseErrorKind::Unknown, info)
+            if info.message().contains("statement timeout") =>
+        {
+            Status::unavailable(format!(
+                "the database did not answer in time; retry: {}",
+                info.message()
+            ))
+        }
+        // A sum of the request's numbers and the stored ones that a
+        // BIGINT cannot hold (22003): the request's fault, not a bug.
+        DieselError::DatabaseError(DatabaseErrorKind::Unknown, info)
+            if info.message().contains("out of range") =>
+        {
+            Status::out_of_range(format!(
+                "a number is out of range (at most {} in sums): {}",
+                i64::MAX,
+                info.message()
+            ))
+        }
+        _ => internal(error),
     }
 }
 
-impl From<shop_auth::Denied> for ApiError {
-    fn from(denied: shop_auth::Denied) -> Self {
-        Self::PermissionDenied(denied.to_string())
+/// INTERNAL, its detail logged here with its causes and kept from the
+/// caller.
+fn internal(error: &dyn std::error::Error) -> tonic::Status {
+    let mut causes = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        causes.push_str(": ");
+        causes.push_str(&cause.to_string());
+        source = cause.source();
     }
-}
-
-impl From<diesel_async::pooled_connection::deadpool::PoolError> for ApiError {
-    fn from(error: diesel_async::pooled_connection::deadpool::PoolError) -> Self {
-        Self::Unavailable(format!("the database is unreachable: {error}"))
-    }
+    tracing::error!(error = %causes, "internal error");
+    tonic::Status::internal("internal error")
 }
 
 impl From<ApiError> for tonic::Status {
@@ -110,12 +130,14 @@ impl From<ApiError> for tonic::Status {
             ApiError::AlreadyExists(message) => Self::already_exists(message),
             ApiError::FailedPrecondition(message) => Self::failed_precondition(message),
             ApiError::PermissionDenied(message) => Self::permission_denied(message),
+            ApiError::Denied(denied) => Self::permission_denied(denied.to_string()),
             ApiError::OutOfRange(message) => Self::out_of_range(message),
             ApiError::Unavailable(message) => Self::unavailable(message),
-            ApiError::Internal(message) => {
-                tracing::error!(%message, "internal error");
-                Self::internal("internal error")
+            ApiError::Database(error) => database_status(&error),
+            ApiError::Pool(error) => {
+                Self::unavailable(format!("the database is unreachable: {error}"))
             }
+            error @ (ApiError::Stored(_) | ApiError::Internal(_)) => internal(&error),
         }
     }
 }
@@ -138,6 +160,17 @@ pub fn page_size(requested: i32) -> Result<i64, ApiError> {
         ))),
         n => Ok(i64::from(n.min(1000))),
     }
+}
+
+/// The id a page token this service gave out names (the last item of the
+/// previous page); none for the first page.
+pub fn page_after(token: &str) -> Result<Option<uuid::Uuid>, ApiError> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    uuid::Uuid::parse_str(token).map(Some).map_err(|_| {
+        ApiError::InvalidArgument("page_token is not one this service gave out".into())
+    })
 }
 
 /// Whether a database error is a unique violation.
@@ -166,6 +199,11 @@ mod tests {
             tonic::Code::InvalidArgument
         );
         assert_eq!(page_size(0).unwrap(), 50);
+        assert_eq!(page_after("").unwrap(), None);
+        assert_eq!(
+            tonic::Status::from(page_after("x").unwrap_err()).message(),
+            "page_token is not one this service gave out"
+        );
         assert_eq!(page_size(5000).unwrap(), 1000);
     }
 

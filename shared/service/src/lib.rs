@@ -22,12 +22,12 @@
 //!   status, and the field parsers that produce it.
 
 mod error;
-pub mod limits;
+pub use shop_domain::limits;
 mod observe;
 mod telemetry;
 mod tls;
 
-pub use error::{ApiError, is_unique_violation, page_size, parse_uuid};
+pub use error::{ApiError, is_unique_violation, page_after, page_size, parse_uuid};
 pub use observe::GrpcMetrics;
 pub use shop_auth::{AuthConfig, Caller, caller_of, roles};
 pub use telemetry::Telemetry;

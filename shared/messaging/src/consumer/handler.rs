@@ -42,6 +42,24 @@ impl From<diesel::result::Error> for HandlerError {
     }
 }
 
+/// A step that cannot be decided yet is retried; a refused one is
+/// dead-lettered with its reason.
+impl From<shop_domain::StepError> for HandlerError {
+    fn from(error: shop_domain::StepError) -> Self {
+        match error {
+            shop_domain::StepError::NotYet(_) => Self::transient(error),
+            shop_domain::StepError::Refused(reason) => Self::Permanent(reason),
+        }
+    }
+}
+
+/// A stored status no variant knows: retrying cannot help.
+impl From<shop_domain::UnknownLabel> for HandlerError {
+    fn from(error: shop_domain::UnknownLabel) -> Self {
+        Self::Permanent(error.to_string())
+    }
+}
+
 /// What a handler works with: the transaction's connection, the envelope of
 /// the event being handled, and the events it emits, which are written to
 /// the outbox in the same transaction after the handler returns.

@@ -1,0 +1,378 @@
+//! Every SQL statement of the inventory service, each once, named after
+//! what it does, its parameters bound beside its text, on the connection
+//! (or transaction) it is given.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt, Text, Uuid as SqlUuid};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use shop_db::Cached;
+use shop_domain::limits;
+use uuid::Uuid;
+
+use crate::domain::{Line, NewProduct, Status, Stock};
+use crate::schema::{products, reservation_lines, reservations};
+
+/// A catalogue entry with its stock.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = products)]
+pub(crate) struct Product {
+    pub(crate) sku: String,
+    pub(crate) name: String,
+    pub(crate) price_cents: i64,
+    pub(crate) available: i64,
+    pub(crate) reserved: i64,
+    pub(crate) sold: i64,
+}
+
+/// Inserts a product; a SKU taken already is a unique violation.
+pub(crate) async fn insert_product(
+    conn: &mut AsyncPgConnection,
+    product: &NewProduct,
+) -> QueryResult<Product> {
+    diesel::insert_into(products::table)
+        .values((
+            products::sku.eq(&product.sku),
+            products::name.eq(&product.name),
+            products::price_cents.eq(product.price_cents),
+            products::available.eq(product.stock),
+            products::stocked.eq(product.stock),
+        ))
+        .returning(Product::as_returning())
+        .get_result(conn)
+        .await
+}
+
+pub(crate) async fn product(
+    conn: &mut AsyncPgConnection,
+    sku: &str,
+) -> QueryResult<Option<Product>> {
+    products::table
+        .find(sku)
+        .select(Product::as_select())
+        .first(conn)
+        .await
+        .optional()
+}
+
+/// How many units a product has been stocked with in all.
+pub(crate) async fn stocked(conn: &mut AsyncPgConnection, sku: &str) -> QueryResult<Option<i64>> {
+    products::table
+        .find(sku)
+        .select(products::stocked)
+        .first(conn)
+        .await
+        .optional()
+}
+
+/// Adds units to a product, only while its units stay within
+/// [`limits::MAX_UNITS`]: no row back means no product or a sum past it.
+pub(crate) async fn add_stock(
+    conn: &mut AsyncPgConnection,
+    sku: &str,
+    quantity: i64,
+) -> QueryResult<Option<Product>> {
+    Cached(
+        diesel::update(
+            products::table
+                .find(sku)
+                .filter(products::stocked.le(limits::MAX_UNITS - quantity)),
+        )
+        .set((
+            products::available.eq(products::available + quantity),
+            products::stocked.eq(products::stocked + quantity),
+        ))
+        .returning(Product::as_returning()),
+    )
+    .get_result(conn)
+    .await
+    .optional()
+}
+
+/// Up to `limit` products in SKU order, after the SKU `after`.
+pub(crate) async fn products_after(
+    conn: &mut AsyncPgConnection,
+    after: Option<&str>,
+    limit: i64,
+) -> QueryResult<Vec<Product>> {
+    let mut query = products::table
+        .select(Product::as_select())
+        .order(products::sku)
+        .limit(limit)
+        .into_boxed();
+    if let Some(after) = after {
+        query = query.filter(products::sku.gt(after.to_owned()));
+    }
+    query.load(conn).await
+}
+
+/// Which of these orders have a reservation row, locked.
+pub(crate) async fn lock_decided(
+    conn: &mut AsyncPgConnection,
+    order_ids: &[Uuid],
+) -> QueryResult<HashSet<Uuid>> {
+    Ok(Cached(
+        reservations::table
+            .filter(reservations::order_id.eq_any(order_ids))
+            .select(reservations::order_id)
+            .for_update(),
+    )
+    .load(conn)
+    .await?
+    .into_iter()
+    .collect())
+}
+
+/// The price and units available of these products, locked in SKU order,
+/// so that concurrent transactions never deadlock.
+pub(crate) async fn lock_stock(
+    conn: &mut AsyncPgConnection,
+    skus: &[&str],
+) -> QueryResult<HashMap<String, Stock>> {
+    Ok(Cached(
+        products::table
+            .filter(products::sku.eq_any(skus))
+            .order(products::sku)
+            .select((products::sku, products::price_cents, products::available))
+            .for_update(),
+    )
+    .load::<(String, i64, i64)>(conn)
+    .await?
+    .into_iter()
+    .map(|(sku, price_cents, available)| {
+        (
+            sku,
+            Stock {
+                price_cents,
+                available,
+            },
+        )
+    })
+    .collect())
+}
+
+/// Reservations to insert, column by column.
+#[derive(Debug, Default)]
+pub(crate) struct NewReservations {
+    pub(crate) order_ids: Vec<Uuid>,
+    pub(crate) user_ids: Vec<Uuid>,
+    pub(crate) statuses: Vec<&'static str>,
+    pub(crate) totals: Vec<i64>,
+    pub(crate) reasons: Vec<String>,
+}
+
+impl NewReservations {
+    pub(crate) fn push(
+        &mut self,
+        order_id: Uuid,
+        user_id: Uuid,
+        status: Status,
+        total_cents: i64,
+        reason: String,
+    ) {
+        self.order_ids.push(order_id);
+        self.user_ids.push(user_id);
+        self.statuses.push(status.as_str());
+        self.totals.push(total_cents);
+        self.reasons.push(reason);
+    }
+}
+
+/// Reservation lines to insert, column by column.
+#[derive(Debug, Default)]
+pub(crate) struct NewLines {
+    pub(crate) order_ids: Vec<Uuid>,
+    pub(crate) skus: Vec<String>,
+    pub(crate) quantities: Vec<i64>,
+    pub(crate) unit_prices: Vec<i64>,
+}
+
+/// Moves `taken` (units by SKU) from available to reserved and inserts the
+/// reservations and their lines, in one statement (the lines' reference to
+/// their reservation is checked at its end).
+pub(crate) async fn write_reservations(
+    conn: &mut AsyncPgConnection,
+    taken: &BTreeMap<String, i64>,
+    reservations: &NewReservations,
+    lines: &NewLines,
+) -> QueryResult<usize> {
+    let (skus, units): (Vec<&str>, Vec<i64>) = taken
+        .iter()
+        .map(|(sku, units)| (sku.as_str(), *units))
+        .unzip();
+    Cached(
+        diesel::sql_query(
+            "WITH moved AS (UPDATE products SET available = available - moved.quantity, \
+             reserved = reserved + moved.quantity \
+             FROM unnest($1::text[], $2::bigint[]) AS moved (sku, quantity) \
+             WHERE products.sku = moved.sku), \
+             decided AS (INSERT INTO reservations (order_id, user_id, status, total_cents, reason) \
+             SELECT * FROM unnest($3::uuid[], $4::uuid[], $5::text[], $6::bigint[], $7::text[])) \
+             INSERT INTO reservation_lines (order_id, sku, quantity, unit_price_cents) \
+             SELECT * FROM unnest($8::uuid[], $9::text[], $10::bigint[], $11::bigint[])",
+        )
+        .bind::<Array<Text>, _>(&skus)
+        .bind::<Array<BigInt>, _>(&units)
+        .bind::<Array<SqlUuid>, _>(&reservations.order_ids)
+        .bind::<Array<SqlUuid>, _>(&reservations.user_ids)
+        .bind::<Array<Text>, _>(&reservations.statuses)
+        .bind::<Array<BigInt>, _>(&reservations.totals)
+        .bind::<Array<Text>, _>(&reservations.reasons)
+        .bind::<Array<SqlUuid>, _>(&lines.order_ids)
+        .bind::<Array<Text>, _>(&lines.skus)
+        .bind::<Array<BigInt>, _>(&lines.quantities)
+        .bind::<Array<BigInt>, _>(&lines.unit_prices),
+    )
+    .execute(conn)
+    .await
+}
+
+/// Moves `released` (units by SKU) from reserved back to available, in one
+/// statement; the table's checks refuse a count below zero.
+pub(crate) async fn unreserve(
+    conn: &mut AsyncPgConnection,
+    released: &BTreeMap<String, i64>,
+) -> QueryResult<usize> {
+    if released.is_empty() {
+        return Ok(0);
+    }
+    let skus: Vec<&str> = released.keys().map(String::as_str).collect();
+    let units: Vec<i64> = released.values().copied().collect();
+    Cached(
+        diesel::sql_query(
+            "UPDATE products SET reserved = reserved - moved.quantity, \
+             available = available + moved.quantity \
+             FROM unnest($1::text[], $2::bigint[]) AS moved (sku, quantity) \
+             WHERE products.sku = moved.sku",
+        )
+        .bind::<Array<Text>, _>(&skus)
+        .bind::<Array<BigInt>, _>(&units),
+    )
+    .execute(conn)
+    .await
+}
+
+/// A reservation row with no lines: a rejection or a tombstone.
+pub(crate) async fn insert_reservation(
+    conn: &mut AsyncPgConnection,
+    order_id: Uuid,
+    user_id: Uuid,
+    status: Status,
+    reason: &str,
+) -> QueryResult<usize> {
+    diesel::insert_into(reservations::table)
+        .values((
+            reservations::order_id.eq(order_id),
+            reservations::user_id.eq(user_id),
+            reservations::status.eq(status.as_str()),
+            reservations::total_cents.eq(0),
+            reservations::reason.eq(reason),
+        ))
+        .execute(conn)
+        .await
+}
+
+/// An order's reservation status as stored, locked.
+pub(crate) async fn lock_status(
+    conn: &mut AsyncPgConnection,
+    order_id: Uuid,
+) -> QueryResult<Option<String>> {
+    reservations::table
+        .find(order_id)
+        .select(reservations::status)
+        .for_update()
+        .first(conn)
+        .await
+        .optional()
+}
+
+/// The reservation statuses of these orders as stored, locked.
+pub(crate) async fn lock_statuses(
+    conn: &mut AsyncPgConnection,
+    order_ids: &[Uuid],
+) -> QueryResult<HashMap<Uuid, String>> {
+    Ok(Cached(
+        reservations::table
+            .filter(reservations::order_id.eq_any(order_ids))
+            .select((reservations::order_id, reservations::status))
+            .for_update(),
+    )
+    .load::<(Uuid, String)>(conn)
+    .await?
+    .into_iter()
+    .collect())
+}
+
+/// The SKUs of the orders' reservation lines, read without locking.
+pub(crate) async fn reserved_skus(
+    conn: &mut AsyncPgConnection,
+    order_ids: &[Uuid],
+) -> QueryResult<Vec<String>> {
+    if order_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    reservation_lines::table
+        .filter(reservation_lines::order_id.eq_any(order_ids))
+        .select(reservation_lines::sku)
+        .distinct()
+        .load(conn)
+        .await
+}
+
+/// An order's reservation lines, in SKU order.
+pub(crate) async fn lines_of(
+    conn: &mut AsyncPgConnection,
+    order_id: Uuid,
+) -> QueryResult<Vec<Line>> {
+    let rows: Vec<(String, i64, i64)> = reservation_lines::table
+        .filter(reservation_lines::order_id.eq(order_id))
+        .order(reservation_lines::sku)
+        .select((
+            reservation_lines::sku,
+            reservation_lines::quantity,
+            reservation_lines::unit_price_cents,
+        ))
+        .load(conn)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(sku, quantity, unit_price_cents)| Line {
+            sku,
+            quantity,
+            unit_price_cents,
+        })
+        .collect())
+}
+
+pub(crate) async fn set_status(
+    conn: &mut AsyncPgConnection,
+    order_id: Uuid,
+    status: Status,
+) -> QueryResult<usize> {
+    Cached(diesel::update(reservations::table.find(order_id)).set((
+        reservations::status.eq(status.as_str()),
+        reservations::updated_at.eq(diesel::dsl::now),
+    )))
+    .execute(conn)
+    .await
+}
+
+/// Marks these reservations sold and moves their lines' units from
+/// reserved to sold, in one statement.
+pub(crate) async fn sell(conn: &mut AsyncPgConnection, order_ids: &[Uuid]) -> QueryResult<usize> {
+    Cached(
+        diesel::sql_query(
+            "WITH sold_orders AS (UPDATE reservations SET status = $2, updated_at = now() \
+             WHERE order_id = ANY($1) RETURNING order_id), \
+             moved AS (SELECT line.sku, sum(line.quantity)::bigint AS quantity \
+             FROM reservation_lines AS line JOIN sold_orders USING (order_id) GROUP BY line.sku) \
+             UPDATE products SET reserved = reserved - moved.quantity, \
+             sold = sold + moved.quantity FROM moved WHERE products.sku = moved.sku",
+        )
+        .bind::<Array<SqlUuid>, _>(order_ids)
+        .bind::<Text, _>(Status::Sold.as_str()),
+    )
+    .execute(conn)
+    .await
+}

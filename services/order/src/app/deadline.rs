@@ -1,0 +1,90 @@
+//! Step t: the deadline sweeper.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use diesel_async::{AsyncConnection as _, AsyncPgConnection};
+use shop_messaging::{Outbox, OutgoingEvent};
+use shop_proto::order::v1::OrderCancelled;
+use shop_service::ApiError;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::Orders;
+use crate::domain::{self, Decision, SagaEvent, Status};
+use crate::metrics::SagaEnd;
+use crate::store;
+
+impl Orders {
+    /// Step t: cancels PENDING orders past their deadline, a batch per
+    /// transaction, until shutdown. Replicas share the work (`SKIP LOCKED`).
+    pub(crate) async fn run_deadline_sweeper(self, shutdown: CancellationToken) {
+        loop {
+            match self.cancel_overdue().await {
+                Ok(count) if count > 0 => continue,
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "deadline sweep failed"),
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
+
+    async fn cancel_overdue(&self) -> Result<usize, ApiError> {
+        let mut conn = self.pool.get().await?;
+        let outbox = self.outbox.clone();
+        let cancelled = conn
+            .transaction::<_, diesel::result::Error, _>(async |conn| {
+                let now = Utc::now();
+                let overdue = store::lock_overdue(conn, now).await?;
+                let mut cancelled = Vec::with_capacity(overdue.len());
+                for order in overdue {
+                    let decision = domain::decide(
+                        Status::Pending,
+                        order.deadline,
+                        now,
+                        &SagaEvent::DeadlinePassed,
+                    );
+                    if let Decision::Cancel(reason) = decision {
+                        cancel(conn, &outbox, order.order_id, order.user_id, &reason).await?;
+                        cancelled.push((reason, order.placed_at));
+                    }
+                }
+                Ok(cancelled)
+            })
+            .await?;
+        if !cancelled.is_empty() {
+            self.outbox.committed();
+        }
+        for (reason, placed_at) in &cancelled {
+            self.metrics.ended(&SagaEnd {
+                outcome: "cancelled",
+                reason: reason.clone(),
+                placed_at: *placed_at,
+            });
+        }
+        Ok(cancelled.len())
+    }
+}
+
+/// Cancels a PENDING order and writes `order.cancelled` to the outbox.
+async fn cancel(
+    conn: &mut AsyncPgConnection,
+    outbox: &Outbox,
+    order_id: Uuid,
+    user_id: Uuid,
+    reason: &str,
+) -> diesel::QueryResult<()> {
+    store::mark_cancelled(conn, order_id, reason).await?;
+    store::record_steps(conn, order_id, &[("order.cancelled", reason)]).await?;
+    let event = OrderCancelled {
+        order_id: order_id.to_string(),
+        user_id: user_id.to_string(),
+        reason: reason.to_owned(),
+    };
+    let outgoing = OutgoingEvent::new(&event).correlated(order_id.to_string());
+    outbox.append(conn, &[outgoing]).await?;
+    Ok(())
+}

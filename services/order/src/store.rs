@@ -1,0 +1,410 @@
+//! Every SQL statement of the order service, each once, named after what
+//! it does, its parameters bound beside its text, on the connection (or
+//! transaction) it is given.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use diesel::pg::Pg;
+use diesel::prelude::*;
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
+use diesel::sql_types::{
+    Array, BigInt, Bool, Integer, Nullable, Text, Timestamptz, Uuid as SqlUuid,
+};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use shop_db::Cached;
+use shop_messaging::OutboxWrite;
+use uuid::Uuid;
+
+use crate::domain::Status;
+use crate::schema::{known_users, order_items, order_steps, orders};
+
+/// An order as stored.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = orders)]
+pub(crate) struct OrderRow {
+    pub(crate) order_id: Uuid,
+    pub(crate) user_id: Uuid,
+    pub(crate) status: String,
+    pub(crate) total_cents: i64,
+    pub(crate) cancel_reason: String,
+    pub(crate) created_at: DateTime<Utc>,
+    pub(crate) updated_at: DateTime<Utc>,
+}
+
+/// A step of an order's saga, as its timeline shows it.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = order_steps)]
+pub(crate) struct Step {
+    pub(crate) name: String,
+    pub(crate) detail: String,
+    pub(crate) occurred_at: DateTime<Utc>,
+}
+
+/// The first step of every saga.
+pub(crate) const PLACED: &str = "order.placed";
+
+/// PlaceOrder's one statement: the order, its lines, its first step and
+/// `order.placed`, written only if the user is known and the idempotency key
+/// is new (a key used before inserts nothing, after waiting for a concurrent
+/// request with the same key to commit or not). One statement is one round
+/// trip and commits by itself. Returns (user known, order written).
+pub(crate) struct PlaceStatement<'a> {
+    pub(crate) user_id: Uuid,
+    pub(crate) order_id: Uuid,
+    pub(crate) key: Option<&'a str>,
+    pub(crate) deadline: DateTime<Utc>,
+    pub(crate) now: DateTime<Utc>,
+    pub(crate) skus: Vec<&'a str>,
+    pub(crate) quantities: Vec<i32>,
+    pub(crate) events: OutboxWrite,
+}
+
+impl QueryFragment<Pg> for PlaceStatement<'_> {
+    fn walk_ast<'b>(&'b self, mut pass: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        pass.push_sql("WITH known AS (SELECT user_id FROM known_users WHERE user_id = ");
+        pass.push_bind_param::<SqlUuid, _>(&self.user_id)?;
+        pass.push_sql(
+            "), placed AS (INSERT INTO orders (order_id, user_id, status, idempotency_key, \
+             deadline, created_at, updated_at) SELECT ",
+        );
+        pass.push_bind_param::<SqlUuid, _>(&self.order_id)?;
+        pass.push_sql(", user_id, ");
+        pass.push_bind_param::<Text, _>(Status::Pending.as_str())?;
+        pass.push_sql(", ");
+        pass.push_bind_param::<Nullable<Text>, _>(&self.key)?;
+        pass.push_sql(", ");
+        pass.push_bind_param::<Timestamptz, _>(&self.deadline)?;
+        pass.push_sql(", ");
+        pass.push_bind_param::<Timestamptz, _>(&self.now)?;
+        pass.push_sql(", ");
+        pass.push_bind_param::<Timestamptz, _>(&self.now)?;
+        pass.push_sql(
+            " FROM known ON CONFLICT (user_id, idempotency_key) DO NOTHING RETURNING order_id), \
+             items AS (INSERT INTO order_items (order_id, sku, quantity) \
+             SELECT placed.order_id, item.sku, item.quantity FROM placed, unnest(",
+        );
+        pass.push_bind_param::<Array<Text>, _>(&self.skus)?;
+        pass.push_sql(", ");
+        pass.push_bind_param::<Array<Integer>, _>(&self.quantities)?;
+        pass.push_sql(
+            ") AS item (sku, quantity)), \
+             steps AS (INSERT INTO order_steps (order_id, name, occurred_at) \
+             SELECT order_id, ",
+        );
+        pass.push_bind_param::<Text, _>(PLACED)?;
+        pass.push_sql(", ");
+        pass.push_bind_param::<Timestamptz, _>(&self.now)?;
+        pass.push_sql(" FROM placed), events AS (");
+        self.events.walk_ast(pass.reborrow())?;
+        pass.push_sql(") SELECT EXISTS (SELECT FROM known), EXISTS (SELECT FROM placed)");
+        Ok(())
+    }
+}
+
+impl Query for PlaceStatement<'_> {
+    type SqlType = (Bool, Bool);
+}
+
+/// No static id: prepared once per connection, keyed by its text.
+impl QueryId for PlaceStatement<'_> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+/// The order placed with `key` by `user_id`, if any.
+pub(crate) async fn order_by_key(
+    conn: &mut AsyncPgConnection,
+    user_id: Uuid,
+    key: &str,
+) -> QueryResult<Option<Uuid>> {
+    orders::table
+        .filter(orders::user_id.eq(user_id))
+        .filter(orders::idempotency_key.eq(key))
+        .select(orders::order_id)
+        .first(conn)
+        .await
+        .optional()
+}
+
+pub(crate) async fn order(
+    conn: &mut AsyncPgConnection,
+    order_id: Uuid,
+) -> QueryResult<Option<OrderRow>> {
+    orders::table
+        .find(order_id)
+        .select(OrderRow::as_select())
+        .first(conn)
+        .await
+        .optional()
+}
+
+/// An order's lines, in SKU order.
+pub(crate) async fn items_of(
+    conn: &mut AsyncPgConnection,
+    order_id: Uuid,
+) -> QueryResult<Vec<(String, i32)>> {
+    order_items::table
+        .filter(order_items::order_id.eq(order_id))
+        .order(order_items::sku)
+        .select((order_items::sku, order_items::quantity))
+        .load(conn)
+        .await
+}
+
+/// An order's steps, in the order they were recorded.
+pub(crate) async fn steps_of(
+    conn: &mut AsyncPgConnection,
+    order_id: Uuid,
+) -> QueryResult<Vec<Step>> {
+    order_steps::table
+        .filter(order_steps::order_id.eq(order_id))
+        .order(order_steps::step_id)
+        .select(Step::as_select())
+        .load(conn)
+        .await
+}
+
+/// When the user's order `order_id` was placed: a page's cursor. None when
+/// it is not the user's.
+pub(crate) async fn placed_at(
+    conn: &mut AsyncPgConnection,
+    user_id: Uuid,
+    order_id: Uuid,
+) -> QueryResult<Option<DateTime<Utc>>> {
+    orders::table
+        .find(order_id)
+        .filter(orders::user_id.eq(user_id))
+        .select(orders::created_at)
+        .first(conn)
+        .await
+        .optional()
+}
+
+/// Up to `limit` of a user's orders, newest first, after the order `after`
+/// placed at the given time.
+pub(crate) async fn orders_page(
+    conn: &mut AsyncPgConnection,
+    user_id: Uuid,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    limit: i64,
+) -> QueryResult<Vec<OrderRow>> {
+    let mut query = orders::table
+        .filter(orders::user_id.eq(user_id))
+        .order((orders::created_at.desc(), orders::order_id.desc()))
+        .select(OrderRow::as_select())
+        .limit(limit)
+        .into_boxed();
+    if let Some((cursor, after)) = after {
+        query = query.filter(
+            orders::created_at.lt(cursor).or(orders::created_at
+                .eq(cursor)
+                .and(orders::order_id.lt(after))),
+        );
+    }
+    query.load(conn).await
+}
+
+/// The lines of these orders, by order, each in SKU order.
+pub(crate) async fn items_of_orders(
+    conn: &mut AsyncPgConnection,
+    order_ids: &[Uuid],
+) -> QueryResult<HashMap<Uuid, Vec<(String, i32)>>> {
+    let lines: Vec<(Uuid, String, i32)> = order_items::table
+        .filter(order_items::order_id.eq_any(order_ids))
+        .order((order_items::order_id, order_items::sku))
+        .select((
+            order_items::order_id,
+            order_items::sku,
+            order_items::quantity,
+        ))
+        .load(conn)
+        .await?;
+    let mut items_of: HashMap<Uuid, Vec<(String, i32)>> = HashMap::new();
+    for (order_id, sku, quantity) in lines {
+        items_of.entry(order_id).or_default().push((sku, quantity));
+    }
+    Ok(items_of)
+}
+
+/// The steps of these orders, by order, each in the order recorded.
+pub(crate) async fn steps_of_orders(
+    conn: &mut AsyncPgConnection,
+    order_ids: &[Uuid],
+) -> QueryResult<HashMap<Uuid, Vec<Step>>> {
+    let steps: Vec<(Uuid, Step)> = order_steps::table
+        .filter(order_steps::order_id.eq_any(order_ids))
+        .order((order_steps::order_id, order_steps::step_id))
+        .select((order_steps::order_id, Step::as_select()))
+        .load(conn)
+        .await?;
+    let mut steps_of: HashMap<Uuid, Vec<Step>> = HashMap::new();
+    for (order_id, step) in steps {
+        steps_of.entry(order_id).or_default().push(step);
+    }
+    Ok(steps_of)
+}
+
+/// A PENDING order past its deadline.
+#[derive(Debug, Clone, Queryable)]
+pub(crate) struct Overdue {
+    pub(crate) order_id: Uuid,
+    pub(crate) user_id: Uuid,
+    pub(crate) deadline: DateTime<Utc>,
+    pub(crate) placed_at: DateTime<Utc>,
+}
+
+/// Up to 100 PENDING orders whose deadline is before `now`, locked;
+/// the ones another sweeper holds are skipped.
+pub(crate) async fn lock_overdue(
+    conn: &mut AsyncPgConnection,
+    now: DateTime<Utc>,
+) -> QueryResult<Vec<Overdue>> {
+    orders::table
+        .filter(orders::status.eq(Status::Pending.as_str()))
+        .filter(orders::deadline.lt(now))
+        .select((
+            orders::order_id,
+            orders::user_id,
+            orders::deadline,
+            orders::created_at,
+        ))
+        .limit(100)
+        .for_update()
+        .skip_locked()
+        .load(conn)
+        .await
+}
+
+/// Appends `steps` (name, detail) to the order's timeline, in this order.
+pub(crate) async fn record_steps(
+    conn: &mut AsyncPgConnection,
+    order_id: Uuid,
+    steps: &[(&str, &str)],
+) -> QueryResult<usize> {
+    let rows: Vec<_> = steps
+        .iter()
+        .map(|(name, detail)| {
+            (
+                order_steps::order_id.eq(order_id),
+                order_steps::name.eq(*name),
+                order_steps::detail.eq(*detail),
+            )
+        })
+        .collect();
+    Cached(diesel::insert_into(order_steps::table).values(&rows))
+        .execute(conn)
+        .await
+}
+
+/// Marks an order CANCELLED with `reason`.
+pub(crate) async fn mark_cancelled(
+    conn: &mut AsyncPgConnection,
+    order_id: Uuid,
+    reason: &str,
+) -> QueryResult<usize> {
+    Cached(diesel::update(orders::table.find(order_id)).set((
+        orders::status.eq(Status::Cancelled.as_str()),
+        orders::cancel_reason.eq(reason),
+        orders::updated_at.eq(diesel::dsl::now),
+    )))
+    .execute(conn)
+    .await
+}
+
+/// Remembers a user, unless known already.
+pub(crate) async fn learn_user(conn: &mut AsyncPgConnection, user_id: Uuid) -> QueryResult<usize> {
+    diesel::insert_into(known_users::table)
+        .values(known_users::user_id.eq(user_id))
+        .on_conflict_do_nothing()
+        .execute(conn)
+        .await
+}
+
+/// What a saga event reads of its order.
+#[derive(Debug, Clone, Queryable)]
+pub(crate) struct SagaRow {
+    pub(crate) order_id: Uuid,
+    pub(crate) status: String,
+    pub(crate) user_id: Uuid,
+    pub(crate) deadline: DateTime<Utc>,
+    pub(crate) total_cents: i64,
+    pub(crate) placed_at: DateTime<Utc>,
+}
+
+/// These orders as their saga events need them, locked in id order
+/// (`order_ids` sorted), so that concurrent transactions never deadlock.
+pub(crate) async fn lock_orders(
+    conn: &mut AsyncPgConnection,
+    order_ids: &[Uuid],
+) -> QueryResult<Vec<SagaRow>> {
+    Cached(
+        orders::table
+            .filter(orders::order_id.eq_any(order_ids))
+            .order(orders::order_id)
+            .select((
+                orders::order_id,
+                orders::status,
+                orders::user_id,
+                orders::deadline,
+                orders::total_cents,
+                orders::created_at,
+            ))
+            .for_update(),
+    )
+    .load(conn)
+    .await
+}
+
+/// The orders a batch of saga events changed, column by column.
+#[derive(Debug, Default)]
+pub(crate) struct MovedOrders<'a> {
+    pub(crate) order_ids: Vec<Uuid>,
+    pub(crate) statuses: Vec<&'static str>,
+    pub(crate) totals: Vec<i64>,
+    pub(crate) cancel_reasons: Vec<Option<&'a str>>,
+    /// Whether the status changed (and `updated_at` with it).
+    pub(crate) moved: Vec<bool>,
+}
+
+/// The steps a batch recorded, column by column, in the order recorded.
+#[derive(Debug, Default)]
+pub(crate) struct NewSteps<'a> {
+    pub(crate) order_ids: Vec<Uuid>,
+    pub(crate) names: Vec<&'a str>,
+    pub(crate) details: Vec<&'a str>,
+}
+
+/// Writes the orders a batch changed and the steps it recorded (in this
+/// order), in one statement.
+pub(crate) async fn write_moves(
+    conn: &mut AsyncPgConnection,
+    moved: &MovedOrders<'_>,
+    steps: &NewSteps<'_>,
+) -> QueryResult<usize> {
+    Cached(
+        diesel::sql_query(
+            "WITH moved_orders AS (UPDATE orders SET status = moved.status, \
+             total_cents = moved.total_cents, \
+             cancel_reason = coalesce(moved.cancel_reason, orders.cancel_reason), \
+             updated_at = CASE WHEN moved.moved THEN now() ELSE orders.updated_at END \
+             FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::bool[]) \
+             AS moved (order_id, status, total_cents, cancel_reason, moved) \
+             WHERE orders.order_id = moved.order_id) \
+             INSERT INTO order_steps (order_id, name, detail) \
+             SELECT step.order_id, step.name, step.detail \
+             FROM unnest($6::uuid[], $7::text[], $8::text[]) WITH ORDINALITY \
+             AS step (order_id, name, detail, position) ORDER BY step.position",
+        )
+        .bind::<Array<SqlUuid>, _>(&moved.order_ids)
+        .bind::<Array<Text>, _>(&moved.statuses)
+        .bind::<Array<BigInt>, _>(&moved.totals)
+        .bind::<Array<Nullable<Text>>, _>(&moved.cancel_reasons)
+        .bind::<Array<Bool>, _>(&moved.moved)
+        .bind::<Array<SqlUuid>, _>(&steps.order_ids)
+        .bind::<Array<Text>, _>(&steps.names)
+        .bind::<Array<Text>, _>(&steps.details),
+    )
+    .execute(conn)
+    .await
+}
