@@ -9,13 +9,17 @@
 //! - [`pool`]: a deadpool of diesel-async connections.
 //! - [`Cached`]: a statement kept prepared that diesel would prepare afresh
 //!   each time (updates, multi-row inserts).
+//! - [`Failure`]: what a failed statement means (unreachable, contention,
+//!   timeout, ...), told in one place for the API and the consumers.
 //!
 //! Services own their SQL under `migrations/<service>/` and embed it with
 //! `diesel_migrations::embed_migrations!`.
 
 mod cached;
+mod failure;
 
 pub use cached::Cached;
+pub use failure::Failure;
 
 use diesel::migration::MigrationSource;
 use diesel::pg::Pg;

@@ -1,6 +1,6 @@
 //! The one mapping from a use case's failure to a gRPC status.
 
-use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use diesel::result::Error as DieselError;
 
 /// Why a request failed, in the terms a caller can act on. The failures of
 /// what a use case stands on keep their cause as a [`source`]; what each
@@ -50,61 +50,31 @@ pub enum ApiError {
 
 /// What a statement's failure means for the caller.
 fn database_status(error: &DieselError) -> tonic::Status {
+    use shop_db::Failure;
     use tonic::Status;
-    match error {
-        // The connection broke: the server went away mid-request.
-        DieselError::DatabaseError(
-            DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
-            _,
-        )
-        | DieselError::BrokenTransactionManager => {
+    let message = match error {
+        DieselError::DatabaseError(_, info) => info.message().to_owned(),
+        other => other.to_string(),
+    };
+    match Failure::of(error) {
+        Failure::Unreachable => {
             Status::unavailable(format!("the database is unreachable: {error}"))
         }
-        DieselError::DatabaseError(DatabaseErrorKind::SerializationFailure, _) => {
-            Status::unavailable(format!(
-                "a concurrent change got in the way; retry: {error}"
-            ))
-        }
-        // Shutting down, starting up, recovering, or our connection
-        // terminated by an administrator.
-        DieselError::DatabaseError(DatabaseErrorKind::Unknown, info)
-            if info.message().contains("connection")
-                || info.message().contains("the database system is") =>
-        {
-            Status::unavailable(format!("the database is unreachable: {error}"))
-        }
+        Failure::Contention => Status::unavailable(format!(
+            "another transaction got in the way (a lock held too long, a deadlock or a serialisation conflict); retry: {message}"
+        )),
         // Waited longer than the session allows (see
-        // `shop_db::SessionLimits`): someone else holds the rows, or the
-        // database is overloaded. Worth a retry. (diesel-async reports these
-        // SQLSTATEs as `Unknown`, so the message is all there is to go by.)
-        DieselError::DatabaseError(DatabaseErrorKind::Unknown, info)
-            if info.message().contains("lock timeout") =>
-        {
-            Status::unavailable(format!(
-                "the rows this needs are locked by another transaction; retry: {}",
-                info.message()
-            ))
-        }
-        DieselError::DatabaseError(DatabaseErrorKind::Unknown, info)
-            if info.message().contains("statement timeout") =>
-        {
-            Status::unavailable(format!(
-                "the database did not answer in time; retry: {}",
-                info.message()
-            ))
-        }
-        // A sum of the request's numbers and the stored ones that a
-        // BIGINT cannot hold (22003): the request's fault, not a bug.
-        DieselError::DatabaseError(DatabaseErrorKind::Unknown, info)
-            if info.message().contains("out of range") =>
-        {
-            Status::out_of_range(format!(
-                "a number is out of range (at most {} in sums): {}",
-                i64::MAX,
-                info.message()
-            ))
-        }
-        _ => internal(error),
+        // `shop_db::SessionLimits`): the database is overloaded. Worth a retry.
+        Failure::Timeout => Status::unavailable(format!(
+            "the database did not answer in time; retry: {message}"
+        )),
+        // A sum of the request's numbers and the stored ones that a BIGINT
+        // cannot hold: the request's fault, not a bug.
+        Failure::OutOfRange => Status::out_of_range(format!(
+            "a number is out of range (at most {} in sums): {message}",
+            i64::MAX
+        )),
+        Failure::UniqueViolation | Failure::Other => internal(error),
     }
 }
 
@@ -175,14 +145,13 @@ pub fn page_after(token: &str) -> Result<Option<uuid::Uuid>, ApiError> {
 
 /// Whether a database error is a unique violation.
 pub fn is_unique_violation(error: &DieselError) -> bool {
-    matches!(
-        error,
-        DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _)
-    )
+    shop_db::Failure::of(error) == shop_db::Failure::UniqueViolation
 }
 
 #[cfg(test)]
 mod tests {
+    use diesel::result::DatabaseErrorKind;
+
     use super::*;
 
     #[test]

@@ -25,30 +25,11 @@ impl From<diesel::result::Error> for BatchFailed {
     }
 }
 
-/// Whether a database error says nothing about the messages being handled:
-/// the database was unreachable or went away, or another transaction got
-/// in the way (a deadlock, a serialisation failure, a lock held past the
-/// session's lock timeout). The same batch may well succeed a moment later.
-/// diesel-async reports deadlocks and lock timeouts as `Unknown`, without
-/// their SQLSTATE, so those are told by their (English) messages.
+/// Whether a database error says nothing about the messages being handled
+/// (the database unreachable, or another transaction in the way): the same
+/// batch may well succeed a moment later.
 fn passing(error: &diesel::result::Error) -> bool {
-    use diesel::result::{DatabaseErrorKind as Kind, Error};
-    match error {
-        Error::BrokenTransactionManager => true,
-        Error::DatabaseError(
-            Kind::ClosedConnection | Kind::UnableToSendCommand | Kind::SerializationFailure,
-            _,
-        ) => true,
-        Error::DatabaseError(Kind::Unknown, info) => {
-            let message = info.message();
-            message.contains("deadlock detected")
-                // Another session holds the rows (see `SessionLimits`).
-                || message.contains("lock timeout")
-                || message.contains("the database system is")
-                || message.contains("connection")
-        }
-        _ => false,
-    }
+    shop_db::Failure::of(error).is_passing()
 }
 
 /// The database error inside a handler's failure, when it is [`passing`].

@@ -1,0 +1,121 @@
+//! What a failed statement means, told once for every caller: the API's
+//! status mapping and the consumer's retry rules match on [`Failure`]
+//! rather than reading messages themselves.
+
+use diesel::result::{DatabaseErrorKind as Kind, Error};
+
+/// The kinds of statement failure that callers treat differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The server is unreachable, went away, or is starting or stopping.
+    Unreachable,
+    /// Another transaction got in the way: a deadlock, a serialisation
+    /// failure, a lock held past the session's `lock_timeout`. The same
+    /// work may well succeed a moment later.
+    Contention,
+    /// The statement ran past the session's `statement_timeout`.
+    Timeout,
+    /// A number left its column's range (22003).
+    OutOfRange,
+    /// A unique constraint refused the row.
+    UniqueViolation,
+    /// Anything else: a bug, a constraint, a schema mismatch.
+    Other,
+}
+
+impl Failure {
+    /// The kind of `error`. diesel-async keeps the SQLSTATE only for the
+    /// kinds diesel names (unique, serialisation, ...) and reports the rest
+    /// as `Unknown` with the server's message, so deadlocks (40P01), lock
+    /// and statement timeouts (55P03, 57014), numeric overflow (22003) and
+    /// the server going away (57P01-03, 08xxx) are told here by their
+    /// English messages, the one place that does so.
+    pub fn of(error: &Error) -> Self {
+        match error {
+            Error::BrokenTransactionManager
+            | Error::DatabaseError(Kind::ClosedConnection | Kind::UnableToSendCommand, _) => {
+                Self::Unreachable
+            }
+            Error::DatabaseError(Kind::SerializationFailure, _) => Self::Contention,
+            Error::DatabaseError(Kind::UniqueViolation, _) => Self::UniqueViolation,
+            Error::DatabaseError(Kind::Unknown, info) => {
+                let message = info.message();
+                if message.contains("deadlock detected") || message.contains("lock timeout") {
+                    Self::Contention
+                } else if message.contains("statement timeout") {
+                    Self::Timeout
+                } else if message.contains("the database system is")
+                    || message.contains("connection")
+                {
+                    Self::Unreachable
+                } else if message.contains("out of range") {
+                    Self::OutOfRange
+                } else {
+                    Self::Other
+                }
+            }
+            _ => Self::Other,
+        }
+    }
+
+    /// Whether the failure says nothing about the work itself: the same
+    /// transaction may well succeed a moment later.
+    pub fn is_passing(self) -> bool {
+        matches!(self, Self::Unreachable | Self::Contention)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unknown(message: &str) -> Error {
+        Error::DatabaseError(Kind::Unknown, Box::new(message.to_owned()))
+    }
+
+    #[test]
+    fn each_kind_is_told_apart() {
+        let cases = [
+            (unknown("deadlock detected"), Failure::Contention),
+            (
+                unknown("canceling statement due to lock timeout"),
+                Failure::Contention,
+            ),
+            (
+                Error::DatabaseError(Kind::SerializationFailure, Box::new(String::new())),
+                Failure::Contention,
+            ),
+            (
+                unknown("canceling statement due to statement timeout"),
+                Failure::Timeout,
+            ),
+            (
+                unknown("the database system is shutting down"),
+                Failure::Unreachable,
+            ),
+            (
+                unknown("terminating connection due to administrator command"),
+                Failure::Unreachable,
+            ),
+            (
+                Error::DatabaseError(Kind::ClosedConnection, Box::new(String::new())),
+                Failure::Unreachable,
+            ),
+            (Error::BrokenTransactionManager, Failure::Unreachable),
+            (unknown("bigint out of range"), Failure::OutOfRange),
+            (
+                Error::DatabaseError(Kind::UniqueViolation, Box::new(String::new())),
+                Failure::UniqueViolation,
+            ),
+            (unknown("column \"nope\" does not exist"), Failure::Other),
+            (Error::NotFound, Failure::Other),
+        ];
+        for (error, kind) in cases {
+            assert_eq!(Failure::of(&error), kind, "{error}");
+        }
+        assert!(Failure::Contention.is_passing());
+        assert!(Failure::Unreachable.is_passing());
+        assert!(!Failure::Timeout.is_passing());
+        assert!(!Failure::Other.is_passing());
+    }
+}
