@@ -40,17 +40,11 @@ use tonic::{Code, Status};
 const IN_FLIGHT: usize = 8;
 
 fn cases() -> usize {
-    std::env::var("FUZZ_CASES")
-        .ok()
-        .and_then(|cases| cases.parse().ok())
-        .unwrap_or(300)
+    shop_test_support::setting("FUZZ_CASES", 300)
 }
 
 fn seed() -> u64 {
-    std::env::var("FUZZ_SEED")
-        .ok()
-        .and_then(|seed| seed.parse().ok())
-        .unwrap_or(1)
+    shop_test_support::setting("FUZZ_SEED", 1)
 }
 
 /// `count` values of `strategy`, the same for the same seed and `rpc`.

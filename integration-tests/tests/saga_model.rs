@@ -771,17 +771,11 @@ fn check(world: &World, stocked: &HashMap<String, i64>) -> Result<(), String> {
 }
 
 fn cases() -> u32 {
-    std::env::var("MODEL_CASES")
-        .ok()
-        .and_then(|cases| cases.parse().ok())
-        .unwrap_or(3000)
+    shop_test_support::setting("MODEL_CASES", 3000)
 }
 
 fn seed() -> u64 {
-    std::env::var("MODEL_SEED")
-        .ok()
-        .and_then(|seed| seed.parse().ok())
-        .unwrap_or(1)
+    shop_test_support::setting("MODEL_SEED", 1)
 }
 
 #[test]

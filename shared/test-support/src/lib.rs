@@ -11,6 +11,7 @@
 //!   ([`shop_auth::LocalIssuer`]) for the services to trust.
 //! - [`TestNats::start_in`] and [`TestPostgres::start_in`]: the same servers
 //!   with their data in a kept directory on fixed ports, for a local stack.
+//! - [`setting`]: a test's knob from the environment (cases, seeds).
 //!
 //! Binaries are found through `NATS_SERVER_BIN` / `PG_BIN_DIR`, on `PATH`, or
 //! under `/usr/lib/postgresql/*/bin`; when one is missing, starting fails with
@@ -24,6 +25,15 @@ mod process;
 
 pub use nats::TestNats;
 pub use postgres::TestPostgres;
+
+/// The environment variable `name` parsed, or `default` when it is unset
+/// or does not parse: how a test takes its case count or seed.
+pub fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(default)
+}
 
 /// Why a test server could not be started.
 #[derive(Debug, thiserror::Error)]
