@@ -80,14 +80,8 @@ fn database_status(error: &DieselError) -> tonic::Status {
 
 /// INTERNAL, its detail logged here with its causes and kept from the
 /// caller.
-fn internal(error: &dyn std::error::Error) -> tonic::Status {
-    let mut causes = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        causes.push_str(": ");
-        causes.push_str(&cause.to_string());
-        source = cause.source();
-    }
+fn internal(error: &(dyn std::error::Error + 'static)) -> tonic::Status {
+    let causes = shop_messaging::consumer::error_chain(error);
     tracing::error!(error = %causes, "internal error");
     tonic::Status::internal("internal error")
 }

@@ -58,7 +58,9 @@ impl From<HandlerError> for Failure {
     }
 }
 
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+/// An error and its causes on one line, `: `-separated: how a failure is
+/// logged or stored as a reason.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

@@ -59,6 +59,7 @@ mod handler;
 mod router;
 mod settle;
 
+pub use failure::error_chain;
 pub use handler::{Batch, Context, HandlerError, uuid_field};
 pub use router::{Router, contract_router};
 pub use settle::dead_letter_headers;
