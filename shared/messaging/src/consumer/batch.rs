@@ -114,7 +114,8 @@ impl<S: Send + Sync + 'static> Inner<S> {
                     // spend their deliveries on an outage or on a lock
                     // someone else holds. Each try is bounded by the
                     // session's statement and lock timeouts.
-                    Ok(Err(BatchFailed::Passing(reason))) => {
+                    Ok(Err(failed)) if failed.is_passing() => {
+                        let reason = failed.reason();
                         attempts = attempts.saturating_add(1);
                         self.stats
                             .batches_tried_again
@@ -143,10 +144,13 @@ impl<S: Send + Sync + 'static> Inner<S> {
             };
             let results = match applied {
                 Ok(Ok(results)) => results,
-                Ok(Err(BatchFailed::Passing(reason) | BatchFailed::Other(reason))) => prepared
-                    .iter()
-                    .map(|_| Err(Failure::Transient(reason.clone())))
-                    .collect(),
+                Ok(Err(failed)) => {
+                    let reason = failed.reason();
+                    prepared
+                        .iter()
+                        .map(|_| Err(Failure::Transient(reason.clone())))
+                        .collect()
+                }
                 Err(panic) => {
                     let reason = format!("batch panicked: {}", panic_message(&*panic));
                     prepared
@@ -205,10 +209,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
         &self,
         prepared: &mut [(usize, Prepared<'_, S>)],
     ) -> Result<Vec<Result<Outcome, Failure>>, BatchFailed> {
-        let mut conn =
-            self.pool.get().await.map_err(|error| {
-                BatchFailed::Passing(format!("no database connection: {error}"))
-            })?;
+        let mut conn = self.pool.get().await.map_err(BatchFailed::NoConnection)?;
         match self.apply_together(&mut conn, prepared).await {
             Ok(results) => return Ok(results),
             // A lone message's failure is all there is to know: rolled back

@@ -7,21 +7,27 @@ use std::any::Any;
 use super::handler::HandlerError;
 
 /// Why a batch's transaction failed as a whole; nothing was applied.
+#[derive(Debug, thiserror::Error)]
 pub(super) enum BatchFailed {
-    /// For reasons that say nothing about the messages (see [`passing`]).
-    Passing(String),
-    /// Anything else.
-    Other(String),
+    #[error("no database connection")]
+    NoConnection(#[source] diesel_async::pooled_connection::deadpool::PoolError),
+    #[error("the batch's transaction failed")]
+    Transaction(#[from] diesel::result::Error),
 }
 
-impl From<diesel::result::Error> for BatchFailed {
-    fn from(error: diesel::result::Error) -> Self {
-        let reason = format!("the batch's transaction failed: {error}");
-        if passing(&error) {
-            Self::Passing(reason)
-        } else {
-            Self::Other(reason)
+impl BatchFailed {
+    /// Whether the failure says nothing about the messages (see
+    /// [`passing`]): the batch is tried again in place.
+    pub(super) fn is_passing(&self) -> bool {
+        match self {
+            Self::NoConnection(_) => true,
+            Self::Transaction(error) => passing(error),
         }
+    }
+
+    /// The failure with its causes, as a reason for people.
+    pub(super) fn reason(&self) -> String {
+        error_chain(self)
     }
 }
 
