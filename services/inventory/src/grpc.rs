@@ -25,14 +25,16 @@ impl InventoryApi {
     }
 }
 
-fn to_proto(product: Product) -> pb::Product {
-    pb::Product {
-        sku: product.sku,
-        name: product.name,
-        price_cents: product.price_cents,
-        available: product.available,
-        reserved: product.reserved,
-        sold: product.sold,
+impl From<Product> for pb::Product {
+    fn from(product: Product) -> Self {
+        Self {
+            sku: product.sku,
+            name: product.name,
+            price_cents: product.price_cents,
+            available: product.available,
+            reserved: product.reserved,
+            sold: product.sold,
+        }
     }
 }
 
@@ -49,7 +51,7 @@ impl InventoryService for InventoryApi {
             .create_product(&caller, &r.sku, &r.name, r.price_cents, r.stock)
             .await?;
         Ok(Response::new(pb::CreateProductResponse {
-            product: Some(to_proto(product)),
+            product: Some(product.into()),
         }))
     }
 
@@ -59,7 +61,7 @@ impl InventoryService for InventoryApi {
     ) -> Result<Response<pb::GetProductResponse>, Status> {
         let product = self.catalogue.get_product(&request.get_ref().sku).await?;
         Ok(Response::new(pb::GetProductResponse {
-            product: Some(to_proto(product)),
+            product: Some(product.into()),
         }))
     }
 
@@ -74,7 +76,7 @@ impl InventoryService for InventoryApi {
             .add_stock(&caller, &r.sku, r.quantity)
             .await?;
         Ok(Response::new(pb::AddStockResponse {
-            product: Some(to_proto(product)),
+            product: Some(product.into()),
         }))
     }
 
@@ -92,7 +94,7 @@ impl InventoryService for InventoryApi {
             String::new()
         };
         Ok(Response::new(pb::ListProductsResponse {
-            products: products.into_iter().map(to_proto).collect(),
+            products: products.into_iter().map(Into::into).collect(),
             next_page_token,
         }))
     }

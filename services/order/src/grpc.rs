@@ -29,34 +29,36 @@ impl OrderApi {
     }
 }
 
-fn to_proto(order: Order) -> pb::Order {
-    let status = match order.status {
-        domain::Status::Pending => pb::OrderStatus::Pending,
-        domain::Status::Confirmed => pb::OrderStatus::Confirmed,
-        domain::Status::Cancelled => pb::OrderStatus::Cancelled,
-    };
-    pb::Order {
-        order_id: order.order_id.to_string(),
-        user_id: order.user_id.to_string(),
-        items: order
-            .items
-            .into_iter()
-            .map(|(sku, quantity)| pb::OrderItem { sku, quantity })
-            .collect(),
-        status: status.into(),
-        total_cents: order.total_cents,
-        cancel_reason: order.cancel_reason,
-        steps: order
-            .steps
-            .into_iter()
-            .map(|step| pb::SagaStep {
-                name: step.name,
-                detail: step.detail,
-                occurred_at: Some(timestamp(step.occurred_at)),
-            })
-            .collect(),
-        created_at: Some(timestamp(order.created_at)),
-        updated_at: Some(timestamp(order.updated_at)),
+impl From<Order> for pb::Order {
+    fn from(order: Order) -> Self {
+        let status = match order.status {
+            domain::Status::Pending => pb::OrderStatus::Pending,
+            domain::Status::Confirmed => pb::OrderStatus::Confirmed,
+            domain::Status::Cancelled => pb::OrderStatus::Cancelled,
+        };
+        Self {
+            order_id: order.order_id.to_string(),
+            user_id: order.user_id.to_string(),
+            items: order
+                .items
+                .into_iter()
+                .map(|(sku, quantity)| pb::OrderItem { sku, quantity })
+                .collect(),
+            status: status.into(),
+            total_cents: order.total_cents,
+            cancel_reason: order.cancel_reason,
+            steps: order
+                .steps
+                .into_iter()
+                .map(|step| pb::SagaStep {
+                    name: step.name,
+                    detail: step.detail,
+                    occurred_at: Some(timestamp(step.occurred_at)),
+                })
+                .collect(),
+            created_at: Some(timestamp(order.created_at)),
+            updated_at: Some(timestamp(order.updated_at)),
+        }
     }
 }
 
@@ -81,7 +83,7 @@ impl OrderService for OrderApi {
         // The request's server span: its log lines and trace name the order.
         tracing::Span::current().record("order_id", order.order_id.to_string());
         Ok(Response::new(pb::PlaceOrderResponse {
-            order: Some(to_proto(order)),
+            order: Some(order.into()),
         }))
     }
 
@@ -93,7 +95,7 @@ impl OrderService for OrderApi {
         let order_id = parse_uuid("order_id", &request.get_ref().order_id)?;
         let order = self.orders.get_order(&caller, order_id).await?;
         Ok(Response::new(pb::GetOrderResponse {
-            order: Some(to_proto(order)),
+            order: Some(order.into()),
         }))
     }
 
@@ -116,7 +118,7 @@ impl OrderService for OrderApi {
         let mut page = Vec::with_capacity(fetched);
         let mut bytes = 0;
         for order in orders {
-            let order = to_proto(order);
+            let order = pb::Order::from(order);
             // The field's tag and length prefix: a few bytes more.
             let size = order.encoded_len() + 8;
             if !page.is_empty() && bytes + size > MAX_PAGE_BYTES {

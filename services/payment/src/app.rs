@@ -141,15 +141,21 @@ impl Wallets {
         order_id: Uuid,
     ) -> Result<Payment, ApiError> {
         let mut conn = self.pool.get().await?;
+        let not_found = || ApiError::NotFound(format!("no payment for order {order_id}"));
         let row = store::payment(&mut conn, order_id)
             .await?
-            .ok_or_else(|| ApiError::NotFound(format!("no payment for order {order_id}")))?;
+            .ok_or_else(not_found)?;
         caller.require_user(row.user_id)?;
+        let status = PaymentStatus::parse(&row.status)?;
+        // A tombstone (left out by the query too) is no payment.
+        if status == PaymentStatus::Cancelled {
+            return Err(not_found());
+        }
         Ok(Payment {
             order_id: row.order_id,
             user_id: row.user_id,
             amount_cents: row.amount_cents,
-            status: PaymentStatus::parse(&row.status)?,
+            status,
             reason: row.reason,
         })
     }

@@ -23,12 +23,14 @@ impl UserApi {
     }
 }
 
-fn to_proto(user: User) -> pb::User {
-    pb::User {
-        user_id: user.user_id.to_string(),
-        email: user.email,
-        name: user.name,
-        created_at: Some(timestamp(user.created_at)),
+impl From<User> for pb::User {
+    fn from(user: User) -> Self {
+        Self {
+            user_id: user.user_id.to_string(),
+            email: user.email,
+            name: user.name,
+            created_at: Some(timestamp(user.created_at)),
+        }
     }
 }
 
@@ -45,7 +47,7 @@ impl UserService for UserApi {
             .create_user(&caller, &request.email, &request.name)
             .await?;
         Ok(Response::new(pb::CreateUserResponse {
-            user: Some(to_proto(user)),
+            user: Some(user.into()),
         }))
     }
 
@@ -57,7 +59,7 @@ impl UserService for UserApi {
         let user_id = parse_uuid("user_id", &request.get_ref().user_id)?;
         let user = self.users.get_user(&caller, user_id).await?;
         Ok(Response::new(pb::GetUserResponse {
-            user: Some(to_proto(user)),
+            user: Some(user.into()),
         }))
     }
 
@@ -79,7 +81,7 @@ impl UserService for UserApi {
             String::new()
         };
         Ok(Response::new(pb::ListUsersResponse {
-            users: users.into_iter().map(to_proto).collect(),
+            users: users.into_iter().map(Into::into).collect(),
             next_page_token,
         }))
     }
