@@ -254,6 +254,18 @@ pub(crate) struct Overdue {
     pub(crate) placed_at: DateTime<Utc>,
 }
 
+/// The earliest deadline of a PENDING order (from the partial index
+/// `pending_orders_by_deadline`).
+pub(crate) async fn earliest_deadline(
+    conn: &mut AsyncPgConnection,
+) -> QueryResult<Option<DateTime<Utc>>> {
+    orders::table
+        .filter(orders::status.eq(Status::Pending.as_str()))
+        .select(diesel::dsl::min(orders::deadline))
+        .get_result(conn)
+        .await
+}
+
 /// Up to 100 PENDING orders whose deadline is before `now`, locked;
 /// the ones another sweeper holds are skipped.
 pub(crate) async fn lock_overdue(
