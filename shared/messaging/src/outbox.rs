@@ -20,7 +20,7 @@
 //! report, a notification lost with a dropped connection).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, message::PublishMessage};
@@ -284,8 +284,14 @@ fn write_span(source: &str, events: &[OutgoingEvent]) -> tracing::Span {
 pub struct RelayConfig {
     /// Rows claimed, published and marked per transaction.
     pub batch_size: i64,
-    /// How long an idle relay waits for a notification before looking anyway.
+    /// How long an idle relay waits for a notification before looking
+    /// anyway while its LISTEN connection is up: a backstop, since every
+    /// commit notifies and a LISTEN connection that comes back wakes the
+    /// relay to look.
     pub poll_interval: Duration,
+    /// The same while the LISTEN connection is down (no notification can
+    /// come): the relay's only way to notice rows other processes commit.
+    pub poll_unlistened: Duration,
     /// After a batch, how long the relay keeps looking every `linger_poll`
     /// before it goes idle (default zero: writers in the relay's process
     /// wake it, see [`Relay::woken_by`]; lingering catches busy writers
@@ -303,7 +309,8 @@ impl Default for RelayConfig {
     fn default() -> Self {
         Self {
             batch_size: 500,
-            poll_interval: Duration::from_secs(1),
+            poll_interval: Duration::from_secs(10),
+            poll_unlistened: Duration::from_secs(1),
             linger: Duration::ZERO,
             linger_poll: Duration::from_millis(5),
             retention: Duration::from_secs(3600),
@@ -443,9 +450,11 @@ impl Relay {
     /// Publishes pending rows until none is left or shutdown is requested.
     pub async fn run(self, shutdown: CancellationToken) {
         let wake = Arc::clone(&self.wake);
+        let listening = Arc::new(AtomicBool::new(false));
         let listener = tokio::spawn(listen(
             self.database_url.clone(),
             Arc::clone(&wake),
+            Arc::clone(&listening),
             shutdown.clone(),
         ));
         let mut next_cleanup = tokio::time::Instant::now();
@@ -494,11 +503,15 @@ impl Relay {
                 }
                 next_cleanup = tokio::time::Instant::now() + self.config.cleanup_interval;
             }
-            // Busy a moment ago: look again soon. Idle: sleep until notified.
+            // Busy a moment ago: look again soon. Idle: sleep until notified,
+            // looking now and then in case a notification went astray, or
+            // often while none can come.
             let wait = if last_batch.elapsed() < self.config.linger {
                 self.config.linger_poll
-            } else {
+            } else if AtomicBool::load(&listening, Ordering::Relaxed) {
                 self.config.poll_interval
+            } else {
+                self.config.poll_unlistened.min(self.config.poll_interval)
             };
             tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -656,12 +669,18 @@ impl Relay {
 }
 
 /// Forwards `NOTIFY outbox` to `wake`, reconnecting when the connection drops.
-async fn listen(database_url: String, wake: Arc<Notify>, shutdown: CancellationToken) {
+async fn listen(
+    database_url: String,
+    wake: Arc<Notify>,
+    listening: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) {
     let mut failures = 0u32;
     while !shutdown.is_cancelled() {
         let result = async {
             let mut conn = AsyncPgConnection::establish(&database_url).await?;
             conn.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+            listening.store(true, Ordering::Relaxed);
             // Rows written while no one listened are picked up by this wake.
             wake.notify_one();
             let mut notifications = std::pin::pin!(conn.notifications_stream());
@@ -677,6 +696,7 @@ async fn listen(database_url: String, wake: Arc<Notify>, shutdown: CancellationT
             }
         }
         .await;
+        listening.store(false, Ordering::Relaxed);
         match result {
             Ok(()) => return,
             Err(error) => {
