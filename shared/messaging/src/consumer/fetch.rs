@@ -57,10 +57,15 @@ impl<S: Send + Sync + 'static> EventConsumer<S> {
             let stream = consumer
                 .stream()
                 .max_messages_per_batch(self.concurrency * self.batch_size)
-                // A lost pull (the server restarted) shows as missed
-                // heartbeats: frequent ones find it within a few seconds.
-                .heartbeat(Duration::from_secs(1))
-                .expires(Duration::from_secs(10))
+                // The client re-sends its pull when its connection comes
+                // back; a pull lost without a disconnect (the consumer
+                // recreated, its leader moved) shows as two missed
+                // heartbeats. Each heartbeat and each renewed pull wakes
+                // the server and this process, per consumer: these find a
+                // lost pull within ten seconds at a fraction of a wake-up
+                // per second.
+                .heartbeat(Duration::from_secs(5))
+                .expires(Duration::from_secs(30))
                 .messages()
                 .await;
             let mut messages = match stream {
