@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use diesel_async::{AsyncConnection as _, AsyncPgConnection};
+use shop_messaging::consumer::error_chain;
 use shop_messaging::{Outbox, OutgoingEvent};
 use shop_proto::order::v1::OrderCancelled;
 use shop_service::ApiError;
@@ -39,7 +40,7 @@ impl Orders {
                     }
                     Ok(_) => continue,
                     Err(error) => {
-                        tracing::warn!(%error, "deadline sweep failed");
+                        tracing::warn!(error = %error_chain(&error), "deadline sweep failed");
                         Duration::from_secs(1)
                     }
                 },
@@ -47,7 +48,7 @@ impl Orders {
                     .and_then(|due| (due - Utc::now()).to_std().ok())
                     .map_or(longest, |until| until.min(longest)),
                 Err(error) => {
-                    tracing::warn!(%error, "deadline sweep failed");
+                    tracing::warn!(error = %error_chain(&error), "deadline sweep failed");
                     Duration::from_secs(1)
                 }
             };
