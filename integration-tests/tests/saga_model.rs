@@ -31,6 +31,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use chrono::{DateTime, Duration, TimeZone as _, Utc};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+use shop_domain::{OrderId, UserId};
 use shop_inventory::domain::{
     self as inventory, Line, Placed, Release, Reservation, Status as Held, Stock,
 };
@@ -50,43 +51,43 @@ enum Consumer {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Event {
     UserCreated {
-        user: Uuid,
+        user: UserId,
     },
     OrderPlaced {
-        order: Uuid,
-        user: Uuid,
+        order: OrderId,
+        user: UserId,
         items: Vec<(String, i64)>,
     },
     Reserved {
-        order: Uuid,
-        user: Uuid,
+        order: OrderId,
+        user: UserId,
         total: i64,
     },
     Rejected {
-        order: Uuid,
+        order: OrderId,
         reason: String,
     },
     PaymentCompleted {
-        order: Uuid,
+        order: OrderId,
         amount: i64,
     },
     PaymentFailed {
-        order: Uuid,
-        user: Uuid,
+        order: OrderId,
+        user: UserId,
         reason: String,
     },
     OrderConfirmed {
-        order: Uuid,
+        order: OrderId,
     },
     OrderCancelled {
-        order: Uuid,
-        user: Uuid,
+        order: OrderId,
+        user: UserId,
     },
     Released {
-        order: Uuid,
+        order: OrderId,
     },
     Refunded {
-        order: Uuid,
+        order: OrderId,
     },
 }
 
@@ -94,16 +95,16 @@ impl Event {
     /// The event's type and the order it is about: what may happen once.
     fn key(&self) -> (&'static str, Uuid) {
         match self {
-            Self::UserCreated { user } => ("user.created", *user),
-            Self::OrderPlaced { order, .. } => ("order.placed", *order),
-            Self::Reserved { order, .. } => ("inventory.reserved", *order),
-            Self::Rejected { order, .. } => ("inventory.rejected", *order),
-            Self::PaymentCompleted { order, .. } => ("payment.completed", *order),
-            Self::PaymentFailed { order, .. } => ("payment.failed", *order),
-            Self::OrderConfirmed { order } => ("order.confirmed", *order),
-            Self::OrderCancelled { order, .. } => ("order.cancelled", *order),
-            Self::Released { order } => ("inventory.released", *order),
-            Self::Refunded { order } => ("payment.refunded", *order),
+            Self::UserCreated { user } => ("user.created", user.get()),
+            Self::OrderPlaced { order, .. } => ("order.placed", order.get()),
+            Self::Reserved { order, .. } => ("inventory.reserved", order.get()),
+            Self::Rejected { order, .. } => ("inventory.rejected", order.get()),
+            Self::PaymentCompleted { order, .. } => ("payment.completed", order.get()),
+            Self::PaymentFailed { order, .. } => ("payment.failed", order.get()),
+            Self::OrderConfirmed { order } => ("order.confirmed", order.get()),
+            Self::OrderCancelled { order, .. } => ("order.cancelled", order.get()),
+            Self::Released { order } => ("inventory.released", order.get()),
+            Self::Refunded { order } => ("payment.refunded", order.get()),
         }
     }
 
@@ -200,7 +201,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
 /// What the order service keeps of an order.
 #[derive(Debug)]
 struct OrderRow {
-    user: Uuid,
+    user: UserId,
     status: Status,
     total: i64,
 }
@@ -209,18 +210,18 @@ struct OrderRow {
 #[derive(Debug, Default)]
 struct World {
     // The order service.
-    known_users: HashSet<Uuid>,
-    orders: BTreeMap<Uuid, OrderRow>,
+    known_users: HashSet<UserId>,
+    orders: BTreeMap<OrderId, OrderRow>,
     late: bool,
     // The inventory service.
     stock: HashMap<String, Stock>,
     reserved: HashMap<String, i64>,
     sold: HashMap<String, i64>,
-    reservations: HashMap<Uuid, (Held, Vec<Line>)>,
+    reservations: HashMap<OrderId, (Held, Vec<Line>)>,
     // The payment service: the credit each wallet opens with, the wallets.
-    credit: HashMap<Uuid, i64>,
-    balances: HashMap<Uuid, i64>,
-    payments: HashMap<Uuid, (PaymentStatus, i64, Uuid)>,
+    credit: HashMap<UserId, i64>,
+    balances: HashMap<UserId, i64>,
+    payments: HashMap<OrderId, (PaymentStatus, i64, UserId)>,
     // The network: events published and not yet consumed.
     pending: Vec<Delivery>,
     // Everything that happened, to find what happened twice.
@@ -254,7 +255,7 @@ impl World {
 
     /// PlaceOrder: only for a user the order service knows, with lines
     /// that pass validation.
-    fn place(&mut self, order_id: Uuid, user: Uuid, lines: &[(String, i32)]) {
+    fn place(&mut self, order_id: OrderId, user: UserId, lines: &[(String, i32)]) {
         if self.orders.contains_key(&order_id) || !self.known_users.contains(&user) {
             return;
         }
@@ -284,7 +285,7 @@ impl World {
     /// Step t: the sweeper cancels what is PENDING past its deadline.
     fn sweep(&mut self) {
         let now = self.now();
-        let ids: Vec<Uuid> = self.orders.keys().copied().collect();
+        let ids: Vec<OrderId> = self.orders.keys().copied().collect();
         for id in ids {
             let row = &self.orders[&id];
             if row.status != Status::Pending {
@@ -299,7 +300,7 @@ impl World {
         }
     }
 
-    fn cancel(&mut self, id: Uuid, user: Uuid) {
+    fn cancel(&mut self, id: OrderId, user: UserId) {
         if let Some(row) = self.orders.get_mut(&id) {
             row.status = Status::Cancelled;
         }
@@ -325,7 +326,7 @@ impl World {
                     if let Event::UserCreated { user } = event {
                         // Opened with its credit, unless open already.
                         if !self.balances.contains_key(user) {
-                            self.effects.push(("open wallet", *user));
+                            self.effects.push(("open wallet", user.get()));
                             self.balances.insert(*user, self.credit[user]);
                         }
                     }
@@ -417,12 +418,12 @@ impl World {
                 other => unreachable!("{other:?}"),
             })
             .collect();
-        let mut decided: HashSet<Uuid> = self.reservations.keys().copied().collect();
+        let mut decided: HashSet<OrderId> = self.reservations.keys().copied().collect();
         let decisions = inventory::reserve_in_turn(&placed, &mut decided, &mut self.stock);
         for (order, decision) in placed.iter().zip(decisions) {
             match decision {
                 Reservation::Reserved { lines, total_cents } => {
-                    self.effects.push(("reserve", order.order_id));
+                    self.effects.push(("reserve", order.order_id.get()));
                     for line in &lines {
                         *self.reserved.entry(line.sku.clone()).or_default() += line.quantity;
                     }
@@ -448,11 +449,11 @@ impl World {
     }
 
     /// Compensation c2, as `inventory::app::release` does.
-    fn release(&mut self, id: Uuid) -> Result<(), shop_domain::StepError> {
+    fn release(&mut self, id: OrderId) -> Result<(), shop_domain::StepError> {
         let status = self.reservations.get(&id).map(|(status, _)| *status);
         match inventory::release(id, status)? {
             Release::Release => {
-                self.effects.push(("release", id));
+                self.effects.push(("release", id.get()));
                 let (status, lines) = self.reservations.get_mut(&id).expect("held");
                 *status = Held::Released;
                 for line in lines.iter() {
@@ -485,7 +486,7 @@ impl World {
             }
         }
         for id in to_sell {
-            self.effects.push(("sell", id));
+            self.effects.push(("sell", id.get()));
             let (status, lines) = self.reservations.get_mut(&id).expect("held");
             *status = Held::Sold;
             for line in lines.iter() {
@@ -510,7 +511,7 @@ impl World {
                 other => unreachable!("{other:?}"),
             })
             .collect();
-        let mut decided: HashSet<Uuid> = self.payments.keys().copied().collect();
+        let mut decided: HashSet<OrderId> = self.payments.keys().copied().collect();
         let mut balances = self.balances.clone();
         let debits = payment::debit_in_turn(&charges, &mut decided, &mut balances)?;
         self.balances = balances;
@@ -524,7 +525,7 @@ impl World {
             );
             match debit {
                 Debit::Captured => {
-                    self.effects.push(("capture", charge.order_id));
+                    self.effects.push(("capture", charge.order_id.get()));
                     self.publish(Event::PaymentCompleted {
                         order: charge.order_id,
                         amount: charge.amount_cents,
@@ -542,14 +543,14 @@ impl World {
     }
 
     /// Compensation c3, as `payment::app::refund` does.
-    fn refund(&mut self, id: Uuid, user: Uuid) -> Result<(), shop_domain::StepError> {
+    fn refund(&mut self, id: OrderId, user: UserId) -> Result<(), shop_domain::StepError> {
         let payment = self.payments.get(&id).copied();
         match payment::refund(payment.map(|(status, _, _)| status)) {
             Refund::Refund => {
                 let (_, amount, payer) = payment.expect("captured");
                 let balance = self.balances[&payer];
                 let refunded = payment::refunded(payer, balance, amount)?;
-                self.effects.push(("refund", id));
+                self.effects.push(("refund", id.get()));
                 self.balances.insert(payer, refunded);
                 self.payments
                     .insert(id, (PaymentStatus::Refunded, amount, payer));
@@ -607,11 +608,11 @@ impl World {
 
 /// Plays a scenario to its end and checks the invariants.
 fn play(scenario: &Scenario) -> Result<(), String> {
-    let users: Vec<Uuid> = (0..scenario.credits.len())
-        .map(|i| Uuid::from_u128(0x1000 + i as u128))
+    let users: Vec<UserId> = (0..scenario.credits.len())
+        .map(|i| Uuid::from_u128(0x1000 + i as u128).into())
         .collect();
-    let order_ids: Vec<Uuid> = (0..scenario.orders.len())
-        .map(|i| Uuid::from_u128(0x2000 + i as u128))
+    let order_ids: Vec<OrderId> = (0..scenario.orders.len())
+        .map(|i| Uuid::from_u128(0x2000 + i as u128).into())
         .collect();
     let mut world = World::default();
     let mut stocked = HashMap::new();

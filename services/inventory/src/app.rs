@@ -113,7 +113,7 @@ pub(crate) async fn reserve(
     conn: &mut AsyncPgConnection,
     orders: &[Placed],
 ) -> Result<Vec<Reservation>, HandlerError> {
-    let order_ids: Vec<Uuid> = orders.iter().map(|order| order.order_id).collect();
+    let order_ids: Vec<Uuid> = orders.iter().map(|order| order.order_id.get()).collect();
     let mut decided = store::lock_decided(conn, &order_ids).await?;
     let mut skus: Vec<&str> = orders
         .iter()
@@ -135,22 +135,22 @@ pub(crate) async fn reserve(
             } => {
                 for line in reserved {
                     *taken.entry(line.sku.clone()).or_default() += line.quantity;
-                    lines.order_ids.push(order.order_id);
+                    lines.order_ids.push(order.order_id.get());
                     lines.skus.push(line.sku.clone());
                     lines.quantities.push(line.quantity);
                     lines.unit_prices.push(line.unit_price_cents);
                 }
                 reservations.push(
-                    order.order_id,
-                    order.user_id,
+                    order.order_id.get(),
+                    order.user_id.get(),
                     Status::Reserved,
                     *total_cents,
                     String::new(),
                 );
             }
             Reservation::Rejected { reason, .. } => reservations.push(
-                order.order_id,
-                order.user_id,
+                order.order_id.get(),
+                order.user_id.get(),
                 Status::Rejected,
                 0,
                 reason.clone(),
@@ -178,7 +178,7 @@ pub(crate) async fn sell(
             .get(&order_id)
             .map(|status| Status::parse(status))
             .transpose()?;
-        if domain::sell(order_id, status)? && !to_sell.contains(&order_id) {
+        if domain::sell(order_id.into(), status)? && !to_sell.contains(&order_id) {
             to_sell.push(order_id);
         }
     }
@@ -199,7 +199,7 @@ pub(crate) async fn release(
         .await?
         .map(|status| Status::parse(&status))
         .transpose()?;
-    match domain::release(order_id, status)? {
+    match domain::release(order_id.into(), status)? {
         Release::Release => {
             let lines = store::lines_of(conn, order_id).await?;
             let released = lines
@@ -234,12 +234,14 @@ mod tests {
     use shop_test_support::TestPostgres;
 
     use super::*;
+    use shop_domain::OrderId;
+
     use crate::schema::{products, reservations};
 
     fn order(sku: &str, quantity: i64) -> Placed {
         Placed {
-            order_id: Uuid::now_v7(),
-            user_id: Uuid::now_v7(),
+            order_id: Uuid::now_v7().into(),
+            user_id: Uuid::now_v7().into(),
             items: vec![(sku.to_owned(), quantity)],
         }
     }
@@ -311,20 +313,22 @@ mod tests {
                 .all(|decision| matches!(decision, Reservation::AlreadyDecided))
         );
 
-        let sold = [orders[0].order_id, orders[2].order_id, orders[0].order_id];
+        let sold = [orders[0].order_id, orders[2].order_id, orders[0].order_id].map(OrderId::get);
         sell(&mut conn, &sold).await.unwrap();
         assert_eq!(lamp(&mut conn).await, (0, 0, 3));
         // Sold already: nothing moves again.
         sell(&mut conn, &sold).await.unwrap();
         assert_eq!(lamp(&mut conn).await, (0, 0, 3));
         // A rejected order cannot be sold, and the call changes nothing.
-        let error = sell(&mut conn, &[orders[1].order_id]).await.unwrap_err();
+        let error = sell(&mut conn, &[orders[1].order_id.get()])
+            .await
+            .unwrap_err();
         assert!(
             matches!(&error, HandlerError::Permanent(reason) if reason.ends_with("its reservation is REJECTED")),
             "{error}"
         );
         let statuses: Vec<String> = reservations::table
-            .filter(reservations::order_id.eq_any(orders.iter().map(|order| order.order_id)))
+            .filter(reservations::order_id.eq_any(orders.iter().map(|order| order.order_id.get())))
             .order(reservations::order_id)
             .select(reservations::status)
             .load(&mut conn)

@@ -3,8 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use shop_domain::{StepError, limits};
-use uuid::Uuid;
+use shop_domain::{OrderId, StepError, UserId, limits};
 
 /// A product's price and what can be reserved of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,8 +92,8 @@ shop_domain::labels! {
 /// An `order.placed` to reserve for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placed {
-    pub order_id: Uuid,
-    pub user_id: Uuid,
+    pub order_id: OrderId,
+    pub user_id: UserId,
     pub items: Vec<(String, i64)>,
 }
 
@@ -117,7 +116,7 @@ pub enum Reservation {
 /// the units reserved here.
 pub fn reserve_in_turn(
     orders: &[Placed],
-    decided: &mut HashSet<Uuid>,
+    decided: &mut HashSet<OrderId>,
     stock: &mut HashMap<String, Stock>,
 ) -> Vec<Reservation> {
     let mut reservations = Vec::with_capacity(orders.len());
@@ -159,7 +158,7 @@ pub enum Release {
 
 /// Compensation c2 for a failed order whose reservation stands at `status`
 /// (none: no row). A sold one cannot be released: the order was confirmed.
-pub fn release(order_id: Uuid, status: Option<Status>) -> Result<Release, StepError> {
+pub fn release(order_id: OrderId, status: Option<Status>) -> Result<Release, StepError> {
     match status {
         Some(Status::Reserved) => Ok(Release::Release),
         Some(Status::Sold) => Err(StepError::Refused(format!(
@@ -174,7 +173,7 @@ pub fn release(order_id: Uuid, status: Option<Status>) -> Result<Release, StepEr
 /// it sold already (`false`). The reservation is this service's own doing
 /// and comes before the confirmation: until it is visible, not yet; one
 /// that is not held contradicts the confirmation.
-pub fn sell(order_id: Uuid, status: Option<Status>) -> Result<bool, StepError> {
+pub fn sell(order_id: OrderId, status: Option<Status>) -> Result<bool, StepError> {
     match status {
         Some(Status::Reserved) => Ok(true),
         Some(Status::Sold) => Ok(false),
@@ -291,7 +290,7 @@ mod tests {
 
     #[test]
     fn a_release_gives_back_what_is_held_and_refuses_a_sale() {
-        let id = Uuid::nil();
+        let id = OrderId::from(uuid::Uuid::nil());
         assert_eq!(release(id, Some(Status::Reserved)), Ok(Release::Release));
         assert_eq!(release(id, None), Ok(Release::Tombstone));
         for status in [Status::Rejected, Status::Released, Status::Cancelled] {

@@ -113,8 +113,8 @@ fn on_orders_placed<'a>(
             .iter()
             .map(|event| {
                 Ok(Placed {
-                    order_id: id("order_id", &event.order_id)?,
-                    user_id: id("user_id", &event.user_id)?,
+                    order_id: id("order_id", &event.order_id)?.into(),
+                    user_id: id("user_id", &event.user_id)?.into(),
                     items: event
                         .items
                         .iter()

@@ -8,7 +8,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use shop_db::Cached;
-use shop_domain::limits;
+use shop_domain::{OrderId, limits};
 use uuid::Uuid;
 
 use crate::domain::{Line, NewProduct, Status, Stock};
@@ -111,16 +111,17 @@ pub(crate) async fn products_after(
 pub(crate) async fn lock_decided(
     conn: &mut AsyncPgConnection,
     order_ids: &[Uuid],
-) -> QueryResult<HashSet<Uuid>> {
+) -> QueryResult<HashSet<OrderId>> {
     Ok(Cached(
         reservations::table
             .filter(reservations::order_id.eq_any(order_ids))
             .select(reservations::order_id)
             .for_update(),
     )
-    .load(conn)
+    .load::<Uuid>(conn)
     .await?
     .into_iter()
+    .map(OrderId::from)
     .collect())
 }
 

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 
 use diesel_async::{AsyncConnection as _, AsyncPgConnection};
 use shop_db::PgPool;
+use shop_domain::UserId;
 use shop_messaging::HandlerError;
 use shop_service::{ApiError, Caller, is_unique_violation, limits, roles};
 use uuid::Uuid;
@@ -178,14 +179,14 @@ pub(crate) async fn debit(
     conn: &mut AsyncPgConnection,
     charges: &[Charge],
 ) -> Result<Vec<Debit>, HandlerError> {
-    let order_ids: Vec<Uuid> = charges.iter().map(|charge| charge.order_id).collect();
+    let order_ids: Vec<Uuid> = charges.iter().map(|charge| charge.order_id.get()).collect();
     let mut decided = store::lock_decided(conn, &order_ids).await?;
-    let mut user_ids: Vec<Uuid> = charges.iter().map(|charge| charge.user_id).collect();
+    let mut user_ids: Vec<Uuid> = charges.iter().map(|charge| charge.user_id.get()).collect();
     user_ids.sort_unstable();
     user_ids.dedup();
     let mut balances = store::lock_balances(conn, &user_ids).await?;
     let debits = domain::debit_in_turn(charges, &mut decided, &mut balances)?;
-    let mut debited: HashMap<Uuid, i64> = HashMap::new();
+    let mut debited: HashMap<UserId, i64> = HashMap::new();
     let mut rows = NewPayments::default();
     for (charge, debit) in charges.iter().zip(&debits) {
         let Some(status) = debit.status() else {
@@ -198,8 +199,8 @@ pub(crate) async fn debit(
         if status == PaymentStatus::Captured {
             *debited.entry(charge.user_id).or_default() += charge.amount_cents;
         }
-        rows.order_ids.push(charge.order_id);
-        rows.user_ids.push(charge.user_id);
+        rows.order_ids.push(charge.order_id.get());
+        rows.user_ids.push(charge.user_id.get());
         rows.amounts.push(charge.amount_cents);
         rows.statuses.push(status.as_str());
         rows.reasons.push(reason);
@@ -227,7 +228,7 @@ pub(crate) async fn refund(
             let balance = store::lock_balance(conn, payer).await?.ok_or_else(|| {
                 HandlerError::permanent(format!("payment of order {order_id} has no wallet"))
             })?;
-            let refunded = domain::refunded(payer, balance, amount)?;
+            let refunded = domain::refunded(payer.into(), balance, amount)?;
             store::set_balance(conn, payer, refunded).await?;
             store::mark_refunded(conn, order_id).await?;
             Ok(Some(amount))
@@ -285,8 +286,8 @@ mod tests {
         open_wallet(&mut conn, ann, 100).await.unwrap();
         let order_id = Uuid::now_v7();
         let charge = Charge {
-            order_id,
-            user_id: ann,
+            order_id: order_id.into(),
+            user_id: ann.into(),
             amount_cents: 100,
         };
         assert!(matches!(
@@ -330,9 +331,9 @@ mod tests {
         let bob = Uuid::now_v7();
         open_wallet(&mut conn, ann, 100).await.unwrap();
         open_wallet(&mut conn, bob, 10).await.unwrap();
-        let charge = |user_id, amount_cents| Charge {
-            order_id: Uuid::now_v7(),
-            user_id,
+        let charge = |user_id: Uuid, amount_cents| Charge {
+            order_id: Uuid::now_v7().into(),
+            user_id: user_id.into(),
             amount_cents,
         };
         let first = charge(ann, 60);

@@ -3,8 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use shop_domain::{StepError, limits};
-use uuid::Uuid;
+use shop_domain::{OrderId, StepError, UserId, limits};
 
 shop_domain::labels! {
     /// Where an order's payment stands.
@@ -55,8 +54,8 @@ impl Deposit {
 /// A reserved order to charge (`inventory.reserved`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Charge {
-    pub order_id: Uuid,
-    pub user_id: Uuid,
+    pub order_id: OrderId,
+    pub user_id: UserId,
     pub amount_cents: i64,
 }
 
@@ -91,8 +90,8 @@ impl Debit {
 /// stream) is [`StepError::NotYet`]; the caller then writes nothing.
 pub fn debit_in_turn(
     charges: &[Charge],
-    decided: &mut HashSet<Uuid>,
-    balances: &mut HashMap<Uuid, i64>,
+    decided: &mut HashSet<OrderId>,
+    balances: &mut HashMap<UserId, i64>,
 ) -> Result<Vec<Debit>, StepError> {
     let mut debits = Vec::with_capacity(charges.len());
     for charge in charges {
@@ -151,7 +150,7 @@ pub fn refund(status: Option<PaymentStatus>) -> Refund {
 /// [`limits::MAX_BALANCE_CENTS`], so a refund fits unless thousands of the
 /// largest orders were captured and refunded to one wallet: then say so
 /// rather than fail in SQL.
-pub fn refunded(user_id: Uuid, balance: i64, amount: i64) -> Result<i64, StepError> {
+pub fn refunded(user_id: UserId, balance: i64, amount: i64) -> Result<i64, StepError> {
     balance.checked_add(amount).ok_or_else(|| {
         StepError::Refused(format!(
             "refunding {amount} cents to {user_id} would overflow its balance of {balance} cents"
@@ -201,8 +200,9 @@ mod tests {
             assert_eq!(refund(Some(status)), Refund::Nothing);
         }
         assert_eq!(refund(None), Refund::Tombstone);
-        assert!(refunded(Uuid::nil(), i64::MAX - 1, 2).is_err());
-        assert_eq!(refunded(Uuid::nil(), 1, 2), Ok(3));
+        let nobody = UserId::from(uuid::Uuid::nil());
+        assert!(refunded(nobody, i64::MAX - 1, 2).is_err());
+        assert_eq!(refunded(nobody, 1, 2), Ok(3));
     }
 
     proptest! {
@@ -214,8 +214,8 @@ mod tests {
             start in prop::collection::vec(0i64..200, 1..4),
             picks in prop::collection::vec((0usize..4, 0i64..150, 0usize..6), 0..12),
         ) {
-            let users: Vec<Uuid> = (0..start.len()).map(|_| Uuid::now_v7()).collect();
-            let orders: Vec<Uuid> = (0..6).map(|_| Uuid::now_v7()).collect();
+            let users: Vec<UserId> = (0..start.len()).map(|_| uuid::Uuid::now_v7().into()).collect();
+            let orders: Vec<OrderId> = (0..6).map(|_| uuid::Uuid::now_v7().into()).collect();
             let charges: Vec<Charge> = picks
                 .iter()
                 .map(|&(user, amount_cents, order)| Charge {

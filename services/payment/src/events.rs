@@ -88,8 +88,8 @@ fn on_inventories_reserved<'a>(
             .iter()
             .map(|event| {
                 Ok(Charge {
-                    order_id: id("order_id", &event.order_id)?,
-                    user_id: id("user_id", &event.user_id)?,
+                    order_id: id("order_id", &event.order_id)?.into(),
+                    user_id: id("user_id", &event.user_id)?.into(),
                     amount_cents: event.total_cents,
                 })
             })

@@ -9,6 +9,8 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use shop_db::Cached;
 use uuid::Uuid;
 
+use shop_domain::{OrderId, UserId};
+
 use crate::domain::PaymentStatus;
 use crate::schema::{accounts, deposits, payments};
 
@@ -132,16 +134,17 @@ pub(crate) async fn open_wallet(
 pub(crate) async fn lock_decided(
     conn: &mut AsyncPgConnection,
     order_ids: &[Uuid],
-) -> QueryResult<HashSet<Uuid>> {
+) -> QueryResult<HashSet<OrderId>> {
     Ok(Cached(
         payments::table
             .filter(payments::order_id.eq_any(order_ids))
             .select(payments::order_id)
             .for_update(),
     )
-    .load(conn)
+    .load::<Uuid>(conn)
     .await?
     .into_iter()
+    .map(OrderId::from)
     .collect())
 }
 
@@ -150,7 +153,7 @@ pub(crate) async fn lock_decided(
 pub(crate) async fn lock_balances(
     conn: &mut AsyncPgConnection,
     user_ids: &[Uuid],
-) -> QueryResult<HashMap<Uuid, i64>> {
+) -> QueryResult<HashMap<UserId, i64>> {
     Ok(Cached(
         accounts::table
             .filter(accounts::user_id.eq_any(user_ids))
@@ -161,6 +164,7 @@ pub(crate) async fn lock_balances(
     .load::<(Uuid, i64)>(conn)
     .await?
     .into_iter()
+    .map(|(user_id, balance)| (UserId::from(user_id), balance))
     .collect())
 }
 
@@ -178,10 +182,11 @@ pub(crate) struct NewPayments {
 /// in one statement.
 pub(crate) async fn write_debits(
     conn: &mut AsyncPgConnection,
-    debited: &HashMap<Uuid, i64>,
+    debited: &HashMap<UserId, i64>,
     payments: &NewPayments,
 ) -> QueryResult<usize> {
-    let (users, amounts): (Vec<Uuid>, Vec<i64>) = debited.iter().map(|(u, a)| (*u, *a)).unzip();
+    let (users, amounts): (Vec<Uuid>, Vec<i64>) =
+        debited.iter().map(|(u, a)| (u.get(), *a)).unzip();
     Cached(
         diesel::sql_query(
             "WITH debited AS (UPDATE accounts SET balance_cents = balance_cents - debit.amount \

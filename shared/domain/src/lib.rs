@@ -6,7 +6,9 @@
 //! - [`UnknownLabel`]: what `parse` says of a name it does not know;
 //! - [`StepError`]: why a saga step cannot be decided yet, or ever;
 //! - [`limits`]: the bounds every request is held to;
-//! - [`idempotency_key`]: the one check of a request's idempotency key.
+//! - [`idempotency_key`]: the one check of a request's idempotency key;
+//! - [`OrderId`], [`UserId`]: the ids the saga's steps pass between
+//!   services, typed so that one cannot stand for the other.
 
 pub mod limits;
 
@@ -68,6 +70,46 @@ macro_rules! labels {
             }
         }
     };
+}
+
+/// Declares an id: a UUID of one kind, which no other kind of id can be
+/// passed as.
+macro_rules! id {
+    ($(#[$meta:meta])* $name:ident) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(uuid::Uuid);
+
+        impl $name {
+            /// The UUID, for storing and sending.
+            pub const fn get(self) -> uuid::Uuid {
+                self.0
+            }
+        }
+
+        impl From<uuid::Uuid> for $name {
+            fn from(id: uuid::Uuid) -> Self {
+                Self(id)
+            }
+        }
+
+        impl ::core::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
+}
+
+id! {
+    /// An order's id (UUIDv7), given by the order service.
+    OrderId
+}
+
+id! {
+    /// A user's id, given by the user service (or the identity provider's
+    /// subject).
+    UserId
 }
 
 /// A stored or received name that no variant has: data written by a newer
