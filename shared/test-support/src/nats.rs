@@ -27,6 +27,8 @@ pub struct TestNats {
     binary: PathBuf,
     port: u16,
     config: Option<ServerConfig>,
+    /// The monitoring port (`/varz`, `/jsz`), when the store is kept.
+    monitor_port: Option<u16>,
     process: Option<ServerProcess>,
     // Declared last so that the server is gone before its store is removed.
     dir: Workdir,
@@ -82,6 +84,7 @@ impl TestNats {
             binary,
             port: 0,
             config,
+            monitor_port: None,
             process: None,
             dir,
         };
@@ -98,13 +101,22 @@ impl TestNats {
     }
 
     /// Starts a server whose store lives in `dir`, kept between runs, on
-    /// `port`. The server stops when the handle is dropped; the store stays.
-    pub async fn start_in(dir: &std::path::Path, port: u16) -> Result<Self, HarnessError> {
+    /// `port`, with its HTTP monitoring endpoints on `monitor_port` when
+    /// given. The server stops when the handle is dropped; the store stays.
+    pub async fn start_in(
+        dir: &std::path::Path,
+        port: u16,
+        monitor_port: Option<u16>,
+    ) -> Result<Self, HarnessError> {
         ensure_port_free("nats-server", port)?;
+        if let Some(monitor_port) = monitor_port {
+            ensure_port_free("nats-server monitoring", monitor_port)?;
+        }
         let mut nats = Self {
             binary: binaries::nats_server()?,
             port,
             config: None,
+            monitor_port,
             process: None,
             dir: Workdir::kept(dir)?,
         };
@@ -241,6 +253,8 @@ impl TestNats {
             // The file's monitoring port would collide between tests.
             command.args(["--http_port", &free_port()?.to_string()]);
             command.envs(config.env.iter().map(|(k, v)| (k, v)));
+        } else if let Some(monitor_port) = self.monitor_port {
+            command.args(["--http_port", &monitor_port.to_string()]);
         }
         let mut process = ServerProcess::spawn(command, &self.dir.path().join("nats.log"), None)?;
         process

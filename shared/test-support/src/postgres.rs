@@ -22,6 +22,8 @@ pub struct TestPostgres {
     user: Option<(u32, u32)>,
     port: u16,
     durable: bool,
+    /// Server settings (`name=value`) on top of the harness's.
+    settings: Vec<String>,
     process: Option<ServerProcess>,
     // Declared last so that the server is gone before its data is removed.
     dir: Workdir,
@@ -66,6 +68,7 @@ impl TestPostgres {
             user,
             port: 0,
             durable,
+            settings: Vec::new(),
             process: None,
             dir,
         };
@@ -83,15 +86,22 @@ impl TestPostgres {
     }
 
     /// Starts a durable cluster (fsync on) whose data lives in `dir`, kept
-    /// between runs, on `port`: initialised on first use, reused after. The
-    /// cluster stops when the handle is dropped; the data stays.
-    pub async fn start_in(dir: &std::path::Path, port: u16) -> Result<Self, HarnessError> {
+    /// between runs, on `port`: initialised on first use, reused after, and
+    /// given `settings` (`name=value`, as `postgres -c`) on top of the
+    /// harness's. The cluster stops when the handle is dropped; the data
+    /// stays.
+    pub async fn start_in(
+        dir: &std::path::Path,
+        port: u16,
+        settings: &[String],
+    ) -> Result<Self, HarnessError> {
         ensure_port_free("postgres", port)?;
         let postgres = Self {
             bin_dir: binaries::postgres_bin_dir()?,
             user: server_user()?,
             port,
             durable: true,
+            settings: settings.to_vec(),
             process: None,
             dir: Workdir::kept(dir)?,
         };
@@ -289,6 +299,9 @@ impl TestPostgres {
             // that a commit is in the OS's cache before it is acknowledged and
             // survives a killed server, which the fault tests rely on.
             command.args(["-c", "fsync=off", "-c", "full_page_writes=off"]);
+        }
+        for setting in &self.settings {
+            command.arg("-c").arg(setting);
         }
         let mut process =
             ServerProcess::spawn(command, &self.dir.path().join("postgres.log"), self.user)?;

@@ -49,6 +49,12 @@ pub(crate) struct Bench {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Once set up and warmed up, print `ready` and wait for a line on
+    /// standard input before placing the measured orders: a tool that
+    /// samples the stack's counters then measures the run alone
+    /// (`scripts/cost`).
+    #[arg(long)]
+    wait_before_run: bool,
     /// The user service.
     #[arg(long, default_value = "http://localhost:50051")]
     user: String,
@@ -151,6 +157,12 @@ impl Bench {
             })
         };
         warm_up(&orders, &ends_seen, &buyers, &skus[0], run).await?;
+        if self.wait_before_run {
+            println!("ready");
+            tokio::task::spawn_blocking(|| std::io::stdin().read_line(&mut String::new()))
+                .await?
+                .context("waiting for the go-ahead on standard input")?;
+        }
 
         let progress = indicatif::ProgressBar::new(self.orders);
         progress.set_style(

@@ -25,6 +25,13 @@ pub(crate) struct Up {
     /// The PostgreSQL port.
     #[arg(long, default_value_t = 55432)]
     postgres_port: u16,
+    /// Serve NATS's monitoring endpoints (`/varz`, `/jsz`) on this port.
+    #[arg(long)]
+    nats_monitor_port: Option<u16>,
+    /// A PostgreSQL setting, `name=value` as `postgres -c` takes it (e.g.
+    /// `shared_preload_libraries=pg_stat_statements`); repeatable.
+    #[arg(long = "postgres-setting", value_name = "NAME=VALUE")]
+    postgres_settings: Vec<String>,
     /// Log format of the services: `text` or `json`.
     #[arg(long, default_value = "text")]
     log_format: LogFormat,
@@ -66,8 +73,8 @@ impl Up {
         let data_dir = std::path::absolute(&self.data_dir)?;
         let (nats_dir, postgres_dir) = (data_dir.join("nats"), data_dir.join("postgres"));
         let (nats, postgres) = tokio::join!(
-            TestNats::start_in(&nats_dir, self.nats_port),
-            TestPostgres::start_in(&postgres_dir, self.postgres_port),
+            TestNats::start_in(&nats_dir, self.nats_port, self.nats_monitor_port),
+            TestPostgres::start_in(&postgres_dir, self.postgres_port, &self.postgres_settings),
         );
         let (mut nats, mut postgres) = (nats?, postgres?);
         let urls = create_databases(&postgres).await?;
