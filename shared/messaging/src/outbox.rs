@@ -14,7 +14,9 @@
 //! after its commit ([`Outbox::committed`], [`Relay::woken_by`]): no poll, no
 //! round trip through the database. For writers elsewhere, an idle relay
 //! also sleeps on `LISTEN outbox`; a trigger notifies when events arrive in
-//! an empty outbox (not on every insert: a NOTIFY serialises commits). A
+//! an empty outbox (not on every insert: a NOTIFY serialises commits), and
+//! not for writers whose sessions say they wake their own relay
+//! ([`WAKES_OWN_RELAY`]). A
 //! relay may keep polling briefly after a batch (`linger`, off by default).
 //! A slow poll is the backstop for everything else (a writer that did not
 //! report, a notification lost with a dropped connection).
@@ -40,6 +42,14 @@ use crate::envelope::{OutgoingEvent, build_headers};
 use crate::metrics::{MessagingMetrics, SubjectLabels};
 use crate::schema::outbox;
 use crate::trace::{self, TraceContext};
+
+/// The session setting of a writer that wakes its own process's relay
+/// ([`Outbox::committed`]): the outbox trigger sends such a writer's commits
+/// no notification, which would only wake the relay again for rows it is
+/// already publishing (and cost the commit the notification queue's lock).
+/// Give it to the pool the writers use (`shop_db::with_settings`), never to
+/// one whose writers have no relay in their process.
+pub const WAKES_OWN_RELAY: (&str, &str) = ("shop.wakes_own_relay", "on");
 
 /// Writes events into the outbox of the service named `source`.
 #[derive(Debug, Clone)]

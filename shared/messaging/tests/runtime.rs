@@ -14,6 +14,7 @@ use diesel_async::{AsyncConnection as _, AsyncPgConnection, SimpleAsyncConnectio
 use futures::StreamExt as _;
 use shop_messaging::consumer::dead_letter_headers;
 use shop_messaging::envelope::headers;
+use shop_messaging::outbox::WAKES_OWN_RELAY;
 use shop_messaging::{Processed, Relay, RelayConfig};
 use shop_proto::order::v1::OrderPlaced;
 use tokio_util::sync::CancellationToken;
@@ -805,6 +806,44 @@ async fn a_relay_is_woken_by_its_outbox_once_the_writer_has_committed() {
     .await;
     shutdown.cancel();
     task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_writers_that_do_not_wake_their_own_relay_notify() {
+    let setup = setup().await;
+    let mut listener = AsyncPgConnection::establish(&setup.url).await.unwrap();
+    listener.batch_execute("LISTEN outbox").await.unwrap();
+    let own_relay = shop_db::with_settings(&setup.url, &[WAKES_OWN_RELAY]);
+    // Into an empty outbox, by a writer that wakes its own relay.
+    let mut writer = AsyncPgConnection::establish(&own_relay).await.unwrap();
+    let outbox = setup.outbox.clone();
+    writer
+        .transaction::<_, diesel::result::Error, _>(async move |conn| {
+            outbox.append(conn, &[placed("o-1")]).await
+        })
+        .await
+        .unwrap();
+    // Empty again, then into it by a writer without that setting.
+    writer
+        .batch_execute("UPDATE outbox SET published_at = now()")
+        .await
+        .unwrap();
+    append(&setup, &[placed("o-2")]).await;
+
+    let mut notifications = std::pin::pin!(listener.notifications_stream());
+    tokio::time::timeout(WAIT, notifications.next())
+        .await
+        .expect("the second writer's commit notifies")
+        .unwrap()
+        .unwrap();
+    // Notifications come in commit order: had the first writer notified,
+    // the second writer's would still be to come.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), notifications.next())
+            .await
+            .is_err(),
+        "a second notification: the writer that wakes its own relay notified too"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -349,9 +349,18 @@ impl Infrastructure {
         // Every statement on the hot path finds its rows by key, so a plan
         // made once per connection serves every call; left to choose,
         // PostgreSQL plans the array-parameter statements afresh each time.
+        // Every writer on this pool wakes the service's relay itself (the
+        // API's use cases and the consumers call `Outbox::committed`), so
+        // its commits need no notification.
         let limits = config.session_limits();
         let pool = shop_db::pool_with_limits(
-            &shop_db::with_setting(database_url, "plan_cache_mode", "force_generic_plan"),
+            &shop_db::with_settings(
+                database_url,
+                &[
+                    ("plan_cache_mode", "force_generic_plan"),
+                    shop_messaging::outbox::WAKES_OWN_RELAY,
+                ],
+            ),
             config.db_pool_size,
             &limits,
         )?;
