@@ -55,7 +55,16 @@ pub const WAKES_OWN_RELAY: (&str, &str) = ("shop.wakes_own_relay", "on");
 #[derive(Debug, Clone)]
 pub struct Outbox {
     source: Arc<str>,
-    committed: Arc<Notify>,
+    committed: Arc<Commits>,
+}
+
+/// The commits an [`Outbox`]'s writers report to the relay woken by it.
+#[derive(Debug, Default)]
+struct Commits {
+    /// How many, ever: a relay that began its last claim after the latest
+    /// one has nothing new to look for.
+    count: AtomicU64,
+    wake: Notify,
 }
 
 #[derive(Insertable)]
@@ -87,7 +96,8 @@ impl Outbox {
     /// instead of at its next look. Call it after the commit: before, the
     /// relay would find nothing. A missed call costs only that wait.
     pub fn committed(&self) {
-        self.committed.notify_one();
+        self.committed.count.fetch_add(1, Ordering::SeqCst);
+        self.committed.wake.notify_one();
     }
 
     /// The `ce-source` of this outbox's events.
@@ -352,7 +362,18 @@ pub struct Relay {
     config: RelayConfig,
     published: Arc<AtomicU64>,
     metrics: MessagingMetrics,
-    wake: Arc<Notify>,
+    /// The writers in this process, when they report their commits.
+    writers: Option<Arc<Commits>>,
+}
+
+/// What woke an idle relay, and so what it does next.
+enum Look {
+    /// Ask cheaply whether anything is pending first (a poll, a
+    /// notification from the database).
+    Ask,
+    /// Claim straight away: a writer committed rows since the last claim
+    /// began, or the last batch was full.
+    Claim,
 }
 
 impl std::fmt::Debug for Relay {
@@ -408,7 +429,7 @@ impl Relay {
             config,
             published: Arc::default(),
             metrics: MessagingMetrics::default(),
-            wake: Arc::default(),
+            writers: None,
         }
     }
 
@@ -417,7 +438,7 @@ impl Relay {
     /// waiting for a poll or a notification.
     #[must_use]
     pub fn woken_by(mut self, outbox: &Outbox) -> Self {
-        self.wake = Arc::clone(&outbox.committed);
+        self.writers = Some(Arc::clone(&outbox.committed));
         self
     }
 
@@ -459,27 +480,29 @@ impl Relay {
 
     /// Publishes pending rows until none is left or shutdown is requested.
     pub async fn run(self, shutdown: CancellationToken) {
-        let wake = Arc::clone(&self.wake);
+        // Notifications from the database: writers elsewhere.
+        let notified = Arc::new(Notify::new());
         let listening = Arc::new(AtomicBool::new(false));
         let listener = tokio::spawn(listen(
             self.database_url.clone(),
-            Arc::clone(&wake),
+            Arc::clone(&notified),
             Arc::clone(&listening),
             shutdown.clone(),
         ));
         let mut next_cleanup = tokio::time::Instant::now();
         let mut last_batch = tokio::time::Instant::now();
         let mut failures = 0u32;
-        let mut look_first = true;
+        let mut look = Look::Ask;
         while !shutdown.is_cancelled() {
-            let result = self.claim_and_publish(look_first).await;
+            // Every commit reported before this claims with it: a wake-up
+            // for those alone finds nothing new.
+            let claimed_after = self.commits_reported();
+            let result = self.claim_and_publish(matches!(look, Look::Ask)).await;
             // After a full batch more rows are waiting: claim straight away.
-            // A wake-up asks first: many find their rows claimed already
-            // (a batch takes every row committed before it, and the writer
-            // and the database's notification may each wake the relay for
-            // the same commit), and asking costs one statement where an
-            // empty claim costs a transaction.
-            look_first = !matches!(result, Ok(count) if count as i64 == self.config.batch_size);
+            look = match result {
+                Ok(count) if count as i64 == self.config.batch_size => Look::Claim,
+                _ => Look::Ask,
+            };
             match result {
                 // A full batch: more may be waiting.
                 Ok(count) if count as i64 == self.config.batch_size => {
@@ -523,11 +546,30 @@ impl Relay {
             } else {
                 self.config.poll_unlistened.min(self.config.poll_interval)
             };
-            tokio::select! {
-                () = shutdown.cancelled() => break,
-                () = wake.notified() => {}
-                () = tokio::time::sleep(wait) => {}
-            }
+            let idle_until = tokio::time::Instant::now() + wait;
+            look = loop {
+                let reported = async {
+                    match &self.writers {
+                        Some(writers) => writers.wake.notified().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    () = shutdown.cancelled() => break Look::Ask,
+                    // A writer here committed rows; unless the last claim
+                    // already took them (it began after the commit: several
+                    // commits while a batch ran leave one wake-up behind),
+                    // claim without asking.
+                    () = reported => if self.commits_reported() != claimed_after {
+                        break Look::Claim;
+                    },
+                    // A writer elsewhere, or a poll: many find their rows
+                    // claimed already, and asking costs one statement where
+                    // an empty claim costs a transaction.
+                    () = notified.notified() => break Look::Ask,
+                    () = tokio::time::sleep_until(idle_until) => break Look::Ask,
+                }
+            };
         }
         // What is committed goes out before the relay does, so that a
         // stopped service leaves no event waiting for its next start; a
@@ -539,6 +581,13 @@ impl Relay {
             tracing::warn!("outbox not drained at shutdown; the rest goes out at the next start");
         }
         let _ = listener.await;
+    }
+
+    /// How many commits the writers in this process have reported so far.
+    fn commits_reported(&self) -> u64 {
+        self.writers.as_ref().map_or(0, |writers| {
+            AtomicU64::load(&writers.count, Ordering::SeqCst)
+        })
     }
 
     /// Publishes batches until a batch comes back short or fails.

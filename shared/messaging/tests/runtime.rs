@@ -754,8 +754,10 @@ fn sleepy_relay(setup: &Setup) -> Relay {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_idle_relay_is_woken_by_the_database_when_events_arrive() {
     let setup = setup().await;
-    // A poll an hour apart: only LISTEN/NOTIFY can bring the event out in time.
-    let relay = sleepy_relay(&setup);
+    // A poll an hour apart, and these writers report no commits: only
+    // LISTEN/NOTIFY can bring the event out in time, even to a relay that
+    // also hears its own process's writers.
+    let relay = sleepy_relay(&setup).woken_by(&setup.outbox);
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(relay.run(shutdown.clone()));
     // Let it go idle on LISTEN.
