@@ -482,11 +482,26 @@ impl Infrastructure {
         text
     }
 
-    /// Samples the outbox backlog and the dead-letter queue into the gauges.
-    async fn sample_gauges(&self, relay: &Relay) {
-        if let Err(error) = relay.backlog().await {
+    /// Samples the outbox backlog, the dead-letter queue and the NATS
+    /// connection into the gauges: when `/metrics` is scraped, so that an
+    /// idle service runs no timer for them. A dependency that does not
+    /// answer within a second leaves its gauges as they were.
+    async fn sample_gauges(&self) {
+        let connected = self.nats.connection_state() == async_nats::connection::State::Connected;
+        self.metrics.nats_connected.set(i64::from(connected));
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            tokio::join!(self.sample_backlog(), self.sample_dead_letters())
+        })
+        .await;
+    }
+
+    async fn sample_backlog(&self) {
+        if let Err(error) = self.relay().backlog().await {
             tracing::debug!(error = %error, "cannot sample the outbox backlog");
         }
+    }
+
+    async fn sample_dead_letters(&self) {
         if let Ok(mut dlq) = self
             .js
             .get_stream(shop_messaging::provision::DLQ_STREAM)
@@ -742,7 +757,6 @@ impl Server {
         // Should serving fail and return early, the relay stops too.
         let relay_stop = relay_stop.drop_guard();
         let tracker = TaskTracker::new();
-        tracker.spawn(sample_gauges(infra.clone(), shutdown.clone()));
         let grpc_metrics = GrpcMetrics::default();
         infra.register_metrics(|registry| grpc_metrics.register(registry));
         for task in tasks {
@@ -776,8 +790,10 @@ impl Server {
             .route(
                 "/metrics",
                 axum::routing::get(move || {
-                    let text = scraped.encode_metrics();
+                    let infra = Arc::clone(&scraped);
                     async move {
+                        infra.sample_gauges().await;
+                        let text = infra.encode_metrics();
                         (
                             [(
                                 axum::http::header::CONTENT_TYPE,
@@ -941,17 +957,12 @@ fn tokio_stream_listener(
     })
 }
 
-/// Keeps the outbox and dead-letter gauges current until shutdown.
-async fn sample_gauges(infra: Infrastructure, shutdown: CancellationToken) {
-    let relay = infra.relay();
-    loop {
-        infra.sample_gauges(&relay).await;
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_secs(5)) => {}
-        }
-    }
-}
+/// How often the gRPC health status is brought up to date: each look asks
+/// the database a question, and is the only thing an idle service does
+/// every few seconds. Kubernetes' gRPC readiness probe (every 5 s in the
+/// chart) then sees a lost database within two of its periods. `/readyz`
+/// asks afresh on each request.
+const HEALTH_EVERY: Duration = Duration::from_secs(5);
 
 /// Reports every gRPC service SERVING while the service can serve (the
 /// database answers), NOT_SERVING otherwise, and logs each change of either
@@ -993,7 +1004,7 @@ async fn watch_health(
                 }
                 return;
             }
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = tokio::time::sleep(HEALTH_EVERY) => {}
         }
     }
 }
