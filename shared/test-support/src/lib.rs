@@ -5,6 +5,9 @@
 //! - [`TestNats`]: one JetStream server per test; [`TestNats::kill`],
 //!   [`TestNats::stop`] and [`TestNats::start_again`] keep the port and the
 //!   store, for fault tests.
+//! - [`TestNatsCluster`]: three (or N) JetStream servers routed to each
+//!   other, for replicated streams; each node killed, paused (SIGSTOP) or
+//!   restarted on its own.
 //! - [`TestPostgres`]: one cluster per test (`initdb`, fsync off); each call to
 //!   [`TestPostgres::create_database`] hands out a fresh, empty database.
 //! - [`TestInfra`]: both at once, started concurrently, with a signing key
@@ -23,7 +26,7 @@ mod nats;
 mod postgres;
 mod process;
 
-pub use nats::TestNats;
+pub use nats::{TestNats, TestNatsCluster};
 pub use postgres::TestPostgres;
 
 /// The environment variable `name` parsed, or `default` when it is unset

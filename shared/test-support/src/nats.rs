@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::HarnessError;
 use crate::binaries;
-use crate::process::{ServerProcess, Workdir, ensure_port_free, free_port};
+use crate::process::{ServerProcess, Workdir, ensure_port_free, free_port, send_signal};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -29,6 +29,8 @@ pub struct TestNats {
     config: Option<ServerConfig>,
     /// The monitoring port (`/varz`, `/jsz`), when the store is kept.
     monitor_port: Option<u16>,
+    /// Its place in a cluster, when it is one of [`TestNatsCluster`]'s.
+    node: Option<ClusterNode>,
     process: Option<ServerProcess>,
     // Declared last so that the server is gone before its store is removed.
     dir: Workdir,
@@ -85,6 +87,7 @@ impl TestNats {
             port: 0,
             config,
             monitor_port: None,
+            node: None,
             process: None,
             dir,
         };
@@ -117,6 +120,7 @@ impl TestNats {
             port,
             config: None,
             monitor_port,
+            node: None,
             process: None,
             dir: Workdir::kept(dir)?,
         };
@@ -209,6 +213,26 @@ impl TestNats {
         }
     }
 
+    /// Freezes the server (SIGSTOP), as a stalled machine would: its
+    /// connections stay open and nothing answers on them.
+    pub fn pause(&mut self) {
+        if let Some(process) = &self.process {
+            send_signal(process.pid(), libc::SIGSTOP);
+        }
+    }
+
+    /// Lets a [paused](Self::pause) server run again (SIGCONT).
+    pub fn resume(&mut self) {
+        if let Some(process) = &self.process {
+            send_signal(process.pid(), libc::SIGCONT);
+        }
+    }
+
+    /// The server's name (`shop-test`, or `n1`… in a cluster).
+    pub fn name(&self) -> &str {
+        self.node.as_ref().map_or("shop-test", |node| &node.name)
+    }
+
     /// Stops the server gracefully (SIGTERM); the store stays.
     pub fn stop(&mut self) {
         if let Some(mut process) = self.process.take() {
@@ -244,8 +268,26 @@ impl TestNats {
             .args(["--addr", "127.0.0.1"])
             .args(["--port", &self.port.to_string()])
             .arg("--store_dir")
-            .arg(self.dir.path().join("store"))
-            .args(["--server_name", "shop-test"]);
+            .arg(self.dir.path().join("store"));
+        match &self.node {
+            None => {
+                command.args(["--server_name", "shop-test"]);
+            }
+            Some(node) => {
+                let routes: Vec<String> = node
+                    .peers
+                    .iter()
+                    .map(|port| format!("nats://127.0.0.1:{port}"))
+                    .collect();
+                command
+                    .args(["--server_name", &node.name])
+                    .args(["--cluster_name", "shop-test"])
+                    .arg("--cluster")
+                    .arg(format!("nats://127.0.0.1:{}", node.route_port))
+                    .arg("--routes")
+                    .arg(routes.join(","));
+            }
+        }
         if let Some(config) = &self.config {
             // Flags take precedence over the file: port, address and store
             // stay the harness's.
@@ -283,5 +325,119 @@ impl TestNats {
         .is_ok_and(|answer| answer.is_ok());
         drop(client);
         ready
+    }
+}
+
+/// A node's name and ports in a [`TestNatsCluster`].
+#[derive(Debug, Clone)]
+struct ClusterNode {
+    name: String,
+    route_port: u16,
+    /// The other nodes' route ports.
+    peers: Vec<u16>,
+}
+
+/// A JetStream cluster of real `nats-server`s on loopback: each node with its
+/// own client and route ports and its own temporary store, routes to every
+/// other. Nodes are killed, stopped, paused and started again one at a time
+/// through [`node`](Self::node); clients are given every node's URL.
+#[derive(Debug)]
+pub struct TestNatsCluster {
+    nodes: Vec<TestNats>,
+}
+
+impl TestNatsCluster {
+    /// Starts `size` nodes at once (JetStream in a cluster waits for a
+    /// quorum) and waits until each answers JetStream; panics with a reason
+    /// if they do not.
+    pub async fn start(size: usize) -> Self {
+        Self::try_start(size)
+            .await
+            .unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// Starts `size` nodes, or says why they could not be.
+    pub async fn try_start(size: usize) -> Result<Self, HarnessError> {
+        let binary = binaries::nats_server()?;
+        let route_ports = (0..size)
+            .map(|_| free_port())
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut nodes = Vec::with_capacity(size);
+        for (index, route_port) in route_ports.iter().enumerate() {
+            let dir = Workdir::Temporary(
+                tempfile::Builder::new()
+                    .prefix(&format!("shop-test-nats-n{}-", index + 1))
+                    .tempdir()
+                    .map_err(|source| HarnessError::Io {
+                        context: "cannot create a NATS store".into(),
+                        source,
+                    })?,
+            );
+            nodes.push(TestNats {
+                binary: binary.clone(),
+                port: free_port()?,
+                config: None,
+                monitor_port: None,
+                node: Some(ClusterNode {
+                    name: format!("n{}", index + 1),
+                    route_port: *route_port,
+                    peers: route_ports
+                        .iter()
+                        .copied()
+                        .filter(|port| port != route_port)
+                        .collect(),
+                }),
+                process: None,
+                dir,
+            });
+        }
+        futures::future::try_join_all(nodes.iter_mut().map(TestNats::launch)).await?;
+        Ok(Self { nodes })
+    }
+
+    /// Every node's URL, comma-separated, as `NATS_URL` takes them.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(TestNats::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Node `index` (from 0), to kill, stop, pause or start again.
+    pub fn node(&mut self, index: usize) -> &mut TestNats {
+        &mut self.nodes[index]
+    }
+
+    /// How many nodes the cluster has.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Never: a cluster has at least one node.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// The index of the node called `name` (a stream's leader, say).
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|node| node.name() == name)
+    }
+
+    /// A client given every node's URL, which moves to another node when
+    /// its own goes away, or stops answering its pings (every second: a
+    /// paused node is left within seconds).
+    pub async fn client(&self) -> async_nats::Client {
+        let servers: Vec<async_nats::ServerAddr> = self
+            .nodes
+            .iter()
+            .map(|node| node.url().parse().expect("a valid URL"))
+            .collect();
+        async_nats::ConnectOptions::new()
+            .ping_interval(Duration::from_secs(1))
+            .retry_on_initial_connect()
+            .connect(servers)
+            .await
+            .unwrap_or_else(|error| panic!("cannot connect to the test NATS cluster: {error}"))
     }
 }
