@@ -44,5 +44,50 @@ pub use provision::{ConsumerSpec, StreamSpec, replay_subject};
 /// before the service's own migrations.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/messaging");
 
+/// The servers of a NATS URL list, `nats://a:4222,nats://b:4222` as
+/// `NATS_URL` takes them: a client given every node of a cluster goes to
+/// another when its own is lost, even one it has never heard of from the
+/// cluster (at start-up, say).
+pub fn nats_servers(urls: &str) -> std::io::Result<Vec<async_nats::ServerAddr>> {
+    let servers = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(str::parse)
+        .collect::<std::io::Result<Vec<async_nats::ServerAddr>>>()?;
+    if servers.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "no NATS server URL",
+        ));
+    }
+    Ok(servers)
+}
+
 /// A boxed future, as stored handlers return.
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_nats_url_list_gives_every_server() {
+        let servers =
+            super::nats_servers("nats://127.0.0.1:4222, nats://10.0.0.2:4223,tls://n3:4222")
+                .unwrap();
+        let hosts: Vec<(String, u16)> = servers
+            .iter()
+            .map(|server| (server.host().to_owned(), server.port()))
+            .collect();
+        assert_eq!(
+            hosts,
+            [
+                ("127.0.0.1".to_owned(), 4222),
+                ("10.0.0.2".to_owned(), 4223),
+                ("n3".to_owned(), 4222)
+            ]
+        );
+        assert!(super::nats_servers("").is_err());
+        assert!(super::nats_servers(" , ").is_err());
+        assert!(super::nats_servers("nats://a:4222,http://b").is_err());
+    }
+}

@@ -60,7 +60,7 @@ pub struct ServiceConfig {
     /// in `--help` or logs).
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_parser = secret)]
     pub database_url: SecretString,
-    /// NATS server URL.
+    /// NATS server URL, or every node of a cluster, comma-separated.
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
     /// NATS credentials file (optional).
@@ -391,8 +391,9 @@ impl Infrastructure {
         if let (Some(user), Some(password)) = (&config.nats_user, &config.nats_password) {
             options = options.user_and_password(user.clone(), password.expose_secret().to_owned());
         }
+        let servers = shop_messaging::nats_servers(&config.nats_url).context("reading NATS_URL")?;
         let nats = options
-            .connect(&config.nats_url)
+            .connect(servers)
             .await
             .context("connecting to NATS")?;
         let js = jetstream::new(nats.clone());

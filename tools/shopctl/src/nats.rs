@@ -5,7 +5,7 @@ use anyhow::Context as _;
 /// Where NATS is, for the commands that read it.
 #[derive(Debug, Clone, clap::Args)]
 pub struct NatsArgs {
-    /// NATS server URL.
+    /// NATS server URL, or every node of a cluster, comma-separated.
     #[arg(
         long = "nats",
         env = "NATS_URL",
@@ -43,7 +43,9 @@ impl NatsArgs {
                 secrecy::ExposeSecret::expose_secret(password).to_owned(),
             );
         }
-        options.connect(&self.nats_url).await.with_context(|| {
+        let servers = shop_messaging::nats_servers(&self.nats_url)
+            .with_context(|| format!("reading the NATS URL {}", self.nats_url))?;
+        options.connect(servers).await.with_context(|| {
             format!(
                 "cannot reach NATS at {}: is the stack up (scripts/shopctl up)?",
                 self.nats_url
