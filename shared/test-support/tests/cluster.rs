@@ -43,10 +43,7 @@ async fn publish(js: &jetstream::Context, ids: std::ops::Range<u32>) {
             if acked {
                 break;
             }
-            assert!(
-                Instant::now() < deadline,
-                "message {id} never acknowledged"
-            );
+            assert!(Instant::now() < deadline, "message {id} never acknowledged");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -81,7 +78,10 @@ async fn caught_up(js: &jetstream::Context, node: &str, messages: u64) {
             && *stored == messages
             && cluster.leader.is_some()
             && cluster.replicas.len() == 2
-            && cluster.replicas.iter().all(|peer| peer.current && !peer.offline)
+            && cluster
+                .replicas
+                .iter()
+                .all(|peer| peer.current && !peer.offline)
             && (cluster.leader.as_deref() == Some(node)
                 || cluster.replicas.iter().any(|peer| peer.name == node))
         {
