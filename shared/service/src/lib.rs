@@ -958,11 +958,11 @@ fn tokio_stream_listener(
     })
 }
 
-/// How often the gRPC health status is brought up to date: each look asks
-/// the database a question, and is the only thing an idle service does
-/// every few seconds. Kubernetes' gRPC readiness probe (every 5 s in the
-/// chart) then sees a lost database within two of its periods. `/readyz`
-/// asks afresh on each request.
+/// How often the gRPC health status is brought up to date. Each look asks
+/// the database a question, so an idle service should not look every
+/// second; at 5 s Kubernetes' gRPC readiness probe (every 5 s in the chart)
+/// still sees a lost database within two of its periods. `/readyz` asks
+/// afresh on each request.
 const HEALTH_EVERY: Duration = Duration::from_secs(5);
 
 /// Reports every gRPC service SERVING while the service can serve (the

@@ -95,14 +95,20 @@ async fn caught_up(js: &jetstream::Context, node: &str, messages: u64) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_replicated_stream_keeps_every_message_once_through_its_leader_killed_and_back() {
-    let mut cluster = TestNatsCluster::start(3).await;
+/// A cluster with an R3 stream of 50 messages, and its leader: name and
+/// node.
+async fn stream_of_fifty() -> (TestNatsCluster, jetstream::Context, String, usize) {
+    let cluster = TestNatsCluster::start(3).await;
     let js = replicated_stream(&cluster).await;
     publish(&js, 0..50).await;
+    let leader = leader(&js).await;
+    let index = cluster.index_of(&leader).unwrap();
+    (cluster, js, leader, index)
+}
 
-    let old_leader = leader(&js).await;
-    let index = cluster.index_of(&old_leader).unwrap();
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replicated_stream_keeps_every_message_once_through_its_leader_killed_and_back() {
+    let (mut cluster, js, old_leader, index) = stream_of_fifty().await;
     cluster.node(index).kill();
     // The client moves to another node; the two left elect a new leader.
     publish(&js, 50..100).await;
@@ -115,12 +121,7 @@ async fn a_replicated_stream_keeps_every_message_once_through_its_leader_killed_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_paused_leader_is_replaced_then_rejoins_and_catches_up() {
-    let mut cluster = TestNatsCluster::start(3).await;
-    let js = replicated_stream(&cluster).await;
-    publish(&js, 0..50).await;
-
-    let old_leader = leader(&js).await;
-    let index = cluster.index_of(&old_leader).unwrap();
+    let (mut cluster, js, old_leader, index) = stream_of_fifty().await;
     cluster.node(index).pause();
     // Its connections stay open and silent: the client gives up on it and
     // the peers elect a leader without it.
