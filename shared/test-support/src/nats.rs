@@ -358,12 +358,8 @@ impl TestNatsCluster {
 
     /// Starts `size` nodes, or says why they could not be.
     pub async fn try_start(size: usize) -> Result<Self, HarnessError> {
-        let binary = binaries::nats_server()?;
-        let route_ports = (0..size)
-            .map(|_| free_port())
-            .collect::<Result<Vec<_>, _>>()?;
         let mut nodes = Vec::with_capacity(size);
-        for (index, route_port) in route_ports.iter().enumerate() {
+        for index in 0..size {
             let dir = Workdir::Temporary(
                 tempfile::Builder::new()
                     .prefix(&format!("shop-test-nats-n{}-", index + 1))
@@ -373,11 +369,54 @@ impl TestNatsCluster {
                         source,
                     })?,
             );
-            nodes.push(TestNats {
+            nodes.push((free_port()?, dir));
+        }
+        Self::launch_all(nodes, None).await
+    }
+
+    /// Starts `size` nodes whose stores live in `dir/n1`, `dir/n2`, …, kept
+    /// between runs, with client ports `first_port`, `first_port + 1`, …
+    /// and the first node's monitoring endpoints on `monitor_port` when
+    /// given. The nodes stop when the handle is dropped; the stores stay.
+    pub async fn start_in(
+        dir: &std::path::Path,
+        first_port: u16,
+        size: u16,
+        monitor_port: Option<u16>,
+    ) -> Result<Self, HarnessError> {
+        let mut nodes = Vec::new();
+        for index in 0..size {
+            let port = first_port.checked_add(index).ok_or(HarnessError::Start {
+                what: "nats-server",
+                detail: format!("no port {first_port} + {index}"),
+            })?;
+            ensure_port_free("nats-server", port)?;
+            nodes.push((port, Workdir::kept(&dir.join(format!("n{}", index + 1)))?));
+        }
+        if let Some(monitor_port) = monitor_port {
+            ensure_port_free("nats-server monitoring", monitor_port)?;
+        }
+        Self::launch_all(nodes, monitor_port).await
+    }
+
+    /// Launches one node per (client port, store) at once (JetStream in a
+    /// cluster waits for a quorum), routed to each other on free ports.
+    async fn launch_all(
+        nodes: Vec<(u16, Workdir)>,
+        monitor_port: Option<u16>,
+    ) -> Result<Self, HarnessError> {
+        let binary = binaries::nats_server()?;
+        let route_ports = nodes
+            .iter()
+            .map(|_| free_port())
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut servers = Vec::with_capacity(nodes.len());
+        for (index, ((port, dir), route_port)) in nodes.into_iter().zip(&route_ports).enumerate() {
+            servers.push(TestNats {
                 binary: binary.clone(),
-                port: free_port()?,
+                port,
                 config: None,
-                monitor_port: None,
+                monitor_port: monitor_port.filter(|_| index == 0),
                 node: Some(ClusterNode {
                     name: format!("n{}", index + 1),
                     route_port: *route_port,
@@ -391,8 +430,8 @@ impl TestNatsCluster {
                 dir,
             });
         }
-        futures::future::try_join_all(nodes.iter_mut().map(TestNats::launch)).await?;
-        Ok(Self { nodes })
+        futures::future::try_join_all(servers.iter_mut().map(TestNats::launch)).await?;
+        Ok(Self { nodes: servers })
     }
 
     /// Every node's URL, comma-separated, as `NATS_URL` takes them.
@@ -407,6 +446,13 @@ impl TestNatsCluster {
     /// Node `index` (from 0), to kill, stop, pause or start again.
     pub fn node(&mut self, index: usize) -> &mut TestNats {
         &mut self.nodes[index]
+    }
+
+    /// Stops every node gracefully (SIGTERM); the stores stay.
+    pub fn stop(&mut self) {
+        for node in &mut self.nodes {
+            node.stop();
+        }
     }
 
     /// How many nodes the cluster has.
