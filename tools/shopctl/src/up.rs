@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, SimpleAsyncConnection as _};
 use shop_service::{LogFormat, Running, Server, ServiceConfig};
-use shop_test_support::{TestNats, TestPostgres};
+use shop_test_support::{TestNats, TestNatsCluster, TestPostgres};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tracing::Instrument as _;
 
@@ -25,9 +25,15 @@ pub(crate) struct Up {
     /// The PostgreSQL port.
     #[arg(long, default_value_t = 55432)]
     postgres_port: u16,
-    /// Serve NATS's monitoring endpoints (`/varz`, `/jsz`) on this port.
+    /// Serve NATS's monitoring endpoints (`/varz`, `/jsz`) on this port
+    /// (the first node's, with `--cluster`).
     #[arg(long)]
     nats_monitor_port: Option<u16>,
+    /// Run NATS as a three-node JetStream cluster (client ports
+    /// `--nats-port` and the next two) with every stream replicated three
+    /// times, as in production.
+    #[arg(long)]
+    cluster: bool,
     /// A PostgreSQL setting, `name=value` as `postgres -c` takes it (e.g.
     /// `shared_preload_libraries=pg_stat_statements`); repeatable.
     #[arg(long = "postgres-setting", value_name = "NAME=VALUE")]
@@ -78,11 +84,30 @@ impl Up {
         let postgres_settings: Vec<String> = std::iter::once("autovacuum_naptime=60s".to_owned())
             .chain(self.postgres_settings.iter().cloned())
             .collect();
+        let nats = async {
+            if self.cluster {
+                // Its own stores: a single server's streams are not a
+                // cluster's.
+                TestNatsCluster::start_in(
+                    &data_dir.join("nats-cluster"),
+                    self.nats_port,
+                    3,
+                    self.nats_monitor_port,
+                )
+                .await
+                .map(LocalNats::Cluster)
+            } else {
+                TestNats::start_in(&nats_dir, self.nats_port, self.nats_monitor_port)
+                    .await
+                    .map(|nats| LocalNats::Single(Box::new(nats)))
+            }
+        };
         let (nats, postgres) = tokio::join!(
-            TestNats::start_in(&nats_dir, self.nats_port, self.nats_monitor_port),
+            nats,
             TestPostgres::start_in(&postgres_dir, self.postgres_port, &postgres_settings),
         );
         let (mut nats, mut postgres) = (nats?, postgres?);
+        let stream_replicas = if self.cluster { 3 } else { 1 };
         let urls = create_databases(&postgres).await?;
         // The local identity provider: `shopctl token` signs with this key,
         // the services trust its public half (read again when it changes).
@@ -100,6 +125,7 @@ impl Up {
             let owner = ServiceConfig {
                 migrate_only: true,
                 grant_to: Some(format!("shop_{service}")),
+                stream_replicas,
                 ..ServiceConfig::local(owner_url, nats.url(), auth.clone())
             };
             shop_service::migrate_only(&owner, migrations(service))
@@ -111,6 +137,7 @@ impl Up {
                 grpc_addr: Some((self.listen, grpc).into()),
                 http_addr: Some((self.listen, http).into()),
                 migrations: shop_service::Migrations::Check,
+                stream_replicas,
                 ..ServiceConfig::local(url, nats.url(), auth.clone())
             };
             let server = build(service, config).instrument(span(service)).await?;
@@ -125,6 +152,10 @@ impl Up {
             wait_ready(service, (host, *http).into()).await?;
         }
         print_banner(&nats.url(), postgres.port(), started.elapsed());
+        if self.cluster {
+            println!("JetStream runs as a three-node cluster; every stream has three replicas.");
+            println!();
+        }
 
         shutdown.cancelled().await;
         println!("stopping...");
@@ -140,6 +171,29 @@ impl Up {
         nats.stop();
         postgres.stop();
         Ok(())
+    }
+}
+
+/// The stack's NATS: one server, or a three-node cluster.
+enum LocalNats {
+    Single(Box<TestNats>),
+    Cluster(TestNatsCluster),
+}
+
+impl LocalNats {
+    /// Every server's URL, comma-separated.
+    fn url(&self) -> String {
+        match self {
+            Self::Single(nats) => nats.url(),
+            Self::Cluster(cluster) => cluster.urls(),
+        }
+    }
+
+    fn stop(&mut self) {
+        match self {
+            Self::Single(nats) => nats.stop(),
+            Self::Cluster(cluster) => cluster.stop(),
+        }
     }
 }
 
