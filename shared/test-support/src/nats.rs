@@ -431,7 +431,55 @@ impl TestNatsCluster {
             });
         }
         futures::future::try_join_all(servers.iter_mut().map(TestNats::launch)).await?;
-        Ok(Self { nodes: servers })
+        let cluster = Self { nodes: servers };
+        cluster.wait_formed().await?;
+        Ok(cluster)
+    }
+
+    /// Waits until the cluster can place a stream on every node: each node
+    /// answering JetStream is not yet enough, its meta leader may not know
+    /// all its peers ("no suitable peers for placement").
+    async fn wait_formed(&self) -> Result<(), HarnessError> {
+        let servers: Vec<async_nats::ServerAddr> = self
+            .nodes
+            .iter()
+            .map(|node| node.url().parse().expect("a valid URL"))
+            .collect();
+        let started = Instant::now();
+        let mut last_error = String::new();
+        while started.elapsed() < READY_TIMEOUT {
+            if let Ok(client) = async_nats::ConnectOptions::new()
+                .connection_timeout(Duration::from_millis(500))
+                .connect(servers.clone())
+                .await
+            {
+                let js = async_nats::jetstream::new(client);
+                let probe = async_nats::jetstream::stream::Config {
+                    name: "HARNESS_PLACEMENT_PROBE".into(),
+                    subjects: vec!["harness.placement.probe".into()],
+                    num_replicas: self.nodes.len(),
+                    storage: async_nats::jetstream::stream::StorageType::Memory,
+                    ..Default::default()
+                };
+                match js.create_stream(probe).await {
+                    Ok(_) => {
+                        js.delete_stream("HARNESS_PLACEMENT_PROBE")
+                            .await
+                            .map_err(|error| HarnessError::Start {
+                                what: "nats-server cluster",
+                                detail: format!("cannot delete the placement probe: {error}"),
+                            })?;
+                        return Ok(());
+                    }
+                    Err(error) => last_error = error.to_string(),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Err(HarnessError::Start {
+            what: "nats-server cluster",
+            detail: format!("no stream could be placed on every node: {last_error}"),
+        })
     }
 
     /// Every node's URL, comma-separated, as `NATS_URL` takes them.

@@ -79,7 +79,7 @@ impl Provision {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Command::parse() {
-        Command::Up(up) => up.run().await,
+        Command::Up(up) => Box::pin(up.run()).await,
         Command::Demo(demo) => demo.run().await,
         Command::Bench(bench) => bench.run().await,
         Command::Saga(saga) => saga.run().await,
