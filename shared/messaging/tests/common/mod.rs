@@ -83,9 +83,22 @@ pub struct Behaviour {
     pub work: Mutex<Duration>,
     /// How many events each call of the batch handler got.
     pub batch_sizes: Mutex<Vec<usize>>,
+    /// Order ids at which the batch handler waits for a permit.
+    pub gates: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
 }
 
 impl Behaviour {
+    /// Makes the batch handler wait at `order_id` until the returned gate
+    /// is given a permit.
+    pub fn gate(&self, order_id: &str) -> Arc<tokio::sync::Semaphore> {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        self.gates
+            .lock()
+            .unwrap()
+            .insert(order_id.to_owned(), Arc::clone(&gate));
+        gate
+    }
+
     fn take(map: &Mutex<HashMap<String, u32>>, order_id: &str) -> bool {
         let mut map = map.lock().unwrap();
         match map.get_mut(order_id) {
@@ -151,6 +164,17 @@ pub fn record_all<'a>(
 ) -> BoxFuture<'a, Result<(), HandlerError>> {
     Box::pin(async move {
         behaviour.batch_sizes.lock().unwrap().push(events.len());
+        for event in &events {
+            let gate = behaviour
+                .gates
+                .lock()
+                .unwrap()
+                .get(&event.order_id)
+                .cloned();
+            if let Some(gate) = gate {
+                gate.acquire().await.unwrap().forget();
+            }
+        }
         let permanent = behaviour.permanent.lock().unwrap().clone();
         if let Some(bad) = events
             .iter()
@@ -242,6 +266,57 @@ pub fn consumer_with(
         max: Duration::from_secs(2),
         max_deliver: 4,
     })
+}
+
+/// Waits until JetStream has handed the `inventory` consumer of `ORDER`
+/// every message and `in_hand` of them are unacknowledged. The consumers
+/// share `setup.js`'s connection, so the messages reached the client before
+/// the answer did.
+pub async fn in_consumers_hands(setup: &Setup, in_hand: u64) {
+    let stream = setup.js.get_stream("ORDER").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let info = stream.consumer_info("inventory").await.unwrap();
+        if info.num_pending == 0 && info.num_ack_pending as u64 == in_hand {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{in_hand} messages never reached the consumer: {} pending, {} in hand",
+            info.num_pending,
+            info.num_ack_pending
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Makes the events that `write` appends to the outbox reach a batch
+/// consumer of `order.placed` together: its first batch, the single event
+/// `gate`, holds until they have all been delivered behind it, so that they
+/// are its next batch. `start_consumer` starts it once `gate` is in the
+/// stream; returns what it returned and the ids `write` returned.
+pub async fn delivered_together<T>(
+    setup: &Setup,
+    behaviour: &Behaviour,
+    gate: &str,
+    start_consumer: impl FnOnce() -> T,
+    write: impl AsyncFnOnce() -> Vec<uuid::Uuid>,
+) -> (T, Vec<uuid::Uuid>) {
+    let opens = behaviour.gate(gate);
+    let sizes_before = behaviour.batch_sizes.lock().unwrap().len();
+    append(setup, &[placed(gate)]).await;
+    relay(setup).relay_batch().await.unwrap();
+    let started = start_consumer();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while behaviour.batch_sizes.lock().unwrap().len() == sizes_before {
+        assert!(Instant::now() < deadline, "the gate's batch never came");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ids = write().await;
+    relay(setup).relay_batch().await.unwrap();
+    in_consumers_hands(setup, 1 + ids.len() as u64).await;
+    opens.add_permits(1);
+    (started, ids)
 }
 
 pub fn placed(order_id: &str) -> OutgoingEvent {
