@@ -10,18 +10,16 @@
 
 mod processes;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream;
-use processes::{ServiceProcess, place_order, settled};
+use processes::{ServiceProcess, all_current, check_streams, leader_of, place_order, settled};
 use shop_proto::order::v1::order_service_client::OrderServiceClient;
 use shop_proto::order::v1::{OrderItem, OrderStatus, PlaceOrderRequest};
 use shop_test_support::{TestNatsCluster, TestPostgres};
-
-const STREAMS: [&str; 4] = ["USER", "ORDER", "INVENTORY", "PAYMENT"];
 
 /// The service processes: two of the order service.
 const PROCESSES: [(&str, usize); 5] = [
@@ -31,76 +29,6 @@ const PROCESSES: [(&str, usize); 5] = [
     ("inventory", 0),
     ("payment", 0),
 ];
-
-async fn leader_of(js: &jetstream::Context, stream: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(mut handle) = js.get_stream(stream).await
-            && let Ok(info) = handle.info().await
-            && let Some(leader) = info.cluster.as_ref().and_then(|c| c.leader.clone())
-        {
-            return leader;
-        }
-        assert!(Instant::now() < deadline, "{stream} has no leader");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Waits until every replica of every stream is current again.
-async fn all_current(js: &jetstream::Context) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    'wait: loop {
-        assert!(
-            Instant::now() < deadline,
-            "the streams' replicas did not catch up"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        for stream in STREAMS {
-            let Ok(mut handle) = js.get_stream(stream).await else {
-                continue 'wait;
-            };
-            let Ok(info) = handle.info().await else {
-                continue 'wait;
-            };
-            let Some(cluster) = &info.cluster else {
-                continue 'wait;
-            };
-            assert_eq!(info.config.num_replicas, 3, "{stream} is not R3");
-            if cluster.leader.is_none()
-                || cluster.replicas.len() != 2
-                || cluster
-                    .replicas
-                    .iter()
-                    .any(|peer| !peer.current || peer.offline)
-            {
-                continue 'wait;
-            }
-        }
-        return;
-    }
-}
-
-/// Every message of `stream` by its `Nats-Msg-Id`, and how many times each
-/// subject occurs.
-async fn read_stream(js: &jetstream::Context, stream: &str) -> (Vec<String>, HashMap<String, u64>) {
-    let mut handle = js.get_stream(stream).await.unwrap();
-    let state = handle.info().await.unwrap().state.clone();
-    let (mut ids, mut subjects) = (Vec::new(), HashMap::<String, u64>::new());
-    if state.messages == 0 {
-        return (ids, subjects);
-    }
-    for sequence in state.first_sequence..=state.last_sequence {
-        let message = handle.get_raw_message(sequence).await.unwrap();
-        let id = message
-            .headers
-            .get("Nats-Msg-Id")
-            .map(|value| value.as_str().to_owned())
-            .unwrap_or_default();
-        ids.push(id);
-        *subjects.entry(message.subject.to_string()).or_default() += 1;
-    }
-    (ids, subjects)
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sagas_ride_through_nats_nodes_lost_paused_and_restarted() {
@@ -176,19 +104,19 @@ async fn sagas_ride_through_nats_nodes_lost_paused_and_restarted() {
     cluster.node(leader).kill();
     tokio::time::sleep(Duration::from_secs(3)).await;
     cluster.node(leader).start_again().await;
-    all_current(&js).await;
+    all_current(&js, 3).await;
     // The PAYMENT stream's leader, frozen past its peers' election timeout.
     let leader = cluster.index_of(&leader_of(&js, "PAYMENT").await).unwrap();
     cluster.node(leader).pause();
     tokio::time::sleep(Duration::from_secs(10)).await;
     cluster.node(leader).resume();
-    all_current(&js).await;
+    all_current(&js, 3).await;
     // A rolling restart of the whole cluster.
     for node in 0..cluster.len() {
         cluster.node(node).stop();
         tokio::time::sleep(Duration::from_secs(1)).await;
         cluster.node(node).start_again().await;
-        all_current(&js).await;
+        all_current(&js, 3).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     AtomicBool::store(&stop, true, Ordering::Relaxed);
@@ -200,21 +128,53 @@ async fn sagas_ride_through_nats_nodes_lost_paused_and_restarted() {
         let order = settled(&mut orders, order_id).await;
         assert_eq!(order.status(), OrderStatus::Confirmed, "{order:?}");
     }
-    all_current(&js).await;
-    for stream in STREAMS {
-        let (ids, _) = read_stream(&js, stream).await;
-        let unique: HashSet<&String> = ids.iter().collect();
-        assert_eq!(unique.len(), ids.len(), "{stream} holds a message twice");
-        assert!(
-            ids.iter().all(|id| !id.is_empty()),
-            "{stream}: a message without an id"
-        );
-    }
-    let (_, subjects) = read_stream(&js, "ORDER").await;
+    all_current(&js, 3).await;
+    assert_eq!(
+        check_streams(&js, &placed).await,
+        0,
+        "a stream holds an event twice"
+    );
+    let subjects = processes::stream_events(&js, "ORDER")
+        .await
+        .into_iter()
+        .fold(HashMap::<String, u64>::new(), |mut subjects, event| {
+            *subjects.entry(event.subject).or_default() += 1;
+            subjects
+        });
     assert_eq!(
         subjects.get("order.confirmed").copied(),
         Some(placed.len() as u64),
         "one order.confirmed per order: {subjects:?}"
     );
     assert_eq!(subjects.get("order.cancelled"), None, "{subjects:?}");
+}
+
+/// A deployment starts the services and the JetStream nodes together: a
+/// service whose cluster has no quorum yet keeps trying to provision its
+/// streams (not ready meanwhile) instead of exiting, and is ready once the
+/// cluster is.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_started_before_its_cluster_has_a_quorum_waits_for_it() {
+    let (mut cluster, postgres) = tokio::join!(TestNatsCluster::start(3), TestPostgres::start());
+    postgres.create_database("shop_user").await;
+    cluster.node(1).stop();
+    cluster.node(2).stop();
+    let mut service = ServiceProcess::launch(
+        "user",
+        &postgres.url("shop_user"),
+        &cluster.urls(),
+        &[("STREAM_REPLICAS", "3".to_owned())],
+    );
+    // One node of three: no meta leader, no stream can be made.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(service.running(), "the service gave up on the cluster");
+    assert!(!service.ready().await, "ready without its stream");
+
+    cluster.node(1).start_again().await;
+    cluster.node(2).start_again().await;
+    service.wait_ready().await;
+    let js = jetstream::new(cluster.client().await);
+    let mut stream = js.get_stream("USER").await.unwrap();
+    assert_eq!(stream.info().await.unwrap().config.num_replicas, 3);
+    assert!(service.terminate().await.success());
 }

@@ -114,13 +114,25 @@ impl ServiceProcess {
         nats_url: &str,
         env: &[(&str, String)],
     ) -> Self {
+        let mut process = Self::launch(name, database_url, nats_url, env);
+        process.wait_ready().await;
+        process
+    }
+
+    /// Starts `<name>-svc` as [`start`](Self::start) does, without waiting.
+    pub fn launch(
+        name: &'static str,
+        database_url: &str,
+        nats_url: &str,
+        env: &[(&str, String)],
+    ) -> Self {
         let env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| ((*k).to_owned(), v.clone()))
             .collect();
         let (grpc, http) = (free_port(), free_port());
         let child = spawn(name, database_url, nats_url, &env, grpc, http);
-        let mut process = Self {
+        Self {
             name,
             grpc,
             http,
@@ -128,9 +140,19 @@ impl ServiceProcess {
             nats_url: nats_url.to_owned(),
             env,
             child,
-        };
-        process.wait_ready().await;
-        process
+        }
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Whether `/readyz` answers 200 now.
+    pub async fn ready(&self) -> bool {
+        http_get(self.http, "/readyz")
+            .await
+            .is_some_and(|(status, _)| status == 200)
     }
 
     /// SIGKILL, as a crash would.
@@ -341,4 +363,168 @@ pub async fn settled(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The four event streams of the saga.
+pub const EVENT_STREAMS: [&str; 4] = ["USER", "ORDER", "INVENTORY", "PAYMENT"];
+
+/// The leader of `stream`'s replicas, once it has one.
+pub async fn leader_of(js: &async_nats::jetstream::Context, stream: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(mut handle) = js.get_stream(stream).await
+            && let Ok(info) = handle.info().await
+            && let Some(leader) = info.cluster.as_ref().and_then(|c| c.leader.clone())
+        {
+            return leader;
+        }
+        assert!(Instant::now() < deadline, "{stream} has no leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until every event stream has a leader and its other
+/// `replicas - 1` replicas are online and current.
+pub async fn all_current(js: &async_nats::jetstream::Context, replicas: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    'wait: loop {
+        assert!(
+            Instant::now() < deadline,
+            "the streams' replicas did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for stream in EVENT_STREAMS {
+            let Ok(mut handle) = js.get_stream(stream).await else {
+                continue 'wait;
+            };
+            let Ok(info) = handle.info().await else {
+                continue 'wait;
+            };
+            let Some(cluster) = &info.cluster else {
+                continue 'wait;
+            };
+            assert_eq!(
+                info.config.num_replicas, replicas,
+                "{stream} has the wrong replica count"
+            );
+            if cluster.leader.is_none()
+                || cluster.replicas.len() != replicas - 1
+                || cluster
+                    .replicas
+                    .iter()
+                    .any(|peer| !peer.current || peer.offline)
+            {
+                continue 'wait;
+            }
+        }
+        return;
+    }
+}
+
+/// One message of an event stream, by its envelope's headers.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    /// `Nats-Msg-Id`, which the relay sets to the event's id.
+    pub msg_id: String,
+    pub event_id: String,
+    pub subject: String,
+    pub kind: String,
+    pub causation_id: String,
+    pub correlation_id: String,
+}
+
+/// Every message of `stream`, in order.
+pub async fn stream_events(js: &async_nats::jetstream::Context, stream: &str) -> Vec<StoredEvent> {
+    use shop_messaging::envelope::headers;
+    let mut handle = js.get_stream(stream).await.unwrap();
+    let state = handle.info().await.unwrap().state.clone();
+    let mut events = Vec::new();
+    if state.messages == 0 {
+        return events;
+    }
+    for sequence in state.first_sequence..=state.last_sequence {
+        let message = handle.get_raw_message(sequence).await.unwrap();
+        let header = |name: &str| {
+            message
+                .headers
+                .get(name)
+                .map(|value| value.as_str().to_owned())
+                .unwrap_or_default()
+        };
+        events.push(StoredEvent {
+            msg_id: header(headers::NATS_MSG_ID),
+            event_id: header(headers::ID),
+            subject: message.subject.to_string(),
+            kind: header(headers::TYPE),
+            causation_id: header(headers::CAUSATION_ID),
+            correlation_id: header(headers::CORRELATION_ID),
+        });
+    }
+    events
+}
+
+/// What the streams hold, checked: every message carries its event's id as
+/// `Nats-Msg-Id`; no event was emitted twice (two ids of one type for one
+/// cause, or for one correlation where there is no cause); and every order
+/// in `orders` ended in exactly one `order.confirmed` or `order.cancelled`.
+/// Returns the copies of one id that a stream holds beyond the first: a
+/// consumer's inbox absorbs them.
+pub async fn check_streams(js: &async_nats::jetstream::Context, orders: &[String]) -> u64 {
+    use std::collections::{HashMap, HashSet};
+    let mut copies = 0;
+    let mut ends: HashMap<String, HashSet<String>> = HashMap::new();
+    for stream in EVENT_STREAMS {
+        let mut seen: HashMap<String, StoredEvent> = HashMap::new();
+        let mut emitted: HashMap<(String, String), HashSet<String>> = HashMap::new();
+        for event in stream_events(js, stream).await {
+            assert!(
+                !event.event_id.is_empty() && event.msg_id == event.event_id,
+                "{stream}: a message whose Nats-Msg-Id is not its event id: {event:?}"
+            );
+            if let Some(first) = seen.get(&event.event_id) {
+                assert_eq!(
+                    (&first.subject, &first.kind, &first.causation_id),
+                    (&event.subject, &event.kind, &event.causation_id),
+                    "{stream}: two events under one id"
+                );
+                copies += 1;
+                continue;
+            }
+            // Events of a call (an order placed, a user created) have no
+            // cause but the entity they correlate with.
+            let cause = if !event.causation_id.is_empty() {
+                Some(event.causation_id.clone())
+            } else if !event.correlation_id.is_empty() {
+                Some(format!("correlation {}", event.correlation_id))
+            } else {
+                None
+            };
+            if let Some(cause) = cause {
+                emitted
+                    .entry((event.kind.clone(), cause))
+                    .or_default()
+                    .insert(event.event_id.clone());
+            }
+            if event.subject == "order.confirmed" || event.subject == "order.cancelled" {
+                ends.entry(event.correlation_id.clone())
+                    .or_default()
+                    .insert(event.event_id.clone());
+            }
+            seen.insert(event.event_id.clone(), event);
+        }
+        for ((kind, cause), ids) in &emitted {
+            assert_eq!(
+                ids.len(),
+                1,
+                "{stream}: {kind} emitted {} times for {cause}",
+                ids.len()
+            );
+        }
+    }
+    for order in orders {
+        let n = ends.get(order).map_or(0, HashSet::len);
+        assert_eq!(n, 1, "order {order} ended {n} times in the ORDER stream");
+    }
+    assert_eq!(ends.len(), orders.len(), "ends of orders never placed");
+    copies
 }

@@ -2,8 +2,11 @@
 //! start-up by every replica: creating what is missing and updating what
 //! changed, so a new configuration takes effect on the next deploy.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::context::CreateStreamErrorKind;
+use async_nats::jetstream::stream::ConsumerErrorKind;
 use async_nats::jetstream::{self, consumer, stream};
 
 /// The stream every dead letter goes to, on `dlq.<consumer>.<subject>`.
@@ -54,6 +57,42 @@ pub enum ProvisionError {
         #[source]
         source: jetstream::stream::ConsumerError,
     },
+}
+
+impl ProvisionError {
+    /// Whether the same request may succeed a moment later: JetStream did
+    /// not answer in time, or answered that it cannot serve or place it yet
+    /// (a cluster still forming or without a quorum, a leader being
+    /// elected). A refusal of the request itself (a subject another stream
+    /// owns, more replicas than a lone server has) is not.
+    pub fn is_transient(&self) -> bool {
+        let answer = match self {
+            Self::Stream { source, .. } => match source.kind() {
+                CreateStreamErrorKind::TimedOut
+                | CreateStreamErrorKind::JetStreamUnavailable
+                | CreateStreamErrorKind::Response => return true,
+                CreateStreamErrorKind::JetStream(answer) => answer,
+                _ => return false,
+            },
+            Self::Consumer { source, .. } => match source.kind() {
+                ConsumerErrorKind::TimedOut | ConsumerErrorKind::Request => return true,
+                ConsumerErrorKind::JetStream(answer) => answer,
+                _ => return false,
+            },
+        };
+        answer.code() == 503
+            || [
+                ErrorCode::CLUSTER_NO_PEERS,
+                ErrorCode::CLUSTER_NOT_AVAILABLE,
+                ErrorCode::CLUSTER_NOT_LEADER,
+            ]
+            .contains(&answer.error_code())
+    }
+}
+
+/// The pause before provisioning again: 200 ms, doubling, at most 5 s.
+fn retry_delay(failures: u32) -> Duration {
+    Duration::from_millis(200u64 << failures.min(5)).min(Duration::from_secs(5))
 }
 
 /// A stream as a service owns it.
@@ -131,6 +170,29 @@ impl StreamSpec {
     pub fn with_replicas(mut self, replicas: usize) -> Self {
         self.replicas = replicas;
         self
+    }
+
+    /// [`provision`](Self::provision), tried again while the failure
+    /// [is transient](ProvisionError::is_transient) and `patience` lasts:
+    /// replicas starting together on a cluster that is still forming, or
+    /// during a leader election, wait for it instead of exiting.
+    pub async fn provision_patiently(
+        &self,
+        js: &jetstream::Context,
+        patience: Duration,
+    ) -> Result<(), ProvisionError> {
+        let started = Instant::now();
+        let mut failures = 0;
+        loop {
+            match self.provision(js).await {
+                Err(error) if error.is_transient() && started.elapsed() < patience => {
+                    failures += 1;
+                    tracing::warn!(stream = %self.name, %error, failures, "cannot provision the stream yet; retrying");
+                    tokio::time::sleep(retry_delay(failures)).await;
+                }
+                result => return result,
+            }
+        }
     }
 
     /// Creates the stream, or updates it to this spec.

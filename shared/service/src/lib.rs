@@ -400,13 +400,13 @@ impl Infrastructure {
         stream
             .with_replicas(config.stream_replicas)
             .with_max_bytes(config.stream_max_bytes)
-            .provision(&js)
+            .provision_patiently(&js, PROVISION_PATIENCE)
             .await?;
         for shared in [StreamSpec::dead_letters(), StreamSpec::replays()] {
             if config.provision_shared_streams {
                 shared
                     .with_replicas(config.stream_replicas)
-                    .provision(&js)
+                    .provision_patiently(&js, PROVISION_PATIENCE)
                     .await?;
             } else if let Err(error) = js.get_stream(&shared.name).await {
                 // Not fatal: a dead letter waits (and is retried) until the
@@ -581,6 +581,12 @@ pub const LIVENESS: &str = "liveness";
 
 /// How long a stopping server waits for its open connections to finish.
 const DRAIN: Duration = Duration::from_secs(10);
+
+/// How long start-up keeps trying to provision its streams while JetStream
+/// cannot serve the request yet (replicas started together on a cluster
+/// still forming, a meta leader being elected); then the service exits with
+/// the error. Within the chart's startup probe (two minutes).
+const PROVISION_PATIENCE: Duration = Duration::from_secs(90);
 
 /// A background task: `run(shutdown)`.
 pub type Task = Box<dyn FnOnce(CancellationToken) -> BoxFuture<'static, ()> + Send>;
