@@ -1,15 +1,20 @@
-//! Faults at random while sagas flow, then the design's invariants.
+//! Faults at random while sagas flow, then the design's invariants, on two
+//! shapes of the system.
 //!
-//! The four services run as OS processes from their real binaries, with two
-//! replicas of inventory and of payment sharing their durable consumers,
-//! against a real nats-server and PostgreSQL. While a driver places orders
-//! (most confirm; some run out of stock, some fail payment, and the NATS
-//! outages make some time out), a seeded
-//! schedule SIGKILLs and restarts service processes, kills and restarts
-//! nats-server on its store and PostgreSQL on its data, SIGSTOPs a replica
-//! for longer than the ack wait and SIGCONTs it, and SIGTERMs a replica
-//! under load. Once everything is quiet, the checker reads the four
-//! databases and the streams.
+//! The four services run as OS processes from their real binaries against
+//! a real PostgreSQL and JetStream. On one `nats-server` (R1 streams), two
+//! replicas of inventory and of payment share their durable consumers. On
+//! the production shape, a three-node JetStream cluster with R3 streams,
+//! every service runs two replicas (both order relays and both deadline
+//! sweepers at work). While a driver places orders (most confirm; some run
+//! out of stock, some fail payment, and the outages make some time out), a
+//! seeded schedule SIGKILLs and restarts service processes, kills and
+//! restarts PostgreSQL on its data, SIGSTOPs a replica for longer than the
+//! ack wait and SIGCONTs it, and SIGTERMs a replica under load; on one
+//! server it kills and restarts nats-server on its store, on the cluster it
+//! SIGKILLs one node and starts it again, SIGSTOPs one past its peers'
+//! election timeouts, and restarts all three in turn. Once everything is
+//! quiet, the checker reads the four databases and the streams.
 //!
 //! Size and seed come from the environment: `CHAOS_SAGAS` (300),
 //! `CHAOS_RATE` (sagas placed per second, 10), `CHAOS_FAULTS` (10),
@@ -26,14 +31,14 @@ use std::time::{Duration, Instant};
 
 use diesel::sql_types::{BigInt, Text};
 use diesel_async::{AsyncConnection as _, AsyncPgConnection};
-use processes::ServiceProcess;
+use processes::{ServiceProcess, all_current, check_streams};
 use shop_proto::inventory::v1::CreateProductRequest;
 use shop_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use shop_proto::order::v1::order_service_client::OrderServiceClient;
 use shop_proto::order::v1::{OrderItem, PlaceOrderRequest};
 use shop_proto::user::v1::CreateUserRequest;
 use shop_proto::user::v1::user_service_client::UserServiceClient;
-use shop_test_support::{TestNats, TestPostgres};
+use shop_test_support::{TestNats, TestNatsCluster, TestPostgres};
 use tokio::sync::Mutex;
 
 const STARTING_CREDIT: i64 = 1_000_000_000;
@@ -85,6 +90,14 @@ enum Fault {
     Pause(&'static str, usize),
     /// SIGTERM a replica under load, then start it again.
     Terminate(&'static str, usize),
+    /// SIGKILL one node of the cluster, then start it on its store.
+    KillNatsNode(usize),
+    /// SIGSTOP one node of the cluster past its peers' election timeouts,
+    /// then SIGCONT it: it must rejoin and catch up.
+    PauseNatsNode(usize),
+    /// SIGTERM each node of the cluster in turn and start it again, each
+    /// back and current before the next goes.
+    RollingNatsRestart,
 }
 
 impl Fault {
@@ -95,45 +108,118 @@ impl Fault {
             Self::RestartPostgres => "restart PostgreSQL",
             Self::Pause(..) => "SIGSTOP a replica",
             Self::Terminate(..) => "SIGTERM a replica",
+            Self::KillNatsNode(..) => "SIGKILL a NATS node",
+            Self::PauseNatsNode(..) => "SIGSTOP a NATS node",
+            Self::RollingNatsRestart => "rolling restart of NATS",
         }
     }
 }
 
-/// Which process of which service.
-const PROCESSES: [(&str, usize); 6] = [
-    ("user", 0),
-    ("order", 0),
-    ("inventory", 0),
-    ("inventory", 1),
-    ("payment", 0),
-    ("payment", 1),
-];
+/// The system under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// One nats-server, R1 streams; two replicas of inventory and payment.
+    Single,
+    /// A three-node JetStream cluster, R3 streams; two replicas of every
+    /// service.
+    Cluster,
+}
+
+const CLUSTER_NODES: usize = 3;
+
+impl Shape {
+    /// Which processes of which service run.
+    fn processes(self) -> &'static [(&'static str, usize)] {
+        match self {
+            Self::Single => &[
+                ("user", 0),
+                ("order", 0),
+                ("inventory", 0),
+                ("inventory", 1),
+                ("payment", 0),
+                ("payment", 1),
+            ],
+            Self::Cluster => &[
+                ("user", 0),
+                ("user", 1),
+                ("order", 0),
+                ("order", 1),
+                ("inventory", 0),
+                ("inventory", 1),
+                ("payment", 0),
+                ("payment", 1),
+            ],
+        }
+    }
+
+    /// The services with two replicas, whose replicas can be paused or
+    /// terminated while the other carries on.
+    fn replicated(self) -> &'static [&'static str] {
+        match self {
+            Self::Single => &["inventory", "payment"],
+            Self::Cluster => &["user", "order", "inventory", "payment"],
+        }
+    }
+
+    fn stream_replicas(self) -> usize {
+        match self {
+            Self::Single => 1,
+            Self::Cluster => CLUSTER_NODES,
+        }
+    }
+}
 
 /// The schedule of a seed: (pause before, fault, how long it lasts), each
 /// fault over before the next begins.
-fn schedule(seed: u64, faults: usize) -> Vec<(Duration, Fault, Duration)> {
+fn schedule(seed: u64, faults: usize, shape: Shape) -> Vec<(Duration, Fault, Duration)> {
     let mut rng = Rng(seed);
+    let processes = shape.processes();
+    let replicated = shape.replicated();
     (0..faults)
         .map(|i| {
-            let (name, replica) = PROCESSES[rng.below(PROCESSES.len() as u64) as usize];
-            let replicated = ["inventory", "payment"][rng.below(2) as usize];
+            let (name, replica) = processes[rng.below(processes.len() as u64) as usize];
+            let of_replicated = replicated[rng.below(replicated.len() as u64) as usize];
             let replica_of = rng.below(2) as usize;
-            // Every kind comes round in turn; the targets are random.
-            let fault = match i % 5 {
-                0 => Fault::Kill(name, replica),
-                1 => Fault::RestartNats,
-                2 => Fault::Pause(replicated, replica_of),
-                3 => Fault::RestartPostgres,
-                _ => Fault::Terminate(replicated, replica_of),
+            // Every kind comes round in turn; the targets are random. (One
+            // server's schedule draws what it drew before the cluster's
+            // faults existed, so that its seeds replay as they did.)
+            let fault = match shape {
+                Shape::Single => match i % 5 {
+                    0 => Fault::Kill(name, replica),
+                    1 => Fault::RestartNats,
+                    2 => Fault::Pause(of_replicated, replica_of),
+                    3 => Fault::RestartPostgres,
+                    _ => Fault::Terminate(of_replicated, replica_of),
+                },
+                Shape::Cluster => {
+                    let node = rng.below(CLUSTER_NODES as u64) as usize;
+                    match i % 7 {
+                        0 => Fault::Kill(name, replica),
+                        1 => Fault::KillNatsNode(node),
+                        2 => Fault::Pause(of_replicated, replica_of),
+                        3 => Fault::RestartPostgres,
+                        4 => Fault::Terminate(of_replicated, replica_of),
+                        5 => Fault::PauseNatsNode(node),
+                        _ => Fault::RollingNatsRestart,
+                    }
+                }
             };
             // Time for the sagas placed since the last fault to finish.
             let before = Duration::from_millis(1500 + rng.below(1500));
             let lasting = match fault {
                 // Sagas placed meanwhile wait in the outbox; with the
                 // reconnections after it, some of them time out.
-                Fault::RestartNats => Duration::from_millis(1000 + rng.below(2000)),
+                Fault::RestartNats | Fault::KillNatsNode(..) => {
+                    Duration::from_millis(1000 + rng.below(2000))
+                }
                 // Longer than the ack wait: its messages go to the other replica.
                 Fault::Pause(..) => Duration::from_millis(ACK_WAIT_MS + 500 + rng.below(1500)),
+                // Past the election timeouts of the node's raft groups
+                // (at most 9 s in nats-server): its streams elect a leader
+                // elsewhere, and it comes back behind.
+                Fault::PauseNatsNode(..) => Duration::from_millis(10_000 + rng.below(3000)),
+                // How long each node of the cluster is down.
+                Fault::RollingNatsRestart => Duration::from_millis(500 + rng.below(1000)),
                 _ => Duration::from_millis(200 + rng.below(1000)),
             };
             (before, fault, lasting)
@@ -148,38 +234,92 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// The JetStream the services talk to.
+enum Broker {
+    Single(Box<TestNats>),
+    Cluster(TestNatsCluster),
+}
+
 struct System {
-    nats: TestNats,
+    shape: Shape,
+    broker: Broker,
     postgres: TestPostgres,
     processes: HashMap<(&'static str, usize), ServiceProcess>,
 }
 
 impl System {
-    async fn start() -> Self {
-        let (nats, postgres) = tokio::join!(TestNats::start(), TestPostgres::start());
-        let mut processes = HashMap::new();
+    async fn start(shape: Shape) -> Self {
+        let broker = async {
+            match shape {
+                Shape::Single => Broker::Single(Box::new(TestNats::start().await)),
+                Shape::Cluster => Broker::Cluster(TestNatsCluster::start(CLUSTER_NODES).await),
+            }
+        };
+        let (broker, postgres) = tokio::join!(broker, TestPostgres::start());
+        let nats_url = match &broker {
+            Broker::Single(nats) => nats.url(),
+            Broker::Cluster(cluster) => cluster.urls(),
+        };
         for service in ["user", "order", "inventory", "payment"] {
             postgres.create_database(&format!("shop_{service}")).await;
         }
-        for (name, replica) in PROCESSES {
-            let url = postgres.url(&format!("shop_{name}"));
-            let env = [
-                ("SAGA_DEADLINE_MS", DEADLINE_MS.to_string()),
-                ("ACK_WAIT_MS", ACK_WAIT_MS.to_string()),
-                ("STARTING_CREDIT_CENTS", STARTING_CREDIT.to_string()),
-            ];
-            let process = ServiceProcess::start(name, &url, &nats.url(), &env).await;
-            processes.insert((name, replica), process);
-        }
+        // Every replica at once, as a deployment starts them.
+        let started = Instant::now();
+        let processes =
+            futures::future::join_all(shape.processes().iter().map(|&(name, replica)| {
+                let url = postgres.url(&format!("shop_{name}"));
+                let env = [
+                    ("SAGA_DEADLINE_MS", DEADLINE_MS.to_string()),
+                    ("ACK_WAIT_MS", ACK_WAIT_MS.to_string()),
+                    ("STARTING_CREDIT_CENTS", STARTING_CREDIT.to_string()),
+                    ("STREAM_REPLICAS", shape.stream_replicas().to_string()),
+                ];
+                let nats_url = nats_url.clone();
+                async move {
+                    let process = ServiceProcess::start(name, &url, &nats_url, &env).await;
+                    ((name, replica), process)
+                }
+            }))
+            .await
+            .into_iter()
+            .collect();
+        println!(
+            "  ({} service processes ready in {:.1} s)",
+            shape.processes().len(),
+            started.elapsed().as_secs_f64()
+        );
         Self {
-            nats,
+            shape,
+            broker,
             postgres,
             processes,
         }
     }
 
-    fn channel(&self, name: &'static str) -> shop_auth::BearerChannel {
-        processes::admin_channel(self.processes[&(name, 0)].endpoint())
+    async fn jetstream(&self) -> async_nats::jetstream::Context {
+        let client = match &self.broker {
+            Broker::Single(nats) => nats.client().await,
+            Broker::Cluster(cluster) => cluster.client().await,
+        };
+        async_nats::jetstream::new(client)
+    }
+
+    fn channel(&self, name: &'static str, replica: usize) -> shop_auth::BearerChannel {
+        processes::admin_channel(self.processes[&(name, replica)].endpoint())
+    }
+
+    /// The cluster, for a fault that only it can have.
+    fn cluster(&mut self) -> &mut TestNatsCluster {
+        match &mut self.broker {
+            Broker::Cluster(cluster) => cluster,
+            Broker::Single(_) => panic!("a cluster fault on one server"),
+        }
+    }
+
+    /// Waits until every stream's replicas are back and current: a node
+    /// fault is over only then.
+    async fn streams_current(&self) {
+        all_current(&self.jetstream().await, self.shape.stream_replicas()).await;
     }
 
     async fn inject(&mut self, fault: Fault, lasting: Duration) {
@@ -204,14 +344,37 @@ impl System {
                 process.resume();
             }
             Fault::RestartNats => {
-                self.nats.kill();
+                let Broker::Single(nats) = &mut self.broker else {
+                    panic!("restarting the only server of a cluster");
+                };
+                nats.kill();
                 tokio::time::sleep(lasting).await;
-                self.nats.start_again().await;
+                nats.start_again().await;
             }
             Fault::RestartPostgres => {
                 self.postgres.kill();
                 tokio::time::sleep(lasting).await;
                 self.postgres.start_again().await;
+            }
+            Fault::KillNatsNode(node) => {
+                self.cluster().node(node).kill();
+                tokio::time::sleep(lasting).await;
+                self.cluster().node(node).start_again().await;
+                self.streams_current().await;
+            }
+            Fault::PauseNatsNode(node) => {
+                self.cluster().node(node).pause();
+                tokio::time::sleep(lasting).await;
+                self.cluster().node(node).resume();
+                self.streams_current().await;
+            }
+            Fault::RollingNatsRestart => {
+                for node in 0..CLUSTER_NODES {
+                    self.cluster().node(node).stop();
+                    tokio::time::sleep(lasting).await;
+                    self.cluster().node(node).start_again().await;
+                    self.streams_current().await;
+                }
             }
         }
     }
@@ -225,10 +388,10 @@ struct Driven {
 }
 
 /// Places `sagas` orders at `rate` per second from `clients` concurrent
-/// clients, retrying each call (with its idempotency key) until the system
+/// clients spread over the order replicas `orders`, retrying each call (with its idempotency key) until the system
 /// answers.
 async fn drive(
-    orders: OrderServiceClient<shop_auth::BearerChannel>,
+    orders: Vec<OrderServiceClient<shop_auth::BearerChannel>>,
     users: Arc<Vec<String>>,
     sagas: usize,
     rate: f64,
@@ -240,9 +403,10 @@ async fn drive(
     ))));
     let next = Arc::new(Mutex::new(0usize));
     let mut tasks = Vec::new();
-    for _ in 0..clients {
+    for client in 0..clients {
         let (mut orders, users, next, driven, ticks) = (
-            orders.clone(),
+            // Each client keeps to one replica of the order service.
+            orders[client % orders.len()].clone(),
             Arc::clone(&users),
             Arc::clone(&next),
             Arc::clone(&driven),
@@ -332,7 +496,7 @@ async fn table(url: &str, sql: &str) -> BTreeMap<(String, String), i64> {
 /// durable consumer has anything pending or unacknowledged.
 async fn quiet(system: &System, urls: &HashMap<&str, String>) -> Duration {
     let started = Instant::now();
-    let js = async_nats::jetstream::new(system.nats.client().await);
+    let js = system.jetstream().await;
     loop {
         let pending = rows(
             &urls["order"],
@@ -386,7 +550,7 @@ async fn quiet(system: &System, urls: &HashMap<&str, String>) -> Duration {
 
 /// Deliveries beyond the first of each message, over every durable.
 async fn redeliveries(system: &System) -> u64 {
-    let js = async_nats::jetstream::new(system.nats.client().await);
+    let js = system.jetstream().await;
     let mut total = 0;
     for (stream, consumers) in DURABLES {
         let mut stream = js.get_stream(stream).await.unwrap();
@@ -404,10 +568,10 @@ async fn check(
     system: &System,
     urls: &HashMap<&str, String>,
     users: &[String],
-) -> BTreeMap<String, i64> {
+) -> (BTreeMap<String, i64>, u64) {
     // Nothing dead-lettered, since none of these faults is a poison message.
-    let js = async_nats::jetstream::new(system.nats.client().await);
-    let dead = shop_messaging::DeadLetters::open(js)
+    let js = system.jetstream().await;
+    let dead = shop_messaging::DeadLetters::open(js.clone())
         .await
         .unwrap()
         .list()
@@ -519,18 +683,22 @@ async fn check(
         assert_eq!(unpublished, 0, "{service}: outbox rows never published");
     }
 
+    // The streams: no event emitted twice, every order ended once.
+    let order_ids: Vec<String> = orders.keys().map(|(id, _)| id.clone()).collect();
+    let copies = check_streams(&js, &order_ids).await;
+
     outcomes.insert("sagas".to_owned(), orders.len() as i64);
-    outcomes
+    (outcomes, copies)
 }
 
-async fn run(sagas: usize, rate: f64, faults: Vec<(Duration, Fault, Duration)>) {
+async fn run(shape: Shape, sagas: usize, rate: f64, faults: Vec<(Duration, Fault, Duration)>) {
     let started = Instant::now();
-    let mut system = System::start().await;
+    let mut system = System::start(shape).await;
     let urls: HashMap<&str, String> = ["user", "order", "inventory", "payment"]
         .into_iter()
         .map(|service| (service, system.postgres.url(&format!("shop_{service}"))))
         .collect();
-    let mut users_api = UserServiceClient::new(system.channel("user"));
+    let mut users_api = UserServiceClient::new(system.channel("user", 0));
     let mut users = Vec::new();
     for i in 0..USERS {
         let user = users_api
@@ -545,7 +713,7 @@ async fn run(sagas: usize, rate: f64, faults: Vec<(Duration, Fault, Duration)>) 
             .unwrap();
         users.push(user.user_id);
     }
-    let mut inventory = InventoryServiceClient::new(system.channel("inventory"));
+    let mut inventory = InventoryServiceClient::new(system.channel("inventory", 0));
     for (sku, price, stock) in PRODUCTS {
         inventory
             .create_product(CreateProductRequest {
@@ -573,8 +741,14 @@ async fn run(sagas: usize, rate: f64, faults: Vec<(Duration, Fault, Duration)>) 
 
     let setup = started.elapsed();
     let driven = Arc::new(Driven::default());
+    let order_replicas = shape
+        .processes()
+        .iter()
+        .filter(|(name, _)| *name == "order")
+        .map(|&(name, replica)| OrderServiceClient::new(system.channel(name, replica)))
+        .collect();
     let driver = tokio::spawn(drive(
-        OrderServiceClient::new(system.channel("order")),
+        order_replicas,
         Arc::new(users.clone()),
         sagas,
         rate,
@@ -603,9 +777,16 @@ async fn run(sagas: usize, rate: f64, faults: Vec<(Duration, Fault, Duration)>) 
         println!("  median PlaceOrder-to-end of {}: {} ms", row.key, row.n);
     }
     let redelivered = redeliveries(&system).await;
-    let counts = check(&system, &urls, &users).await;
+    let (counts, copies) = check(&system, &urls, &users).await;
 
-    println!("chaos: {sagas} sagas, {} faults", faults.len());
+    println!(
+        "chaos on {}: {sagas} sagas, {} faults",
+        match shape {
+            Shape::Single => "one nats-server",
+            Shape::Cluster => "a three-node JetStream cluster",
+        },
+        faults.len()
+    );
     for (kind, n) in &injected {
         println!("  fault  {kind}: {n}");
     }
@@ -617,6 +798,7 @@ async fn run(sagas: usize, rate: f64, faults: Vec<(Duration, Fault, Duration)>) 
         driven.retried_calls.load(Ordering::Relaxed)
     );
     println!("  redeliveries seen by the durable consumers: {redelivered}");
+    println!("  copies of a published event in the streams (absorbed by the inboxes): {copies}");
     println!(
         "  faults over at {:.1} s, orders placed at {:.1} s, quiet {:.1} s later",
         faults_done.as_secs_f64(),
@@ -643,27 +825,46 @@ async fn run(sagas: usize, rate: f64, faults: Vec<(Duration, Fault, Duration)>) 
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sagas_stay_correct_through_kills_restarts_and_pauses() {
+fn chaos(shape: Shape) -> (usize, f64, Vec<(Duration, Fault, Duration)>) {
     let seed = env_or("CHAOS_SEED", 0x5eed_2026_u64);
     let sagas = env_or("CHAOS_SAGAS", 300usize);
     let faults = env_or("CHAOS_FAULTS", 10usize);
     let rate = env_or("CHAOS_RATE", 10.0f64);
     println!("chaos seed {seed} (CHAOS_SEED={seed} replays this schedule)");
-    let schedule = schedule(seed, faults);
+    let schedule = schedule(seed, faults, shape);
     for (before, fault, lasting) in &schedule {
         println!("  after {before:?}: {fault:?} for {lasting:?}");
     }
-    run(sagas, rate, schedule).await;
+    (sagas, rate, schedule)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sagas_stay_correct_through_kills_restarts_and_pauses() {
+    let (sagas, rate, schedule) = chaos(Shape::Single);
+    Box::pin(run(Shape::Single, sagas, rate, schedule)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sagas_stay_correct_on_a_cluster_losing_nodes_with_every_service_replicated() {
+    let (sagas, rate, schedule) = chaos(Shape::Cluster);
+    Box::pin(run(Shape::Cluster, sagas, rate, schedule)).await;
 }
 
 #[test]
 fn the_same_seed_gives_the_same_schedule() {
-    assert_eq!(schedule(42, 20), schedule(42, 20));
-    assert_ne!(schedule(42, 20), schedule(43, 20));
-    let kinds: std::collections::BTreeSet<_> = schedule(7, 10)
-        .iter()
-        .map(|(_, fault, _)| fault.kind())
-        .collect();
-    assert_eq!(kinds.len(), 5, "every kind of fault comes round: {kinds:?}");
+    for shape in [Shape::Single, Shape::Cluster] {
+        assert_eq!(schedule(42, 20, shape), schedule(42, 20, shape));
+        assert_ne!(schedule(42, 20, shape), schedule(43, 20, shape));
+    }
+    for (shape, kinds) in [(Shape::Single, 5), (Shape::Cluster, 7)] {
+        let seen: std::collections::BTreeSet<_> = schedule(7, kinds, shape)
+            .iter()
+            .map(|(_, fault, _)| fault.kind())
+            .collect();
+        assert_eq!(
+            seen.len(),
+            kinds,
+            "every kind of fault comes round: {seen:?}"
+        );
+    }
 }
