@@ -1,8 +1,14 @@
 """Lints the chart strictly and renders it with Helm v4's SDK
 (helm-python-sdk) for the default values and each given value file; each
-rendering is validated with kubernetes-validate --strict. A value the
-schema forbids must fail the render."""
+rendering is validated with kubernetes-validate --strict, and the custom
+resources (ServiceMonitor, KEDA's ScaledObject), which it does not know, by
+their shape. The in-chart NATS is checked as a cluster: its nodes, routes,
+anti-affinity and PDB, every stream's replicas, and its rendered
+configuration accepted by nats-server. A value the schema forbids, or one
+the chart refuses (a PostgreSQL connection budget exceeded, more stream
+replicas than nodes), must fail the render."""
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -21,23 +27,118 @@ def render(chart_path, values, name="shop"):
         chart.close()
 
 
+STREAMS = {"USER", "ORDER", "INVENTORY", "PAYMENT"}
+# The streams each service's durable consumer reads.
+CONSUMES = {"user": set(), "order": {"USER", "INVENTORY", "PAYMENT"},
+            "inventory": {"ORDER", "PAYMENT"}, "payment": {"USER", "INVENTORY", "ORDER"}}
+NATS_JETSTREAM_KEYS = {"natsServerMonitoringEndpoint", "account", "stream", "consumer",
+                       "lagThreshold", "activationLagThreshold", "useHttps"}
+
+
+def check_scaled_object(doc, docs):
+    """KEDA's ScaledObject, by the shape its CRD (keda.sh/v1alpha1) gives."""
+    name = doc["metadata"]["name"]
+    assert doc["apiVersion"] == "keda.sh/v1alpha1", doc
+    spec = doc["spec"]
+    assert set(spec) <= {"scaleTargetRef", "minReplicaCount", "maxReplicaCount",
+                         "pollingInterval", "cooldownPeriod", "triggers", "advanced"}, spec
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    target = deployments[spec["scaleTargetRef"]["name"]]
+    assert "replicas" not in target["spec"], f"{name}: the Deployment fixes its replicas"
+    assert not any(d["kind"] == "HorizontalPodAutoscaler"
+                   and d["spec"]["scaleTargetRef"]["name"] == target["metadata"]["name"]
+                   for d in docs), f"{name}: an HPA of its own as well"
+    assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"], spec
+    assert isinstance(spec["pollingInterval"], int), spec
+    component = target["metadata"]["labels"]["app.kubernetes.io/component"]
+    streams = set()
+    for trigger in spec["triggers"]:
+        metadata = trigger["metadata"]
+        assert all(isinstance(v, str) for v in metadata.values()), trigger
+        if trigger["type"] == "cpu":
+            assert trigger["metricType"] == "Utilization" and int(metadata["value"]) > 0, trigger
+        elif trigger["type"] == "nats-jetstream":
+            assert set(metadata) <= NATS_JETSTREAM_KEYS, trigger
+            host, port = metadata["natsServerMonitoringEndpoint"].rsplit(":", 1)
+            assert host and port.isdigit() and "/" not in host, trigger
+            assert metadata["account"] == "$G", trigger
+            assert metadata["consumer"] == component, trigger
+            assert int(metadata["lagThreshold"]) > 0, trigger
+            streams.add(metadata["stream"])
+        else:
+            raise AssertionError(f"{name}: trigger {trigger['type']}")
+    assert streams == CONSUMES[component], f"{name}: lag of {streams}"
+
+
+def check_nats(docs, label):
+    """The in-chart NATS: a cluster when it has several nodes, and every
+    stream with as many replicas as it has nodes (at most 3)."""
+    sets = [d for d in docs if d["kind"] == "StatefulSet"
+            and d["metadata"]["labels"]["app.kubernetes.io/component"] == "nats"]
+    replicas = {env["value"] for d in docs if d["kind"] in ("Deployment", "Job")
+                for c in d["spec"]["template"]["spec"]["containers"]
+                for env in c.get("env", []) if env["name"] == "STREAM_REPLICAS"}
+    if not sets:
+        return
+    nats = sets[0]
+    nodes = nats["spec"]["replicas"]
+    pod = nats["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    routes = [a for a in args if a.startswith("--routes=")]
+    budgets = [d for d in docs if d["kind"] == "PodDisruptionBudget"
+               and d["metadata"]["labels"]["app.kubernetes.io/component"] == "nats"]
+    assert replicas == {str(min(nodes, 3))}, f"{label}: stream replicas {replicas} on {nodes} nodes"
+    if nodes > 1:
+        headless = nats["spec"]["serviceName"]
+        service = next(d for d in docs if d["kind"] == "Service"
+                       and d["metadata"]["name"] == headless)
+        assert service["spec"]["clusterIP"] == "None", service
+        assert service["spec"]["publishNotReadyAddresses"], service
+        assert nats["spec"]["podManagementPolicy"] == "Parallel", nats["spec"]
+        urls = routes[0].split("=", 1)[1].split(",")
+        assert urls == [f"nats://{nats['metadata']['name']}-{i}.{headless}.shop.svc.cluster.local:6222"
+                        for i in range(nodes)], urls
+        assert "podAntiAffinity" in pod["affinity"], pod
+        assert budgets and budgets[0]["spec"]["maxUnavailable"] == 1, budgets
+    else:
+        assert not routes and not budgets and "affinity" not in pod, label
+    config = next(d for d in docs if d["kind"] == "ConfigMap"
+                  and d["metadata"]["name"] == pod["volumes"][0]["configMap"]["name"])
+    with tempfile.TemporaryDirectory() as tmp:
+        for file, text in config["data"].items():
+            with open(f"{tmp}/{file}", "w") as f:
+                f.write(text)
+        passwords = {f"NATS_PASSWORD_{u}": "x"
+                     for u in ("USER", "ORDER", "INVENTORY", "PAYMENT", "SHOPCTL")}
+        result = subprocess.run(["nats-server", "-c", f"{tmp}/server.conf", "-t"],
+                                capture_output=True, text=True, env={**os.environ, **passwords})
+        if result.returncode != 0:
+            sys.exit(f"{label}: nats-server refuses the chart's configuration:\n{result.stderr}")
+    sync = config["data"]["server.conf"].split("sync_interval:")[1].split()[0].strip('"')
+    print(f"  {label}: NATS {nodes} node(s), R{min(nodes, 3)} streams, sync_interval {sync}")
+    return sync
+
+
 def validate(manifests, label):
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         kinds = []
-        for template, text in sorted(manifests.items()):
-            if template.endswith("NOTES.txt") or not text.strip():
+        docs = [doc for template, text in sorted(manifests.items())
+                if not template.endswith("NOTES.txt") and text.strip()
+                for doc in yaml.safe_load_all(text) if doc]
+        for doc in docs:
+            kinds.append(doc["kind"])
+            # Custom resources: Kubernetes' own schemas do not know them.
+            if doc["kind"] == "ServiceMonitor":
+                assert doc["apiVersion"] == "monitoring.coreos.com/v1", doc
                 continue
-            for i, doc in enumerate(d for d in yaml.safe_load_all(text) if d):
-                kinds.append(doc["kind"])
-                if doc["kind"] == "ServiceMonitor":
-                    # A CRD: Kubernetes' own schemas do not know it.
-                    assert doc["apiVersion"] == "monitoring.coreos.com/v1", doc
-                    continue
-                path = f"{tmp}/{len(paths):03}.yaml"
-                with open(path, "w") as f:
-                    yaml.safe_dump(doc, f)
-                paths.append(path)
+            if doc["kind"] == "ScaledObject":
+                check_scaled_object(doc, docs)
+                continue
+            path = f"{tmp}/{len(paths):03}.yaml"
+            with open(path, "w") as f:
+                yaml.safe_dump(doc, f)
+            paths.append(path)
         result = subprocess.run(
             ["kubernetes-validate", "--strict", "--quiet", "-k", KUBERNETES, *paths],
             capture_output=True, text=True)
@@ -45,6 +146,7 @@ def validate(manifests, label):
             sys.exit(f"{label}: kubernetes-validate failed:\n{result.stdout}{result.stderr}")
         print(f"  {label}: {len(kinds)} objects valid for Kubernetes {KUBERNETES}: "
               + ", ".join(f"{kinds.count(k)} {k}" for k in sorted(set(kinds))))
+        check_nats(docs, label)
         return kinds
 
 
@@ -71,7 +173,11 @@ def main():
     for wrong in ({"logFormat": "xml"}, {"services": {"order": {"replicas": "three"}}},
                   {"nats": {"enabled": False, "url": "http://wrong"}},
                   {"auth": {"issuer": "", "jwks": ""}},
-                  {"auth": {"issuer": "idp", "jwksUrl": "ftp://idp/certs"}}):
+                  {"auth": {"issuer": "idp", "jwksUrl": "ftp://idp/certs"}},
+                  # 21 replicas x 19 connections, beyond 190.
+                  {"services": {"order": {"replicas": 20}}},
+                  {"nats": {"replicas": 1, "streamReplicas": 3}},
+                  {"nats": {"replicas": 2}}):
         try:
             render(chart_path, wrong)
         except helm_python.HelmError as error:
