@@ -90,6 +90,10 @@ impl ProvisionError {
     }
 }
 
+/// How long [`StreamSpec::provision_patiently`] waits for each answer; a
+/// stream is made in tens of milliseconds.
+const PROVISION_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The pause before provisioning again: 200 ms, doubling, at most 5 s.
 fn retry_delay(failures: u32) -> Duration {
     Duration::from_millis(200u64 << failures.min(5)).min(Duration::from_secs(5))
@@ -181,10 +185,16 @@ impl StreamSpec {
         js: &jetstream::Context,
         patience: Duration,
     ) -> Result<(), ProvisionError> {
+        // Two replicas creating the same stream at once: JetStream answers
+        // one of them and leaves the other to time out, though the stream
+        // is made. A short wait for the answer, then the same (idempotent)
+        // request again, which finds it.
+        let mut js = js.clone();
+        js.set_timeout(PROVISION_REQUEST_TIMEOUT);
         let started = Instant::now();
         let mut failures = 0;
         loop {
-            match self.provision(js).await {
+            match self.provision(&js).await {
                 Err(error) if error.is_transient() && started.elapsed() < patience => {
                     failures += 1;
                     tracing::warn!(stream = %self.name, %error, failures, "cannot provision the stream yet; retrying");
