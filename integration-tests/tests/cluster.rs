@@ -13,7 +13,7 @@ mod processes;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use processes::{ServiceProcess, all_current, check_streams, leader_of, place_order, settled};
@@ -177,4 +177,50 @@ async fn a_service_started_before_its_cluster_has_a_quorum_waits_for_it() {
     let mut stream = js.get_stream("USER").await.unwrap();
     assert_eq!(stream.info().await.unwrap().config.num_replicas, 3);
     assert!(service.terminate().await.success());
+}
+
+/// A node that hangs (SIGSTOP) keeps its connections open and silent. A
+/// service given only that node leaves it once its pings go unanswered,
+/// for a node the cluster told it of, and its events flow again while the
+/// node is still hung.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_leaves_a_hung_node_for_another() {
+    let (mut cluster, postgres) = tokio::join!(TestNatsCluster::start(3), TestPostgres::start());
+    postgres.create_database("shop_user").await;
+    let only_the_first = cluster.node(0).url();
+    let service = ServiceProcess::start(
+        "user",
+        &postgres.url("shop_user"),
+        &only_the_first,
+        &[("STREAM_REPLICAS", "3".to_owned())],
+    )
+    .await;
+    let js = jetstream::new(cluster.node(1).client().await);
+    let users_in_stream = async |expected: u64, within: Duration| {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(mut stream) = js.get_stream("USER").await
+                && let Ok(info) = stream.info().await
+                && info.state.messages == expected
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{expected} user.created never reached the stream"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    processes::create_user(service.endpoint(), "before@example.com").await;
+    users_in_stream(1, Duration::from_secs(20)).await;
+
+    cluster.node(0).pause();
+    // Committed with its event in the outbox; the relay's connection is
+    // to the hung node. Two unanswered pings ten seconds apart, then a
+    // reconnect and the publish tried again: well within a minute (with
+    // the client's default pings a minute apart, two).
+    processes::create_user(service.endpoint(), "during@example.com").await;
+    users_in_stream(2, Duration::from_secs(60)).await;
+    cluster.node(0).resume();
 }

@@ -381,7 +381,13 @@ impl Infrastructure {
             .name(format!("shop-{service}"))
             .custom_inbox_prefix(format!("_INBOX_{service}"))
             .retry_on_initial_connect()
-            .max_reconnects(None);
+            .max_reconnects(None)
+            // A node that hangs (not one that dies: its socket closes) is
+            // left after two unanswered pings: with the client's default
+            // of a minute apart, a frozen node would stall the service
+            // for two minutes; ten seconds apart, for about twenty, at
+            // one ping and pong per ten seconds when idle.
+            .ping_interval(NATS_PING_INTERVAL);
         if let Some(creds) = &config.nats_creds {
             options = options
                 .credentials_file(creds)
@@ -581,6 +587,9 @@ pub const LIVENESS: &str = "liveness";
 
 /// How long a stopping server waits for its open connections to finish.
 const DRAIN: Duration = Duration::from_secs(10);
+
+/// How often a service pings its NATS server; see where it connects.
+const NATS_PING_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How long start-up keeps trying to provision its streams while JetStream
 /// cannot serve the request yet (replicas started together on a cluster
