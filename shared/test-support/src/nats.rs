@@ -240,6 +240,19 @@ impl TestNats {
         }
     }
 
+    /// Deletes the store of a server that is not running, as a lost disk
+    /// would: [`start_again`](Self::start_again) then starts it empty.
+    pub fn lose_store(&mut self) {
+        assert!(
+            self.process.is_none(),
+            "the test NATS server is still running"
+        );
+        let store = self.dir.path().join("store");
+        if store.exists() {
+            std::fs::remove_dir_all(&store).expect("cannot delete the NATS store");
+        }
+    }
+
     /// Starts the server again on the same port and store, after [`kill`] or
     /// [`stop`], and waits until JetStream answers.
     ///

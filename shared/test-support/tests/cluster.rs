@@ -2,7 +2,8 @@
 //! other, an R3 stream on them, and a client given every node's URL. The
 //! stream keeps every message, once, through its leader killed and started
 //! again, and through its leader paused (SIGSTOP) past its peers' timeouts,
-//! which must rejoin and catch up.
+//! which must rejoin and catch up, and through a node that lost its store,
+//! which is rebuilt from the other two.
 
 #![allow(clippy::unwrap_used)]
 
@@ -132,4 +133,42 @@ async fn a_paused_leader_is_replaced_then_rejoins_and_catches_up() {
     cluster.node(index).resume();
     publish(&js, 100..120).await;
     caught_up(&js, &old_leader, 120).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_that_lost_its_store_is_rebuilt_from_the_other_two() {
+    let (mut cluster, js, old_leader, index) = stream_of_fifty().await;
+    cluster.node(index).kill();
+    cluster.node(index).lose_store();
+    publish(&js, 50..100).await;
+    assert_ne!(
+        leader(&js).await,
+        old_leader,
+        "a dead node is still the leader"
+    );
+
+    // Back with an empty disk, under its old name: it rejoins as a replica
+    // and is sent the whole stream.
+    cluster.node(index).start_again().await;
+    caught_up(&js, &old_leader, 100).await;
+    // Its copy, read from it as the leader: one other node goes, and the
+    // leader steps down until the rebuilt node leads.
+    let other = (0..cluster.len()).find(|&i| i != index).unwrap();
+    cluster.node(other).kill();
+    let client = cluster.client().await;
+    let js = jetstream::new(client.clone());
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some((messages, info)) = cluster_info(&js).await
+            && info.leader.as_deref() == Some(old_leader.as_str())
+        {
+            assert_eq!(messages, 100, "the rebuilt node's copy");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the rebuilt node never led");
+        let _ = client
+            .request("$JS.API.STREAM.LEADER.STEPDOWN.EVENTS", "".into())
+            .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
