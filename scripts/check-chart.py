@@ -79,6 +79,8 @@ def check_nats(docs, label):
                 for c in d["spec"]["template"]["spec"]["containers"]
                 for env in c.get("env", []) if env["name"] == "STREAM_REPLICAS"}
     if not sets:
+        assert len(replicas) == 1, f"{label}: stream replicas {replicas}"
+        print(f"  {label}: external NATS, R{replicas.pop()} streams")
         return
     nats = sets[0]
     nodes = nats["spec"]["replicas"]
