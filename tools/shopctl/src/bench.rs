@@ -58,9 +58,10 @@ pub(crate) struct Bench {
     /// The user service.
     #[arg(long, default_value = "http://localhost:50051")]
     user: String,
-    /// The order service.
-    #[arg(long, default_value = "http://localhost:50052")]
-    order: String,
+    /// The order service; several replicas comma-separated, over which the
+    /// buyers are spread (buyer `i` keeps to replica `i mod n`).
+    #[arg(long, default_value = "http://localhost:50052", value_delimiter = ',')]
+    order: Vec<String>,
     /// The inventory service.
     #[arg(long, default_value = "http://localhost:50053")]
     inventory: String,
@@ -85,7 +86,12 @@ impl Bench {
         let mut users = UserServiceClient::new(shop_auth::with_token(channel(&self.user)?, &admin));
         let mut inventory =
             InventoryServiceClient::new(shop_auth::with_token(channel(&self.inventory)?, &admin));
-        let order_channel = channel(&self.order)?;
+        let order_channels = self
+            .order
+            .iter()
+            .map(|endpoint| channel(endpoint))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        anyhow::ensure!(!order_channels.is_empty(), "--order names no endpoint");
         let nats = self.nats.connect().await?;
 
         let run = std::time::SystemTime::now()
@@ -128,9 +134,10 @@ impl Bench {
         // One client per buyer, each with the buyer's own token.
         let orders = buyers
             .iter()
-            .map(|buyer| {
+            .enumerate()
+            .map(|(i, buyer)| {
                 Ok(OrderServiceClient::new(shop_auth::with_token(
-                    order_channel.clone(),
+                    order_channels[i % order_channels.len()].clone(),
                     &self.credentials.user(buyer)?,
                 )))
             })

@@ -34,6 +34,11 @@ pub(crate) struct Up {
     /// times, as in production.
     #[arg(long)]
     cluster: bool,
+    /// Replicas of every service (1 to 4), sharing its database and durable
+    /// consumers as a deployment's do; replica `k` listens on the first's
+    /// ports plus `100 * k` (the second order service on 50152, HTTP 9202).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=4))]
+    replicas: u16,
     /// A PostgreSQL setting, `name=value` as `postgres -c` takes it (e.g.
     /// `shared_preload_libraries=pg_stat_statements`); repeatable.
     #[arg(long = "postgres-setting", value_name = "NAME=VALUE")]
@@ -67,11 +72,14 @@ impl Up {
         }
         // Free ports first: a clear error before anything starts.
         for (service, grpc, http) in SERVICES {
-            for (what, port) in [("gRPC", grpc), ("HTTP", http)] {
-                if std::net::TcpListener::bind((self.listen, port)).is_err() {
-                    anyhow::bail!(
-                        "port {port} ({service} {what}) is taken: stop whatever listens there and run shopctl up again"
-                    );
+            for replica in 0..self.replicas {
+                for (what, port) in [("gRPC", grpc), ("HTTP", http)] {
+                    let port = port + 100 * replica;
+                    if std::net::TcpListener::bind((self.listen, port)).is_err() {
+                        anyhow::bail!(
+                            "port {port} ({service} {what}) is taken: stop whatever listens there and run shopctl up again"
+                        );
+                    }
                 }
             }
         }
@@ -132,16 +140,19 @@ impl Up {
                 .instrument(span(service))
                 .await
                 .with_context(|| format!("migrating the {service} database"))?;
-            let config = ServiceConfig {
-                log_format: self.log_format,
-                grpc_addr: Some((self.listen, grpc).into()),
-                http_addr: Some((self.listen, http).into()),
-                migrations: shop_service::Migrations::Check,
-                stream_replicas,
-                ..ServiceConfig::local(url, nats.url(), auth.clone())
-            };
-            let server = build(service, config).instrument(span(service)).await?;
-            running.push((service, http, Running::spawn_in(server, span(service))));
+            for replica in 0..self.replicas {
+                let (grpc, http) = (grpc + 100 * replica, http + 100 * replica);
+                let config = ServiceConfig {
+                    log_format: self.log_format,
+                    grpc_addr: Some((self.listen, grpc).into()),
+                    http_addr: Some((self.listen, http).into()),
+                    migrations: shop_service::Migrations::Check,
+                    stream_replicas,
+                    ..ServiceConfig::local(url.clone(), nats.url(), auth.clone())
+                };
+                let server = build(service, config).instrument(span(service)).await?;
+                running.push((service, http, Running::spawn_in(server, span(service))));
+            }
         }
         for (service, http, _) in &running {
             let host = if self.listen.is_unspecified() {
@@ -154,6 +165,14 @@ impl Up {
         print_banner(&nats.url(), postgres.port(), started.elapsed());
         if self.cluster {
             println!("JetStream runs as a three-node cluster; every stream has three replicas.");
+        }
+        if self.replicas > 1 {
+            println!(
+                "Every service runs {} replicas, the next ones on the ports above plus 100, 200, ...",
+                self.replicas
+            );
+        }
+        if self.cluster || self.replicas > 1 {
             println!();
         }
 
