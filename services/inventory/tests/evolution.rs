@@ -134,6 +134,16 @@ impl Inventory {
             .reserved
     }
 
+    /// The inventory.reserved events, once `expected` are published: the
+    /// relay publishes a reservation a moment after its row commits.
+    async fn reservations_once(&self, expected: usize) -> Vec<InventoryReserved> {
+        eventually("the reservations are published", || async {
+            self.reservations().await.len() >= expected
+        })
+        .await;
+        self.reservations().await
+    }
+
     /// The inventory.reserved events published so far.
     async fn reservations(&self) -> Vec<InventoryReserved> {
         let stream = self.js.get_stream("INVENTORY").await.unwrap();
@@ -214,7 +224,7 @@ async fn an_event_with_fields_this_service_does_not_know_is_applied_as_before() 
         inventory.reserved_lamps().await == 3
     })
     .await;
-    let reservations = inventory.reservations().await;
+    let reservations = inventory.reservations_once(1).await;
     assert_eq!(reservations.len(), 1);
     assert_eq!(reservations[0].order_id, order_id);
     assert_eq!(reservations[0].total_cents, 3 * 1999);
@@ -334,7 +344,7 @@ async fn v2_beside_v1_each_consumer_applies_its_own_version() {
     // Only the v1 order reserved anything: v2's four units were not read
     // with v1's layout.
     assert_eq!(inventory.reserved_lamps().await, 1);
-    let reservations = inventory.reservations().await;
+    let reservations = inventory.reservations_once(1).await;
     assert_eq!(reservations.len(), 1);
     assert_eq!(reservations[0].order_id, v1_order);
     assert_eq!(inventory.consumed("dead_lettered").await, 0);
