@@ -453,11 +453,7 @@ impl TestNatsCluster {
     /// answering JetStream is not yet enough, its meta leader may not know
     /// all its peers ("no suitable peers for placement").
     async fn wait_formed(&self) -> Result<(), HarnessError> {
-        let servers: Vec<async_nats::ServerAddr> = self
-            .nodes
-            .iter()
-            .map(|node| node.url().parse().expect("a valid URL"))
-            .collect();
+        let servers = self.servers();
         let started = Instant::now();
         let mut last_error = String::new();
         while started.elapsed() < READY_TIMEOUT {
@@ -493,6 +489,14 @@ impl TestNatsCluster {
             what: "nats-server cluster",
             detail: format!("no stream could be placed on every node: {last_error}"),
         })
+    }
+
+    /// Every node's address, for a client that may use any of them.
+    fn servers(&self) -> Vec<async_nats::ServerAddr> {
+        self.nodes
+            .iter()
+            .map(|node| node.url().parse().expect("a valid URL"))
+            .collect()
     }
 
     /// Every node's URL, comma-separated, as `NATS_URL` takes them.
@@ -535,11 +539,7 @@ impl TestNatsCluster {
     /// its own goes away, or stops answering its pings (every second: a
     /// paused node is left within seconds).
     pub async fn client(&self) -> async_nats::Client {
-        let servers: Vec<async_nats::ServerAddr> = self
-            .nodes
-            .iter()
-            .map(|node| node.url().parse().expect("a valid URL"))
-            .collect();
+        let servers = self.servers();
         async_nats::ConnectOptions::new()
             .ping_interval(Duration::from_secs(1))
             .retry_on_initial_connect()
