@@ -23,7 +23,8 @@ impl Users {
         Self { pool, outbox }
     }
 
-    /// Registers a user and publishes `user.created`, in one transaction.
+    /// Registers a user and writes `user.created`, in one transaction; the
+    /// event is published after the commit, without holding the reply.
     ///
     /// An administrator registers anyone, under a new id. Anyone else
     /// registers themselves: the identity provider has already given them
@@ -57,18 +58,18 @@ impl Users {
                     name: user.name.clone(),
                     created_at: Some(timestamp(user.created_at)),
                 };
-                outbox
+                let written = outbox
                     .append(
                         conn,
-                        &[OutgoingEvent::new(&event).correlated(user.user_id.to_string())],
+                        vec![OutgoingEvent::new(&event).correlated(user.user_id.to_string())],
                     )
                     .await?;
-                Ok(user)
+                Ok((user, written))
             })
             .await;
         match result {
-            Ok(user) => {
-                self.outbox.committed();
+            Ok((user, written)) => {
+                self.outbox.publish_in_background(written);
                 Ok(user)
             }
             Err(diesel::result::Error::DatabaseError(

@@ -1,6 +1,7 @@
 //! Events through the whole pipeline against real servers: a writer's
-//! transaction appends to the outbox, the relay publishes to JetStream, the
-//! consumer applies the event in another database with its inbox row.
+//! transaction appends to the outbox, the writer publishes to JetStream after
+//! its commit, the consumer applies the event in another database with its
+//! inbox row.
 //!
 //! Reports events/s from the first commit to the last applied event, and the
 //! hop latency from each writer's commit to the consumer's commit.
@@ -120,15 +121,10 @@ async fn main() {
 
     let shutdown = CancellationToken::new();
     let producer_pool = shop_db::pool(&producer_url, 32).expect("pool");
-    // The writers report their commits, as a service's use cases do.
-    let outbox = Outbox::new("shop/bench");
-    let relay = Relay::new(
-        producer_pool,
-        producer_url.clone(),
-        js.clone(),
-        RelayConfig::default(),
-    )
-    .woken_by(&outbox);
+    // The writers publish after their commits, as a service's use cases do.
+    let outbox = Outbox::new("shop/bench").publishing_to(js.clone());
+    let relay =
+        Relay::new(producer_pool, js.clone(), RelayConfig::default()).forgetting_for(&outbox);
     let relay = tokio::spawn(relay.run(shutdown.clone()));
 
     let hook = {
@@ -210,12 +206,13 @@ async fn main() {
                         })
                         .collect();
                     let appending = outbox.clone();
-                    conn.transaction::<_, diesel::result::Error, _>(async move |conn| {
-                        appending.append(conn, &events).await
-                    })
-                    .await
-                    .expect("append");
-                    outbox.committed();
+                    let written = conn
+                        .transaction::<_, diesel::result::Error, _>(async move |conn| {
+                            appending.append(conn, events).await
+                        })
+                        .await
+                        .expect("append");
+                    outbox.publish(written).await.expect("publish");
                     let now = nanos(Instant::now());
                     for index in indices {
                         committed[index as usize].store(now, Ordering::Relaxed);

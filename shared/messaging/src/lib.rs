@@ -6,7 +6,9 @@
 //! - [`provision`]: idempotent create-or-update of the service's stream, its
 //!   durable pull consumers and the `DLQ` stream.
 //! - [`outbox`]: [`Outbox::append`] writes events inside the caller's
-//!   transaction, [`Outbox::write_when`] inside the caller's own statement; the [`Relay`] publishes them and waits for JetStream's ack.
+//!   transaction, [`Outbox::write_when`] inside the caller's own statement;
+//!   [`Outbox::publish`] sends them once it has committed; the [`Relay`]
+//!   deletes what JetStream acknowledged and sweeps up what nobody did.
 //! - [`consumer`]: the idempotent [`EventConsumer`] loop: inbox, a routing
 //!   table from `ce-type` to handler, retries with exponential backoff, dead
 //!   letters.
@@ -37,7 +39,7 @@ pub use consumer::{
 pub use dead_letters::{DeadLetter, DeadLetterError, DeadLetterPage, DeadLetters};
 pub use envelope::{Envelope, EnvelopeError, OutgoingEvent};
 pub use metrics::MessagingMetrics;
-pub use outbox::{Outbox, OutboxWrite, Relay, RelayConfig};
+pub use outbox::{Outbox, OutboxWrite, PublishError, Relay, RelayConfig, Written};
 pub use provision::{ConsumerSpec, StreamSpec, replay_subject};
 
 /// The outbox and inbox tables, from `migrations/messaging/`. Apply them

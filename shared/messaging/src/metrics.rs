@@ -52,8 +52,10 @@ fn latency_histogram() -> Histogram {
 /// Counters, histograms and gauges of the relay and the consumers.
 #[derive(Debug, Clone)]
 pub struct MessagingMetrics {
-    /// Events the relay published, by subject.
+    /// Events published, by their writers or the sweep, by subject.
     pub published: Family<SubjectLabels, Counter>,
+    /// Events the outbox sweep published because no writer confirmed them.
+    pub outbox_swept: Counter,
     /// Events the consumers settled, by consumer, subject and outcome.
     pub consumed: Family<ConsumedLabels, Counter>,
     /// How long handling took, from the batch's start to its commit.
@@ -61,9 +63,9 @@ pub struct MessagingMetrics {
     /// Batches tried again in place (database unreachable, deadlock), by
     /// consumer.
     pub batches_tried_again: Family<ConsumerLabels, Counter>,
-    /// Outbox rows not yet published.
+    /// Outbox rows not yet deleted: unconfirmed, or confirmed a moment ago.
     pub outbox_pending: Gauge,
-    /// Age of the oldest unpublished outbox row, in seconds.
+    /// Age of the oldest outbox row, in seconds.
     pub outbox_lag: Gauge<f64, AtomicU64>,
     /// Messages in the `DLQ` stream, neither replayed nor purged.
     pub dead_letters_stored: Gauge,
@@ -75,6 +77,7 @@ impl Default for MessagingMetrics {
     fn default() -> Self {
         Self {
             published: Family::default(),
+            outbox_swept: Counter::default(),
             consumed: Family::default(),
             handling: Family::new_with_constructor(latency_histogram),
             batches_tried_again: Family::default(),
@@ -91,8 +94,13 @@ impl MessagingMetrics {
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "shop_events_published",
-            "Events published by the outbox relay",
+            "Events published to JetStream, by their writers or the outbox sweep",
             self.published.clone(),
+        );
+        registry.register(
+            "shop_outbox_swept",
+            "Events the outbox sweep published because their writer did not confirm them (a crash, NATS down)",
+            self.outbox_swept.clone(),
         );
         registry.register(
             "shop_events_consumed",
@@ -112,12 +120,12 @@ impl MessagingMetrics {
         );
         registry.register(
             "shop_outbox_pending_rows",
-            "Outbox rows not yet published",
+            "Outbox rows not yet deleted: unconfirmed, or confirmed within the last second",
             self.outbox_pending.clone(),
         );
         registry.register_with_unit(
             "shop_outbox_lag",
-            "Age of the oldest unpublished outbox row",
+            "Age of the oldest outbox row (over a few seconds: events wait for the sweep)",
             Unit::Seconds,
             self.outbox_lag.clone(),
         );

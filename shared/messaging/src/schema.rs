@@ -13,7 +13,6 @@ diesel::table! {
         traceparent -> Nullable<Text>,
         tracestate -> Nullable<Text>,
         created_at -> Timestamptz,
-        published_at -> Nullable<Timestamptz>,
     }
 }
 

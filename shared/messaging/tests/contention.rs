@@ -106,7 +106,7 @@ async fn batches_that_name_their_locks_never_deadlock() {
         })
         .collect();
     append(&setup, &events).await;
-    relay(&setup).relay_batch().await.unwrap();
+    relay(&setup).sweep_once().await.unwrap();
 
     // Two replicas of four concurrent small batches each, on one durable.
     let router = || {
@@ -198,7 +198,7 @@ async fn deliveries_of_one_event(
 ) -> (Vec<(i64, Processed)>, u64) {
     let setup = setup().await;
     append(&setup, &[common::placed("x")]).await;
-    relay(&setup).relay_batch().await.unwrap();
+    relay(&setup).sweep_once().await.unwrap();
     let settled: Arc<Mutex<Vec<(i64, Processed)>>> = Arc::default();
     let hook = {
         let settled = Arc::clone(&settled);

@@ -52,7 +52,7 @@ async fn a_replay_reaches_only_the_consumer_that_gave_up() {
     }
     let inventory_stats = inventory_stats.unwrap();
     append(&setup, &[placed("o-1"), placed("o-2")]).await;
-    relay(&setup).relay_batch().await.unwrap();
+    relay(&setup).sweep_once().await.unwrap();
     eventually("o-1 dead-lettered by inventory", WAIT, || async {
         inventory_stats.dead_lettered.load(Ordering::Relaxed) == 1
     })
@@ -106,7 +106,7 @@ async fn a_replay_reaches_only_the_consumer_that_gave_up() {
     // A replay that fails again is a new dead letter under the first subject.
     inventory.permanent.lock().unwrap().push("o-3".into());
     append(&setup, &[placed("o-3")]).await;
-    relay(&setup).relay_batch().await.unwrap();
+    relay(&setup).sweep_once().await.unwrap();
     eventually("o-3 dead-lettered", WAIT, || async {
         queue.list().await.unwrap().len() == 1
     })

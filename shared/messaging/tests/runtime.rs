@@ -14,8 +14,7 @@ use diesel_async::{AsyncConnection as _, AsyncPgConnection, SimpleAsyncConnectio
 use futures::StreamExt as _;
 use shop_messaging::consumer::dead_letter_headers;
 use shop_messaging::envelope::headers;
-use shop_messaging::outbox::WAKES_OWN_RELAY;
-use shop_messaging::{Processed, Relay, RelayConfig};
+use shop_messaging::{Processed, Relay};
 use shop_proto::order::v1::OrderPlaced;
 use tokio_util::sync::CancellationToken;
 
@@ -23,13 +22,9 @@ use common::*;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// Outbox rows not yet published.
+/// Outbox rows not yet published (the tests' outbox has no publisher).
 async fn pending(setup: &Setup) -> i64 {
-    count(
-        &setup.url,
-        "SELECT count(*) AS n FROM outbox WHERE published_at IS NULL",
-    )
-    .await
+    count(&setup.url, "SELECT count(*) AS n FROM outbox").await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -43,13 +38,13 @@ async fn an_event_committed_while_the_relay_was_down_is_published_once_after_res
     setup.infra.nats.kill();
     append(&setup, &[placed("o-1")]).await;
     let first = relay(&setup);
-    let error = first.relay_batch().await.unwrap_err();
+    let error = first.sweep_once().await.unwrap_err();
     assert!(error.to_string().contains("publish"), "{error}");
     drop(first);
 
     setup.infra.nats.start_again().await;
     let restarted = relay(&setup);
-    let published = restarted.published_counter();
+    let published = restarted.swept_counter();
     let relay_shutdown = CancellationToken::new();
     let relay_task = tokio::spawn(restarted.run(relay_shutdown.clone()));
 
@@ -75,27 +70,27 @@ async fn a_publish_whose_ack_was_lost_is_dropped_by_jetstream_when_repeated() {
     let setup = setup().await;
     append(&setup, &[placed("o-1"), placed("o-2")]).await;
 
-    // The relay publishes, then its marks fail to commit: as if the acks
+    // The sweep publishes, then its deletes fail to commit: as if the acks
     // were lost or the relay crashed right after publishing. (A deferred
     // trigger runs at commit, after the publish.)
     let mut conn = AsyncPgConnection::establish(&setup.url).await.unwrap();
     conn.batch_execute(
-        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'marking refused'; END; $$;
-         CREATE CONSTRAINT TRIGGER refuse AFTER UPDATE ON outbox
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'deleting refused'; END; $$;
+         CREATE CONSTRAINT TRIGGER refuse AFTER DELETE ON outbox
              DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse();",
     )
     .await
     .unwrap();
     let relay = relay(&setup);
-    let error = relay.relay_batch().await.unwrap_err();
-    assert!(error.to_string().contains("marking refused"), "{error}");
+    let error = relay.sweep_once().await.unwrap_err();
+    assert!(error.to_string().contains("deleting refused"), "{error}");
     assert_eq!(stream_messages(&setup.js, "ORDER").await, 2);
     assert_eq!(pending(&setup).await, 2);
 
     conn.batch_execute("DROP TRIGGER refuse ON outbox")
         .await
         .unwrap();
-    assert_eq!(relay.relay_batch().await.unwrap(), 2);
+    assert_eq!(relay.sweep_once().await.unwrap(), 2);
     assert_eq!(
         stream_messages(&setup.js, "ORDER").await,
         2,
@@ -123,7 +118,7 @@ async fn a_publish_whose_ack_was_lost_is_dropped_by_jetstream_when_repeated() {
 async fn a_duplicate_delivery_has_one_effect() {
     let setup = setup().await;
     append(&setup, &[placed("o-1")]).await;
-    relay(&setup).relay_batch().await.unwrap();
+    relay(&setup).sweep_once().await.unwrap();
 
     // The same event again under another JetStream message id, so that the
     // broker's de-duplication does not hide it: only the inbox stands between
@@ -156,7 +151,7 @@ async fn transient_failures_are_retried_with_growing_delays() {
         .unwrap()
         .insert("o-1".into(), 2);
     append(&setup, &[placed("o-1")]).await;
-    relay(&setup).relay_batch().await.unwrap();
+    relay(&setup).sweep_once().await.unwrap();
 
     let consumer = consumer(&setup, Arc::clone(&behaviour));
     let stats = consumer.stats();
@@ -219,7 +214,7 @@ async fn poison_messages_go_to_the_dead_letter_queue_and_the_stream_keeps_flowin
         .unwrap()
         .insert("flaky".into(), 100);
     append(&setup, &[placed("bad")]).await;
-    relay(&setup).relay_batch().await.unwrap();
+    relay(&setup).sweep_once().await.unwrap();
 
     // Garbage bytes under valid headers, and a message with no headers at all.
     let original = republish(&setup, 1, "garbage", Some(vec![0xff, 0xff, 0xff])).await;
@@ -232,7 +227,7 @@ async fn poison_messages_go_to_the_dead_letter_queue_and_the_stream_keeps_flowin
         .unwrap();
     // One that fails every time: dead-lettered on its last allowed delivery.
     append(&setup, &[placed("flaky"), placed("good")]).await;
-    relay(&setup).relay_batch().await.unwrap();
+    relay(&setup).sweep_once().await.unwrap();
 
     let consumer = consumer(&setup, Arc::clone(&behaviour));
     let stats = consumer.stats();
@@ -326,7 +321,7 @@ async fn a_panicking_handler_is_retried_and_the_loop_survives() {
     // Twice: once in a batch's fast path, once more on its own.
     behaviour.panics.lock().unwrap().insert("o-1".into(), 2);
     append(&setup, &[placed("o-1"), placed("o-2")]).await;
-    relay(&setup).relay_batch().await.unwrap();
+    relay(&setup).sweep_once().await.unwrap();
 
     let consumer = consumer(&setup, Arc::clone(&behaviour)).with_concurrency(1);
     let stats = consumer.stats();
@@ -366,7 +361,7 @@ async fn an_unknown_event_type_is_acked_and_counted() {
         .await
         .unwrap();
     append(&setup, &[placed("o-1")]).await;
-    relay(&setup).relay_batch().await.unwrap();
+    relay(&setup).sweep_once().await.unwrap();
 
     let consumer = consumer(&setup, Arc::new(Behaviour::default()));
     let stats = consumer.stats();
@@ -396,7 +391,7 @@ async fn two_relays_publish_5000_events_with_none_lost_or_doubled() {
         append(&setup, &events).await;
     }
     let relays = [relay(&setup), relay(&setup)];
-    let counters: Vec<_> = relays.iter().map(Relay::published_counter).collect();
+    let counters: Vec<_> = relays.iter().map(Relay::swept_counter).collect();
     let shutdown = CancellationToken::new();
     let tasks: Vec<_> = relays
         .into_iter()
@@ -451,7 +446,7 @@ async fn shutdown_in_the_middle_of_a_batch_loses_nothing() {
     let setup = setup().await;
     let events: Vec<_> = (0..200).map(|i| placed(&format!("o-{i}"))).collect();
     append(&setup, &events).await;
-    relay(&setup).relay_batch().await.unwrap();
+    relay(&setup).sweep_once().await.unwrap();
 
     let behaviour = Arc::new(Behaviour::default());
     *behaviour.work.lock().unwrap() = Duration::from_millis(10);
@@ -573,7 +568,7 @@ async fn a_full_stream_refuses_new_events_which_wait_in_the_outbox() {
     let mut published = 0;
     let refused = loop {
         append(&setup, &[placed(&format!("o-{published}"))]).await;
-        match relay.relay_batch().await {
+        match relay.sweep_once().await {
             Ok(_) => published += 1,
             Err(error) => break error,
         }
@@ -591,7 +586,7 @@ async fn a_full_stream_refuses_new_events_which_wait_in_the_outbox() {
         .provision(&setup.js)
         .await
         .unwrap();
-    relay.relay_batch().await.unwrap();
+    relay.sweep_once().await.unwrap();
     assert_eq!(pending(&setup).await, 0);
     assert_eq!(stream_messages(&setup.js, "ORDER").await, published + 1);
 }
@@ -611,7 +606,7 @@ async fn a_failure_inside_a_batch_rolls_back_only_its_own_message() {
         &[placed("a"), placed("bad"), placed("flaky"), placed("c")],
     )
     .await;
-    relay(&setup).relay_batch().await.unwrap();
+    relay(&setup).sweep_once().await.unwrap();
     // The same event twice within one batch.
     republish(&setup, 1, "copy", None).await;
 
@@ -738,124 +733,14 @@ async fn a_batch_route_applies_a_batch_in_one_call_and_one_by_one_when_it_fails(
     assert_eq!(effects(&setup, "d").await, 1);
     assert_eq!(effects(&setup, "e").await, 1);
     assert_eq!(effects(&setup, "bad").await, 0);
+    // The sweeps that brought d, bad and e out took the earlier rows along:
+    // what the outbox holds now is what this batch emitted.
     let confirmed = causes(&setup).await;
     assert_eq!(
-        confirmed[5..],
+        confirmed[confirmed.len() - 2..],
         [(ids[0], "d".to_owned()), (ids[2], "e".to_owned())]
     );
     assert_eq!(dead_letters(&setup, 1).await.len(), 1);
-}
-
-/// A relay that polls an hour apart and never lingers: only a wake-up
-/// brings an event out in time.
-fn sleepy_relay(setup: &Setup) -> Relay {
-    Relay::new(
-        setup.pool.clone(),
-        setup.url.clone(),
-        setup.js.clone(),
-        RelayConfig {
-            poll_interval: Duration::from_secs(3600),
-            linger: Duration::ZERO,
-            ..RelayConfig::default()
-        },
-    )
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn an_idle_relay_is_woken_by_the_database_when_events_arrive() {
-    let setup = setup().await;
-    // A poll an hour apart, and these writers report no commits: only
-    // LISTEN/NOTIFY can bring the event out in time, even to a relay that
-    // also hears its own process's writers.
-    let relay = sleepy_relay(&setup).woken_by(&setup.outbox);
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(relay.run(shutdown.clone()));
-    // Let it go idle on LISTEN.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-
-    append(&setup, &[placed("o-1")]).await;
-    eventually("the first event published", WAIT, || async {
-        stream_messages(&setup.js, "ORDER").await == 1
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    append(&setup, &[placed("o-2"), placed("o-3")]).await;
-    eventually("the next events published", WAIT, || async {
-        stream_messages(&setup.js, "ORDER").await == 3
-    })
-    .await;
-    shutdown.cancel();
-    task.await.unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_relay_is_woken_by_its_outbox_once_the_writer_has_committed() {
-    let setup = setup().await;
-    // No notification from the database and a poll an hour apart: only the
-    // outbox's own wake-up can bring the event out in time.
-    AsyncPgConnection::establish(&setup.url)
-        .await
-        .unwrap()
-        .batch_execute("ALTER TABLE outbox DISABLE TRIGGER outbox_notify")
-        .await
-        .unwrap();
-    let relay = sleepy_relay(&setup).woken_by(&setup.outbox);
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(relay.run(shutdown.clone()));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-
-    append(&setup, &[placed("o-1")]).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        stream_messages(&setup.js, "ORDER").await,
-        0,
-        "committed but not reported: the relay sleeps on"
-    );
-    setup.outbox.committed();
-    eventually("the event published", WAIT, || async {
-        stream_messages(&setup.js, "ORDER").await == 1
-    })
-    .await;
-    shutdown.cancel();
-    task.await.unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn only_writers_that_do_not_wake_their_own_relay_notify() {
-    let setup = setup().await;
-    let mut listener = AsyncPgConnection::establish(&setup.url).await.unwrap();
-    listener.batch_execute("LISTEN outbox").await.unwrap();
-    let own_relay = shop_db::with_settings(&setup.url, &[WAKES_OWN_RELAY]);
-    // Into an empty outbox, by a writer that wakes its own relay.
-    let mut writer = AsyncPgConnection::establish(&own_relay).await.unwrap();
-    let outbox = setup.outbox.clone();
-    writer
-        .transaction::<_, diesel::result::Error, _>(async move |conn| {
-            outbox.append(conn, &[placed("o-1")]).await
-        })
-        .await
-        .unwrap();
-    // Empty again, then into it by a writer without that setting.
-    writer
-        .batch_execute("UPDATE outbox SET published_at = now()")
-        .await
-        .unwrap();
-    append(&setup, &[placed("o-2")]).await;
-
-    let mut notifications = std::pin::pin!(listener.notifications_stream());
-    tokio::time::timeout(WAIT, notifications.next())
-        .await
-        .expect("the second writer's commit notifies")
-        .unwrap()
-        .unwrap();
-    // Notifications come in commit order: had the first writer notified,
-    // the second writer's would still be to come.
-    assert!(
-        tokio::time::timeout(Duration::from_millis(500), notifications.next())
-            .await
-            .is_err(),
-        "a second notification: the writer that wakes its own relay notified too"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

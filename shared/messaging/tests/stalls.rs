@@ -57,14 +57,14 @@ async fn a_lock_held_past_every_redelivery_costs_no_delivery_and_no_dead_letter(
         .unwrap();
     let relay = relay(&setup);
     append(&setup, &[placed("first")]).await;
-    relay.relay_batch().await.unwrap();
+    relay.sweep_once().await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     // These arrive while the first batch is stuck: fetched, not started.
     let behind: Vec<String> = (0..20).map(|i| format!("behind-{i}")).collect();
     for order in &behind {
         append(&setup, &[placed(order)]).await;
     }
-    relay.relay_batch().await.unwrap();
+    relay.sweep_once().await.unwrap();
     // Longer than max_deliver (4) x the ack wait (2 s), and past two lock
     // timeouts.
     tokio::time::sleep(Duration::from_secs(12)).await;
@@ -107,7 +107,7 @@ async fn a_dead_letter_that_cannot_be_stored_is_retried_never_terminated() {
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(consumer.run(shutdown.clone()));
     append(&setup, &[placed("bad")]).await;
-    relay(&setup).relay_batch().await.unwrap();
+    relay(&setup).sweep_once().await.unwrap();
 
     // Delivered again and again (the retry policy's longest delay apart),
     // never terminated: the message stays pending on the consumer.

@@ -79,11 +79,13 @@ async fn the_consumer_continues_the_trace_of_the_span_that_wrote_the_event() {
 
     let relay = Relay::new(
         setup.pool.clone(),
-        setup.url.clone(),
         setup.js.clone(),
-        RelayConfig::default(),
+        RelayConfig {
+            sweep_after: Duration::ZERO,
+            ..RelayConfig::default()
+        },
     );
-    relay.relay_batch().await.unwrap();
+    relay.sweep_once().await.unwrap();
 
     let seen = Arc::new(Seen::default());
     let consumer = EventConsumer::new(

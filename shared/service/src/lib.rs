@@ -300,7 +300,6 @@ pub struct Infrastructure {
     verifier: shop_auth::Verifier,
     ack_wait: Duration,
     consumer_concurrency: usize,
-    database_url: SecretString,
 }
 
 impl std::fmt::Debug for Infrastructure {
@@ -349,26 +348,18 @@ impl Infrastructure {
         // Every statement on the hot path finds its rows by key, so a plan
         // made once per connection serves every call; left to choose,
         // PostgreSQL plans the array-parameter statements afresh each time.
-        // Every writer on this pool wakes the service's relay itself (the
-        // API's use cases and the consumers call `Outbox::committed`), so
-        // its commits need no notification.
         let limits = config.session_limits();
         let pool = shop_db::pool_with_limits(
-            &shop_db::with_settings(
-                database_url,
-                &[
-                    ("plan_cache_mode", "force_generic_plan"),
-                    shop_messaging::outbox::WAKES_OWN_RELAY,
-                ],
-            ),
+            &shop_db::with_setting(database_url, "plan_cache_mode", "force_generic_plan"),
             config.db_pool_size,
             &limits,
         )?;
-        // The relay's own connections: busy consumers must never starve it,
-        // since what they wait for is what it publishes. Its commits only
-        // mark rows published, so they need not wait for the disk: a mark
-        // lost in a crash publishes the row again, and JetStream (the row id
-        // is the message id) and the consumers' inboxes drop the copy.
+        // The relay's own connections: busy consumers must never starve its
+        // sweep, which publishes what they wait for when a writer could not.
+        // Its commits only delete rows already in JetStream (or about to
+        // be), so they need not wait for the disk: a delete lost in a crash
+        // lets the sweep publish the row again, and JetStream (the row id is
+        // the message id) or the consumers' inboxes drop the copy.
         let relay_pool = shop_db::pool_with_limits(
             &shop_db::with_setting(database_url, "synchronous_commit", "off"),
             2,
@@ -427,20 +418,20 @@ impl Infrastructure {
         let metrics = MessagingMetrics::default();
         let mut registry = Registry::default();
         metrics.register(&mut registry);
+        let outbox = Outbox::new(format!("shop/{service}"))
+            .publishing_to(js.clone())
+            .with_metrics(metrics.clone());
         Ok(Self {
             pool,
             relay_pool,
             js,
             nats,
-            outbox: Outbox::new(format!("shop/{service}")),
+            outbox,
             metrics,
             registry: Arc::new(std::sync::Mutex::new(registry)),
             verifier,
             ack_wait: Duration::from_millis(config.ack_wait_ms),
             consumer_concurrency: config.consumer_concurrency,
-            // The relay's LISTEN connection idles for hours: keepalives
-            // find a vanished server.
-            database_url: SecretString::from(limits.apply(database_url)),
         })
     }
 
@@ -525,11 +516,10 @@ impl Infrastructure {
     pub fn relay(&self) -> Relay {
         Relay::new(
             self.relay_pool.clone(),
-            self.database_url.expose_secret().to_owned(),
             self.js.clone(),
             RelayConfig::default(),
         )
-        .woken_by(&self.outbox)
+        .forgetting_for(&self.outbox)
         .with_metrics(self.metrics.clone())
     }
 

@@ -101,19 +101,23 @@ async fn json_lines_about_a_saga_carry_its_order_id_and_trace_id() {
     .correlated("o-1");
     let mut conn = AsyncPgConnection::establish(&url).await.unwrap();
     let appending = outbox.clone();
-    conn.transaction::<_, diesel::result::Error, _>(async move |conn| {
-        appending.append(conn, &[event]).await
-    })
-    .instrument(place_order)
-    .await
-    .unwrap();
+    // This outbox has no publisher: the sweep below publishes the row.
+    let _written = conn
+        .transaction::<_, diesel::result::Error, _>(async move |conn| {
+            appending.append(conn, vec![event]).await
+        })
+        .instrument(place_order)
+        .await
+        .unwrap();
     Relay::new(
         pool.clone(),
-        url.clone(),
         js.clone(),
-        RelayConfig::default(),
+        RelayConfig {
+            sweep_after: Duration::ZERO,
+            ..RelayConfig::default()
+        },
     )
-    .relay_batch()
+    .sweep_once()
     .await
     .unwrap();
 

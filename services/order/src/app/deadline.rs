@@ -5,7 +5,7 @@ use std::time::Duration;
 use chrono::Utc;
 use diesel_async::{AsyncConnection as _, AsyncPgConnection};
 use shop_messaging::consumer::error_chain;
-use shop_messaging::{Outbox, OutgoingEvent};
+use shop_messaging::{Outbox, OutgoingEvent, Written};
 use shop_proto::order::v1::OrderCancelled;
 use shop_service::ApiError;
 use tokio_util::sync::CancellationToken;
@@ -73,6 +73,7 @@ impl Orders {
                 let now = Utc::now();
                 let overdue = store::lock_overdue(conn, now).await?;
                 let mut cancelled = Vec::with_capacity(overdue.len());
+                let mut written = Written::default();
                 for order in overdue {
                     let decision = domain::decide(
                         Status::Pending,
@@ -81,15 +82,18 @@ impl Orders {
                         &SagaEvent::DeadlinePassed,
                     );
                     if let Decision::Cancel(reason) = decision {
-                        cancel(conn, &outbox, order.order_id, order.user_id, &reason).await?;
+                        written.extend(
+                            cancel(conn, &outbox, order.order_id, order.user_id, &reason).await?,
+                        );
                         cancelled.push((reason, order.placed_at));
                     }
                 }
-                Ok(cancelled)
+                Ok((cancelled, written))
             })
             .await?;
-        if !cancelled.is_empty() {
-            self.outbox.committed();
+        let (cancelled, written) = cancelled;
+        if let Err(error) = self.outbox.publish(written).await {
+            tracing::debug!(%error, "cancellations committed, not published; the outbox sweep publishes them");
         }
         for (reason, placed_at) in &cancelled {
             self.metrics.ended(&SagaEnd {
@@ -109,7 +113,7 @@ async fn cancel(
     order_id: Uuid,
     user_id: Uuid,
     reason: &str,
-) -> diesel::QueryResult<()> {
+) -> diesel::QueryResult<Written> {
     store::mark_cancelled(conn, order_id, reason).await?;
     store::record_steps(conn, order_id, &[("order.cancelled", reason)]).await?;
     let event = OrderCancelled {
@@ -118,6 +122,5 @@ async fn cancel(
         reason: reason.to_owned(),
     };
     let outgoing = OutgoingEvent::new(&event).correlated(order_id.to_string());
-    outbox.append(conn, &[outgoing]).await?;
-    Ok(())
+    outbox.append(conn, vec![outgoing]).await
 }

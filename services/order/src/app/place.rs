@@ -58,6 +58,7 @@ impl Orders {
             vec![OutgoingEvent::new(&event).correlated(order_id.to_string())],
         );
         let span = events.span().clone();
+        let written = events.written();
         let statement = store::PlaceStatement {
             user_id,
             order_id,
@@ -80,7 +81,9 @@ impl Orders {
             Ok((false, _)) => Err(PlaceError::UnknownUser),
             Ok((true, false)) => Err(PlaceError::KeyTaken),
             Ok((true, true)) => {
-                self.outbox.committed();
+                // The reply does not wait for the broker: with NATS down the
+                // shop still takes orders, and the sweep publishes them.
+                self.outbox.publish_in_background(written);
                 Ok(())
             }
             Err(error) => Err(PlaceError::Database(error)),

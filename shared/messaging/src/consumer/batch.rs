@@ -24,6 +24,7 @@ use super::handler::{AfterCommit, Batch, Context, HandlerError};
 use super::router::{Decoded, Handle, Locks, Route};
 use crate::envelope::{Envelope, OutgoingEvent};
 use crate::metrics::ConsumerLabels;
+use crate::outbox::{Written, unconfirmed_caused_by};
 use crate::provision::original_subject;
 use crate::schema::inbox;
 use crate::trace;
@@ -88,6 +89,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
         shutdown: &CancellationToken,
     ) {
         let started = std::time::Instant::now();
+        let mut events_out = true;
         let mut outcomes: Vec<Option<Result<Outcome, Failure>>> = Vec::with_capacity(batch.len());
         let mut prepared = Vec::new();
         for (index, message) in batch.iter().enumerate() {
@@ -143,7 +145,17 @@ impl<S: Send + Sync + 'static> Inner<S> {
                 }
             };
             let results = match applied {
-                Ok(Ok(results)) => results,
+                Ok(Ok((results, written))) => {
+                    // A message is acknowledged only once the events it
+                    // caused are in JetStream: if they are not, it stays
+                    // unacknowledged, and its redelivery publishes them
+                    // (or finds the sweep did).
+                    if let Err(error) = self.outbox.publish(written).await {
+                        tracing::warn!(consumer = %self.name, messages = batch.len(), %error, "events committed but not published; the batch is redelivered after the ack wait");
+                        events_out = false;
+                    }
+                    results
+                }
                 Ok(Err(failed)) => {
                     let reason = failed.reason();
                     prepared
@@ -167,7 +179,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
         for (message, outcome) in batch.iter().zip(outcomes) {
             let outcome =
                 outcome.unwrap_or_else(|| Err(Failure::Transient("not processed".into())));
-            self.settle(message, outcome, elapsed).await;
+            self.settle(message, outcome, elapsed, events_out).await;
         }
     }
 
@@ -203,43 +215,71 @@ impl<S: Send + Sync + 'static> Inner<S> {
         }))
     }
 
-    /// Runs the prepared messages' handlers in one transaction. `Err` when
-    /// the transaction itself failed: nothing was applied.
+    /// Runs the prepared messages' handlers in one transaction; returns
+    /// their outcomes and the events to publish before they are
+    /// acknowledged: those the handlers emitted, and those that earlier
+    /// deliveries of the duplicates emitted and nobody has confirmed. `Err`
+    /// when the transaction itself failed: nothing was applied.
     async fn apply(
         &self,
         prepared: &mut [(usize, Prepared<'_, S>)],
-    ) -> Result<Vec<Result<Outcome, Failure>>, BatchFailed> {
+    ) -> Result<(Vec<Result<Outcome, Failure>>, Written), BatchFailed> {
         let mut conn = self.pool.get().await.map_err(BatchFailed::NoConnection)?;
-        match self.apply_together(&mut conn, prepared).await {
-            Ok(results) => return Ok(results),
+        let (results, mut written) = match self.apply_together(&mut conn, prepared).await {
+            Ok(applied) => applied,
             // A lone message's failure is all there is to know: rolled back
             // whole, as a savepoint would have rolled it back.
             Err(Abandoned::HandlerFailed(error)) if prepared.len() == 1 => {
-                return Ok(vec![Err(Failure::from(error))]);
+                return Ok((vec![Err(Failure::from(error))], Written::default()));
             }
             // Someone failed: the careful path below finds out who.
-            Err(Abandoned::HandlerFailed(_)) => {}
+            Err(Abandoned::HandlerFailed(_)) => self.apply_one_by_one(&mut conn, prepared).await?,
             Err(Abandoned::Database(error)) => return Err(BatchFailed::from(error)),
-        }
-        let (results, after_commit) = conn
+        };
+        let duplicates: Vec<uuid::Uuid> = prepared
+            .iter()
+            .zip(&results)
+            .filter(|(_, result)| matches!(result, Ok(Outcome::Duplicate)))
+            .map(|((_, ready), _)| ready.envelope.id)
+            .collect();
+        // Rare: a redelivery whose first delivery died between its commit
+        // and its publish, or whose publish failed.
+        written.extend(
+            unconfirmed_caused_by(&mut conn, &duplicates)
+                .await
+                .map_err(BatchFailed::from)?,
+        );
+        Ok((results, written))
+    }
+
+    /// The careful path: each message in a savepoint of its own, so that a
+    /// failure undoes only its own effects.
+    async fn apply_one_by_one(
+        &self,
+        conn: &mut AsyncPgConnection,
+        prepared: &mut [(usize, Prepared<'_, S>)],
+    ) -> Result<(Vec<Result<Outcome, Failure>>, Written), BatchFailed> {
+        let (results, written, after_commit) = conn
             .transaction::<_, diesel::result::Error, _>(async |conn| {
                 self.lock(conn, prepared, |_| true).await?;
                 let mut results = Vec::with_capacity(prepared.len());
                 let mut after_commit = Vec::new();
+                let mut written = Written::default();
                 for (_, ready) in prepared.iter_mut() {
                     // The handler runs in the message's span (`run_handler`).
                     let result = self.apply_in_savepoint(conn, ready).await?;
-                    results.push(result.map(|(outcome, work)| {
+                    results.push(result.map(|(outcome, work, events)| {
                         after_commit.extend(work);
+                        written.extend(events);
                         outcome
                     }));
                 }
-                Ok((results, after_commit))
+                Ok((results, written, after_commit))
             })
             .await
             .map_err(BatchFailed::from)?;
         after_commit.into_iter().for_each(|work| work());
-        Ok(results)
+        Ok((results, written))
     }
 
     /// Takes the advisory locks that the batch's events to be applied name
@@ -293,10 +333,11 @@ impl<S: Send + Sync + 'static> Inner<S> {
         &self,
         conn: &mut AsyncPgConnection,
         prepared: &mut [(usize, Prepared<'_, S>)],
-    ) -> Result<Vec<Result<Outcome, Failure>>, Abandoned> {
-        let (results, after_commit) = conn
+    ) -> Result<(Vec<Result<Outcome, Failure>>, Written), Abandoned> {
+        let (results, written, after_commit) = conn
             .transaction::<_, Abandoned, _>(async |conn| {
                 let mut after_commit = Vec::new();
+                let mut written = Written::default();
                 let mut unique = HashSet::new();
                 let rows: Vec<_> = prepared
                     .iter()
@@ -352,7 +393,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
                         .filter(|(index, _)| members.binary_search(index).is_ok())
                         .map(|(_, (_, ready))| ready)
                         .collect();
-                    let work =
+                    let (work, events) =
                         self.run_handler(conn, group)
                             .await
                             .map_err(|error| match into_passing(error) {
@@ -360,6 +401,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
                                 Err(error) => Abandoned::HandlerFailed(error),
                             })?;
                     after_commit.extend(work);
+                    written.extend(events);
                     for index in members {
                         results[index] = Some(Ok(Outcome::Applied));
                     }
@@ -368,11 +410,11 @@ impl<S: Send + Sync + 'static> Inner<S> {
                     .into_iter()
                     .map(|result| result.unwrap_or(Ok(Outcome::Applied)))
                     .collect();
-                Ok((results, after_commit))
+                Ok((results, written, after_commit))
             })
             .await?;
         after_commit.into_iter().for_each(|work| work());
-        Ok(results)
+        Ok((results, written))
     }
 
     /// The careful path for one message: inbox row, handler and emitted
@@ -383,7 +425,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
         &self,
         conn: &mut AsyncPgConnection,
         ready: &mut Prepared<'_, S>,
-    ) -> Result<Result<(Outcome, Vec<AfterCommit>), Failure>, diesel::result::Error> {
+    ) -> Result<Result<(Outcome, Vec<AfterCommit>, Written), Failure>, diesel::result::Error> {
         let result = conn
             .transaction::<_, HandlerError, _>(async |conn| {
                 let inserted = diesel::insert_into(inbox::table)
@@ -395,10 +437,10 @@ impl<S: Send + Sync + 'static> Inner<S> {
                     .execute(conn)
                     .await?;
                 if inserted == 0 {
-                    return Ok((Outcome::Duplicate, Vec::new()));
+                    return Ok((Outcome::Duplicate, Vec::new(), Written::default()));
                 }
-                let work = self.run_handler(conn, vec![ready]).await?;
-                Ok((Outcome::Applied, work))
+                let (work, written) = self.run_handler(conn, vec![ready]).await?;
+                Ok((Outcome::Applied, work, written))
             })
             .await;
         match result {
@@ -412,15 +454,15 @@ impl<S: Send + Sync + 'static> Inner<S> {
 
     /// Runs the handler of `group`'s messages (one message, or several of
     /// one batch route) and writes the events they emitted, each under its
-    /// message's span; returns the after-commit work. A panicking handler is
-    /// a transient failure.
+    /// message's span; returns the after-commit work and the rows written.
+    /// A panicking handler is a transient failure.
     async fn run_handler(
         &self,
         conn: &mut AsyncPgConnection,
         mut group: Vec<&mut Prepared<'_, S>>,
-    ) -> Result<Vec<AfterCommit>, HandlerError> {
+    ) -> Result<(Vec<AfterCommit>, Written), HandlerError> {
         let Some(route) = <[_]>::first(&group).map(|ready| ready.route) else {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Written::default()));
         };
         // Decoded once in `prepare`; decoded again if an abandoned fast path
         // consumed it (it decoded before, so it decodes again).
@@ -443,7 +485,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
             [span] => span.clone(),
             _ => tracing::Span::none(),
         };
-        let (result, emitted, mut after_commit) = match &route.handle {
+        let (result, emitted, after_commit) = match &route.handle {
             Handle::One(handle) => {
                 let mut decoded = decoded.into_iter();
                 let (Some(decoded), None, [envelope]) =
@@ -490,12 +532,8 @@ impl<S: Send + Sync + 'static> Inner<S> {
         }
         let emitted: Vec<(&tracing::Span, Vec<OutgoingEvent>)> =
             spans.iter().zip(emitted).collect();
-        if emitted.iter().any(|(_, events)| !events.is_empty()) {
-            self.outbox.append_each(conn, &emitted).await?;
-            let outbox = self.outbox.clone();
-            after_commit.push(Box::new(move || outbox.committed()));
-        }
-        Ok(after_commit)
+        let written = self.outbox.append_each(conn, emitted).await?;
+        Ok((after_commit, written))
     }
 }
 

@@ -29,12 +29,16 @@ pub mod dead_letter_headers {
 }
 
 impl<S: Send + Sync + 'static> Inner<S> {
-    /// Acks, naks or dead-letters a message after its batch.
+    /// Acks, naks or dead-letters a message after its batch. A message
+    /// applied (or applied before) whose events are not all in JetStream
+    /// (`events_out` false) is left unacknowledged: its redelivery after the
+    /// ack wait publishes them.
     pub(super) async fn settle(
         &self,
         message: &jetstream::Message,
         outcome: Result<Outcome, Failure>,
         elapsed: Duration,
+        events_out: bool,
     ) {
         let (delivered, stream, sequence) = match message.info() {
             Ok(info) => (info.delivered, info.stream.to_owned(), info.stream_sequence),
@@ -76,6 +80,9 @@ impl<S: Send + Sync + 'static> Inner<S> {
         self.observe(message, processed, elapsed);
         if let Some(hook) = &self.hook {
             hook(message, processed, elapsed);
+        }
+        if matches!(processed, Processed::Applied | Processed::Duplicate) && !events_out {
+            return;
         }
         if let Err(error) = message.ack_with(ack).await {
             // The message comes back after the ack wait; the inbox makes

@@ -203,14 +203,15 @@ pub fn record_all<'a>(
     })
 }
 
-/// A relay that polls every 200 ms.
+/// A relay that sweeps every row, however young, every 200 ms: the tests'
+/// outbox has no publisher, so the sweep is how its events go out.
 pub fn relay(setup: &Setup) -> Relay {
     Relay::new(
         setup.pool.clone(),
-        setup.url.clone(),
         setup.js.clone(),
         RelayConfig {
-            poll_interval: Duration::from_millis(200),
+            sweep_after: Duration::ZERO,
+            interval: Duration::from_millis(200),
             ..RelayConfig::default()
         },
     )
@@ -305,7 +306,7 @@ pub async fn delivered_together<T>(
     let opens = behaviour.gate(gate);
     let sizes_before = behaviour.batch_sizes.lock().unwrap().len();
     append(setup, &[placed(gate)]).await;
-    relay(setup).relay_batch().await.unwrap();
+    relay(setup).sweep_once().await.unwrap();
     let started = start_consumer();
     let deadline = Instant::now() + Duration::from_secs(20);
     while behaviour.batch_sizes.lock().unwrap().len() == sizes_before {
@@ -313,7 +314,7 @@ pub async fn delivered_together<T>(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let ids = write().await;
-    relay(setup).relay_batch().await.unwrap();
+    relay(setup).sweep_once().await.unwrap();
     in_consumers_hands(setup, 1 + ids.len() as u64).await;
     opens.add_permits(1);
     (started, ids)
@@ -334,10 +335,11 @@ pub async fn append(setup: &Setup, events: &[OutgoingEvent]) -> Vec<uuid::Uuid> 
     let outbox = setup.outbox.clone();
     let events = events.to_vec();
     conn.transaction::<_, diesel::result::Error, _>(async move |conn| {
-        outbox.append(conn, &events).await
+        outbox.append(conn, events).await
     })
     .await
     .unwrap()
+    .ids()
 }
 
 #[derive(diesel::QueryableByName)]

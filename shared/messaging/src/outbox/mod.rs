@@ -1,0 +1,478 @@
+//! The transactional outbox: events written with the state change that
+//! causes them, published right after the commit, swept up if not.
+//!
+//! A writer never publishes inside its transaction. It writes its change and
+//! its events' rows together ([`Outbox::append`] inside its transaction, or
+//! [`Outbox::write_when`] inside a statement of its own), commits, and then
+//! hands the rows it wrote to [`Outbox::publish`]: they go to JetStream from
+//! memory, in the order written, and the publisher waits for the acks.
+//! Nothing reads the table on that path. Acknowledged rows are deleted by
+//! the [`Relay`] in batches, many events a statement, off the hot path.
+//!
+//! What no writer confirmed — its process died after the commit, NATS was
+//! down, the process has no publisher — the relay's periodic sweep
+//! publishes once it is [`RelayConfig::sweep_after`] old. A row published
+//! twice (a writer and the sweep racing, a crash after the publish) carries
+//! the same `Nats-Msg-Id`, its row's id: JetStream drops the copy within its
+//! duplicate window, and the consumers' inboxes drop it after.
+//!
+//! The table so holds only events not yet confirmed, and those confirmed a
+//! moment ago that the relay has not deleted yet.
+
+mod relay;
+
+pub use relay::{Relay, RelayConfig, RelayError};
+
+use std::sync::{Arc, Mutex};
+
+use async_nats::jetstream::{self, message::PublishMessage};
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use shop_db::Cached;
+use tokio::sync::Notify;
+use tracing::Instrument as _;
+use uuid::Uuid;
+
+use crate::envelope::{OutgoingEvent, build_headers};
+use crate::metrics::{MessagingMetrics, SubjectLabels};
+use crate::schema::outbox;
+use crate::trace::{self, TraceContext};
+
+/// Writes events into the outbox of the service named `source`, and, given a
+/// JetStream context ([`Outbox::publishing_to`]), publishes them after the
+/// writer's commit.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    source: Arc<str>,
+    js: Option<jetstream::Context>,
+    metrics: MessagingMetrics,
+    confirmed: Arc<Confirmed>,
+}
+
+/// The ids of rows that JetStream has acknowledged, for the relay to delete.
+#[derive(Debug, Default)]
+struct Confirmed {
+    ids: Mutex<Vec<Uuid>>,
+    /// Enough ids to fill one delete are waiting.
+    full: Notify,
+}
+
+/// Confirmed ids held for the relay at most; past this (no relay runs, or it
+/// cannot reach the database) the rows are left for the sweep, which
+/// publishes them again harmlessly.
+const CONFIRMED_HELD: usize = 100_000;
+
+/// An outbox row: what a writer inserts and a publisher sends.
+#[derive(Debug, Clone, Insertable, QueryableByName)]
+#[diesel(table_name = outbox)]
+pub(crate) struct Row {
+    pub(crate) event_id: Uuid,
+    pub(crate) subject: String,
+    pub(crate) event_type: String,
+    pub(crate) source: String,
+    pub(crate) payload: Vec<u8>,
+    pub(crate) correlation_id: Option<String>,
+    pub(crate) causation_id: Option<Uuid>,
+    pub(crate) traceparent: Option<String>,
+    pub(crate) tracestate: Option<String>,
+    pub(crate) created_at: DateTime<Utc>,
+}
+
+/// Rows a writer has written, to hand to [`Outbox::publish`] once its
+/// transaction has committed (and never if it rolled back).
+#[derive(Debug, Default)]
+#[must_use = "publish the rows once their transaction has committed"]
+pub struct Written {
+    rows: Vec<Row>,
+}
+
+impl Written {
+    /// The events' ids, in the order written.
+    pub fn ids(&self) -> Vec<Uuid> {
+        self.rows.iter().map(|row| row.event_id).collect()
+    }
+
+    /// Adds `other`'s rows after these.
+    pub fn extend(&mut self, other: Self) {
+        self.rows.extend(other.rows);
+    }
+
+    /// No rows.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+}
+
+/// JetStream did not take or did not acknowledge an event; its row waits
+/// for the relay's sweep.
+#[derive(Debug, thiserror::Error)]
+#[error("publish to JetStream failed: {0}")]
+pub struct PublishError(#[from] jetstream::context::PublishError);
+
+impl Outbox {
+    /// An outbox whose events carry `ce-source` = `source` (e.g.
+    /// `shop/order`). Without [`publishing_to`](Self::publishing_to), its
+    /// rows wait for a relay's sweep.
+    pub fn new(source: impl Into<Arc<str>>) -> Self {
+        Self {
+            source: source.into(),
+            js: None,
+            metrics: MessagingMetrics::default(),
+            confirmed: Arc::default(),
+        }
+    }
+
+    /// Publishes what its writers commit to `js`.
+    #[must_use]
+    pub fn publishing_to(mut self, js: jetstream::Context) -> Self {
+        self.js = Some(js);
+        self
+    }
+
+    /// Counts into `metrics` (the service's registered set).
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: MessagingMetrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// The `ce-source` of this outbox's events.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Writes `events` with the current span's trace context. Call it inside
+    /// the transaction that makes the state change, and publish what it
+    /// returns after the commit.
+    pub async fn append(
+        &self,
+        conn: &mut AsyncPgConnection,
+        events: Vec<OutgoingEvent>,
+    ) -> QueryResult<Written> {
+        if events.is_empty() {
+            return Ok(Written::default());
+        }
+        // The rows carry this span's context: each publish is its child.
+        let span = write_span(&self.source, &events);
+        let context = span.in_scope(trace::current);
+        let rows = self.rows(events, &context);
+        self.insert(conn, rows).instrument(span).await
+    }
+
+    /// Writes the events that several handled messages emitted, in one
+    /// statement: each message's under a write span of its own, a child of
+    /// that message's span, so that every saga's trace goes on unbroken.
+    pub(crate) async fn append_each(
+        &self,
+        conn: &mut AsyncPgConnection,
+        emitted: Vec<(&tracing::Span, Vec<OutgoingEvent>)>,
+    ) -> QueryResult<Written> {
+        let mut rows = Vec::new();
+        for (parent, events) in emitted {
+            if events.is_empty() {
+                continue;
+            }
+            let span = parent.in_scope(|| write_span(&self.source, &events));
+            let context = span.in_scope(trace::current);
+            rows.extend(self.rows(events, &context));
+        }
+        if rows.is_empty() {
+            return Ok(Written::default());
+        }
+        self.insert(conn, rows).await
+    }
+
+    fn rows(&self, events: Vec<OutgoingEvent>, context: &TraceContext) -> Vec<Row> {
+        let now = Utc::now();
+        events
+            .into_iter()
+            .map(|event| Row {
+                event_id: Uuid::now_v7(),
+                subject: event.subject.to_owned(),
+                event_type: event.event_type.to_owned(),
+                source: self.source.to_string(),
+                payload: event.payload,
+                correlation_id: event.correlation_id,
+                causation_id: event.causation_id,
+                traceparent: context.traceparent.clone(),
+                tracestate: context.tracestate.clone(),
+                created_at: now,
+            })
+            .collect()
+    }
+
+    async fn insert(&self, conn: &mut AsyncPgConnection, rows: Vec<Row>) -> QueryResult<Written> {
+        Cached(diesel::insert_into(outbox::table).values(&rows))
+            .execute(conn)
+            .await?;
+        Ok(Written { rows })
+    }
+
+    /// Publishes rows whose transaction has committed, in the order written,
+    /// and waits for JetStream's acks; the relay then forgets them. On an
+    /// error the rows stay for the relay's sweep. Without a publisher this
+    /// does nothing: the sweep takes them.
+    pub async fn publish(&self, written: Written) -> Result<(), PublishError> {
+        let Some(js) = &self.js else {
+            return Ok(());
+        };
+        if written.rows.is_empty() {
+            return Ok(());
+        }
+        publish_rows(js, &self.metrics, &written.rows).await?;
+        self.confirm(written.rows.iter().map(|row| row.event_id));
+        Ok(())
+    }
+
+    /// Publishes rows whose transaction has committed without making the
+    /// caller wait: for a use case that answers once its change is
+    /// committed, whether or not the broker is reachable. A failure leaves
+    /// the rows to the sweep.
+    pub fn publish_in_background(&self, written: Written) {
+        if self.js.is_none() || written.is_empty() {
+            return;
+        }
+        let outbox = self.clone();
+        tokio::spawn(async move {
+            if let Err(error) = outbox.publish(written).await {
+                tracing::debug!(%error, "publish after commit failed; the outbox sweep publishes the events");
+            }
+        });
+    }
+
+    /// Hands acknowledged ids to the relay, waking it once a delete's worth
+    /// is waiting.
+    fn confirm(&self, ids: impl Iterator<Item = Uuid>) {
+        let mut held = self
+            .confirmed
+            .ids
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let room = CONFIRMED_HELD.saturating_sub(held.len());
+        held.extend(ids.take(room));
+        if held.len() >= relay::FORGET_BATCH {
+            self.confirmed.full.notify_one();
+        }
+    }
+
+    /// The confirmed ids handed over so far, now the caller's to delete.
+    fn take_confirmed(&self) -> Vec<Uuid> {
+        std::mem::take(
+            &mut *self
+                .confirmed
+                .ids
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+}
+
+/// Sends every row first, then waits for the acks: one round trip for all.
+pub(crate) async fn publish_rows(
+    js: &jetstream::Context,
+    metrics: &MessagingMetrics,
+    rows: &[Row],
+) -> Result<(), PublishError> {
+    let mut acks = Vec::with_capacity(rows.len());
+    for row in rows {
+        acks.push(publish_row(js, row).await?);
+    }
+    for ack in acks {
+        ack.await?;
+    }
+    for row in rows {
+        metrics
+            .published
+            .get_or_create(&SubjectLabels {
+                subject: row.subject.clone(),
+            })
+            .inc();
+    }
+    Ok(())
+}
+
+/// Sends one row under a producer span that continues the writer's trace.
+async fn publish_row(
+    js: &jetstream::Context,
+    row: &Row,
+) -> Result<jetstream::context::PublishAckFuture, PublishError> {
+    let span = tracing::info_span!(
+        "publish",
+        otel.name = format!("{} publish", row.subject),
+        otel.kind = "producer",
+        shop.service = crate::trace::service_of(&row.source),
+        messaging.system = "nats",
+        messaging.operation.type = "publish",
+        messaging.destination.name = %row.subject,
+        messaging.message.id = %row.event_id,
+        order_id = row.correlation_id.as_deref().unwrap_or_default(),
+        trace_id = tracing::field::Empty,
+    );
+    trace::continue_from(&span, row.traceparent.as_deref(), row.tracestate.as_deref());
+    span.record("trace_id", trace::trace_id(&span));
+    // The consumer continues the publish span when tracing is exported;
+    // otherwise the writer's context passes through unchanged.
+    let context = span.in_scope(trace::current);
+    let headers = build_headers(
+        row.event_id,
+        &row.event_type,
+        &row.source,
+        row.created_at,
+        row.correlation_id.as_deref(),
+        row.causation_id,
+        context
+            .traceparent
+            .as_deref()
+            .or(row.traceparent.as_deref()),
+        context.tracestate.as_deref().or(row.tracestate.as_deref()),
+    );
+    let message = PublishMessage::build()
+        .payload(row.payload.clone().into())
+        .headers(headers);
+    Ok(js
+        .send_publish(row.subject.clone(), message)
+        .instrument(span)
+        .await?)
+}
+
+/// The rows still in the outbox that the events `causes` emitted, in the
+/// order written: what a redelivered message publishes again before it is
+/// acknowledged, in case its first delivery died between commit and publish.
+pub(crate) async fn unconfirmed_caused_by(
+    conn: &mut AsyncPgConnection,
+    causes: &[Uuid],
+) -> QueryResult<Written> {
+    if causes.is_empty() {
+        return Ok(Written::default());
+    }
+    let rows = Cached(
+        diesel::sql_query(
+            "SELECT event_id, subject, event_type, source, payload, correlation_id, \
+             causation_id, traceparent, tracestate, created_at \
+             FROM outbox WHERE causation_id = ANY($1) ORDER BY seq",
+        )
+        .bind::<diesel::sql_types::Array<diesel::sql_types::Uuid>, _>(causes),
+    )
+    .load(conn)
+    .await?;
+    Ok(Written { rows })
+}
+
+/// Events that a statement of the caller's own writes, so that a change and
+/// its events take one round trip and one implicit transaction instead of
+/// `BEGIN`, a statement each and `COMMIT` (see [`Outbox::write_when`]).
+///
+/// It renders as `INSERT INTO outbox ... SELECT ... WHERE EXISTS (SELECT
+/// FROM guard)`, for the caller's `WITH` list, where `guard` names one of
+/// the statement's common table expressions that returns a row when the
+/// change was made: no change, no events.
+pub struct OutboxWrite {
+    span: tracing::Span,
+    guard: &'static str,
+    rows: Vec<Row>,
+}
+
+impl std::fmt::Debug for OutboxWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboxWrite")
+            .field("guard", &self.guard)
+            .field("events", &self.rows.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Outbox {
+    /// `events`, for a statement of the caller's own to write if its common
+    /// table expression `guard` returns a row. The rows carry the context of
+    /// an outbox-write span, a child of the current span: run the statement
+    /// in [`OutboxWrite::span`], and publish [`OutboxWrite::written`] once
+    /// it has committed having made its change.
+    pub fn write_when(&self, guard: &'static str, events: Vec<OutgoingEvent>) -> OutboxWrite {
+        let span = write_span(&self.source, &events);
+        let context = span.in_scope(trace::current);
+        OutboxWrite {
+            span,
+            guard,
+            rows: self.rows(events, &context),
+        }
+    }
+}
+
+impl OutboxWrite {
+    /// The outbox-write span whose context the rows carry.
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
+    }
+
+    /// The rows the statement writes when it makes its change.
+    pub fn written(&self) -> Written {
+        Written {
+            rows: self.rows.clone(),
+        }
+    }
+}
+
+impl diesel::query_builder::QueryFragment<diesel::pg::Pg> for OutboxWrite {
+    fn walk_ast<'b>(
+        &'b self,
+        mut pass: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
+    ) -> QueryResult<()> {
+        use diesel::sql_types::{Bytea, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+        pass.push_sql(
+            "INSERT INTO outbox (event_id, subject, event_type, source, payload, \
+             correlation_id, causation_id, traceparent, tracestate, created_at) ",
+        );
+        if self.rows.is_empty() {
+            pass.push_sql(
+                "SELECT event_id, subject, event_type, source, payload, correlation_id, \
+                 causation_id, traceparent, tracestate, created_at FROM outbox WHERE false",
+            );
+            return Ok(());
+        }
+        pass.push_sql("SELECT written.* FROM (VALUES ");
+        for (index, row) in self.rows.iter().enumerate() {
+            pass.push_sql(if index == 0 { "(" } else { ", (" });
+            pass.push_bind_param::<SqlUuid, _>(&row.event_id)?;
+            pass.push_sql(", ");
+            pass.push_bind_param::<Text, _>(&row.subject)?;
+            pass.push_sql(", ");
+            pass.push_bind_param::<Text, _>(&row.event_type)?;
+            pass.push_sql(", ");
+            pass.push_bind_param::<Text, _>(&row.source)?;
+            pass.push_sql(", ");
+            pass.push_bind_param::<Bytea, _>(&row.payload)?;
+            pass.push_sql(", ");
+            pass.push_bind_param::<Nullable<Text>, _>(&row.correlation_id)?;
+            pass.push_sql(", ");
+            pass.push_bind_param::<Nullable<SqlUuid>, _>(&row.causation_id)?;
+            pass.push_sql(", ");
+            pass.push_bind_param::<Nullable<Text>, _>(&row.traceparent)?;
+            pass.push_sql(", ");
+            pass.push_bind_param::<Nullable<Text>, _>(&row.tracestate)?;
+            pass.push_sql(", ");
+            pass.push_bind_param::<Timestamptz, _>(&row.created_at)?;
+            pass.push_sql(")");
+        }
+        pass.push_sql(") AS written WHERE EXISTS (SELECT FROM ");
+        pass.push_identifier(self.guard)?;
+        pass.push_sql(")");
+        Ok(())
+    }
+}
+
+/// The span of one outbox write; the written rows carry its context.
+fn write_span(source: &str, events: &[OutgoingEvent]) -> tracing::Span {
+    let subjects: Vec<&str> = events.iter().map(|event| event.subject).collect();
+    tracing::info_span!(
+        "outbox write",
+        otel.kind = "internal",
+        shop.service = crate::trace::service_of(source),
+        messaging.system = "nats",
+        messaging.destination.name = %subjects.join(" "),
+        messaging.batch.message_count = events.len(),
+        order_id = <[_]>::first(events)
+            .and_then(|event| event.correlation_id.as_deref())
+            .unwrap_or_default(),
+    )
+}
