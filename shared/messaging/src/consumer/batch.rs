@@ -261,7 +261,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
     ) -> Result<(Vec<Result<Outcome, Failure>>, Written), BatchFailed> {
         let (results, written, after_commit) = conn
             .transaction::<_, diesel::result::Error, _>(async |conn| {
-                self.lock(conn, prepared, |_| true).await?;
+                self.lock(conn, prepared).await?;
                 let mut results = Vec::with_capacity(prepared.len());
                 let mut after_commit = Vec::new();
                 let mut written = Written::default();
@@ -282,15 +282,14 @@ impl<S: Send + Sync + 'static> Inner<S> {
         Ok((results, written))
     }
 
-    /// Takes the advisory locks that the batch's events to be applied name
-    /// (see [`Router::on_locking`]), in ascending key order, before any
-    /// handler runs.
-    async fn lock(
+    /// The advisory lock keys of what the batch's events name (see
+    /// [`Router::on_locking`]), ascending: the one order every batch takes
+    /// them in.
+    async fn lock_keys(
         &self,
         conn: &mut AsyncPgConnection,
         prepared: &mut [(usize, Prepared<'_, S>)],
-        to_apply: impl Fn(&Envelope) -> bool,
-    ) -> QueryResult<()> {
+    ) -> QueryResult<Vec<i64>> {
         // The events of each locking route, by event type.
         let mut by_route: BTreeMap<&str, (&Locks, Vec<&(dyn Any + Send + Sync)>)> = BTreeMap::new();
         for (_, ready) in prepared.iter_mut() {
@@ -300,10 +299,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
                 ready.decoded = (ready.route.decode)(&ready.envelope.body).ok();
             }
         }
-        for (_, ready) in prepared
-            .iter()
-            .filter(|(_, ready)| to_apply(&ready.envelope))
-        {
+        for (_, ready) in prepared.iter() {
             if let (Some(locks), Some(decoded)) = (&ready.route.locks, ready.decoded.as_deref()) {
                 by_route
                     .entry(ready.envelope.event_type.as_str())
@@ -316,19 +312,30 @@ impl<S: Send + Sync + 'static> Inner<S> {
         for (locks, events) in by_route.into_values() {
             keys.extend(locks(conn, events).await?.iter().map(|name| lock_key(name)));
         }
-        if keys.is_empty() {
-            return Ok(());
-        }
         keys.sort_unstable();
         keys.dedup();
-        diesel::select(consumer_lock_keys(keys))
-            .execute(conn)
-            .await?;
+        Ok(keys)
+    }
+
+    /// Takes the advisory locks that the batch's events name, before any
+    /// handler runs.
+    async fn lock(
+        &self,
+        conn: &mut AsyncPgConnection,
+        prepared: &mut [(usize, Prepared<'_, S>)],
+    ) -> QueryResult<()> {
+        let keys = self.lock_keys(conn, prepared).await?;
+        if !keys.is_empty() {
+            diesel::select(consumer_lock_keys(keys))
+                .execute(conn)
+                .await?;
+        }
         Ok(())
     }
 
-    /// The fast path: one inbox insert for the whole batch and no
-    /// savepoints. Abandoned (rolled back) as soon as any handler fails.
+    /// The fast path: the batch's locks and its inbox rows in one round
+    /// trip, and no savepoints. Abandoned (rolled back) as soon as any
+    /// handler fails.
     async fn apply_together(
         &self,
         conn: &mut AsyncPgConnection,
@@ -345,21 +352,30 @@ impl<S: Send + Sync + 'static> Inner<S> {
                     .filter(|id| unique.insert(*id))
                     .map(|id| (inbox::consumer.eq(&self.name), inbox::event_id.eq(id)))
                     .collect();
-                let fresh: HashSet<uuid::Uuid> = Cached(
+                // Every lock before any inbox row, so that no batch waits on
+                // another's uncommitted inbox row while holding a lock that
+                // one needs: a batch holding its inbox rows holds all its
+                // locks already. Sent together, the two statements cost one
+                // round trip.
+                let keys = self.lock_keys(conn, prepared).await?;
+                let shared: &AsyncPgConnection = conn;
+                let locking = async {
+                    if keys.is_empty() {
+                        return Ok(0);
+                    }
+                    diesel::select(consumer_lock_keys(keys))
+                        .execute(&mut &*shared)
+                        .await
+                };
+                let inserting = Cached(
                     diesel::insert_into(inbox::table)
                         .values(&rows)
                         .on_conflict_do_nothing()
                         .returning(inbox::event_id),
                 )
-                .get_results(conn)
-                .await?
-                .into_iter()
-                .collect();
-                // Locks after the inbox insert, and only for what is to be
-                // applied: a batch waiting on another's uncommitted inbox row
-                // holds no lock that batch could need.
-                self.lock(conn, prepared, |envelope| fresh.contains(&envelope.id))
-                    .await?;
+                .get_results::<uuid::Uuid>(&mut &*shared);
+                let (_, fresh) = futures::future::try_join(locking, inserting).await?;
+                let fresh: HashSet<uuid::Uuid> = fresh.into_iter().collect();
                 // Already in the inbox, or a second copy within this batch.
                 let mut unique = HashSet::new();
                 let mut results: Vec<Option<Result<Outcome, Failure>>> = prepared

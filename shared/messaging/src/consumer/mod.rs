@@ -19,15 +19,19 @@
 //! (a message that cannot be decoded goes to the dead-letter queue at once);
 //! insert (consumer, event id) into the inbox (already there: a redelivery,
 //! acked without effect); run the handler, which may emit events into the
-//! outbox. The batch commits, then each message is acked. A batch route
-//! ([`Router::on_batch`]) takes all of a batch's new events of its type in
-//! one call, so that a batch costs a few statements rather than a few per
-//! event. The fast path inserts the batch's inbox rows in one statement and
-//! uses no savepoints; if any handler fails, the batch is rolled back and
-//! redone with a savepoint per message (a batch route's handler called with
-//! one event at a time), so that a failure undoes only its own message (a
-//! batch of one needs no redo: its rollback was the message's). Handlers
-//! must therefore keep their effects inside the transaction they are given.
+//! outbox. The batch commits; the events it emitted are published (and, for
+//! a redelivery, any its first delivery emitted that are still unconfirmed);
+//! only then is each message acked, so that an acked message's events are
+//! in JetStream. A batch whose events could not be published acks nothing:
+//! its redelivery publishes them. A batch route ([`Router::on_batch`]) takes
+//! all of a batch's new events of its type in one call, so that a batch
+//! costs a few statements rather than a few per event. The fast path sends
+//! the batch's locks and its inbox rows together (one round trip) and uses
+//! no savepoints; if any handler fails, the batch is rolled back and redone
+//! with a savepoint per message (a batch route's handler called with one
+//! event at a time), so that a failure undoes only its own message (a batch
+//! of one needs no redo: its rollback was the message's). Handlers must therefore
+//! keep their effects inside the transaction they are given.
 //!
 //! A handler fails with a [`HandlerError`]: a transient failure is retried
 //! by a nak with an exponentially growing delay ([`RetryPolicy`]) and
@@ -46,8 +50,9 @@
 //! Messages fetched while every batch slot is busy are kept leased the same
 //! way until a slot frees. Routes added with
 //! [`Router::on_locking`] name what their handlers lock; a batch takes
-//! advisory locks on those names, in one order, before any handler runs, so
-//! that batches on several replicas queue instead of deadlocking.
+//! advisory locks on those names, in one order, before its inbox rows and
+//! any handler, so that batches on several replicas queue instead of
+//! deadlocking.
 //!
 //! Event types without a route are acked and counted, not dead-lettered: an
 //! older consumer ignores the event types a newer producer adds.
