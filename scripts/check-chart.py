@@ -176,7 +176,7 @@ def main():
                   {"nats": {"enabled": False, "url": "http://wrong"}},
                   {"auth": {"issuer": "", "jwks": ""}},
                   {"auth": {"issuer": "idp", "jwksUrl": "ftp://idp/certs"}},
-                  # 21 replicas x 19 connections, beyond 190.
+                  # 21 replicas x 18 connections, beyond 190.
                   {"services": {"order": {"replicas": 20}}},
                   {"nats": {"replicas": 1, "streamReplicas": 3}},
                   {"nats": {"replicas": 2}}):

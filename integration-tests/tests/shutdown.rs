@@ -121,7 +121,10 @@ async fn a_service_stopped_under_load_leaves_nothing_in_its_outbox() {
             unpublished, 0,
             "{name}-svc left {unpublished} outbox rows unpublished ({published} published)"
         );
-        assert!(published > 0, "{name}-svc published events before it stopped");
+        assert!(
+            published > 0,
+            "{name}-svc published events before it stopped"
+        );
     }
     stop.store(true, Ordering::Relaxed);
     for task in load {

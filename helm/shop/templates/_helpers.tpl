@@ -90,19 +90,19 @@ always
 {{- end -}}
 {{- end -}}
 
-{{/* Refuses values whose services could open more PostgreSQL connections than postgresql.maxConnections leaves them: each replica holds its pool (dbPoolSize), the relay's two and its LISTEN connection. */}}
+{{/* Refuses values whose services could open more PostgreSQL connections than postgresql.maxConnections leaves them: each replica holds its pool (dbPoolSize) and the outbox relay's two. */}}
 {{- define "shop.checkConnectionBudget" -}}
 {{- $total := 0 -}}
 {{- $parts := list -}}
 {{- range $name, $svc := .Values.services -}}
 {{- $replicas := int (include "shop.mostReplicas" $svc) -}}
-{{- $each := add (int $svc.dbPoolSize) 3 -}}
+{{- $each := add (int $svc.dbPoolSize) 2 -}}
 {{- $total = add $total (mul $replicas $each) -}}
 {{- $parts = append $parts (printf "%s %d x %d" $name $replicas $each) -}}
 {{- end -}}
 {{- $budget := sub (int .Values.postgresql.maxConnections) (int .Values.postgresql.reservedConnections) -}}
 {{- if gt $total $budget -}}
-{{- fail (printf "the services may open %d PostgreSQL connections (%s: replicas, with autoscaling's maximum and a rolling update's surge, x (dbPoolSize + 3)), more than the %d that postgresql.maxConnections (%d) less reservedConnections (%d) leaves them: lower the replicas or dbPoolSize, or raise maxConnections" $total (join ", " $parts) $budget (int .Values.postgresql.maxConnections) (int .Values.postgresql.reservedConnections)) -}}
+{{- fail (printf "the services may open %d PostgreSQL connections (%s: replicas, with autoscaling's maximum and a rolling update's surge, x (dbPoolSize + 2)), more than the %d that postgresql.maxConnections (%d) less reservedConnections (%d) leaves them: lower the replicas or dbPoolSize, or raise maxConnections" $total (join ", " $parts) $budget (int .Values.postgresql.maxConnections) (int .Values.postgresql.reservedConnections)) -}}
 {{- end -}}
 {{- end -}}
 

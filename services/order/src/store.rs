@@ -260,10 +260,19 @@ pub(crate) async fn earliest_deadline(
     conn: &mut AsyncPgConnection,
 ) -> QueryResult<Option<DateTime<Utc>>> {
     orders::table
-        .filter(orders::status.eq(Status::Pending.as_str()))
+        .filter(pending())
         .select(diesel::dsl::min(orders::deadline))
         .get_result(conn)
         .await
+}
+
+/// PENDING orders, written out rather than bound: a plan made once per
+/// connection (the pools force generic plans) then matches the partial
+/// index `pending_orders_by_deadline`, which a parameter cannot, and reads
+/// only the pending orders however many orders have ended.
+fn pending() -> diesel::expression::SqlLiteral<Bool> {
+    debug_assert_eq!(Status::Pending.as_str(), "PENDING");
+    diesel::dsl::sql::<Bool>("orders.status = 'PENDING'")
 }
 
 /// Up to 100 PENDING orders whose deadline is before `now`, locked;
@@ -273,7 +282,7 @@ pub(crate) async fn lock_overdue(
     now: DateTime<Utc>,
 ) -> QueryResult<Vec<Overdue>> {
     orders::table
-        .filter(orders::status.eq(Status::Pending.as_str()))
+        .filter(pending())
         .filter(orders::deadline.lt(now))
         .select((
             orders::order_id,

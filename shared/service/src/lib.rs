@@ -348,9 +348,21 @@ impl Infrastructure {
         // Every statement on the hot path finds its rows by key, so a plan
         // made once per connection serves every call; left to choose,
         // PostgreSQL plans the array-parameter statements afresh each time.
+        // Sequential scans are off for the same reason: a connection keeps
+        // the plan it made while a table was empty (a fresh stack), where a
+        // scan looks cheapest, until autovacuum next analyzes the table; the
+        // scan then reads every row on every call, which made one client's
+        // sagas twice as slow right after a large benchmark. A statement
+        // with no index to use still scans.
         let limits = config.session_limits();
         let pool = shop_db::pool_with_limits(
-            &shop_db::with_setting(database_url, "plan_cache_mode", "force_generic_plan"),
+            &shop_db::with_settings(
+                database_url,
+                &[
+                    ("plan_cache_mode", "force_generic_plan"),
+                    ("enable_seqscan", "off"),
+                ],
+            ),
             config.db_pool_size,
             &limits,
         )?;

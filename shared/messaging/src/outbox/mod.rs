@@ -19,25 +19,28 @@
 //! The table so holds only events not yet confirmed, and those confirmed a
 //! moment ago that the relay has not deleted yet.
 
+mod publish;
 mod relay;
 
+pub use publish::PublishError;
+pub(crate) use publish::unconfirmed_caused_by;
 pub use relay::{Relay, RelayConfig, RelayError};
 
 use std::sync::{Arc, Mutex};
 
-use async_nats::jetstream::{self, message::PublishMessage};
+use async_nats::jetstream;
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use shop_db::Cached;
 use tokio::sync::Notify;
-use tracing::Instrument as _;
 use uuid::Uuid;
 
-use crate::envelope::{OutgoingEvent, build_headers};
-use crate::metrics::{MessagingMetrics, SubjectLabels};
+use crate::envelope::OutgoingEvent;
+use crate::metrics::MessagingMetrics;
 use crate::schema::outbox;
 use crate::trace::{self, TraceContext};
+use publish::publish_rows;
 
 /// Writes events into the outbox of the service named `source`, and, given a
 /// JetStream context ([`Outbox::publishing_to`]), publishes them after the
@@ -104,12 +107,6 @@ impl Written {
     }
 }
 
-/// JetStream did not take or did not acknowledge an event; its row waits
-/// for the relay's sweep.
-#[derive(Debug, thiserror::Error)]
-#[error("publish to JetStream failed: {0}")]
-pub struct PublishError(#[from] jetstream::context::PublishError);
-
 impl Outbox {
     /// An outbox whose events carry `ce-source` = `source` (e.g.
     /// `shop/order`). Without [`publishing_to`](Self::publishing_to), its
@@ -150,19 +147,14 @@ impl Outbox {
         conn: &mut AsyncPgConnection,
         events: Vec<OutgoingEvent>,
     ) -> QueryResult<Written> {
-        if events.is_empty() {
-            return Ok(Written::default());
-        }
-        // The rows carry this span's context: each publish is its child.
-        let span = write_span(&self.source, &events);
-        let context = span.in_scope(trace::current);
-        let rows = self.rows(events, &context);
-        self.insert(conn, rows).instrument(span).await
+        self.append_each(conn, vec![(&tracing::Span::current(), events)])
+            .await
     }
 
     /// Writes the events that several handled messages emitted, in one
     /// statement: each message's under a write span of its own, a child of
-    /// that message's span, so that every saga's trace goes on unbroken.
+    /// that message's span, whose context the rows carry, so that every
+    /// saga's trace goes on unbroken.
     pub(crate) async fn append_each(
         &self,
         conn: &mut AsyncPgConnection,
@@ -180,7 +172,10 @@ impl Outbox {
         if rows.is_empty() {
             return Ok(Written::default());
         }
-        self.insert(conn, rows).await
+        Cached(diesel::insert_into(outbox::table).values(&rows))
+            .execute(conn)
+            .await?;
+        Ok(Written { rows })
     }
 
     fn rows(&self, events: Vec<OutgoingEvent>, context: &TraceContext) -> Vec<Row> {
@@ -200,13 +195,6 @@ impl Outbox {
                 created_at: now,
             })
             .collect()
-    }
-
-    async fn insert(&self, conn: &mut AsyncPgConnection, rows: Vec<Row>) -> QueryResult<Written> {
-        Cached(diesel::insert_into(outbox::table).values(&rows))
-            .execute(conn)
-            .await?;
-        Ok(Written { rows })
     }
 
     /// Publishes rows whose transaction has committed, in the order written,
@@ -266,97 +254,6 @@ impl Outbox {
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         )
     }
-}
-
-/// Sends every row first, then waits for the acks: one round trip for all.
-pub(crate) async fn publish_rows(
-    js: &jetstream::Context,
-    metrics: &MessagingMetrics,
-    rows: &[Row],
-) -> Result<(), PublishError> {
-    let mut acks = Vec::with_capacity(rows.len());
-    for row in rows {
-        acks.push(publish_row(js, row).await?);
-    }
-    for ack in acks {
-        ack.await?;
-    }
-    for row in rows {
-        metrics
-            .published
-            .get_or_create(&SubjectLabels {
-                subject: row.subject.clone(),
-            })
-            .inc();
-    }
-    Ok(())
-}
-
-/// Sends one row under a producer span that continues the writer's trace.
-async fn publish_row(
-    js: &jetstream::Context,
-    row: &Row,
-) -> Result<jetstream::context::PublishAckFuture, PublishError> {
-    let span = tracing::info_span!(
-        "publish",
-        otel.name = format!("{} publish", row.subject),
-        otel.kind = "producer",
-        shop.service = crate::trace::service_of(&row.source),
-        messaging.system = "nats",
-        messaging.operation.type = "publish",
-        messaging.destination.name = %row.subject,
-        messaging.message.id = %row.event_id,
-        order_id = row.correlation_id.as_deref().unwrap_or_default(),
-        trace_id = tracing::field::Empty,
-    );
-    trace::continue_from(&span, row.traceparent.as_deref(), row.tracestate.as_deref());
-    span.record("trace_id", trace::trace_id(&span));
-    // The consumer continues the publish span when tracing is exported;
-    // otherwise the writer's context passes through unchanged.
-    let context = span.in_scope(trace::current);
-    let headers = build_headers(
-        row.event_id,
-        &row.event_type,
-        &row.source,
-        row.created_at,
-        row.correlation_id.as_deref(),
-        row.causation_id,
-        context
-            .traceparent
-            .as_deref()
-            .or(row.traceparent.as_deref()),
-        context.tracestate.as_deref().or(row.tracestate.as_deref()),
-    );
-    let message = PublishMessage::build()
-        .payload(row.payload.clone().into())
-        .headers(headers);
-    Ok(js
-        .send_publish(row.subject.clone(), message)
-        .instrument(span)
-        .await?)
-}
-
-/// The rows still in the outbox that the events `causes` emitted, in the
-/// order written: what a redelivered message publishes again before it is
-/// acknowledged, in case its first delivery died between commit and publish.
-pub(crate) async fn unconfirmed_caused_by(
-    conn: &mut AsyncPgConnection,
-    causes: &[Uuid],
-) -> QueryResult<Written> {
-    if causes.is_empty() {
-        return Ok(Written::default());
-    }
-    let rows = Cached(
-        diesel::sql_query(
-            "SELECT event_id, subject, event_type, source, payload, correlation_id, \
-             causation_id, traceparent, tracestate, created_at \
-             FROM outbox WHERE causation_id = ANY($1) ORDER BY seq",
-        )
-        .bind::<diesel::sql_types::Array<diesel::sql_types::Uuid>, _>(causes),
-    )
-    .load(conn)
-    .await?;
-    Ok(Written { rows })
 }
 
 /// Events that a statement of the caller's own writes, so that a change and

@@ -17,7 +17,8 @@ use diesel_async::{AsyncConnection as _, RunQueryDsl};
 use shop_db::{Cached, PgPool};
 use tokio_util::sync::CancellationToken;
 
-use super::{Outbox, PublishError, Row, publish_rows};
+use super::publish::publish_rows;
+use super::{Outbox, PublishError, Row};
 use crate::metrics::MessagingMetrics;
 use crate::schema::outbox;
 
