@@ -516,10 +516,24 @@ async fn quiet(system: &System, urls: &HashMap<&str, String>) -> Duration {
         let mut undelivered = 0;
         let mut outstanding = Vec::new();
         for (name, consumers) in DURABLES {
-            let mut stream = js.get_stream(name).await.unwrap();
-            let state = stream.info().await.unwrap().state.clone();
+            // A request that times out while the cluster elects a leader
+            // after the last fault says nothing yet: ask again.
+            let Ok(mut stream) = js.get_stream(name).await else {
+                outstanding.push(format!("{name}: no answer"));
+                undelivered += 1;
+                continue;
+            };
+            let Ok(state) = stream.info().await.map(|info| info.state.clone()) else {
+                outstanding.push(format!("{name}: no answer"));
+                undelivered += 1;
+                continue;
+            };
             for consumer in consumers {
-                let info = stream.consumer_info(*consumer).await.unwrap();
+                let Ok(info) = stream.consumer_info(*consumer).await else {
+                    outstanding.push(format!("{name}/{consumer}: no answer"));
+                    undelivered += 1;
+                    continue;
+                };
                 let left = info.num_pending + info.num_ack_pending as u64;
                 if left > 0 {
                     outstanding.push(format!(

@@ -11,7 +11,8 @@
 //!
 //! What no writer confirmed — its process died after the commit, NATS was
 //! down, the process has no publisher — the relay's periodic sweep
-//! publishes once it is [`RelayConfig::sweep_after`] old. A row published
+//! publishes once it is [`RelayConfig::sweep_after`] old, or at its next
+//! look when a writer reports a failed publish. A row published
 //! twice (a writer and the sweep racing, a crash after the publish) carries
 //! the same `Nats-Msg-Id`, its row's id: JetStream drops the copy within its
 //! duplicate window, and the consumers' inboxes drop it after.
@@ -26,6 +27,7 @@ pub use publish::PublishError;
 pub(crate) use publish::unconfirmed_caused_by;
 pub use relay::{Relay, RelayConfig, RelayError};
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_nats::jetstream;
@@ -59,6 +61,9 @@ struct Confirmed {
     ids: Mutex<Vec<Uuid>>,
     /// Enough ids to fill one delete are waiting.
     full: Notify,
+    /// A writer's publish failed since the relay last looked: its rows are
+    /// to be swept at the next look, however young.
+    failed: AtomicBool,
 }
 
 /// Confirmed ids held for the relay at most; past this (no relay runs, or it
@@ -208,7 +213,10 @@ impl Outbox {
         if written.rows.is_empty() {
             return Ok(());
         }
-        publish_rows(js, &self.metrics, &written.rows).await?;
+        if let Err(error) = publish_rows(js, &self.metrics, &written.rows).await {
+            self.confirmed.failed.store(true, Ordering::Relaxed);
+            return Err(error);
+        }
         self.confirm(written.rows.iter().map(|row| row.event_id));
         Ok(())
     }
@@ -242,6 +250,11 @@ impl Outbox {
         if held.len() >= relay::FORGET_BATCH {
             self.confirmed.full.notify_one();
         }
+    }
+
+    /// Whether a writer's publish failed since the last time this was asked.
+    fn publish_failed(&self) -> bool {
+        self.confirmed.failed.swap(false, Ordering::Relaxed)
     }
 
     /// The confirmed ids handed over so far, now the caller's to delete.

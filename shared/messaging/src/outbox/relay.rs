@@ -1,6 +1,7 @@
 //! The relay: the outbox's housekeeper and backstop. It deletes the rows
 //! writers have confirmed, many a statement, and sweeps up the rows nobody
-//! confirmed once they are [`RelayConfig::sweep_after`] old: claimed with
+//! confirmed once they are [`RelayConfig::sweep_after`] old (all of them,
+//! however young, after a writer's publish failed): claimed with
 //! `FOR UPDATE SKIP LOCKED` (replicas sweep side by side), published, and
 //! deleted in the same transaction once JetStream has acknowledged them.
 //! It wakes on its timer, or when writers have confirmed a delete's worth.
@@ -176,7 +177,22 @@ impl Relay {
             let result = async {
                 self.forget().await?;
                 if sweep {
-                    self.sweep_all(Utc::now() - self.config.sweep_after).await?;
+                    // Rows whose writer failed to publish them (NATS down)
+                    // go at once rather than when they have aged: a saga
+                    // waits for them. Any row in flight that this takes
+                    // along is published twice, and stored once.
+                    let hurry = self.outbox.as_ref().is_some_and(Outbox::publish_failed);
+                    let cutoff = if hurry {
+                        Utc::now()
+                    } else {
+                        Utc::now() - self.config.sweep_after
+                    };
+                    if let Err(error) = self.sweep_all(cutoff).await {
+                        if let (true, Some(outbox)) = (hurry, &self.outbox) {
+                            outbox.confirmed.failed.store(true, Ordering::Relaxed);
+                        }
+                        return Err(error);
+                    }
                 }
                 Ok::<_, RelayError>(())
             }
@@ -259,7 +275,7 @@ impl Relay {
             .first(&mut conn)
             .await
             .optional()?;
-        if !oldest.is_some_and(|oldest| oldest < cutoff) {
+        if oldest.is_none_or(|oldest| oldest >= cutoff) {
             return Ok(0);
         }
         let count = conn
