@@ -121,6 +121,15 @@ def check_nats(docs, label):
     return sync
 
 
+def payment_env(manifests):
+    """The payment service container's environment, as rendered."""
+    docs = yaml.safe_load_all(manifests["shop/templates/services.yaml"])
+    deployment = next(d for d in docs if d and d["kind"] == "Deployment"
+                      and d["metadata"]["name"].endswith("payment"))
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e.get("value") for e in container["env"]}
+
+
 def validate(manifests, label):
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
@@ -166,6 +175,12 @@ def main():
     trust = {"auth": {"issuer": "shopctl", "jwks": '{"keys": []}'}}
     kinds = validate(render(chart_path, trust), "default values (and auth)")
     assert kinds.count("Deployment") == 4 and kinds.count("StatefulSet") == 2, kinds
+    # No free money in production: wallets open empty unless a value says so.
+    credit = payment_env(render(chart_path, trust))["STARTING_CREDIT_CENTS"]
+    assert credit == "0", f"STARTING_CREDIT_CENTS renders {credit!r} by default"
+    demo = {**trust, "services": {"payment": {"env": {"STARTING_CREDIT_CENTS": "5000"}}}}
+    assert payment_env(render(chart_path, demo))["STARTING_CREDIT_CENTS"] == "5000"
+    print("  starting credit: 0 by default, 5000 when set")
     for path in value_files:
         values = yaml.safe_load(open(path))
         kinds = validate(render(chart_path, values), path)

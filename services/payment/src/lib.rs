@@ -37,8 +37,10 @@ pub struct Config {
     /// What every service takes.
     #[command(flatten)]
     pub service: ServiceConfig,
-    /// The credit a new user's wallet opens with, in cents.
-    #[arg(long, env = "STARTING_CREDIT_CENTS", default_value_t = 100_000)]
+    /// The credit a new user's wallet opens with, in cents: 0 unless a demo
+    /// asks for more, since anyone the identity provider vouches for may
+    /// register and spend it.
+    #[arg(long, env = "STARTING_CREDIT_CENTS", default_value_t = 0)]
     pub starting_credit_cents: i64,
 }
 
