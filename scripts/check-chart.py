@@ -121,11 +121,11 @@ def check_nats(docs, label):
     return sync
 
 
-def payment_env(manifests):
-    """The payment service container's environment, as rendered."""
+def service_env(manifests, service):
+    """A service container's environment, as rendered."""
     docs = yaml.safe_load_all(manifests["shop/templates/services.yaml"])
     deployment = next(d for d in docs if d and d["kind"] == "Deployment"
-                      and d["metadata"]["name"].endswith("payment"))
+                      and d["metadata"]["name"].endswith(service))
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     return {e["name"]: e.get("value") for e in container["env"]}
 
@@ -176,21 +176,33 @@ def main():
     kinds = validate(render(chart_path, trust), "default values (and auth)")
     assert kinds.count("Deployment") == 4 and kinds.count("StatefulSet") == 2, kinds
     # No free money in production: wallets open empty unless a value says so.
-    credit = payment_env(render(chart_path, trust))["STARTING_CREDIT_CENTS"]
+    credit = service_env(render(chart_path, trust), "payment")["STARTING_CREDIT_CENTS"]
     assert credit == "0", f"STARTING_CREDIT_CENTS renders {credit!r} by default"
     demo = {**trust, "services": {"payment": {"env": {"STARTING_CREDIT_CENTS": "5000"}}}}
-    assert payment_env(render(chart_path, demo))["STARTING_CREDIT_CENTS"] == "5000"
+    assert service_env(render(chart_path, demo), "payment")["STARTING_CREDIT_CENTS"] == "5000"
     print("  starting credit: 0 by default, 5000 when set")
     for path in value_files:
         values = yaml.safe_load(open(path))
-        kinds = validate(render(chart_path, values), path)
+        manifests = render(chart_path, values)
+        kinds = validate(manifests, path)
         assert kinds.count("Deployment") == 4, kinds
+        # A private CA for the keys' URL reaches every service.
+        if values.get("auth", {}).get("jwksCa"):
+            assert "ConfigMap" in kinds, kinds
+            for service in ("user", "order", "inventory", "payment"):
+                env = service_env(manifests, service)
+                assert env["JWKS_CA"] == "/etc/shop/jwks-ca/ca.crt", env
+            print(f"  {path}: the keys' URL trusts the given CA (JWKS_CA)")
 
     # A wrong value fails at install time, naming the field.
     for wrong in ({"logFormat": "xml"}, {"services": {"order": {"replicas": "three"}}},
                   {"nats": {"enabled": False, "url": "http://wrong"}},
                   {"auth": {"issuer": "", "jwks": ""}},
                   {"auth": {"issuer": "idp", "jwksUrl": "ftp://idp/certs"}},
+                  # Keys over plain HTTP: anyone on the path could mint tokens.
+                  {"auth": {"issuer": "idp", "jwksUrl": "http://keycloak:8080/certs"}},
+                  {"auth": {"issuer": "idp", "jwks": "{}", "jwksCa": "-----BEGIN CERTIFICATE-----"}},
+                  {"auth": {"issuer": "idp", "jwksUrl": "https://idp/certs", "jwksCa": "not PEM"}},
                   # 21 replicas x 18 connections, beyond 190.
                   {"services": {"order": {"replicas": 20}}},
                   {"nats": {"replicas": 1, "streamReplicas": 3}},

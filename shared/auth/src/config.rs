@@ -13,8 +13,17 @@ pub struct AuthConfig {
     pub jwks_file: Option<PathBuf>,
     /// The identity provider's JWKS URL (its `jwks_uri`), cached and
     /// refreshed every `--jwks-refresh-s` and when a token names a new key.
+    /// `https://` only; plain `http://` only to this machine's loopback.
     #[arg(long, env = "JWKS_URL", conflicts_with = "jwks")]
     pub jwks_url: Option<String>,
+    /// PEM CA certificates to trust, instead of the machine's roots, for
+    /// `--jwks-url` (an identity provider behind a private CA).
+    #[arg(long, env = "JWKS_CA", requires = "jwks_url")]
+    pub jwks_ca: Option<PathBuf>,
+    /// Fetch `--jwks-url` over plain `http://` from another machine: anyone
+    /// on the path can then serve a key of their own and sign any token.
+    #[arg(long, env = "ALLOW_INSECURE_JWKS_HTTP", requires = "jwks_url")]
+    pub allow_insecure_jwks_http: bool,
     /// The JSON Web Key Set itself, inline.
     #[arg(long, env = "JWKS", hide_env_values = true)]
     pub jwks: Option<String>,
@@ -43,6 +52,8 @@ impl AuthConfig {
         Self {
             jwks_file: None,
             jwks_url: None,
+            jwks_ca: None,
+            allow_insecure_jwks_http: false,
             jwks: Some(jwks),
             jwt_issuer: issuer.to_owned(),
             jwt_audience: audience.to_owned(),

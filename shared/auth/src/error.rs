@@ -40,6 +40,10 @@ pub enum AuthError {
     /// unreachable, the file is unreadable): the caller may retry.
     #[error("the trusted keys are not available: {0}")]
     KeysUnavailable(String),
+    /// The key source is configured in a way that would let others forge
+    /// tokens (keys over plain HTTP), or cannot be used as given.
+    #[error("the key source is refused: {0}")]
+    Refused(String),
 }
 
 impl AuthError {
@@ -47,7 +51,9 @@ impl AuthError {
     /// when the fault is ours (no keys to check against).
     pub fn to_status(&self) -> tonic::Status {
         match self {
-            Self::KeysUnavailable(_) => tonic::Status::unavailable(self.to_string()),
+            Self::KeysUnavailable(_) | Self::Refused(_) => {
+                tonic::Status::unavailable(self.to_string())
+            }
             _ => tonic::Status::unauthenticated(self.to_string()),
         }
     }

@@ -64,7 +64,7 @@ struct Inner {
 enum Source {
     Inline,
     File(PathBuf),
-    Url(String),
+    Url(crate::fetch::JwksUrl),
 }
 
 struct Keys {
@@ -90,7 +90,12 @@ impl Verifier {
                 (source, keys)
             }
             (None, None, Some(url)) => {
-                let source = Source::Url(url.clone());
+                let url = crate::fetch::JwksUrl::new(
+                    url,
+                    config.jwks_ca.as_deref(),
+                    config.allow_insecure_jwks_http,
+                )?;
+                let source = Source::Url(url);
                 let keys = load(&source).await?;
                 (source, keys)
             }
@@ -229,19 +234,30 @@ impl Verifier {
     }
 
     /// A token named a key we lack: the provider may have rotated its keys.
+    /// At most one fetch per `RELOAD_AT_MOST_EVERY`: the window is checked
+    /// and recorded under one lock, held through the fetch, so a burst of
+    /// misses makes one fetch and every token of the burst is then checked
+    /// against its result.
     async fn reload_after_miss(&self) {
         if matches!(self.inner.source, Source::Inline) {
             return;
         }
-        let last = *self.inner.reload.lock().await;
-        if last.is_none_or(|at| at.elapsed() >= RELOAD_AT_MOST_EVERY) {
-            self.reload().await;
+        let mut last = self.inner.reload.lock().await;
+        if last.is_some_and(|at| at.elapsed() < RELOAD_AT_MOST_EVERY) {
+            return;
         }
+        *last = Some(Instant::now());
+        self.load_and_swap().await;
     }
 
+    /// The periodic refresh: one fetch, recorded as a reload.
     async fn reload(&self) {
         let mut last = self.inner.reload.lock().await;
         *last = Some(Instant::now());
+        self.load_and_swap().await;
+    }
+
+    async fn load_and_swap(&self) {
         match load(&self.inner.source).await {
             Ok(trusted) => {
                 let mut keys = self
@@ -296,9 +312,9 @@ async fn load(source: &Source) -> Result<Vec<TrustedKey>, AuthError> {
         Source::File(path) => tokio::fs::read(path).await.map_err(|error| {
             AuthError::KeysUnavailable(format!("reading {}: {error}", path.display()))
         })?,
-        Source::Url(url) => crate::fetch::get(url)
-            .await
-            .map_err(|error| AuthError::KeysUnavailable(format!("fetching {url}: {error}")))?,
+        Source::Url(url) => url.get().await.map_err(|error| {
+            AuthError::KeysUnavailable(format!("fetching {}: {error}", url.as_str()))
+        })?,
     };
     parse_jwks(&bytes)
 }
