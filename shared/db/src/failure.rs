@@ -25,11 +25,14 @@ pub enum Failure {
 
 impl Failure {
     /// The kind of `error`. diesel-async keeps the SQLSTATE only for the
-    /// kinds diesel names (unique, serialisation, ...) and reports the rest
-    /// as `Unknown` with the server's message, so deadlocks (40P01), lock
-    /// and statement timeouts (55P03, 57014), numeric overflow (22003) and
-    /// the server going away (57P01-03, 08xxx) are told here by their
-    /// English messages, the one place that does so.
+    /// kinds diesel names (unique, serialisation, closed connection, ...)
+    /// and reports the rest as `Unknown` with the server's message, so
+    /// deadlocks (40P01), lock and statement timeouts (55P03, 57014),
+    /// numeric overflow (22003) and the server going away (57P01-03, 53300)
+    /// are told here by their messages, whole phrases where they begin or
+    /// end, never a word that a table's or a constraint's name could hold.
+    /// The messages are English because a service makes sure of it before
+    /// it starts ([`english_messages`](crate::english_messages)).
     pub fn of(error: &Error) -> Self {
         match error {
             Error::BrokenTransactionManager
@@ -38,23 +41,34 @@ impl Failure {
             }
             Error::DatabaseError(Kind::SerializationFailure, _) => Self::Contention,
             Error::DatabaseError(Kind::UniqueViolation, _) => Self::UniqueViolation,
-            Error::DatabaseError(Kind::Unknown, info) => {
-                let message = info.message();
-                if message.contains("deadlock detected") || message.contains("lock timeout") {
-                    Self::Contention
-                } else if message.contains("statement timeout") {
-                    Self::Timeout
-                } else if message.contains("the database system is")
-                    || message.contains("connection")
-                {
-                    Self::Unreachable
-                } else if message.contains("out of range") {
-                    Self::OutOfRange
-                } else {
-                    Self::Other
-                }
-            }
+            Error::DatabaseError(Kind::Unknown, info) => Self::of_message(info.message()),
             _ => Self::Other,
+        }
+    }
+
+    fn of_message(message: &str) -> Self {
+        const CONTENTION: [&str; 3] = [
+            "deadlock detected",
+            "canceling statement due to lock timeout",
+            "could not obtain lock on ",
+        ];
+        const UNREACHABLE: [&str; 5] = [
+            "terminating connection ",
+            "the database system is ",
+            "remaining connection slots are reserved",
+            "sorry, too many clients already",
+            "server closed the connection unexpectedly",
+        ];
+        if CONTENTION.iter().any(|start| message.starts_with(start)) {
+            Self::Contention
+        } else if message == "canceling statement due to statement timeout" {
+            Self::Timeout
+        } else if UNREACHABLE.iter().any(|start| message.starts_with(start)) {
+            Self::Unreachable
+        } else if message.ends_with(" out of range") {
+            Self::OutOfRange
+        } else {
+            Self::Other
         }
     }
 
@@ -108,6 +122,19 @@ mod tests {
                 Failure::UniqueViolation,
             ),
             (unknown("column \"nope\" does not exist"), Failure::Other),
+            // Names that hold the words the messages are told by.
+            (
+                unknown("relation \"connection_log\" does not exist"),
+                Failure::Other,
+            ),
+            (
+                unknown("null value in column \"lock timeout\" of relation \"t\""),
+                Failure::Other,
+            ),
+            (
+                unknown("sorry, too many clients already"),
+                Failure::Unreachable,
+            ),
             (Error::NotFound, Failure::Other),
         ];
         for (error, kind) in cases {

@@ -11,15 +11,19 @@
 //!   each time (updates, multi-row inserts).
 //! - [`Failure`]: what a failed statement means (unreachable, contention,
 //!   timeout, ...), told in one place for the API and the consumers.
+//! - [`english_messages`]: makes sure the server's messages, which
+//!   [`Failure`] partly reads, are English, or refuses.
 //!
 //! Services own their SQL under `migrations/<service>/` and embed it with
 //! `diesel_migrations::embed_migrations!`.
 
 mod cached;
 mod failure;
+mod messages;
 
 pub use cached::Cached;
 pub use failure::Failure;
+pub use messages::english_messages;
 
 use diesel::migration::MigrationSource;
 use diesel::pg::Pg;
@@ -47,6 +51,9 @@ pub enum DbError {
     /// The pool could not be built.
     #[error("cannot build the connection pool: {0}")]
     Pool(String),
+    /// The server's messages are not English and cannot be made so.
+    #[error("{0}")]
+    Messages(String),
 }
 
 /// Applies the pending migrations of each source in turn and returns the

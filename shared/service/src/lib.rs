@@ -354,6 +354,11 @@ impl Infrastructure {
         // scan then reads every row on every call, which made one client's
         // sagas twice as slow right after a large benchmark. A statement
         // with no index to use still scans.
+        // Some failures are told by the server's messages: English ones.
+        let database_url = shop_db::english_messages(database_url)
+            .await
+            .context("checking the language of the database's messages")?;
+        let database_url = database_url.as_str();
         let limits = config.session_limits();
         let pool = shop_db::pool_with_limits(
             &shop_db::with_settings(
