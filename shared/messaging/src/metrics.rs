@@ -71,6 +71,12 @@ pub struct MessagingMetrics {
     pub dead_letters_stored: Gauge,
     /// 1 while the service's NATS connection is up, 0 while it is not.
     pub nats_connected: Gauge,
+    /// By consumer: 1 while its pulls work, 0 from its second failed pull
+    /// in a row until it receives or is provisioned again.
+    pub consumer_up: Family<ConsumerLabels, Gauge>,
+    /// By consumer: messages not yet delivered or not yet acked, as
+    /// JetStream counts them (sampled on scrapes).
+    pub consumer_pending: Family<ConsumerLabels, Gauge>,
 }
 
 impl Default for MessagingMetrics {
@@ -85,6 +91,8 @@ impl Default for MessagingMetrics {
             outbox_lag: Gauge::default(),
             dead_letters_stored: Gauge::default(),
             nats_connected: Gauge::default(),
+            consumer_up: Family::default(),
+            consumer_pending: Family::default(),
         }
     }
 }
@@ -138,6 +146,16 @@ impl MessagingMetrics {
             "shop_nats_connected",
             "1 while the service's NATS connection is up (events wait in the outbox while it is not)",
             self.nats_connected.clone(),
+        );
+        registry.register(
+            "shop_consumer_up",
+            "1 while a durable consumer's pulls work; 0 after repeated pull errors, until it receives or is provisioned again",
+            self.consumer_up.clone(),
+        );
+        registry.register(
+            "shop_consumer_pending",
+            "Messages a durable consumer has not yet been delivered or not yet acked (JetStream's count)",
+            self.consumer_pending.clone(),
         );
     }
 }

@@ -6,6 +6,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::consumer::pull::MessagesErrorKind;
 use async_nats::jetstream::{self, AckKind};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
@@ -15,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{EventConsumer, Inner};
+use crate::metrics::ConsumerLabels;
 use crate::schema::inbox;
 
 impl<S: Send + Sync + 'static> EventConsumer<S> {
@@ -23,22 +26,29 @@ impl<S: Send + Sync + 'static> EventConsumer<S> {
     /// hands the messages fetched but not started back to JetStream (nak),
     /// and returns. A message still on its way from an open pull request is
     /// delivered again after the ack wait.
+    ///
+    /// A pull that fails is started again at once; one that fails again
+    /// waits, 0.4 s doubling to 5 s, and provisions the durable again first,
+    /// as does a pull that JetStream ended because the durable was deleted:
+    /// an operator's `nats consumer rm`, a stream made anew or a cluster
+    /// restored from a backup is repaired without a restart. The new durable
+    /// starts at the stream's first message, so nothing published meanwhile
+    /// is missed; what was applied before comes again and the inbox (kept
+    /// longer than the streams keep messages) acks it without effect.
     pub async fn run(self, shutdown: CancellationToken) {
+        let up = self
+            .inner
+            .metrics
+            .consumer_up
+            .get_or_create(&ConsumerLabels {
+                consumer: self.inner.name.clone(),
+            })
+            .clone();
         // The broker may be down at start-up or mid-way: keep trying.
-        let mut failures = 0u32;
-        let consumer = loop {
-            match self.spec.provision(&self.inner.js).await {
-                Ok(consumer) => break consumer,
-                Err(error) => {
-                    failures += 1;
-                    tracing::warn!(consumer = %self.inner.name, error = %error, failures, "cannot provision the consumer; retrying");
-                    tokio::select! {
-                        () = shutdown.cancelled() => return,
-                        () = tokio::time::sleep(reconnect_delay(failures)) => {}
-                    }
-                }
-            }
+        let Some(mut consumer) = self.provision(&shutdown).await else {
+            return;
         };
+        up.set(1);
         let tracker = TaskTracker::new();
         tracker.spawn(prune_inbox(
             Arc::clone(&self.inner),
@@ -52,8 +62,25 @@ impl<S: Send + Sync + 'static> EventConsumer<S> {
         // `max_ack_pending` bounds how many there can be.
         let mut held: VecDeque<jetstream::Message> = VecDeque::new();
         let lease_every = (self.inner.ack_wait / 3).max(Duration::from_millis(100));
-        failures = 0;
+        // Pulls failed in a row, and whether the last failure said the
+        // durable is gone.
+        let (mut failures, mut gone) = (0u32, false);
         'fetch: while !shutdown.is_cancelled() {
+            if failures > 1 {
+                up.set(0);
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(reconnect_delay(failures - 1)) => {}
+                }
+            }
+            if failures > 1 || gone {
+                match self.provision(&shutdown).await {
+                    Some(provisioned) => consumer = provisioned,
+                    None => break,
+                }
+                up.set(1);
+                gone = false;
+            }
             let stream = consumer
                 .stream()
                 .max_messages_per_batch(self.concurrency * self.batch_size)
@@ -72,11 +99,8 @@ impl<S: Send + Sync + 'static> EventConsumer<S> {
                 Ok(messages) => messages,
                 Err(error) => {
                     failures += 1;
-                    tracing::warn!(consumer = %self.inner.name, error = %error, "cannot pull messages; retrying");
-                    tokio::select! {
-                        () = shutdown.cancelled() => break,
-                        () = tokio::time::sleep(reconnect_delay(failures)) => continue,
-                    }
+                    tracing::warn!(consumer = %self.inner.name, error = %error, failures, "cannot pull messages; retrying");
+                    continue;
                 }
             };
             loop {
@@ -116,12 +140,20 @@ impl<S: Send + Sync + 'static> EventConsumer<S> {
                     match first {
                         Some(Ok(message)) => batch.push(message),
                         Some(Err(error)) => {
-                            // Missed heartbeats, a reconnect: start a fresh pull.
-                            tracing::warn!(consumer = %self.inner.name, error = %error, "pull consumer error; pulling again");
+                            // Missed heartbeats, a reconnect, the durable
+                            // deleted: start a fresh pull.
+                            failures += 1;
+                            gone = matches!(
+                                error.kind(),
+                                MessagesErrorKind::ConsumerDeleted
+                                    | MessagesErrorKind::NoResponders
+                            );
+                            tracing::warn!(consumer = %self.inner.name, error = %error, failures, "pull consumer error; pulling again");
                             continue 'fetch;
                         }
                         None => {
-                            tracing::warn!(consumer = %self.inner.name, "message stream ended; pulling again");
+                            failures += 1;
+                            tracing::warn!(consumer = %self.inner.name, failures, "message stream ended; pulling again");
                             continue 'fetch;
                         }
                     }
@@ -134,7 +166,10 @@ impl<S: Send + Sync + 'static> EventConsumer<S> {
                     pull_again = take_arrived(&mut messages, &mut arrived, room);
                     batch.extend(arrived);
                 }
-                failures = 0;
+                if failures > 0 {
+                    failures = 0;
+                    up.set(1);
+                }
                 if !batch.is_empty() {
                     let inner = Arc::clone(&self.inner);
                     let shutdown = shutdown.clone();
@@ -150,6 +185,27 @@ impl<S: Send + Sync + 'static> EventConsumer<S> {
         }
         tracker.close();
         tracker.wait().await;
+    }
+}
+
+impl<S: Send + Sync + 'static> EventConsumer<S> {
+    /// Creates the durable, or finds it (the request is idempotent), trying
+    /// again with a growing delay; `None` when shut down meanwhile.
+    async fn provision(&self, shutdown: &CancellationToken) -> Option<PullConsumer> {
+        let mut failures = 0u32;
+        loop {
+            match self.spec.provision(&self.inner.js).await {
+                Ok(consumer) => return Some(consumer),
+                Err(error) => {
+                    failures += 1;
+                    tracing::warn!(consumer = %self.inner.name, error = %error, failures, "cannot provision the consumer; retrying");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return None,
+                        () = tokio::time::sleep(reconnect_delay(failures)) => {}
+                    }
+                }
+            }
+        }
     }
 }
 
