@@ -38,6 +38,8 @@ pub struct Settings {
     pub ack_wait: Duration,
     /// Serve TLS, with client certificates required, from these files.
     pub tls: Option<Arc<TestTls>>,
+    /// PostgreSQL settings on top of the harness's (`name=value`).
+    pub postgres: Vec<String>,
 }
 
 impl Default for Settings {
@@ -47,6 +49,7 @@ impl Default for Settings {
             starting_credit: STARTING_CREDIT,
             ack_wait: Duration::from_secs(30),
             tls: None,
+            postgres: Vec::new(),
         }
     }
 }
@@ -185,7 +188,7 @@ impl Shop {
         if std::env::var_os("TEST_LOG").is_some() {
             let _ = shop_service::init_logs("test", LogFormat::Text);
         }
-        let infra = TestInfra::start().await;
+        let infra = TestInfra::start_with_postgres_settings(&settings.postgres).await;
         for service in SERVICES {
             infra
                 .postgres

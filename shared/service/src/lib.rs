@@ -24,11 +24,13 @@
 mod error;
 pub use shop_domain::limits;
 mod observe;
+mod probes;
 mod telemetry;
 mod tls;
 
 pub use error::{ApiError, is_unique_violation, page_after, page_size, parse_uuid};
 pub use observe::GrpcMetrics;
+pub use probes::{HTTP_CONCURRENCY, READY_FRESH, Readiness, SAMPLE_EVERY};
 pub use shop_auth::{AuthConfig, Caller, caller_of, roles};
 pub use telemetry::Telemetry;
 pub use tls::TlsConfig;
@@ -39,8 +41,6 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use async_nats::jetstream;
-use axum::http::StatusCode;
-use diesel_async::RunQueryDsl as _;
 use diesel_migrations::EmbeddedMigrations;
 use futures::future::BoxFuture;
 use prometheus_client::registry::Registry;
@@ -298,6 +298,7 @@ pub struct Infrastructure {
     pub metrics: MessagingMetrics,
     registry: Arc<std::sync::Mutex<Registry>>,
     verifier: shop_auth::Verifier,
+    probes: Arc<probes::Probes>,
     ack_wait: Duration,
     consumer_concurrency: usize,
 }
@@ -447,6 +448,7 @@ impl Infrastructure {
             metrics,
             registry: Arc::new(std::sync::Mutex::new(registry)),
             verifier,
+            probes: Arc::default(),
             ack_wait: Duration::from_millis(config.ack_wait_ms),
             consumer_concurrency: config.consumer_concurrency,
         })
@@ -460,6 +462,7 @@ impl Infrastructure {
         router: Router<S>,
         state: S,
     ) -> EventConsumer<S> {
+        self.probes.add_consumer(&spec.durable_name, &spec.stream);
         EventConsumer::new(
             self.js.clone(),
             self.pool.clone(),
@@ -497,38 +500,6 @@ impl Infrastructure {
         text
     }
 
-    /// Samples the outbox backlog, the dead-letter queue and the NATS
-    /// connection into the gauges: when `/metrics` is scraped, so that an
-    /// idle service runs no timer for them. A dependency that does not
-    /// answer within a second leaves its gauges as they were.
-    async fn sample_gauges(&self) {
-        let connected = self.nats.connection_state() == async_nats::connection::State::Connected;
-        self.metrics.nats_connected.set(i64::from(connected));
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            tokio::join!(self.sample_backlog(), self.sample_dead_letters())
-        })
-        .await;
-    }
-
-    async fn sample_backlog(&self) {
-        if let Err(error) = self.relay().backlog().await {
-            tracing::debug!(error = %error, "cannot sample the outbox backlog");
-        }
-    }
-
-    async fn sample_dead_letters(&self) {
-        if let Ok(mut dlq) = self
-            .js
-            .get_stream(shop_messaging::provision::DLQ_STREAM)
-            .await
-            && let Ok(info) = dlq.info().await
-        {
-            self.metrics
-                .dead_letters_stored
-                .set(i64::try_from(info.state.messages).unwrap_or(i64::MAX));
-        }
-    }
-
     /// The outbox relay of this service's database.
     pub fn relay(&self) -> Relay {
         Relay::new(
@@ -540,50 +511,6 @@ impl Infrastructure {
         .with_metrics(self.metrics.clone())
     }
 
-    /// What the service's dependencies look like now.
-    pub async fn readiness(&self) -> Readiness {
-        let nats = self.nats.connection_state() == async_nats::connection::State::Connected;
-        let database = async {
-            let mut conn = self.pool.get().await.ok()?;
-            diesel::sql_query("SELECT 1").execute(&mut conn).await.ok()
-        };
-        let database = tokio::time::timeout(Duration::from_secs(2), database)
-            .await
-            .ok()
-            .flatten()
-            .is_some();
-        self.metrics.nats_connected.set(i64::from(nats));
-        Readiness { database, nats }
-    }
-}
-
-/// The state of a service's dependencies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Readiness {
-    /// PostgreSQL answered a query within 2 s.
-    pub database: bool,
-    /// The NATS connection is up.
-    pub nats: bool,
-}
-
-impl Readiness {
-    /// Whether the service can serve its RPCs: they need PostgreSQL only.
-    /// Without NATS, what they commit waits in the outbox and the
-    /// consumers wait for the broker, so a NATS outage does not take the
-    /// service out of its load balancer.
-    pub fn serving(self) -> bool {
-        self.database
-    }
-
-    /// One line for `/readyz`.
-    fn describe(self) -> &'static str {
-        match (self.database, self.nats) {
-            (true, true) => "ready: database up, NATS connected",
-            (true, false) => "ready: database up, NATS disconnected (events wait in the outbox)",
-            (false, true) => "not ready: database unreachable, NATS connected",
-            (false, false) => "not ready: database unreachable, NATS disconnected",
-        }
-    }
 }
 
 /// The `grpc.health.v1` service name that answers SERVING as long as the
@@ -807,42 +734,7 @@ impl Server {
         tracker.close();
 
         let verifier = infra.verifier.clone();
-        let ready = Arc::new(infra);
-        let scraped = Arc::clone(&ready);
-        let app = axum::Router::new()
-            .route(
-                "/metrics",
-                axum::routing::get(move || {
-                    let infra = Arc::clone(&scraped);
-                    async move {
-                        infra.sample_gauges().await;
-                        let text = infra.encode_metrics();
-                        (
-                            [(
-                                axum::http::header::CONTENT_TYPE,
-                                "text/plain; version=0.0.4; charset=utf-8",
-                            )],
-                            text,
-                        )
-                    }
-                }),
-            )
-            .route("/healthz", axum::routing::get(|| async { "ok" }))
-            .route(
-                "/readyz",
-                axum::routing::get(move || {
-                    let infra = Arc::clone(&ready);
-                    async move {
-                        let readiness = infra.readiness().await;
-                        let status = if readiness.serving() {
-                            StatusCode::OK
-                        } else {
-                            StatusCode::SERVICE_UNAVAILABLE
-                        };
-                        (status, readiness.describe())
-                    }
-                }),
-            );
+        let app = probes::http_app(Arc::new(infra));
         let http_shutdown = shutdown.clone();
         let http = match &tls {
             Some(tls) => {
@@ -983,8 +875,8 @@ fn tokio_stream_listener(
 /// How often the gRPC health status is brought up to date. Each look asks
 /// the database a question, so an idle service should not look every
 /// second; at 5 s Kubernetes' gRPC readiness probe (every 5 s in the chart)
-/// still sees a lost database within two of its periods. `/readyz` asks
-/// afresh on each request.
+/// still sees a lost database within two of its periods. `/readyz` shares
+/// the check when it is under a second old.
 const HEALTH_EVERY: Duration = Duration::from_secs(5);
 
 /// Reports every gRPC service SERVING while the service can serve (the

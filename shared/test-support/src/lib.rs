@@ -88,7 +88,16 @@ impl TestInfra {
     /// Starts both servers concurrently; panics with a one-line reason if
     /// either cannot start.
     pub async fn start() -> Self {
-        let (nats, postgres) = tokio::join!(TestNats::try_start(), TestPostgres::try_start());
+        Self::start_with_postgres_settings(&[]).await
+    }
+
+    /// [`start`](Self::start), with `settings` for PostgreSQL on top of the
+    /// harness's ([`TestPostgres::try_start_with_settings`]).
+    pub async fn start_with_postgres_settings(settings: &[String]) -> Self {
+        let (nats, postgres) = tokio::join!(
+            TestNats::try_start(),
+            TestPostgres::try_start_with_settings(settings)
+        );
         match (nats, postgres) {
             (Ok(nats), Ok(postgres)) => Self {
                 nats,

@@ -40,18 +40,25 @@ impl TestPostgres {
 
     /// Initialises and starts a cluster, or says why it could not.
     pub async fn try_start() -> Result<Self, HarnessError> {
-        Self::try_start_with(false).await
+        Self::try_start_with(false, &[]).await
+    }
+
+    /// [`try_start`](Self::try_start), with `settings` (`name=value`, as
+    /// `postgres -c`) on top of the harness's: for example
+    /// `shared_preload_libraries=pg_stat_statements` to count statements.
+    pub async fn try_start_with_settings(settings: &[String]) -> Result<Self, HarnessError> {
+        Self::try_start_with(false, settings).await
     }
 
     /// Initialises and starts a cluster that flushes to disk like a
     /// production server (fsync and full-page writes on), for benchmarks.
     pub async fn start_durable() -> Self {
-        Self::try_start_with(true)
+        Self::try_start_with(true, &[])
             .await
             .unwrap_or_else(|error| panic!("{error}"))
     }
 
-    async fn try_start_with(durable: bool) -> Result<Self, HarnessError> {
+    async fn try_start_with(durable: bool, settings: &[String]) -> Result<Self, HarnessError> {
         let bin_dir = binaries::postgres_bin_dir()?;
         let user = server_user()?;
         let dir = Workdir::Temporary(
@@ -68,7 +75,7 @@ impl TestPostgres {
             user,
             port: 0,
             durable,
-            settings: Vec::new(),
+            settings: settings.to_vec(),
             process: None,
             dir,
         };

@@ -25,7 +25,7 @@ mod relay;
 
 pub use publish::PublishError;
 pub(crate) use publish::unconfirmed_caused_by;
-pub use relay::{Relay, RelayConfig, RelayError};
+pub use relay::{Relay, RelayConfig, RelayError, backlog};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

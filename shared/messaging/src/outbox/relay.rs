@@ -134,26 +134,6 @@ impl Relay {
         Arc::clone(&self.swept)
     }
 
-    /// How many rows the outbox holds (unconfirmed, or confirmed and not
-    /// yet deleted), and how long the oldest has waited; also sets the
-    /// backlog gauges.
-    pub async fn backlog(&self) -> Result<(i64, Duration), RelayError> {
-        let mut conn = self.connection().await?;
-        let (rows, oldest): (i64, Option<DateTime<Utc>>) = outbox::table
-            .select((
-                diesel::dsl::count_star(),
-                diesel::dsl::min(outbox::created_at),
-            ))
-            .get_result(&mut conn)
-            .await?;
-        let lag = oldest
-            .and_then(|oldest| (Utc::now() - oldest).to_std().ok())
-            .unwrap_or_default();
-        self.metrics.outbox_pending.set(rows);
-        self.metrics.outbox_lag.set(lag.as_secs_f64());
-        Ok((rows, lag))
-    }
-
     /// Every `interval`, or when writers have confirmed a delete's worth:
     /// deletes what they confirmed, then sweeps. On shutdown, once the
     /// writers have stopped, sweeps whatever is left, however young, so that
@@ -316,4 +296,32 @@ impl Relay {
 fn backoff(failures: u32) -> Duration {
     Duration::from_millis(100u64.saturating_mul(1 << failures.min(6).saturating_sub(1)))
         .min(Duration::from_secs(5))
+}
+
+/// How many rows the outbox in `pool`'s database holds (unconfirmed, or
+/// confirmed and not yet deleted), and how long the oldest has waited; also
+/// sets `metrics`' backlog gauges. Reads on the caller's pool, not the
+/// relay's: whoever asks (a scrape) must never take the sweep's
+/// connections.
+pub async fn backlog(
+    pool: &PgPool,
+    metrics: &MessagingMetrics,
+) -> Result<(i64, Duration), RelayError> {
+    let mut conn = pool
+        .get()
+        .await
+        .map_err(|error| RelayError::Pool(error.to_string()))?;
+    let (rows, oldest): (i64, Option<DateTime<Utc>>) = outbox::table
+        .select((
+            diesel::dsl::count_star(),
+            diesel::dsl::min(outbox::created_at),
+        ))
+        .get_result(&mut conn)
+        .await?;
+    let lag = oldest
+        .and_then(|oldest| (Utc::now() - oldest).to_std().ok())
+        .unwrap_or_default();
+    metrics.outbox_pending.set(rows);
+    metrics.outbox_lag.set(lag.as_secs_f64());
+    Ok((rows, lag))
 }

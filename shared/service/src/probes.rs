@@ -1,0 +1,240 @@
+//! What the HTTP port answers: `/metrics`, `/healthz` and `/readyz`.
+//!
+//! Scrapes and probes come from outside, as often as anyone sends them
+//! (two Prometheus replicas, a load balancer, a loop of `curl`), and none of
+//! them may cost the saga anything it needs:
+//! - the gauges that ask a dependency (the outbox backlog, the dead-letter
+//!   stream, each consumer's pending count) are sampled at most once per
+//!   [`SAMPLE_EVERY`], however many scrape at once: one scrape samples, the
+//!   others wait for it or are answered with what it found;
+//! - the backlog is counted on the service's main pool, never the relay's,
+//!   whose two connections publish what the writers could not;
+//! - `/readyz` answers from a check at most [`READY_FRESH`] old (the gRPC
+//!   health service shares it);
+//! - at most [`HTTP_CONCURRENCY`] requests are served at once; the ones
+//!   beyond are answered 503 at once rather than queued.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use axum::response::IntoResponse as _;
+use diesel_async::RunQueryDsl as _;
+use shop_messaging::metrics::ConsumerLabels;
+use tokio::sync::Mutex;
+
+use crate::Infrastructure;
+
+/// How often, at most, the sampled gauges ask their dependencies.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(5);
+
+/// How old a readiness check `/readyz` may answer from.
+pub const READY_FRESH: Duration = Duration::from_secs(1);
+
+/// How many HTTP requests are served at once.
+pub const HTTP_CONCURRENCY: usize = 16;
+
+/// What the probes last found, and the consumers whose backlog they count.
+#[derive(Default)]
+pub(crate) struct Probes {
+    /// When the gauges were last sampled; held while sampling.
+    sampled: Mutex<Option<Instant>>,
+    /// The last readiness check; held while checking.
+    ready: Mutex<Option<(Instant, Readiness)>>,
+    /// (durable, stream) of every consumer the service made.
+    consumers: std::sync::Mutex<Vec<(String, String)>>,
+}
+
+impl Probes {
+    /// Counts `durable` on `stream` among the consumers whose pending
+    /// messages are sampled.
+    pub(crate) fn add_consumer(&self, durable: &str, stream: &str) {
+        self.consumers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((durable.to_owned(), stream.to_owned()));
+    }
+}
+
+impl Infrastructure {
+    /// Brings the gauges up to date, asking the dependencies at most once
+    /// per [`SAMPLE_EVERY`]. A dependency that does not answer within a
+    /// second leaves its gauges as they were.
+    async fn sample_gauges(&self) {
+        let connected = self.nats.connection_state() == async_nats::connection::State::Connected;
+        self.metrics.nats_connected.set(i64::from(connected));
+        let mut sampled = self.probes.sampled.lock().await;
+        if sampled.is_some_and(|at| at.elapsed() < SAMPLE_EVERY) {
+            return;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            tokio::join!(
+                self.sample_backlog(),
+                self.sample_dead_letters(),
+                self.sample_consumers()
+            )
+        })
+        .await;
+        *sampled = Some(Instant::now());
+    }
+
+    async fn sample_backlog(&self) {
+        if let Err(error) = shop_messaging::outbox::backlog(&self.pool, &self.metrics).await {
+            tracing::debug!(error = %error, "cannot sample the outbox backlog");
+        }
+    }
+
+    async fn sample_dead_letters(&self) {
+        if let Ok(mut dlq) = self
+            .js
+            .get_stream(shop_messaging::provision::DLQ_STREAM)
+            .await
+            && let Ok(info) = dlq.info().await
+        {
+            self.metrics
+                .dead_letters_stored
+                .set(i64::try_from(info.state.messages).unwrap_or(i64::MAX));
+        }
+    }
+
+    async fn sample_consumers(&self) {
+        let consumers = self
+            .probes
+            .consumers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        for (durable, stream) in consumers {
+            let consumer = self
+                .js
+                .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+                    &durable, &stream,
+                )
+                .await;
+            // A durable that is gone is the consumer's to make again (and
+            // shop_consumer_up's to show); its count stays as it was.
+            if let Ok(consumer) = consumer {
+                let info = consumer.cached_info();
+                let pending = info.num_pending.saturating_add(info.num_ack_pending as u64);
+                self.metrics
+                    .consumer_pending
+                    .get_or_create(&ConsumerLabels { consumer: durable })
+                    .set(i64::try_from(pending).unwrap_or(i64::MAX));
+            }
+        }
+    }
+
+    /// What the service's dependencies look like, from a check at most
+    /// [`READY_FRESH`] old.
+    pub async fn readiness(&self) -> Readiness {
+        let mut last = self.probes.ready.lock().await;
+        if let Some((at, readiness)) = *last
+            && at.elapsed() < READY_FRESH
+        {
+            return readiness;
+        }
+        let readiness = self.check_readiness().await;
+        *last = Some((Instant::now(), readiness));
+        readiness
+    }
+
+    async fn check_readiness(&self) -> Readiness {
+        let nats = self.nats.connection_state() == async_nats::connection::State::Connected;
+        let database = async {
+            let mut conn = self.pool.get().await.ok()?;
+            diesel::sql_query("SELECT 1").execute(&mut conn).await.ok()
+        };
+        let database = tokio::time::timeout(Duration::from_secs(2), database)
+            .await
+            .ok()
+            .flatten()
+            .is_some();
+        self.metrics.nats_connected.set(i64::from(nats));
+        Readiness { database, nats }
+    }
+}
+
+/// The state of a service's dependencies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Readiness {
+    /// PostgreSQL answered a query within 2 s.
+    pub database: bool,
+    /// The NATS connection is up.
+    pub nats: bool,
+}
+
+impl Readiness {
+    /// Whether the service can serve its RPCs: they need PostgreSQL only.
+    /// Without NATS, what they commit waits in the outbox and the
+    /// consumers wait for the broker, so a NATS outage does not take the
+    /// service out of its load balancer.
+    pub fn serving(self) -> bool {
+        self.database
+    }
+
+    /// One line for `/readyz`.
+    fn describe(self) -> &'static str {
+        match (self.database, self.nats) {
+            (true, true) => "ready: database up, NATS connected",
+            (true, false) => "ready: database up, NATS disconnected (events wait in the outbox)",
+            (false, true) => "not ready: database unreachable, NATS connected",
+            (false, false) => "not ready: database unreachable, NATS disconnected",
+        }
+    }
+}
+
+/// The HTTP port's routes, at most [`HTTP_CONCURRENCY`] requests at once.
+pub(crate) fn http_app(infra: Arc<Infrastructure>) -> axum::Router {
+    let scraped = Arc::clone(&infra);
+    let slots = Arc::new(tokio::sync::Semaphore::new(HTTP_CONCURRENCY));
+    axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let infra = Arc::clone(&scraped);
+                async move {
+                    infra.sample_gauges().await;
+                    let text = infra.encode_metrics();
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        text,
+                    )
+                }
+            }),
+        )
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            axum::routing::get(move || {
+                let infra = Arc::clone(&infra);
+                async move {
+                    let readiness = infra.readiness().await;
+                    let status = if readiness.serving() {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    };
+                    (status, readiness.describe())
+                }
+            }),
+        )
+        .layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                let slot = Arc::clone(&slots).try_acquire_owned();
+                async move {
+                    match slot {
+                        Ok(_slot) => next.run(request).await,
+                        Err(_) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            [(axum::http::header::RETRY_AFTER, "1")],
+                            "busy: too many HTTP requests at once",
+                        )
+                            .into_response(),
+                    }
+                }
+            },
+        ))
+}
