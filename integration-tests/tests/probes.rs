@@ -96,7 +96,11 @@ async fn scrapes_and_probes_by_the_hundred_cost_the_saga_nothing() {
                 Arc::clone(&busy),
                 Arc::clone(&other),
             );
-            let path = if index % 2 == 0 { "/metrics" } else { "/readyz" };
+            let path = if index % 2 == 0 {
+                "/metrics"
+            } else {
+                "/readyz"
+            };
             tokio::spawn(async move {
                 while !done.load(Ordering::Relaxed) {
                     match get(http, path).await {

@@ -224,6 +224,7 @@ async fn deliveries_of_one_event(
         multiplier: 2,
         max: Duration::from_secs(1),
         max_deliver: 4,
+        max_deliveries: 16,
     })
     .with_hook(hook)
     .with_metrics(metrics.clone());

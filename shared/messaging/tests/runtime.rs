@@ -291,7 +291,7 @@ async fn poison_messages_go_to_the_dead_letter_queue_and_the_stream_keeps_flowin
     let (flaky, letter) = reason("4");
     assert_eq!(
         flaky,
-        "gave up after 4 deliveries: the test dependency is down"
+        "gave up after 4 failed attempts: the test dependency is down"
     );
     assert_eq!(
         header(&letter.headers, dead_letter_headers::DELIVERIES),

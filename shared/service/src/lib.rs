@@ -510,7 +510,6 @@ impl Infrastructure {
         .forgetting_for(&self.outbox)
         .with_metrics(self.metrics.clone())
     }
-
 }
 
 /// The `grpc.health.v1` service name that answers SERVING as long as the

@@ -5,13 +5,14 @@
 //! are not the messages', then settle each message.
 
 use std::any::Any;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
 use diesel::prelude::*;
+use diesel::sql_types::{Array, Integer, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl};
 use futures::FutureExt as _;
 use shop_db::Cached;
@@ -28,6 +29,14 @@ use crate::outbox::{Written, unconfirmed_caused_by};
 use crate::provision::original_subject;
 use crate::schema::inbox;
 use crate::trace;
+
+#[derive(QueryableByName)]
+struct FailureCount {
+    #[diesel(sql_type = SqlUuid)]
+    event_id: uuid::Uuid,
+    #[diesel(sql_type = Integer)]
+    failures: i32,
+}
 
 pub(super) enum Outcome {
     Applied,
@@ -102,6 +111,8 @@ impl<S: Send + Sync + 'static> Inner<S> {
                 Err(failure) => outcomes.push(Some(Err(failure))),
             }
         }
+        self.set_aside_unsettled(&batch, &mut prepared, &mut outcomes)
+            .await;
         if !prepared.is_empty() {
             let mut attempts = 0u32;
             let applied = loop {
@@ -176,11 +187,122 @@ impl<S: Send + Sync + 'static> Inner<S> {
             }
         }
         let elapsed = started.elapsed();
-        for (message, outcome) in batch.iter().zip(outcomes) {
-            let outcome =
-                outcome.unwrap_or_else(|| Err(Failure::Transient("not processed".into())));
-            self.settle(message, outcome, elapsed, events_out).await;
+        let outcomes: Vec<Result<Outcome, Failure>> = outcomes
+            .into_iter()
+            .map(|outcome| {
+                outcome.unwrap_or_else(|| Err(Failure::Transient("not processed".into())))
+            })
+            .collect();
+        let failures = self.count_failures(&prepared, &outcomes).await;
+        for (index, (message, outcome)) in batch.iter().zip(outcomes).enumerate() {
+            let failed = failures
+                .as_ref()
+                .and_then(|counts| counts.get(&index).copied());
+            self.settle(message, outcome, elapsed, events_out, failed)
+                .await;
         }
+    }
+
+    /// Counts one more handler failure for each prepared message that failed
+    /// transiently, and returns each one's count so far by its index in the
+    /// batch; `None` when the counts could not be written (the database
+    /// went away): those messages are retried without spending anything.
+    async fn count_failures(
+        &self,
+        prepared: &[(usize, Prepared<'_, S>)],
+        outcomes: &[Result<Outcome, Failure>],
+    ) -> Option<HashMap<usize, i64>> {
+        let failed: Vec<(usize, uuid::Uuid)> = prepared
+            .iter()
+            .filter(|(index, _)| matches!(outcomes[*index], Err(Failure::Transient(_))))
+            .map(|(index, ready)| (*index, ready.envelope.id))
+            .collect();
+        if failed.is_empty() {
+            return Some(HashMap::new());
+        }
+        let mut ids: Vec<uuid::Uuid> = failed.iter().map(|(_, id)| *id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let counted = async {
+            let mut conn = self.pool.get().await.map_err(|error| error.to_string())?;
+            diesel::sql_query(
+                "INSERT INTO consumer_failures (consumer, event_id, failures)
+                 SELECT $1, id, 1 FROM unnest($2::uuid[]) AS id
+                 ON CONFLICT (consumer, event_id)
+                 DO UPDATE SET failures = consumer_failures.failures + 1, failed_at = now()
+                 RETURNING event_id, failures",
+            )
+            .bind::<Text, _>(&self.name)
+            .bind::<Array<SqlUuid>, _>(&ids)
+            .load::<FailureCount>(&mut conn)
+            .await
+            .map_err(|error| error.to_string())
+        }
+        .await;
+        match counted {
+            Ok(counts) => {
+                let by_id: HashMap<uuid::Uuid, i64> = counts
+                    .into_iter()
+                    .map(|count| (count.event_id, i64::from(count.failures)))
+                    .collect();
+                Some(
+                    failed
+                        .into_iter()
+                        .filter_map(|(index, id)| Some((index, *by_id.get(&id)?)))
+                        .collect(),
+                )
+            }
+            Err(error) => {
+                tracing::warn!(consumer = %self.name, %error, "cannot count the handlers' failures; retrying without counting them");
+                None
+            }
+        }
+    }
+
+    /// Messages delivered more than [`RetryPolicy::max_deliveries`] times
+    /// that are not applied yet are dead-lettered without another attempt:
+    /// their handling may be what stops the process. Those already applied
+    /// stay in the batch, which acks them as duplicates.
+    async fn set_aside_unsettled(
+        &self,
+        batch: &[jetstream::Message],
+        prepared: &mut Vec<(usize, Prepared<'_, S>)>,
+        outcomes: &mut [Option<Result<Outcome, Failure>>],
+    ) {
+        let delivered = |index: usize| batch[index].info().map_or(1, |info| info.delivered);
+        let suspects: Vec<uuid::Uuid> = prepared
+            .iter()
+            .filter(|(index, _)| delivered(*index) > self.retry.max_deliveries)
+            .map(|(_, ready)| ready.envelope.id)
+            .collect();
+        if suspects.is_empty() {
+            return;
+        }
+        let applied = async {
+            let mut conn = self.pool.get().await.map_err(|error| error.to_string())?;
+            inbox::table
+                .filter(inbox::consumer.eq(&self.name))
+                .filter(inbox::event_id.eq_any(&suspects))
+                .select(inbox::event_id)
+                .load::<uuid::Uuid>(&mut conn)
+                .await
+                .map_err(|error| error.to_string())
+        }
+        .await;
+        // Not known: the batch goes ahead; the next delivery asks again.
+        let Ok(applied) = applied else {
+            return;
+        };
+        prepared.retain(|(index, ready)| {
+            let delivered = delivered(*index);
+            if delivered <= self.retry.max_deliveries || applied.contains(&ready.envelope.id) {
+                return true;
+            }
+            outcomes[*index] = Some(Err(Failure::Permanent(format!(
+                "delivered {delivered} times and never settled: its handling may stop the process"
+            ))));
+            false
+        });
     }
 
     /// Parses and decodes a message. `Ok(None)`: no route for its type.
@@ -188,15 +310,6 @@ impl<S: Send + Sync + 'static> Inner<S> {
         &'m self,
         message: &'m jetstream::Message,
     ) -> Result<Option<Prepared<'m, S>>, Failure> {
-        let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
-        if delivered > self.retry.max_deliver {
-            // Earlier deliveries died with their process before they could
-            // be dead-lettered.
-            return Err(Failure::Permanent(format!(
-                "delivered {delivered} times, more than the {} allowed",
-                self.retry.max_deliver
-            )));
-        }
         let envelope = Envelope::parse(
             original_subject(&self.name, &message.subject),
             message.headers.as_ref(),

@@ -9,7 +9,6 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::consumer::pull::MessagesErrorKind;
 use async_nats::jetstream::{self, AckKind};
-use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use futures::{FutureExt as _, StreamExt as _};
 use tokio::sync::Semaphore;
@@ -18,7 +17,6 @@ use tokio_util::task::TaskTracker;
 
 use super::{EventConsumer, Inner};
 use crate::metrics::ConsumerLabels;
-use crate::schema::inbox;
 
 impl<S: Send + Sync + 'static> EventConsumer<S> {
     /// Provisions the durable consumer and handles messages until `shutdown`
@@ -266,7 +264,13 @@ fn take_arrived(
     false
 }
 
-/// Deletes inbox rows older than `retention`, hourly.
+/// How many rows one statement of the hourly clean-up deletes: a backlog of
+/// millions goes in steps that each finish well inside the session's
+/// statement timeout, instead of one statement that never does.
+const PRUNE_CHUNK: i64 = 5_000;
+
+/// Deletes this consumer's inbox rows and failure counts older than
+/// `retention`, hourly, in chunks.
 async fn prune_inbox<S>(inner: Arc<Inner<S>>, retention: Duration, shutdown: CancellationToken) {
     let mut interval = tokio::time::interval(Duration::from_secs(3600));
     loop {
@@ -275,22 +279,53 @@ async fn prune_inbox<S>(inner: Arc<Inner<S>>, retention: Duration, shutdown: Can
             _ = interval.tick() => {}
         }
         let cutoff = chrono::Utc::now() - retention;
-        let result = async {
-            let mut conn = inner.pool.get().await.map_err(|error| error.to_string())?;
-            diesel::delete(
-                inbox::table
-                    .filter(inbox::consumer.eq(&inner.name))
-                    .filter(inbox::received_at.lt(cutoff)),
-            )
-            .execute(&mut conn)
-            .await
-            .map_err(|error| error.to_string())
-        }
-        .await;
-        if let Err(error) = result {
-            tracing::warn!(consumer = %inner.name, %error, "inbox pruning failed");
+        for table in ["inbox", "consumer_failures"] {
+            match prune(&inner, table, cutoff, &shutdown).await {
+                Ok(0) => {}
+                Ok(deleted) => tracing::debug!(consumer = %inner.name, table, deleted, "pruned"),
+                Err(error) => {
+                    tracing::warn!(consumer = %inner.name, table, %error, "pruning failed")
+                }
+            }
         }
     }
+}
+
+/// Deletes `table`'s rows of this consumer older than `cutoff`,
+/// [`PRUNE_CHUNK`] at a time, until none is left or shutdown; returns how
+/// many.
+pub(super) async fn prune<S>(
+    inner: &Inner<S>,
+    table: &str,
+    cutoff: chrono::DateTime<chrono::Utc>,
+    shutdown: &CancellationToken,
+) -> Result<usize, String> {
+    let column = if table == "inbox" {
+        "received_at"
+    } else {
+        "failed_at"
+    };
+    let statement = format!(
+        "DELETE FROM {table} WHERE (consumer, event_id) IN (
+             SELECT consumer, event_id FROM {table}
+             WHERE consumer = $1 AND {column} < $2 LIMIT $3)"
+    );
+    let mut deleted = 0;
+    while !shutdown.is_cancelled() {
+        let mut conn = inner.pool.get().await.map_err(|error| error.to_string())?;
+        let chunk = diesel::sql_query(&statement)
+            .bind::<diesel::sql_types::Text, _>(&inner.name)
+            .bind::<diesel::sql_types::Timestamptz, _>(cutoff)
+            .bind::<diesel::sql_types::BigInt, _>(PRUNE_CHUNK)
+            .execute(&mut conn)
+            .await
+            .map_err(|error| error.to_string())?;
+        deleted += chunk;
+        if i64::try_from(chunk).unwrap_or(i64::MAX) < PRUNE_CHUNK {
+            break;
+        }
+    }
+    Ok(deleted)
 }
 
 fn reconnect_delay(failures: u32) -> Duration {

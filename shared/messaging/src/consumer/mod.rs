@@ -35,8 +35,8 @@
 //!
 //! A handler fails with a [`HandlerError`]: a transient failure is retried
 //! by a nak with an exponentially growing delay ([`RetryPolicy`]) and
-//! dead-lettered on the last allowed delivery; a permanent one is
-//! dead-lettered at once. A panicking handler counts as a transient failure
+//! dead-lettered on the last allowed failed attempt (only attempts whose
+//! handler failed count); a permanent one is dead-lettered at once. A panicking handler counts as a transient failure
 //! and the loop carries on. A dead letter keeps the original body and
 //! headers, adds the reason, the consumer, the delivery count and the stream
 //! sequence, goes to `dlq.<consumer>.<subject>`, and only then is the
@@ -82,7 +82,16 @@ use crate::provision::ConsumerSpec;
 
 /// Delays between deliveries of a message whose handler failed transiently:
 /// `initial`, then multiplied by `multiplier` per failure up to `max`; the
-/// `max_deliver`-th failed delivery is dead-lettered.
+/// `max_deliver`-th failed attempt is dead-lettered.
+///
+/// Only attempts whose handler failed count (kept per event in the
+/// `consumer_failures` table): a delivery that ended otherwise — a nak at
+/// shutdown, a process that stopped or died with the message in hand, a
+/// batch kept while the database was away — spends nothing, so a rolling
+/// deploy during an outage dead-letters no event. A message delivered more
+/// than `max_deliveries` times that is still not applied is dead-lettered
+/// without running its handler again: its handling may be what stops the
+/// process. One already applied is acked, never dead-lettered.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetryPolicy {
     /// The delay after the first failure.
@@ -91,8 +100,11 @@ pub struct RetryPolicy {
     pub multiplier: u32,
     /// The longest delay.
     pub max: Duration,
-    /// The most deliveries of one message, the first included.
+    /// The most attempts of one message whose handler failed.
     pub max_deliver: i64,
+    /// The most deliveries of one message not yet applied, however each
+    /// ended, before it is dead-lettered without another attempt.
+    pub max_deliveries: i64,
 }
 
 impl Default for RetryPolicy {
@@ -102,15 +114,16 @@ impl Default for RetryPolicy {
             multiplier: 2,
             max: Duration::from_secs(30),
             max_deliver: 8,
+            max_deliveries: 64,
         }
     }
 }
 
 impl RetryPolicy {
-    /// The delay before delivery `delivered + 1`, after delivery `delivered`
+    /// The delay before the next attempt, after the `failures`-th attempt
     /// (counted from 1) failed.
-    pub fn delay(&self, delivered: i64) -> Duration {
-        let exponent = u32::try_from(delivered.saturating_sub(1))
+    pub fn delay(&self, failures: i64) -> Duration {
+        let exponent = u32::try_from(failures.saturating_sub(1))
             .unwrap_or(u32::MAX)
             .min(30);
         let factor = self.multiplier.saturating_pow(exponent);
@@ -301,9 +314,10 @@ mod tests {
             multiplier: 2,
             max: Duration::from_millis(700),
             max_deliver: 10,
+            max_deliveries: 64,
         };
         let delays: Vec<_> = (1..=5)
-            .map(|delivered| policy.delay(delivered).as_millis())
+            .map(|failures| policy.delay(failures).as_millis())
             .collect();
         assert_eq!(delays, [100, 200, 400, 700, 700]);
         assert_eq!(policy.delay(i64::MAX), Duration::from_millis(700));

@@ -32,13 +32,16 @@ impl<S: Send + Sync + 'static> Inner<S> {
     /// Acks, naks or dead-letters a message after its batch. A message
     /// applied (or applied before) whose events are not all in JetStream
     /// (`events_out` false) is left unacknowledged: its redelivery after the
-    /// ack wait publishes them.
+    /// ack wait publishes them. A transient failure is dead-lettered once
+    /// its handler has failed `max_deliver` times (`failures`, counted in
+    /// the database; `None` when they could not be counted: retried).
     pub(super) async fn settle(
         &self,
         message: &jetstream::Message,
         outcome: Result<Outcome, Failure>,
         elapsed: Duration,
         events_out: bool,
+        failures: Option<i64>,
     ) {
         let (delivered, stream, sequence) = match message.info() {
             Ok(info) => (info.delivered, info.stream.to_owned(), info.stream_sequence),
@@ -60,15 +63,18 @@ impl<S: Send + Sync + 'static> Inner<S> {
                 self.stats.ignored.fetch_add(1, Ordering::Relaxed);
                 (AckKind::Ack, Processed::Ignored)
             }
-            Err(Failure::Transient(reason)) if delivered < self.retry.max_deliver => {
-                let delay = self.retry.delay(delivered);
+            Err(Failure::Transient(reason))
+                if failures.is_none_or(|failures| failures < self.retry.max_deliver) =>
+            {
+                let delay = self.retry.delay(failures.unwrap_or(delivered));
                 let (order_id, trace_id) = saga_ids(message);
-                tracing::warn!(consumer = %self.name, subject = %message.subject, order_id, trace_id, delivered, ?delay, %reason, "handler failed; retrying");
+                tracing::warn!(consumer = %self.name, subject = %message.subject, order_id, trace_id, delivered, failures, ?delay, %reason, "handler failed; retrying");
                 self.stats.retried.fetch_add(1, Ordering::Relaxed);
                 (AckKind::Nak(Some(delay)), Processed::Retried)
             }
             Err(Failure::Transient(reason)) => {
-                let reason = format!("gave up after {delivered} deliveries: {reason}");
+                let failures = failures.unwrap_or(delivered);
+                let reason = format!("gave up after {failures} failed attempts: {reason}");
                 self.dead_letter(message, &reason, delivered, &stream, sequence)
                     .await
             }

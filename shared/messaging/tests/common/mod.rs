@@ -35,6 +35,11 @@ pub struct Setup {
 }
 
 pub async fn setup() -> Setup {
+    setup_with(&[]).await
+}
+
+/// [`setup`], with `settings` for PostgreSQL on top of the harness's.
+pub async fn setup_with(settings: &[String]) -> Setup {
     // Logs only when asked for: TEST_LOG=debug cargo nextest run ...
     if let Ok(filter) = std::env::var("TEST_LOG") {
         let _ = tracing_subscriber::fmt()
@@ -42,7 +47,7 @@ pub async fn setup() -> Setup {
             .with_test_writer()
             .try_init();
     }
-    let infra = TestInfra::start().await;
+    let infra = TestInfra::start_with_postgres_settings(settings).await;
     let url = infra.postgres.create_database("svc").await;
     shop_db::migrate(&url, vec![shop_messaging::MIGRATIONS])
         .await
@@ -266,6 +271,7 @@ pub fn consumer_with(
         multiplier: 2,
         max: Duration::from_secs(2),
         max_deliver: 4,
+        max_deliveries: 16,
     })
 }
 
