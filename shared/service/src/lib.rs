@@ -22,6 +22,7 @@
 //!   status, and the field parsers that produce it.
 
 mod error;
+mod lifecycle;
 pub use shop_domain::limits;
 mod observe;
 mod probes;
@@ -29,6 +30,7 @@ mod telemetry;
 mod tls;
 
 pub use error::{ApiError, is_unique_violation, page_after, page_size, parse_uuid};
+pub use lifecycle::{DRAIN, SHUTDOWN_WITHIN};
 pub use observe::GrpcMetrics;
 pub use probes::{HTTP_CONCURRENCY, READY_FRESH, Readiness, SAMPLE_EVERY};
 pub use shop_auth::{AuthConfig, Caller, caller_of, roles};
@@ -518,9 +520,6 @@ impl Infrastructure {
 /// [`Readiness::serving`]).
 pub const LIVENESS: &str = "liveness";
 
-/// How long a stopping server waits for its open connections to finish.
-const DRAIN: Duration = Duration::from_secs(10);
-
 /// How often a service pings its NATS server; see where it connects.
 const NATS_PING_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -658,10 +657,11 @@ impl Server {
             .expect("a bound listener has an address")
     }
 
-    /// Serves until `shutdown` is cancelled, then, in this order: stops
-    /// taking requests and messages, lets the requests, batches and
-    /// background tasks in hand finish, lets the relay publish what they
-    /// committed (for at most its drain time), and returns.
+    /// Serves until `shutdown` is cancelled or a server ends on its own,
+    /// then, in this order and within [`SHUTDOWN_WITHIN`]: stops taking
+    /// requests and messages, lets the requests, batches and background
+    /// tasks in hand finish, lets the relay publish what they committed,
+    /// and returns (see `lifecycle`).
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Self {
             name,
@@ -703,8 +703,15 @@ impl Server {
         // nothing in its outbox for the next start.
         let relay_stop = CancellationToken::new();
         let relay = tokio::spawn(infra.relay().run(relay_stop.clone()));
-        // Should serving fail and return early, the relay stops too.
-        let relay_stop = relay_stop.drop_guard();
+        // Everything stops on `stop`: the caller's shutdown, or a server of
+        // this service ending on its own (see `lifecycle`).
+        let shutdown = shutdown.child_token();
+        // Should this function return early (a bad TLS setting), nothing
+        // it started keeps running.
+        let _stop_guards = (
+            shutdown.clone().drop_guard(),
+            relay_stop.clone().drop_guard(),
+        );
         let tracker = TaskTracker::new();
         let grpc_metrics = GrpcMetrics::default();
         infra.register_metrics(|registry| grpc_metrics.register(registry));
@@ -768,27 +775,26 @@ impl Server {
             .layer(shop_auth::AuthLayer::new(verifier))
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
-        // A client that keeps its connection open must not hold the process:
-        // past the drain time, open connections are dropped.
-        let drained = async {
-            shutdown.cancelled().await;
-            tokio::time::sleep(DRAIN).await;
+        let http = async move { Ok(http.await.context("the HTTP server task")??) };
+        let grpc = async move { Ok(grpc.await?) };
+        let relay = async move {
+            if let Err(error) = relay.await {
+                tracing::error!(service = name, %error, "the outbox relay task failed");
+            }
         };
-        tokio::select! {
-            served = grpc => served.context("serving gRPC")?,
-            () = drained => tracing::warn!(service = name, ?DRAIN, "gRPC connections still open; closing them"),
-        }
-        match tokio::time::timeout(DRAIN, http).await {
-            Ok(served) => served
-                .context("the HTTP server task")?
-                .context("serving HTTP")?,
-            Err(_) => tracing::warn!(service = name, "HTTP connections still open; closing them"),
-        }
-        tracker.wait().await;
-        relay_stop.disarm().cancel();
-        if let Err(error) = relay.await {
-            tracing::error!(service = name, %error, "the outbox relay task failed");
-        }
+        // Boxed: the servers' futures are large.
+        Box::pin(
+            lifecycle::Running {
+                stop: shutdown,
+                grpc,
+                http,
+                tasks: tracker,
+                relay_stop,
+                relay,
+            }
+            .serve(name, SHUTDOWN_WITHIN),
+        )
+        .await?;
         tracing::info!(service = name, "stopped");
         Ok(())
     }

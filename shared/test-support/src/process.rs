@@ -35,10 +35,15 @@ impl ServerProcess {
             .map_err(io_error("cannot open log"))?;
         let err = out.try_clone().map_err(io_error("cannot open log"))?;
         command.stdin(Stdio::null()).stdout(out).stderr(err);
+        use std::os::unix::process::CommandExt as _;
         if let Some((uid, gid)) = user {
-            use std::os::unix::process::CommandExt as _;
             command.uid(uid).gid(gid);
         }
+        // A process group of its own: a terminal's Ctrl-C goes to the whole
+        // foreground group, and a server must not stop at the same instant
+        // as the services still draining into it. Whoever started it stops
+        // it (`shopctl up` last, after the services), or its death does.
+        command.process_group(0);
         set_parent_death_signal(&mut command);
         let child = command.spawn().map_err(|source| HarnessError::Io {
             context: format!("cannot run {:?}", command.get_program()),

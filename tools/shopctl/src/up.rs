@@ -127,7 +127,9 @@ impl Up {
         auth.jwks_file = Some(shop_auth::LocalIssuer::jwks_path(&auth_dir));
 
         let mut running = Vec::new();
+        let mut databases = Vec::new();
         for ((service, grpc, http), (owner_url, url)) in SERVICES.into_iter().zip(urls) {
+            databases.push((service, url.clone()));
             // The migration step, as the schema's owner; the service then
             // runs as a role that can only read and write rows.
             let owner = ServiceConfig {
@@ -187,10 +189,40 @@ impl Up {
         if let Some(telemetry) = telemetry {
             telemetry.shutdown().await;
         }
+        // The services drained into NATS and PostgreSQL, which are stopped
+        // only now: what their outboxes still hold, the next start sends.
+        let mut left = Vec::new();
+        for (service, url) in &databases {
+            match outbox_rows(url).await {
+                Ok(0) => {}
+                Ok(rows) => left.push(format!("{service} {rows}")),
+                Err(error) => left.push(format!("{service} unknown ({error})")),
+            }
+        }
+        if left.is_empty() {
+            println!("outboxes empty");
+        } else {
+            tracing::warn!(left = %left.join(", "), "events left in the outboxes; the next start publishes them");
+        }
         nats.stop();
         postgres.stop();
         Ok(())
     }
+}
+
+/// How many events the outbox of `database_url` holds.
+async fn outbox_rows(database_url: &str) -> anyhow::Result<i64> {
+    use diesel_async::RunQueryDsl as _;
+    #[derive(diesel::QueryableByName)]
+    struct Rows {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        rows: i64,
+    }
+    let mut conn = AsyncPgConnection::establish(database_url).await?;
+    Ok(diesel::sql_query("SELECT count(*) AS rows FROM outbox")
+        .get_result::<Rows>(&mut conn)
+        .await?
+        .rows)
 }
 
 /// The stack's NATS: one server, or a three-node cluster.
