@@ -246,6 +246,9 @@ fn spawn(
         .env("LOG_FORMAT", "json")
         .env("JWKS", issuer().jwks())
         .env("JWT_ISSUER", shop_auth::LOCAL_ISSUER)
+        // Wallets with something to spend (the service's default is 0);
+        // a test's own `env` may say otherwise.
+        .env("STARTING_CREDIT_CENTS", "100000")
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(if std::env::var_os("TEST_LOG").is_some() {
