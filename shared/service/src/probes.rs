@@ -1,4 +1,5 @@
-//! What the HTTP port answers: `/metrics`, `/healthz` and `/readyz`.
+//! Health, readiness and metrics: what the HTTP port answers (`/metrics`,
+//! `/healthz`, `/readyz`) and what `grpc.health.v1` reports.
 //!
 //! Scrapes and probes come from outside, as often as anyone sends them
 //! (two Prometheus replicas, a load balancer, a loop of `curl`), and none of
@@ -13,6 +14,9 @@
 //!   health service shares it);
 //! - at most [`HTTP_CONCURRENCY`] requests are served at once; the ones
 //!   beyond are answered 503 at once rather than queued.
+//!
+//! The gRPC health service (`grpc.health.v1`) is kept up to date here too,
+//! every 5 s, from the same readiness check.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,6 +26,7 @@ use axum::response::IntoResponse as _;
 use diesel_async::RunQueryDsl as _;
 use shop_messaging::metrics::ConsumerLabels;
 use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
 
 use crate::Infrastructure;
 
@@ -237,4 +242,80 @@ pub(crate) fn http_app(infra: Arc<Infrastructure>) -> axum::Router {
                 }
             },
         ))
+}
+
+/// The `grpc.health.v1` service name that answers SERVING as long as the
+/// process serves, for liveness probes; the server as a whole (`""`) and
+/// each API answer SERVING only while PostgreSQL does (see
+/// [`Readiness::serving`]).
+pub const LIVENESS: &str = "liveness";
+
+/// Reports every gRPC service NOT_SERVING until the first look at the
+/// dependencies (rather than "unknown service", or SERVING for the server
+/// as a whole), and [`LIVENESS`] SERVING while the process serves at all,
+/// whatever its dependencies do (restarting it would not bring them back).
+pub(crate) async fn report_starting(
+    health: &tonic_health::server::HealthReporter,
+    services: &[&'static str],
+) {
+    for service in services.iter().copied().chain([""]) {
+        health
+            .set_service_status(service, tonic_health::ServingStatus::NotServing)
+            .await;
+    }
+    health
+        .set_service_status(LIVENESS, tonic_health::ServingStatus::Serving)
+        .await;
+}
+
+/// How often the gRPC health status is brought up to date. Each look asks
+/// the database a question, so an idle service should not look every
+/// second; at 5 s Kubernetes' gRPC readiness probe (every 5 s in the chart)
+/// still sees a lost database within two of its periods. `/readyz` shares
+/// the check when it is under a second old.
+const HEALTH_EVERY: Duration = Duration::from_secs(5);
+
+/// Reports every gRPC service SERVING while the service can serve (the
+/// database answers), NOT_SERVING otherwise, and logs each change of either
+/// dependency.
+pub(crate) async fn watch_health(
+    health: tonic_health::server::HealthReporter,
+    services: Vec<&'static str>,
+    infra: Infrastructure,
+    shutdown: CancellationToken,
+) {
+    let mut last: Option<Readiness> = None;
+    loop {
+        let now = infra.readiness().await;
+        if last.map(Readiness::serving) != Some(now.serving()) {
+            let status = if now.serving() {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            for service in services.iter().copied().chain([""]) {
+                health.set_service_status(service, status).await;
+            }
+        }
+        if let Some(last) = last
+            && last != now
+        {
+            tracing::warn!(
+                database = now.database,
+                nats = now.nats,
+                serving = now.serving(),
+                "dependencies changed state"
+            );
+        }
+        last = Some(now);
+        tokio::select! {
+            () = shutdown.cancelled() => {
+                for service in services.iter().copied().chain([""]) {
+                    health.set_service_status(service, tonic_health::ServingStatus::NotServing).await;
+                }
+                return;
+            }
+            () = tokio::time::sleep(HEALTH_EVERY) => {}
+        }
+    }
 }
