@@ -19,13 +19,16 @@ mod schema;
 mod store;
 
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
-use shop_messaging::{ConsumerSpec, StreamSpec};
-use shop_service::{Infrastructure, Ports, Server, ServiceConfig};
+use shop_service::{Identity, Infrastructure, Ports, Server, ServiceConfig};
 
-/// The default ports: gRPC 50053, HTTP 9103.
-pub const PORTS: Ports = Ports {
-    grpc: 50053,
-    http: 9103,
+/// The inventory service: its name, its stream, its default ports.
+pub const SERVICE: Identity = Identity {
+    name: "inventory",
+    stream: "INVENTORY",
+    ports: Ports {
+        grpc: 50053,
+        http: 9103,
+    },
 };
 
 /// The service's schema, from `migrations/inventory/`.
@@ -42,26 +45,20 @@ pub struct Config {
 
 /// Starts the inventory service's infrastructure and binds its servers.
 pub async fn build(config: Config) -> anyhow::Result<Server> {
-    let infra = Infrastructure::start(
-        &config.service,
-        "inventory",
-        StreamSpec::new("INVENTORY", "inventory"),
-        MIGRATIONS,
-    )
-    .await?;
+    let infra = Infrastructure::start(&config.service, &SERVICE, MIGRATIONS).await?;
     let consumer = |spec, router| infra.consumer(spec, router, events::Handlers);
-    let on = |stream: &str| ConsumerSpec::new("inventory", stream, &[]);
+    let on = |stream: &str| SERVICE.consumer_of(stream);
     let orders = consumer(on("ORDER"), events::order_events());
     let payments = consumer(on("PAYMENT"), events::payment_events());
     // Dead letters that an operator replays come back to this service only.
     let replays = consumer(
-        ConsumerSpec::replays("inventory"),
+        SERVICE.replays(),
         events::order_events().merge(events::payment_events()),
     );
     let api = grpc::InventoryApi::new(app::Catalogue::new(infra.pool.clone()));
-    Ok(Server::bind("inventory", PORTS, &config.service, infra)
+    Ok(Server::bind(&SERVICE, &config.service, infra)
         .await?
-        .add_service("shop.inventory.v1.InventoryService", api.into_server())
+        .add_service(api.into_server())
         .add_task(Box::new(move |shutdown| Box::pin(orders.run(shutdown))))
         .add_task(Box::new(move |shutdown| Box::pin(payments.run(shutdown))))
         .add_task(Box::new(move |shutdown| Box::pin(replays.run(shutdown)))))

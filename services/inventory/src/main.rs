@@ -3,7 +3,8 @@ use clap::Parser as _;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = shop_inventory::Config::parse();
-    let telemetry = shop_service::Telemetry::init("inventory", config.service.log_format)?;
+    let telemetry =
+        shop_service::Telemetry::init(shop_inventory::SERVICE.name, config.service.log_format)?;
     if config.service.migrate_only {
         let result = shop_service::migrate_only(&config.service, shop_inventory::MIGRATIONS).await;
         telemetry.shutdown().await;

@@ -24,13 +24,16 @@ mod store;
 use std::time::Duration;
 
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
-use shop_messaging::{ConsumerSpec, StreamSpec};
-use shop_service::{Infrastructure, Ports, Server, ServiceConfig};
+use shop_service::{Identity, Infrastructure, Ports, Server, ServiceConfig};
 
-/// The default ports: gRPC 50052, HTTP 9102.
-pub const PORTS: Ports = Ports {
-    grpc: 50052,
-    http: 9102,
+/// The order service: its name, its stream, its default ports.
+pub const SERVICE: Identity = Identity {
+    name: "order",
+    stream: "ORDER",
+    ports: Ports {
+        grpc: 50052,
+        http: 9102,
+    },
 };
 
 /// The service's schema, from `migrations/order/`.
@@ -51,26 +54,20 @@ pub struct Config {
 
 /// Starts the order service's infrastructure and binds its servers.
 pub async fn build(config: Config) -> anyhow::Result<Server> {
-    let infra = Infrastructure::start(
-        &config.service,
-        "order",
-        StreamSpec::new("ORDER", "order"),
-        MIGRATIONS,
-    )
-    .await?;
+    let infra = Infrastructure::start(&config.service, &SERVICE, MIGRATIONS).await?;
     let sagas = metrics::SagaMetrics::default();
     infra.register_metrics(|registry| sagas.register(registry));
     let handlers = events::Handlers {
         metrics: sagas.clone(),
     };
     let consumer = |spec, router| infra.consumer(spec, router, handlers.clone());
-    let on = |stream: &str| ConsumerSpec::new("order", stream, &[]);
+    let on = |stream: &str| SERVICE.consumer_of(stream);
     let users = consumer(on("USER"), events::user_events());
     let inventory = consumer(on("INVENTORY"), events::inventory_events());
     let payments = consumer(on("PAYMENT"), events::payment_events());
     // Dead letters that an operator replays come back to this service only.
     let replays = consumer(
-        ConsumerSpec::replays("order"),
+        SERVICE.replays(),
         events::user_events()
             .merge(events::inventory_events())
             .merge(events::payment_events()),
@@ -83,9 +80,9 @@ pub async fn build(config: Config) -> anyhow::Result<Server> {
     );
     let sweeper = orders.clone();
     let api = grpc::OrderApi::new(orders);
-    Ok(Server::bind("order", PORTS, &config.service, infra)
+    Ok(Server::bind(&SERVICE, &config.service, infra)
         .await?
-        .add_service("shop.order.v1.OrderService", api.into_server())
+        .add_service(api.into_server())
         .add_task(Box::new(move |shutdown| Box::pin(users.run(shutdown))))
         .add_task(Box::new(move |shutdown| Box::pin(inventory.run(shutdown))))
         .add_task(Box::new(move |shutdown| Box::pin(payments.run(shutdown))))

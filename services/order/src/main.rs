@@ -3,7 +3,8 @@ use clap::Parser as _;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = shop_order::Config::parse();
-    let telemetry = shop_service::Telemetry::init("order", config.service.log_format)?;
+    let telemetry =
+        shop_service::Telemetry::init(shop_order::SERVICE.name, config.service.log_format)?;
     if config.service.migrate_only {
         let result = shop_service::migrate_only(&config.service, shop_order::MIGRATIONS).await;
         telemetry.shutdown().await;

@@ -18,13 +18,16 @@ mod schema;
 mod store;
 
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
-use shop_messaging::{ConsumerSpec, StreamSpec};
-use shop_service::{Infrastructure, Ports, Server, ServiceConfig};
+use shop_service::{Identity, Infrastructure, Ports, Server, ServiceConfig};
 
-/// The default ports: gRPC 50054, HTTP 9104.
-pub const PORTS: Ports = Ports {
-    grpc: 50054,
-    http: 9104,
+/// The payment service: its name, its stream, its default ports.
+pub const SERVICE: Identity = Identity {
+    name: "payment",
+    stream: "PAYMENT",
+    ports: Ports {
+        grpc: 50054,
+        http: 9104,
+    },
 };
 
 /// The service's schema, from `migrations/payment/`.
@@ -46,32 +49,26 @@ pub struct Config {
 
 /// Starts the payment service's infrastructure and binds its servers.
 pub async fn build(config: Config) -> anyhow::Result<Server> {
-    let infra = Infrastructure::start(
-        &config.service,
-        "payment",
-        StreamSpec::new("PAYMENT", "payment"),
-        MIGRATIONS,
-    )
-    .await?;
+    let infra = Infrastructure::start(&config.service, &SERVICE, MIGRATIONS).await?;
     let handlers = events::Handlers {
         starting_credit: config.starting_credit_cents,
     };
     let consumer = |spec, router| infra.consumer(spec, router, handlers);
-    let on = |stream: &str| ConsumerSpec::new("payment", stream, &[]);
+    let on = |stream: &str| SERVICE.consumer_of(stream);
     let users = consumer(on("USER"), events::user_events());
     let reservations = consumer(on("INVENTORY"), events::inventory_events());
     let cancellations = consumer(on("ORDER"), events::order_events());
     // Dead letters that an operator replays come back to this service only.
     let replays = consumer(
-        ConsumerSpec::replays("payment"),
+        SERVICE.replays(),
         events::user_events()
             .merge(events::inventory_events())
             .merge(events::order_events()),
     );
     let api = grpc::PaymentApi::new(app::Wallets::new(infra.pool.clone()));
-    Ok(Server::bind("payment", PORTS, &config.service, infra)
+    Ok(Server::bind(&SERVICE, &config.service, infra)
         .await?
-        .add_service("shop.payment.v1.PaymentService", api.into_server())
+        .add_service(api.into_server())
         .add_task(Box::new(move |shutdown| Box::pin(users.run(shutdown))))
         .add_task(Box::new(move |shutdown| {
             Box::pin(reservations.run(shutdown))

@@ -15,13 +15,16 @@ mod schema;
 mod store;
 
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
-use shop_messaging::StreamSpec;
-use shop_service::{Infrastructure, Ports, Server, ServiceConfig};
+use shop_service::{Identity, Infrastructure, Ports, Server, ServiceConfig};
 
-/// The default ports: gRPC 50051, HTTP 9101.
-pub const PORTS: Ports = Ports {
-    grpc: 50051,
-    http: 9101,
+/// The user service: its name, its stream, its default ports.
+pub const SERVICE: Identity = Identity {
+    name: "user",
+    stream: "USER",
+    ports: Ports {
+        grpc: 50051,
+        http: 9101,
+    },
 };
 
 /// The service's schema, from `migrations/user/`.
@@ -39,15 +42,9 @@ pub struct Config {
 /// Starts the user service's infrastructure and binds its servers; `run`
 /// the result to serve.
 pub async fn build(config: Config) -> anyhow::Result<Server> {
-    let infra = Infrastructure::start(
-        &config.service,
-        "user",
-        StreamSpec::new("USER", "user"),
-        MIGRATIONS,
-    )
-    .await?;
+    let infra = Infrastructure::start(&config.service, &SERVICE, MIGRATIONS).await?;
     let api = grpc::UserApi::new(app::Users::new(infra.pool.clone(), infra.outbox.clone()));
-    Ok(Server::bind("user", PORTS, &config.service, infra)
+    Ok(Server::bind(&SERVICE, &config.service, infra)
         .await?
-        .add_service("shop.user.v1.UserService", api.into_server()))
+        .add_service(api.into_server()))
 }

@@ -15,6 +15,7 @@ use shop_messaging::{
     ConsumerSpec, EventConsumer, MessagingMetrics, Outbox, Relay, RelayConfig, Router, StreamSpec,
 };
 
+use crate::Identity;
 use crate::config::{Migrations, ServiceConfig};
 use crate::probes;
 
@@ -73,10 +74,10 @@ impl Infrastructure {
     /// dead-letter stream and the stream of replayed dead letters.
     pub async fn start(
         config: &ServiceConfig,
-        service: &str,
-        stream: StreamSpec,
+        identity: &Identity,
         migrations: EmbeddedMigrations,
     ) -> anyhow::Result<Self> {
+        let service = identity.name;
         // First: a service that could not check tokens must not start.
         let verifier = shop_auth::Verifier::from_config(&config.auth)
             .await
@@ -167,7 +168,8 @@ impl Infrastructure {
             .await
             .context("connecting to NATS")?;
         let js = jetstream::new(nats.clone());
-        stream
+        identity
+            .stream_spec()
             .with_replicas(config.stream_replicas)
             .with_max_bytes(config.stream_max_bytes)
             .provision_patiently(&js, PROVISION_PATIENCE)
@@ -191,7 +193,7 @@ impl Infrastructure {
         let metrics = MessagingMetrics::default();
         let mut registry = Registry::default();
         metrics.register(&mut registry);
-        let outbox = Outbox::new(format!("shop/{service}"))
+        let outbox = Outbox::new(identity.source())
             .publishing_to(js.clone())
             .with_metrics(metrics.clone());
         Ok(Self {

@@ -5,6 +5,8 @@
 //!   variables (`DATABASE_URL`, `NATS_URL`, `GRPC_ADDR`, `HTTP_ADDR`, the
 //!   token verification of [`AuthConfig`], the [`TlsConfig`], ...); secrets
 //!   are kept in `secrecy` types.
+//! - `identity`: [`Identity`], a service's name, stream and ports, written
+//!   once per service.
 //! - `infra`: [`Infrastructure`], start-up of the token verifier, the
 //!   database (migrations applied or checked, pools) and JetStream (the
 //!   service's stream; `DLQ` and `REPLAY` made or checked), and the outbox;
@@ -30,6 +32,7 @@
 
 mod config;
 mod error;
+mod identity;
 mod infra;
 mod lifecycle;
 mod observe;
@@ -41,6 +44,7 @@ mod tls;
 
 pub use config::{LogFormat, Migrations, ServiceConfig};
 pub use error::{ApiError, is_unique_violation, page_after, page_size, parse_uuid};
+pub use identity::Identity;
 pub use infra::{Infrastructure, migrate_only};
 pub use lifecycle::{DRAIN, SHUTDOWN_WITHIN};
 pub use observe::GrpcMetrics;

@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::Identity;
 use crate::config::ServiceConfig;
 use crate::infra::Infrastructure;
 use crate::observe::{self, GrpcMetrics};
@@ -61,14 +62,14 @@ async fn listen(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 impl Server {
-    /// Binds the listeners of `config` for service `name`, on its default
-    /// ports unless the configuration names addresses.
+    /// Binds the listeners of `config` for the service `identity` names, on
+    /// its default ports unless the configuration names addresses.
     pub async fn bind(
-        name: &'static str,
-        ports: Ports,
+        identity: &Identity,
         config: &ServiceConfig,
         infra: Infrastructure,
     ) -> anyhow::Result<Self> {
+        let (name, ports) = (identity.name, identity.ports);
         let any = std::net::Ipv4Addr::UNSPECIFIED;
         let grpc = listen(
             "gRPC",
@@ -103,9 +104,10 @@ impl Server {
         })
     }
 
-    /// Adds a gRPC service; `full_name` is what `grpc.health.v1` reports it as.
+    /// Adds a gRPC service, reported by `grpc.health.v1` and reflection
+    /// under its full name (`shop.order.v1.OrderService`).
     #[must_use]
-    pub fn add_service<S>(mut self, full_name: &'static str, service: S) -> Self
+    pub fn add_service<S>(mut self, service: S) -> Self
     where
         S: tower_service::Service<
                 axum::http::Request<tonic::body::Body>,
@@ -119,7 +121,7 @@ impl Server {
         S::Future: Send + 'static,
     {
         self.routes = self.routes.add_service(service);
-        self.services.push(full_name);
+        self.services.push(S::NAME);
         self
     }
 

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, SimpleAsyncConnection as _};
-use shop_service::{LogFormat, Running, Server, ServiceConfig};
+use shop_service::{Identity, LogFormat, Ports, Running, Server, ServiceConfig};
 use shop_test_support::{TestNats, TestNatsCluster, TestPostgres};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tracing::Instrument as _;
@@ -53,11 +53,11 @@ pub(crate) struct Up {
 }
 
 /// The services with their default ports, in start order.
-const SERVICES: [(&str, u16, u16); 4] = [
-    ("user", 50051, 9101),
-    ("order", 50052, 9102),
-    ("inventory", 50053, 9103),
-    ("payment", 50054, 9104),
+const SERVICES: [Identity; 4] = [
+    shop_user::SERVICE,
+    shop_order::SERVICE,
+    shop_inventory::SERVICE,
+    shop_payment::SERVICE,
 ];
 
 impl Up {
@@ -71,7 +71,12 @@ impl Up {
                 .with_context(|| format!("wiping {}", self.data_dir.display()))?;
         }
         // Free ports first: a clear error before anything starts.
-        for (service, grpc, http) in SERVICES {
+        for Identity {
+            name: service,
+            ports: Ports { grpc, http },
+            ..
+        } in SERVICES
+        {
             for replica in 0..self.replicas {
                 for (what, port) in [("gRPC", grpc), ("HTTP", http)] {
                     let port = port + 100 * replica;
@@ -128,7 +133,8 @@ impl Up {
 
         let mut running = Vec::new();
         let mut databases = Vec::new();
-        for ((service, grpc, http), (owner_url, url)) in SERVICES.into_iter().zip(urls) {
+        for (identity, (owner_url, url)) in SERVICES.into_iter().zip(urls) {
+            let (service, Ports { grpc, http }) = (identity.name, identity.ports);
             databases.push((service, url.clone()));
             // The migration step, as the schema's owner; the service then
             // runs as a role that can only read and write rows.
@@ -296,7 +302,7 @@ async fn build(service: &str, config: ServiceConfig) -> anyhow::Result<Server> {
 async fn create_databases(postgres: &TestPostgres) -> anyhow::Result<Vec<(String, String)>> {
     let mut admin = AsyncPgConnection::establish(&postgres.url("postgres")).await?;
     let mut urls = Vec::new();
-    for (service, _, _) in SERVICES {
+    for Identity { name: service, .. } in SERVICES {
         let name = format!("shop_{service}");
         let owner = format!("{name}_owner");
         admin
