@@ -387,7 +387,7 @@ mod tests {
         let error = debit(&mut conn, &[charge(Uuid::now_v7(), 1)])
             .await
             .unwrap_err();
-        assert!(matches!(error, HandlerError::Transient(_)), "{error}");
+        assert!(matches!(error, HandlerError::Retryable(_)), "{error}");
         let payments: i64 = payments::table.count().get_result(&mut conn).await.unwrap();
         assert_eq!(payments, 4);
     }

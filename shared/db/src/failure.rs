@@ -72,9 +72,10 @@ impl Failure {
         }
     }
 
-    /// Whether the failure says nothing about the work itself: the same
-    /// transaction may well succeed a moment later.
-    pub fn is_passing(self) -> bool {
+    /// Whether the failure says nothing about the work itself, so the same
+    /// transaction is simply tried again in place: it may well succeed a
+    /// moment later.
+    pub fn retry_in_place(self) -> bool {
         matches!(self, Self::Unreachable | Self::Contention)
     }
 }
@@ -140,9 +141,9 @@ mod tests {
         for (error, kind) in cases {
             assert_eq!(Failure::of(&error), kind, "{error}");
         }
-        assert!(Failure::Contention.is_passing());
-        assert!(Failure::Unreachable.is_passing());
-        assert!(!Failure::Timeout.is_passing());
-        assert!(!Failure::Other.is_passing());
+        assert!(Failure::Contention.retry_in_place());
+        assert!(Failure::Unreachable.retry_in_place());
+        assert!(!Failure::Timeout.retry_in_place());
+        assert!(!Failure::Other.retry_in_place());
     }
 }

@@ -65,7 +65,7 @@ impl ProvisionError {
     /// (a cluster still forming or without a quorum, a leader being
     /// elected). A refusal of the request itself (a subject another stream
     /// owns, more replicas than a lone server has) is not.
-    pub fn is_transient(&self) -> bool {
+    pub fn is_retryable(&self) -> bool {
         let answer = match self {
             Self::Stream { source, .. } => match source.kind() {
                 CreateStreamErrorKind::TimedOut
@@ -177,7 +177,7 @@ impl StreamSpec {
     }
 
     /// [`provision`](Self::provision), tried again while the failure
-    /// [is transient](ProvisionError::is_transient) and `patience` lasts:
+    /// [is retryable](ProvisionError::is_retryable) and `patience` lasts:
     /// replicas starting together on a cluster that is still forming, or
     /// during a leader election, wait for it instead of exiting.
     pub async fn provision_patiently(
@@ -195,7 +195,7 @@ impl StreamSpec {
         let mut failures = 0;
         loop {
             match self.provision(&js).await {
-                Err(error) if error.is_transient() && started.elapsed() < patience => {
+                Err(error) if error.is_retryable() && started.elapsed() < patience => {
                     failures += 1;
                     tracing::warn!(stream = %self.name, %error, failures, "cannot provision the stream yet; retrying");
                     tokio::time::sleep(retry_delay(failures)).await;

@@ -65,7 +65,7 @@ fn reserve<'a>(
         let left = failures.load(Ordering::SeqCst);
         if left > 0 {
             failures.store(left - 1, Ordering::SeqCst);
-            return Err(HandlerError::transient("the database blinked"));
+            return Err(HandlerError::retryable("the database blinked"));
         }
         Ok(())
     })

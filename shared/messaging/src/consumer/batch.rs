@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use super::Inner;
-use super::failure::{BatchFailed, Failure, into_passing, panic_message};
+use super::failure::{BatchFailed, Failure, panic_message, split_retry_in_place};
 use super::handler::{AfterCommit, Batch, Context, HandlerError};
 use super::router::{Decoded, Handle, Locks, Route};
 use crate::envelope::{Envelope, OutgoingEvent};
@@ -127,7 +127,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
                     // spend their deliveries on an outage or on a lock
                     // someone else holds. Each try is bounded by the
                     // session's statement and lock timeouts.
-                    Ok(Err(failed)) if failed.is_passing() => {
+                    Ok(Err(failed)) if failed.retry_in_place() => {
                         let reason = failed.reason();
                         attempts = attempts.saturating_add(1);
                         self.stats
@@ -171,14 +171,14 @@ impl<S: Send + Sync + 'static> Inner<S> {
                     let reason = failed.reason();
                     prepared
                         .iter()
-                        .map(|_| Err(Failure::Transient(reason.clone())))
+                        .map(|_| Err(Failure::Retryable(reason.clone())))
                         .collect()
                 }
                 Err(panic) => {
                     let reason = format!("batch panicked: {}", panic_message(&*panic));
                     prepared
                         .iter()
-                        .map(|_| Err(Failure::Transient(reason.clone())))
+                        .map(|_| Err(Failure::Retryable(reason.clone())))
                         .collect()
                 }
             };
@@ -190,7 +190,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
         let outcomes: Vec<Result<Outcome, Failure>> = outcomes
             .into_iter()
             .map(|outcome| {
-                outcome.unwrap_or_else(|| Err(Failure::Transient("not processed".into())))
+                outcome.unwrap_or_else(|| Err(Failure::Retryable("not processed".into())))
             })
             .collect();
         let failures = self.count_failures(&prepared, &outcomes).await;
@@ -204,7 +204,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
     }
 
     /// Counts one more handler failure for each prepared message that failed
-    /// transiently, and returns each one's count so far by its index in the
+    /// with a retryable failure, and returns each one's count so far by its index in the
     /// batch; `None` when the counts could not be written (the database
     /// went away): those messages are retried without spending anything.
     async fn count_failures(
@@ -214,7 +214,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
     ) -> Option<HashMap<usize, i64>> {
         let failed: Vec<(usize, uuid::Uuid)> = prepared
             .iter()
-            .filter(|(index, _)| matches!(outcomes[*index], Err(Failure::Transient(_))))
+            .filter(|(index, _)| matches!(outcomes[*index], Err(Failure::Retryable(_))))
             .map(|(index, ready)| (*index, ready.envelope.id))
             .collect();
         if failed.is_empty() {
@@ -522,13 +522,12 @@ impl<S: Send + Sync + 'static> Inner<S> {
                         .filter(|(index, _)| members.binary_search(index).is_ok())
                         .map(|(_, (_, ready))| ready)
                         .collect();
-                    let (work, events) =
-                        self.run_handler(conn, group)
-                            .await
-                            .map_err(|error| match into_passing(error) {
-                                Ok(error) => Abandoned::Database(error),
-                                Err(error) => Abandoned::HandlerFailed(error),
-                            })?;
+                    let (work, events) = self.run_handler(conn, group).await.map_err(|error| {
+                        match split_retry_in_place(error) {
+                            Ok(error) => Abandoned::Database(error),
+                            Err(error) => Abandoned::HandlerFailed(error),
+                        }
+                    })?;
                     after_commit.extend(work);
                     written.extend(events);
                     for index in members {
@@ -549,7 +548,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
     /// The careful path for one message: inbox row, handler and emitted
     /// events in a savepoint, so that a failure undoes only this message.
     /// The outer `Err` is a failure that says nothing about the message
-    /// (see [`passing`]): the whole batch is to be tried again.
+    /// (retry in place): the whole batch is to be tried again.
     async fn apply_in_savepoint(
         &self,
         conn: &mut AsyncPgConnection,
@@ -574,8 +573,8 @@ impl<S: Send + Sync + 'static> Inner<S> {
             .await;
         match result {
             Ok(applied) => Ok(Ok(applied)),
-            Err(error) => match into_passing(error) {
-                Ok(passing) => Err(passing),
+            Err(error) => match split_retry_in_place(error) {
+                Ok(in_place) => Err(in_place),
                 Err(error) => Ok(Err(Failure::from(error))),
             },
         }
@@ -584,7 +583,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
     /// Runs the handler of `group`'s messages (one message, or several of
     /// one batch route) and writes the events they emitted, each under its
     /// message's span; returns the after-commit work and the rows written.
-    /// A panicking handler is a transient failure.
+    /// A panicking handler is a retryable failure.
     async fn run_handler(
         &self,
         conn: &mut AsyncPgConnection,
@@ -653,7 +652,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
         match result {
             Ok(result) => result?,
             Err(panic) => {
-                return Err(HandlerError::transient(format!(
+                return Err(HandlerError::retryable(format!(
                     "handler panicked: {}",
                     panic_message(&*panic)
                 )));

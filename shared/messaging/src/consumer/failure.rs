@@ -1,6 +1,12 @@
-//! How failures are told apart: a batch's transaction that failed for
-//! reasons that say nothing about its messages (tried again in place), and a
-//! message's own failure, transient or permanent.
+//! How failures are told apart, in three words used the same everywhere:
+//! - *retry in place*: the batch's transaction failed for a reason that
+//!   says nothing about its messages (the database unreachable, a deadlock,
+//!   a lock held elsewhere); the same batch is tried again here, spending no
+//!   delivery;
+//! - *retryable*: a message's own failure that may pass (a handler's
+//!   [`HandlerError::Retryable`]); the message is nak'ed with a growing
+//!   delay and counts one failed attempt;
+//! - *permanent*: a message's own failure that never will; dead-lettered.
 
 use std::any::Any;
 
@@ -16,12 +22,12 @@ pub(super) enum BatchFailed {
 }
 
 impl BatchFailed {
-    /// Whether the failure says nothing about the messages (see
-    /// [`passing`]): the batch is tried again in place.
-    pub(super) fn is_passing(&self) -> bool {
+    /// Whether the failure says nothing about the messages: the batch is
+    /// tried again in place.
+    pub(super) fn retry_in_place(&self) -> bool {
         match self {
             Self::NoConnection(_) => true,
-            Self::Transaction(error) => passing(error),
+            Self::Transaction(error) => retry_in_place(error),
         }
     }
 
@@ -34,31 +40,34 @@ impl BatchFailed {
 /// Whether a database error says nothing about the messages being handled
 /// (the database unreachable, or another transaction in the way): the same
 /// batch may well succeed a moment later.
-fn passing(error: &diesel::result::Error) -> bool {
-    shop_db::Failure::of(error).is_passing()
+fn retry_in_place(error: &diesel::result::Error) -> bool {
+    shop_db::Failure::of(error).retry_in_place()
 }
 
-/// The database error inside a handler's failure, when it is [`passing`].
-pub(super) fn into_passing(error: HandlerError) -> Result<diesel::result::Error, HandlerError> {
+/// The database error inside a handler's failure, when it calls for the
+/// batch to be tried again in place rather than the message retried.
+pub(super) fn split_retry_in_place(
+    error: HandlerError,
+) -> Result<diesel::result::Error, HandlerError> {
     match error {
-        HandlerError::Transient(source) => match source.downcast::<diesel::result::Error>() {
-            Ok(error) if passing(&error) => Ok(*error),
-            Ok(error) => Err(HandlerError::Transient(error)),
-            Err(source) => Err(HandlerError::Transient(source)),
+        HandlerError::Retryable(source) => match source.downcast::<diesel::result::Error>() {
+            Ok(error) if retry_in_place(&error) => Ok(*error),
+            Ok(error) => Err(HandlerError::Retryable(error)),
+            Err(source) => Err(HandlerError::Retryable(source)),
         },
         permanent @ HandlerError::Permanent(_) => Err(permanent),
     }
 }
 
 pub(super) enum Failure {
-    Transient(String),
+    Retryable(String),
     Permanent(String),
 }
 
 impl From<HandlerError> for Failure {
     fn from(error: HandlerError) -> Self {
         match error {
-            HandlerError::Transient(source) => Self::Transient(error_chain(&*source)),
+            HandlerError::Retryable(source) => Self::Retryable(error_chain(&*source)),
             HandlerError::Permanent(reason) => Self::Permanent(reason),
         }
     }

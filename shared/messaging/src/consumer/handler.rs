@@ -11,8 +11,8 @@ use crate::envelope::{Envelope, OutgoingEvent};
 pub enum HandlerError {
     /// Worth retrying: the database or a dependency was unavailable, a
     /// serialisation conflict, ... Retried with backoff, then dead-lettered.
-    #[error("transient: {0}")]
-    Transient(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("retryable: {0}")]
+    Retryable(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// Never going to succeed for this message: it is dead-lettered at once.
     #[error("permanent: {0}")]
     Permanent(String),
@@ -20,8 +20,8 @@ pub enum HandlerError {
 
 impl HandlerError {
     /// A failure worth retrying.
-    pub fn transient(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
-        Self::Transient(error.into())
+    pub fn retryable(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Retryable(error.into())
     }
 
     /// A failure that retrying cannot fix, with a reason for people.
@@ -38,7 +38,7 @@ pub fn uuid_field(field: &str, value: &str) -> Result<uuid::Uuid, HandlerError> 
 
 impl From<diesel::result::Error> for HandlerError {
     fn from(error: diesel::result::Error) -> Self {
-        Self::transient(error)
+        Self::retryable(error)
     }
 }
 
@@ -47,7 +47,7 @@ impl From<diesel::result::Error> for HandlerError {
 impl From<shop_domain::StepError> for HandlerError {
     fn from(error: shop_domain::StepError) -> Self {
         match error {
-            shop_domain::StepError::NotYet(_) => Self::transient(error),
+            shop_domain::StepError::NotYet(_) => Self::retryable(error),
             shop_domain::StepError::Refused(reason) => Self::Permanent(reason),
         }
     }

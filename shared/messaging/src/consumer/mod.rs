@@ -11,7 +11,7 @@
 //!   acks) and what goes back on shutdown;
 //! - `batch`: one batch in one transaction, fast path then careful path,
 //!   lock ordering, trying again in place;
-//! - `failure`: telling the batch's passing failures from the messages' own;
+//! - `failure`: telling failures apart: retry in place, retryable, permanent;
 //! - `settle`: ack, nak with backoff, or dead-letter.
 //!
 //! Messages are handled in batches of whatever has already arrived, one
@@ -33,10 +33,10 @@
 //! of one needs no redo: its rollback was the message's). Handlers must therefore
 //! keep their effects inside the transaction they are given.
 //!
-//! A handler fails with a [`HandlerError`]: a transient failure is retried
+//! A handler fails with a [`HandlerError`]: a retryable failure is retried
 //! by a nak with an exponentially growing delay ([`RetryPolicy`]) and
 //! dead-lettered on the last allowed failed attempt (only attempts whose
-//! handler failed count); a permanent one is dead-lettered at once. A panicking handler counts as a transient failure
+//! handler failed count); a permanent one is dead-lettered at once. A panicking handler counts as a retryable failure
 //! and the loop carries on. A dead letter keeps the original body and
 //! headers, adds the reason, the consumer, the delivery count and the stream
 //! sequence, goes to `dlq.<consumer>.<subject>`, and only then is the
@@ -80,7 +80,7 @@ use crate::metrics::MessagingMetrics;
 use crate::outbox::Outbox;
 use crate::provision::ConsumerSpec;
 
-/// Delays between deliveries of a message whose handler failed transiently:
+/// Delays between deliveries of a message whose handler failed, retryably:
 /// `initial`, then multiplied by `multiplier` per failure up to `max`; the
 /// `max_deliver`-th failed attempt is dead-lettered.
 ///

@@ -32,7 +32,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
     /// Acks, naks or dead-letters a message after its batch. A message
     /// applied (or applied before) whose events are not all in JetStream
     /// (`events_out` false) is left unacknowledged: its redelivery after the
-    /// ack wait publishes them. A transient failure is dead-lettered once
+    /// ack wait publishes them. A retryable failure is dead-lettered once
     /// its handler has failed `max_deliver` times (`failures`, counted in
     /// the database; `None` when they could not be counted: retried).
     pub(super) async fn settle(
@@ -63,7 +63,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
                 self.stats.ignored.fetch_add(1, Ordering::Relaxed);
                 (AckKind::Ack, Processed::Ignored)
             }
-            Err(Failure::Transient(reason))
+            Err(Failure::Retryable(reason))
                 if failures.is_none_or(|failures| failures < self.retry.max_deliver) =>
             {
                 let delay = self.retry.delay(failures.unwrap_or(delivered));
@@ -72,7 +72,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
                 self.stats.retried.fetch_add(1, Ordering::Relaxed);
                 (AckKind::Nak(Some(delay)), Processed::Retried)
             }
-            Err(Failure::Transient(reason)) => {
+            Err(Failure::Retryable(reason)) => {
                 let failures = failures.unwrap_or(delivered);
                 let reason = format!("gave up after {failures} failed attempts: {reason}");
                 self.dead_letter(message, &reason, delivered, &stream, sequence)

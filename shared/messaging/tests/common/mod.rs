@@ -134,7 +134,7 @@ pub fn record<'a>(
             tokio::time::sleep(work).await;
         }
         if Behaviour::take(&behaviour.transient_failures, &event.order_id) {
-            return Err(HandlerError::transient("the test dependency is down"));
+            return Err(HandlerError::retryable("the test dependency is down"));
         }
         if Behaviour::take(&behaviour.panics, &event.order_id) {
             panic!("the handler panics for {}", event.order_id);
