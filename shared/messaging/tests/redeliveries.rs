@@ -61,10 +61,8 @@ fn short_consumer(
 /// for an ack wait), until JetStream has delivered it `times` times.
 async fn hold_and_stop(setup: &Setup, times: u64) {
     while delivered(setup).await < times {
-        let consumer = short_consumer(setup, Arc::new(Behaviour::default()), 1000);
-        let stats = consumer.stats();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(consumer.run(shutdown.clone()));
+        let (stats, shutdown, task) =
+            run(short_consumer(setup, Arc::new(Behaviour::default()), 1000));
         eventually("the batch kept in hand", WAIT, || async {
             stats.batches_tried_again.load(Ordering::Relaxed) > 0
         })
@@ -73,6 +71,35 @@ async fn hold_and_stop(setup: &Setup, times: u64) {
         task.await.unwrap();
         assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 0);
     }
+}
+
+/// Publishes one event for `order_id`, then holds the table its handler
+/// writes to while consumers are started and stopped until JetStream has
+/// delivered it `times` times, none of them settled; then lets go.
+async fn delivered_unsettled(setup: &Setup, order_id: &str, times: u64) {
+    let mut holder = AsyncPgConnection::establish(&setup.url).await.unwrap();
+    holder
+        .batch_execute("BEGIN; LOCK TABLE effects IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    append(setup, &[placed(order_id)]).await;
+    relay(setup).sweep_once().await.unwrap();
+    hold_and_stop(setup, times).await;
+    holder.batch_execute("ROLLBACK").await.unwrap();
+}
+
+/// Runs `consumer` on a task of its own.
+fn run(
+    consumer: EventConsumer<Arc<Behaviour>>,
+) -> (
+    Arc<shop_messaging::consumer::ConsumerStats>,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    let stats = consumer.stats();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(consumer.run(shutdown.clone()));
+    (stats, shutdown, task)
 }
 
 /// How many deliveries JetStream has made (0 before the durable exists).
@@ -87,24 +114,11 @@ async fn delivered(setup: &Setup) -> u64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_message_held_through_restarts_is_applied_once_and_never_dead_lettered() {
     let setup = setup().await;
-    let mut holder = AsyncPgConnection::establish(&setup.url).await.unwrap();
-    holder
-        .batch_execute("BEGIN; LOCK TABLE effects IN EXCLUSIVE MODE")
-        .await
-        .unwrap();
-    append(&setup, &[placed("refund")]).await;
-    relay(&setup).sweep_once().await.unwrap();
-
     // Stopped until delivered four times as often as failed attempts are
     // allowed (and fewer times than the default bound on unsettled
     // deliveries, 64).
-    hold_and_stop(&setup, 8).await;
-
-    holder.batch_execute("ROLLBACK").await.unwrap();
-    let consumer = short_consumer(&setup, Arc::new(Behaviour::default()), 64);
-    let stats = consumer.stats();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(consumer.run(shutdown.clone()));
+    delivered_unsettled(&setup, "refund", 8).await;
+    let (stats, shutdown, task) = run(short_consumer(&setup, Arc::new(Behaviour::default()), 64));
     eventually("the effect", WAIT, || async {
         effects(&setup, "refund").await == 1
     })
@@ -120,21 +134,9 @@ async fn a_message_held_through_restarts_is_applied_once_and_never_dead_lettered
 #[tokio::test(flavor = "multi_thread")]
 async fn past_the_bound_on_unsettled_deliveries_a_message_not_applied_is_dead_lettered_untried() {
     let setup = setup().await;
-    let mut holder = AsyncPgConnection::establish(&setup.url).await.unwrap();
-    holder
-        .batch_execute("BEGIN; LOCK TABLE effects IN EXCLUSIVE MODE")
-        .await
-        .unwrap();
-    append(&setup, &[placed("never-settles")]).await;
-    relay(&setup).sweep_once().await.unwrap();
     // Past the 6 deliveries allowed without a settlement.
-    hold_and_stop(&setup, 6).await;
-    holder.batch_execute("ROLLBACK").await.unwrap();
-
-    let consumer = short_consumer(&setup, Arc::new(Behaviour::default()), 6);
-    let stats = consumer.stats();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(consumer.run(shutdown.clone()));
+    delivered_unsettled(&setup, "never-settles", 6).await;
+    let (stats, shutdown, task) = run(short_consumer(&setup, Arc::new(Behaviour::default()), 6));
     eventually("the dead letter", WAIT, || async {
         stats.dead_lettered.load(Ordering::Relaxed) == 1
     })
@@ -167,9 +169,7 @@ async fn failed_attempts_are_counted_across_consumers_and_dead_letter_at_the_lim
         max_deliver: 2,
         max_deliveries: 6,
     });
-    let stats = first.stats();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(first.run(shutdown.clone()));
+    let (stats, shutdown, task) = run(first);
     eventually("the first failure", WAIT, || async {
         stats.retried.load(Ordering::Relaxed) == 1
     })
@@ -177,10 +177,7 @@ async fn failed_attempts_are_counted_across_consumers_and_dead_letter_at_the_lim
     shutdown.cancel();
     task.await.unwrap();
 
-    let second = short_consumer(&setup, Arc::clone(&behaviour), 6);
-    let stats = second.stats();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(second.run(shutdown.clone()));
+    let (stats, shutdown, task) = run(short_consumer(&setup, Arc::clone(&behaviour), 6));
     eventually("the dead letter", WAIT, || async {
         stats.dead_lettered.load(Ordering::Relaxed) == 1
     })
@@ -222,10 +219,8 @@ async fn old_inbox_rows_and_failure_counts_are_pruned_in_chunks() {
     .await
     .unwrap();
 
-    let consumer = short_consumer(&setup, Arc::new(Behaviour::default()), 64)
-        .with_inbox_retention(Duration::from_secs(7 * 24 * 3600));
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(consumer.run(shutdown.clone()));
+    let (_, shutdown, task) = run(short_consumer(&setup, Arc::new(Behaviour::default()), 64)
+        .with_inbox_retention(Duration::from_secs(7 * 24 * 3600)));
     eventually("the old rows pruned", WAIT, || async {
         count(&setup.url, "SELECT count(*) AS n FROM inbox").await == 1
             && count(&setup.url, "SELECT count(*) AS n FROM consumer_failures").await == 1
