@@ -14,9 +14,12 @@ ARG PACKAGES="-p shop-user -p shop-order -p shop-inventory -p shop-payment -p sh
 # Every manifest and the lock file, with empty targets: this layer holds
 # the compiled dependencies.
 COPY Cargo.toml Cargo.lock ./
-COPY shared/proto/Cargo.toml shared/proto/
+COPY shared/auth/Cargo.toml shared/auth/
 COPY shared/db/Cargo.toml shared/db/
+COPY shared/domain/Cargo.toml shared/domain/
 COPY shared/messaging/Cargo.toml shared/messaging/
+COPY shared/proto/Cargo.toml shared/proto/
+COPY shared/servers/Cargo.toml shared/servers/
 COPY shared/service/Cargo.toml shared/service/
 COPY shared/test-support/Cargo.toml shared/test-support/
 COPY services/user/Cargo.toml services/user/

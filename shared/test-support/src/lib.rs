@@ -1,6 +1,7 @@
 //! Real infrastructure for tests: a `nats-server -js` and a throwaway
 //! PostgreSQL cluster, each on a free port with its data in a temporary
 //! directory, stopped when its handle is dropped (a panicking test included).
+//! The servers themselves are `shop-servers`', named here as tests name them.
 //!
 //! - [`TestNats`]: one JetStream server per test; [`TestNats::kill`],
 //!   [`TestNats::stop`] and [`TestNats::start_again`] keep the port and the
@@ -12,8 +13,6 @@
 //!   [`TestPostgres::create_database`] hands out a fresh, empty database.
 //! - [`TestInfra`]: both at once, started concurrently, with a signing key
 //!   ([`shop_auth::LocalIssuer`]) for the services to trust.
-//! - [`TestNats::start_in`] and [`TestPostgres::start_in`]: the same servers
-//!   with their data in a kept directory on fixed ports, for a local stack.
 //! - [`setting`]: a test's knob from the environment (cases, seeds).
 //!
 //! Binaries are found through `NATS_SERVER_BIN` / `PG_BIN_DIR`, on `PATH`, or
@@ -21,13 +20,10 @@
 //! one line that says how to install it. PostgreSQL refuses to run as root, so
 //! when the tests run as root the cluster runs as the `postgres` user.
 
-mod binaries;
-mod nats;
-mod postgres;
-mod process;
-
-pub use nats::{TestNats, TestNatsCluster};
-pub use postgres::TestPostgres;
+pub use shop_servers::{
+    Nats as TestNats, NatsCluster as TestNatsCluster, Postgres as TestPostgres,
+    ServerError as HarnessError,
+};
 
 /// The environment variable `name` parsed, or `default` when it is unset
 /// or does not parse: how a test takes its case count or seed.
@@ -36,39 +32,6 @@ pub fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
         .ok()
         .and_then(|value| value.parse().ok())
         .unwrap_or(default)
-}
-
-/// Why a test server could not be started.
-#[derive(Debug, thiserror::Error)]
-pub enum HarnessError {
-    /// A binary is missing; the message says how to install it.
-    #[error("{0}")]
-    Missing(String),
-    /// The server did not start or did not become ready.
-    #[error("{what} did not start: {detail}")]
-    Start {
-        /// Which server.
-        what: &'static str,
-        /// What went wrong, with the tail of the server's log.
-        detail: String,
-    },
-    /// Preparing a directory or spawning a process failed.
-    #[error("{context}: {source}")]
-    Io {
-        /// What the harness was doing.
-        context: String,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A statement against the test cluster failed.
-    #[error("{context}: {detail}")]
-    Database {
-        /// What the harness was doing.
-        context: String,
-        /// The database's error.
-        detail: String,
-    },
 }
 
 /// A NATS server, a PostgreSQL cluster and an identity provider for one

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, SimpleAsyncConnection as _};
+use shop_servers::{Nats, NatsCluster, Postgres};
 use shop_service::{Identity, LogFormat, Ports, Running, Server, ServiceConfig};
-use shop_test_support::{TestNats, TestNatsCluster, TestPostgres};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tracing::Instrument as _;
 
@@ -101,7 +101,7 @@ impl Up {
             if self.cluster {
                 // Its own stores: a single server's streams are not a
                 // cluster's.
-                TestNatsCluster::start_in(
+                NatsCluster::start_in(
                     &data_dir.join("nats-cluster"),
                     self.nats_port,
                     3,
@@ -110,14 +110,14 @@ impl Up {
                 .await
                 .map(LocalNats::Cluster)
             } else {
-                TestNats::start_in(&nats_dir, self.nats_port, self.nats_monitor_port)
+                Nats::start_in(&nats_dir, self.nats_port, self.nats_monitor_port)
                     .await
                     .map(|nats| LocalNats::Single(Box::new(nats)))
             }
         };
         let (nats, postgres) = tokio::join!(
             nats,
-            TestPostgres::start_in(&postgres_dir, self.postgres_port, &postgres_settings),
+            Postgres::start_in(&postgres_dir, self.postgres_port, &postgres_settings),
         );
         let (mut nats, mut postgres) = (nats?, postgres?);
         let stream_replicas = if self.cluster { 3 } else { 1 };
@@ -233,8 +233,8 @@ async fn outbox_rows(database_url: &str) -> anyhow::Result<i64> {
 
 /// The stack's NATS: one server, or a three-node cluster.
 enum LocalNats {
-    Single(Box<TestNats>),
-    Cluster(TestNatsCluster),
+    Single(Box<Nats>),
+    Cluster(NatsCluster),
 }
 
 impl LocalNats {
@@ -299,7 +299,7 @@ async fn build(service: &str, config: ServiceConfig) -> anyhow::Result<Server> {
 /// migrations, `shop_<service>` (the service's) reads and writes rows and
 /// can change nothing else. Returns each service's (owner, runtime) URLs,
 /// in `SERVICES` order.
-async fn create_databases(postgres: &TestPostgres) -> anyhow::Result<Vec<(String, String)>> {
+async fn create_databases(postgres: &Postgres) -> anyhow::Result<Vec<(String, String)>> {
     let mut admin = AsyncPgConnection::establish(&postgres.url("postgres")).await?;
     let mut urls = Vec::new();
     for Identity { name: service, .. } in SERVICES {

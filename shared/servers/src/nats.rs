@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::HarnessError;
+use crate::ServerError;
 use crate::binaries;
 use crate::process::{ServerProcess, Workdir, ensure_port_free, free_port, send_signal};
 
@@ -23,20 +23,20 @@ struct ServerConfig {
 /// streams in a temporary directory. Dropping it stops the server and deletes
 /// the store.
 #[derive(Debug)]
-pub struct TestNats {
+pub struct Nats {
     binary: PathBuf,
     port: u16,
     config: Option<ServerConfig>,
     /// The monitoring port (`/varz`, `/jsz`), when the store is kept.
     monitor_port: Option<u16>,
-    /// Its place in a cluster, when it is one of [`TestNatsCluster`]'s.
+    /// Its place in a cluster, when it is one of [`NatsCluster`]'s.
     node: Option<ClusterNode>,
     process: Option<ServerProcess>,
     // Declared last so that the server is gone before its store is removed.
     dir: Workdir,
 }
 
-impl TestNats {
+impl Nats {
     /// Starts a server; panics with a one-line reason if it cannot.
     pub async fn start() -> Self {
         Self::try_start()
@@ -45,7 +45,7 @@ impl TestNats {
     }
 
     /// Starts a server, or says why it could not.
-    pub async fn try_start() -> Result<Self, HarnessError> {
+    pub async fn try_start() -> Result<Self, ServerError> {
         Self::try_start_configured(None).await
     }
 
@@ -71,13 +71,13 @@ impl TestNats {
             .unwrap_or_else(|error| panic!("{error}"))
     }
 
-    async fn try_start_configured(config: Option<ServerConfig>) -> Result<Self, HarnessError> {
+    async fn try_start_configured(config: Option<ServerConfig>) -> Result<Self, ServerError> {
         let binary = binaries::nats_server()?;
         let dir = Workdir::Temporary(
             tempfile::Builder::new()
                 .prefix("shop-test-nats-")
                 .tempdir()
-                .map_err(|source| HarnessError::Io {
+                .map_err(|source| ServerError::Io {
                     context: "cannot create a NATS store".into(),
                     source,
                 })?,
@@ -110,7 +110,7 @@ impl TestNats {
         dir: &std::path::Path,
         port: u16,
         monitor_port: Option<u16>,
-    ) -> Result<Self, HarnessError> {
+    ) -> Result<Self, ServerError> {
         ensure_port_free("nats-server", port)?;
         if let Some(monitor_port) = monitor_port {
             ensure_port_free("nats-server monitoring", monitor_port)?;
@@ -274,7 +274,7 @@ impl TestNats {
         }
     }
 
-    async fn launch(&mut self) -> Result<(), HarnessError> {
+    async fn launch(&mut self) -> Result<(), ServerError> {
         let mut command = Command::new(&self.binary);
         command
             .arg("--jetstream")
@@ -341,7 +341,7 @@ impl TestNats {
     }
 }
 
-/// A node's name and ports in a [`TestNatsCluster`].
+/// A node's name and ports in a [`NatsCluster`].
 #[derive(Debug, Clone)]
 struct ClusterNode {
     name: String,
@@ -355,11 +355,11 @@ struct ClusterNode {
 /// other. Nodes are killed, stopped, paused and started again one at a time
 /// through [`node`](Self::node); clients are given every node's URL.
 #[derive(Debug)]
-pub struct TestNatsCluster {
-    nodes: Vec<TestNats>,
+pub struct NatsCluster {
+    nodes: Vec<Nats>,
 }
 
-impl TestNatsCluster {
+impl NatsCluster {
     /// Starts `size` nodes at once (JetStream in a cluster waits for a
     /// quorum) and waits until each answers JetStream; panics with a reason
     /// if they do not.
@@ -370,14 +370,14 @@ impl TestNatsCluster {
     }
 
     /// Starts `size` nodes, or says why they could not be.
-    pub async fn try_start(size: usize) -> Result<Self, HarnessError> {
+    pub async fn try_start(size: usize) -> Result<Self, ServerError> {
         let mut nodes = Vec::with_capacity(size);
         for index in 0..size {
             let dir = Workdir::Temporary(
                 tempfile::Builder::new()
                     .prefix(&format!("shop-test-nats-n{}-", index + 1))
                     .tempdir()
-                    .map_err(|source| HarnessError::Io {
+                    .map_err(|source| ServerError::Io {
                         context: "cannot create a NATS store".into(),
                         source,
                     })?,
@@ -396,10 +396,10 @@ impl TestNatsCluster {
         first_port: u16,
         size: u16,
         monitor_port: Option<u16>,
-    ) -> Result<Self, HarnessError> {
+    ) -> Result<Self, ServerError> {
         let mut nodes = Vec::new();
         for index in 0..size {
-            let port = first_port.checked_add(index).ok_or(HarnessError::Start {
+            let port = first_port.checked_add(index).ok_or(ServerError::Start {
                 what: "nats-server",
                 detail: format!("no port {first_port} + {index}"),
             })?;
@@ -417,7 +417,7 @@ impl TestNatsCluster {
     async fn launch_all(
         nodes: Vec<(u16, Workdir)>,
         monitor_port: Option<u16>,
-    ) -> Result<Self, HarnessError> {
+    ) -> Result<Self, ServerError> {
         let binary = binaries::nats_server()?;
         let route_ports = nodes
             .iter()
@@ -425,7 +425,7 @@ impl TestNatsCluster {
             .collect::<Result<Vec<_>, _>>()?;
         let mut servers = Vec::with_capacity(nodes.len());
         for (index, ((port, dir), route_port)) in nodes.into_iter().zip(&route_ports).enumerate() {
-            servers.push(TestNats {
+            servers.push(Nats {
                 binary: binary.clone(),
                 port,
                 config: None,
@@ -443,7 +443,7 @@ impl TestNatsCluster {
                 dir,
             });
         }
-        futures::future::try_join_all(servers.iter_mut().map(TestNats::launch)).await?;
+        futures::future::try_join_all(servers.iter_mut().map(Nats::launch)).await?;
         let cluster = Self { nodes: servers };
         cluster.wait_formed().await?;
         Ok(cluster)
@@ -452,7 +452,7 @@ impl TestNatsCluster {
     /// Waits until the cluster can place a stream on every node: each node
     /// answering JetStream is not yet enough, its meta leader may not know
     /// all its peers ("no suitable peers for placement").
-    async fn wait_formed(&self) -> Result<(), HarnessError> {
+    async fn wait_formed(&self) -> Result<(), ServerError> {
         let servers = self.servers();
         let started = Instant::now();
         let mut last_error = String::new();
@@ -474,7 +474,7 @@ impl TestNatsCluster {
                     Ok(_) => {
                         js.delete_stream("HARNESS_PLACEMENT_PROBE")
                             .await
-                            .map_err(|error| HarnessError::Start {
+                            .map_err(|error| ServerError::Start {
                                 what: "nats-server cluster",
                                 detail: format!("cannot delete the placement probe: {error}"),
                             })?;
@@ -485,7 +485,7 @@ impl TestNatsCluster {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        Err(HarnessError::Start {
+        Err(ServerError::Start {
             what: "nats-server cluster",
             detail: format!("no stream could be placed on every node: {last_error}"),
         })
@@ -503,13 +503,13 @@ impl TestNatsCluster {
     pub fn urls(&self) -> String {
         self.nodes
             .iter()
-            .map(TestNats::url)
+            .map(Nats::url)
             .collect::<Vec<_>>()
             .join(",")
     }
 
     /// Node `index` (from 0), to kill, stop, pause or start again.
-    pub fn node(&mut self, index: usize) -> &mut TestNats {
+    pub fn node(&mut self, index: usize) -> &mut Nats {
         &mut self.nodes[index]
     }
 

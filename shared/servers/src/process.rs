@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::HarnessError;
+use crate::ServerError;
 
 /// A running server process. Dropping it kills the process and reaps it.
 #[derive(Debug)]
@@ -23,10 +23,10 @@ impl ServerProcess {
         mut command: Command,
         log: &Path,
         user: Option<(u32, u32)>,
-    ) -> Result<Self, HarnessError> {
+    ) -> Result<Self, ServerError> {
         let io_error = |context: &str| {
             let context = format!("{context} {}", log.display());
-            move |source| HarnessError::Io { context, source }
+            move |source| ServerError::Io { context, source }
         };
         let out = File::options()
             .create(true)
@@ -45,7 +45,7 @@ impl ServerProcess {
         // it (`shopctl up` last, after the services), or its death does.
         command.process_group(0);
         set_parent_death_signal(&mut command);
-        let child = command.spawn().map_err(|source| HarnessError::Io {
+        let child = command.spawn().map_err(|source| ServerError::Io {
             context: format!("cannot run {:?}", command.get_program()),
             source,
         })?;
@@ -91,7 +91,7 @@ impl ServerProcess {
         port: u16,
         timeout: Duration,
         mut ready: F,
-    ) -> Result<(), HarnessError>
+    ) -> Result<(), ServerError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = bool>,
@@ -100,7 +100,7 @@ impl ServerProcess {
         loop {
             if let Some(status) = self.exited() {
                 let detail = format!("exited with {status} on port {port}: {}", self.log_tail());
-                return Err(HarnessError::Start { what, detail });
+                return Err(ServerError::Start { what, detail });
             }
             if ready().await {
                 return Ok(());
@@ -110,7 +110,7 @@ impl ServerProcess {
                     "not ready on port {port} after {timeout:?}: {}",
                     self.log_tail()
                 );
-                return Err(HarnessError::Start { what, detail });
+                return Err(ServerError::Start { what, detail });
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -168,16 +168,16 @@ pub(crate) fn send_signal(pid: u32, signal: i32) {
 
 /// A port on 127.0.0.1 that was free a moment ago. The caller retries with a
 /// new one if a server loses the race for it.
-pub(crate) fn free_port() -> Result<u16, HarnessError> {
+pub(crate) fn free_port() -> Result<u16, ServerError> {
     let listener =
-        std::net::TcpListener::bind("127.0.0.1:0").map_err(|source| HarnessError::Io {
+        std::net::TcpListener::bind("127.0.0.1:0").map_err(|source| ServerError::Io {
             context: "cannot find a free port".into(),
             source,
         })?;
     listener
         .local_addr()
         .map(|addr| addr.port())
-        .map_err(|source| HarnessError::Io {
+        .map_err(|source| ServerError::Io {
             context: "cannot find a free port".into(),
             source,
         })
@@ -200,8 +200,8 @@ impl Workdir {
     }
 
     /// A kept directory, created if missing.
-    pub(crate) fn kept(dir: &Path) -> Result<Self, HarnessError> {
-        std::fs::create_dir_all(dir).map_err(|source| HarnessError::Io {
+    pub(crate) fn kept(dir: &Path) -> Result<Self, ServerError> {
+        std::fs::create_dir_all(dir).map_err(|source| ServerError::Io {
             context: format!("cannot create {}", dir.display()),
             source,
         })?;
@@ -211,10 +211,10 @@ impl Workdir {
 
 /// Fails with a message that names the port and what to do when something
 /// already listens on it.
-pub(crate) fn ensure_port_free(what: &'static str, port: u16) -> Result<(), HarnessError> {
+pub(crate) fn ensure_port_free(what: &'static str, port: u16) -> Result<(), ServerError> {
     match std::net::TcpListener::bind(("127.0.0.1", port)) {
         Ok(_) => Ok(()),
-        Err(error) => Err(HarnessError::Start {
+        Err(error) => Err(ServerError::Start {
             what,
             detail: format!(
                 "port {port} is taken ({error}): stop whatever listens there, or choose another port"
