@@ -1,7 +1,8 @@
 //! The HTTP port under hundreds of scrapes and readiness probes at once,
 //! while sagas run: the database queries they cause stay bounded (counted
 //! by pg_stat_statements), the requests beyond the port's concurrency are
-//! answered 503 at once, and the sagas end as they would without them.
+//! answered 503 at once, the kubelet's own probes all pass, and the sagas
+//! end as they would without them.
 
 #![allow(clippy::unwrap_used)]
 
@@ -16,10 +17,12 @@ use diesel::sql_types::BigInt;
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, SimpleAsyncConnection as _};
 use shop::{Settings, Shop};
 use shop_proto::order::v1::OrderStatus;
-use shop_service::{HTTP_CONCURRENCY, READY_FRESH, SAMPLE_EVERY};
+use shop_service::{METRICS_CONCURRENCY, PROBE_CONCURRENCY, READY_FRESH, SAMPLE_EVERY};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const SCRAPERS: usize = 300;
+/// Of them, how many probe `/readyz` (the rest scrape `/metrics`).
+const PROBERS: usize = 48;
 
 /// One `GET path`; the status code, or 0 when the connection failed.
 async fn get(addr: std::net::SocketAddr, path: &str) -> u16 {
@@ -96,10 +99,12 @@ async fn scrapes_and_probes_by_the_hundred_cost_the_saga_nothing() {
                 Arc::clone(&busy),
                 Arc::clone(&other),
             );
-            let path = if index % 2 == 0 {
-                "/metrics"
-            } else {
+            // Most scrape; fewer probe than the probes' own slots, so that
+            // the kubelet below always finds one free.
+            let path = if index < PROBERS {
                 "/readyz"
+            } else {
+                "/metrics"
             };
             tokio::spawn(async move {
                 while !done.load(Ordering::Relaxed) {
@@ -114,6 +119,20 @@ async fn scrapes_and_probes_by_the_hundred_cost_the_saga_nothing() {
         })
         .collect();
 
+    // The kubelet: a readiness probe every 100 ms, each answered 200
+    // however many scrape.
+    let kubelet = {
+        let done = Arc::clone(&done);
+        tokio::spawn(async move {
+            let mut answers = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                answers.push(get(http, "/readyz").await);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            answers
+        })
+    };
+
     // Sagas, one after another, while the port is hammered.
     for n in 0..20 {
         let order = shop
@@ -127,6 +146,11 @@ async fn scrapes_and_probes_by_the_hundred_cost_the_saga_nothing() {
     for scraper in scrapers {
         scraper.await.unwrap();
     }
+    let probed = kubelet.await.unwrap();
+    assert!(
+        !probed.is_empty() && probed.iter().all(|code| *code == 200),
+        "the kubelet's probes: {probed:?}"
+    );
     let seconds = started.elapsed().as_secs_f64();
     let backlog = calls(&mut stats, "%count(*)%outbox%").await;
     let readiness = calls(&mut stats, "SELECT $1").await;
@@ -136,7 +160,8 @@ async fn scrapes_and_probes_by_the_hundred_cost_the_saga_nothing() {
         other.load(Ordering::Relaxed),
     );
     eprintln!(
-        "{seconds:.1} s: {ok} answered, {busy} busy (over {HTTP_CONCURRENCY} at once), \
+        "{seconds:.1} s: {ok} answered, {busy} busy (over {METRICS_CONCURRENCY} scrapes or \
+         {PROBE_CONCURRENCY} probes at once), \
          {other} other; {backlog} backlog counts, {readiness} readiness queries"
     );
     assert!(ok > 100, "{ok} answered");

@@ -48,7 +48,9 @@ pub use identity::Identity;
 pub use infra::{Infrastructure, migrate_only};
 pub use lifecycle::{DRAIN, SHUTDOWN_WITHIN};
 pub use observe::GrpcMetrics;
-pub use probes::{HTTP_CONCURRENCY, LIVENESS, READY_FRESH, Readiness, SAMPLE_EVERY};
+pub use probes::{
+    LIVENESS, METRICS_CONCURRENCY, PROBE_CONCURRENCY, READY_FRESH, Readiness, SAMPLE_EVERY,
+};
 pub use running::Running;
 pub use server::{Ports, Server, Task};
 pub use shop_auth::{AuthConfig, Caller, caller_of, roles};

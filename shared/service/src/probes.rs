@@ -12,8 +12,10 @@
 //!   whose two connections publish what the writers could not;
 //! - `/readyz` answers from a check at most [`READY_FRESH`] old (the gRPC
 //!   health service shares it);
-//! - at most [`HTTP_CONCURRENCY`] requests are served at once; the ones
-//!   beyond are answered 503 at once rather than queued.
+//! - at most [`METRICS_CONCURRENCY`] scrapes and [`PROBE_CONCURRENCY`]
+//!   probes are served at once, each kind with slots of its own (a flood of
+//!   scrapes never fails the kubelet's probes); the ones beyond are
+//!   answered 503 at once rather than queued.
 //!
 //! The gRPC health service (`grpc.health.v1`) is kept up to date here too,
 //! every 5 s, from the same readiness check.
@@ -36,8 +38,11 @@ pub const SAMPLE_EVERY: Duration = Duration::from_secs(5);
 /// How old a readiness check `/readyz` may answer from.
 pub const READY_FRESH: Duration = Duration::from_secs(1);
 
-/// How many HTTP requests are served at once.
-pub const HTTP_CONCURRENCY: usize = 16;
+/// How many scrapes of `/metrics` are served at once.
+pub const METRICS_CONCURRENCY: usize = 4;
+
+/// How many requests to `/healthz` and `/readyz` are served at once.
+pub const PROBE_CONCURRENCY: usize = 64;
 
 /// What the probes last found, and the consumers whose backlog they count.
 #[derive(Default)]
@@ -188,11 +193,12 @@ impl Readiness {
     }
 }
 
-/// The HTTP port's routes, at most [`HTTP_CONCURRENCY`] requests at once.
+/// The HTTP port's routes: at most [`METRICS_CONCURRENCY`] scrapes and
+/// [`PROBE_CONCURRENCY`] probes at once, each kind with slots of its own,
+/// so that a flood of scrapes never makes the kubelet's probes fail.
 pub(crate) fn http_app(infra: Arc<Infrastructure>) -> axum::Router {
     let scraped = Arc::clone(&infra);
-    let slots = Arc::new(tokio::sync::Semaphore::new(HTTP_CONCURRENCY));
-    axum::Router::new()
+    let metrics = axum::Router::new()
         .route(
             "/metrics",
             axum::routing::get(move || {
@@ -210,6 +216,11 @@ pub(crate) fn http_app(infra: Arc<Infrastructure>) -> axum::Router {
                 }
             }),
         )
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::new(tokio::sync::Semaphore::new(METRICS_CONCURRENCY)),
+            at_most,
+        ));
+    let probes = axum::Router::new()
         .route("/healthz", axum::routing::get(|| async { "ok" }))
         .route(
             "/readyz",
@@ -226,22 +237,29 @@ pub(crate) fn http_app(infra: Arc<Infrastructure>) -> axum::Router {
                 }
             }),
         )
-        .layer(axum::middleware::from_fn(
-            move |request: axum::extract::Request, next: axum::middleware::Next| {
-                let slot = Arc::clone(&slots).try_acquire_owned();
-                async move {
-                    match slot {
-                        Ok(_slot) => next.run(request).await,
-                        Err(_) => (
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            [(axum::http::header::RETRY_AFTER, "1")],
-                            "busy: too many HTTP requests at once",
-                        )
-                            .into_response(),
-                    }
-                }
-            },
-        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::new(tokio::sync::Semaphore::new(PROBE_CONCURRENCY)),
+            at_most,
+        ));
+    metrics.merge(probes)
+}
+
+/// Serves the request if one of `slots` is free, else answers `503` with
+/// `Retry-After` at once rather than queueing it.
+async fn at_most(
+    axum::extract::State(slots): axum::extract::State<Arc<tokio::sync::Semaphore>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    match slots.try_acquire() {
+        Ok(_slot) => next.run(request).await,
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(axum::http::header::RETRY_AFTER, "1")],
+            "busy: too many HTTP requests at once",
+        )
+            .into_response(),
+    }
 }
 
 /// The `grpc.health.v1` service name that answers SERVING as long as the
