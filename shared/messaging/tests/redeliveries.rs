@@ -193,6 +193,21 @@ async fn failed_attempts_are_counted_across_consumers_and_dead_letter_at_the_lim
     )
     .await;
     assert_eq!(failures, 2);
+
+    // Its replay (the same event again) fails again: a new round of
+    // attempts, not a dead letter at the first failure.
+    republish(&setup, 1, "replayed", None).await;
+    eventually("the replay's first failure", WAIT, || async {
+        stats.retried.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 1);
+    let failures = count(
+        &setup.url,
+        "SELECT failures::bigint AS n FROM consumer_failures WHERE consumer = 'inventory'",
+    )
+    .await;
+    assert_eq!(failures, 1);
     shutdown.cancel();
     task.await.unwrap();
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
 use diesel::prelude::*;
-use diesel::sql_types::{Array, Integer, Text, Uuid as SqlUuid};
+use diesel::sql_types::{Array, BigInt, Integer, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl};
 use futures::FutureExt as _;
 use shop_db::Cached;
@@ -225,15 +225,20 @@ impl<S: Send + Sync + 'static> Inner<S> {
         ids.dedup();
         let counted = async {
             let mut conn = self.pool.get().await.map_err(|error| error.to_string())?;
+            // A count that reached the limit was dead-lettered: a failure
+            // after that (its replay) starts a new round of attempts.
             diesel::sql_query(
                 "INSERT INTO consumer_failures (consumer, event_id, failures)
                  SELECT $1, id, 1 FROM unnest($2::uuid[]) AS id
-                 ON CONFLICT (consumer, event_id)
-                 DO UPDATE SET failures = consumer_failures.failures + 1, failed_at = now()
+                 ON CONFLICT (consumer, event_id) DO UPDATE SET
+                     failures = CASE WHEN consumer_failures.failures >= $3 THEN 1
+                                     ELSE consumer_failures.failures + 1 END,
+                     failed_at = now()
                  RETURNING event_id, failures",
             )
             .bind::<Text, _>(&self.name)
             .bind::<Array<SqlUuid>, _>(&ids)
+            .bind::<BigInt, _>(self.retry.max_deliver)
             .load::<FailureCount>(&mut conn)
             .await
             .map_err(|error| error.to_string())
