@@ -21,14 +21,14 @@ use crate::{app, store};
 
 /// What the handlers share; the database comes with each event's transaction.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Handlers;
+pub(crate) struct HandlerState;
 
 /// The routes for events on the `ORDER` stream.
 ///
 /// Every step changes the counts of the products it touches; each names
 /// those products, so that batches lock them in one order (see
 /// [`Router::on_locking`]).
-pub(crate) fn order_events() -> Router<Handlers> {
+pub(crate) fn order_events() -> Router<HandlerState> {
     Router::new()
         .on_batch_locking::<OrderPlaced, _, _>(
             |_, events| {
@@ -45,7 +45,7 @@ pub(crate) fn order_events() -> Router<Handlers> {
 }
 
 /// The routes for events on the `PAYMENT` stream.
-pub(crate) fn payment_events() -> Router<Handlers> {
+pub(crate) fn payment_events() -> Router<HandlerState> {
     Router::new().on_locking::<PaymentFailed, _, _>(reserved_products, on_payment_failed)
 }
 
@@ -104,7 +104,7 @@ fn to_proto(lines: &[Line]) -> Vec<ReservedLine> {
 }
 
 fn on_orders_placed<'a>(
-    _: &'a Handlers,
+    _: &'a HandlerState,
     batch: &'a mut Batch<'_>,
     events: Vec<OrderPlaced>,
 ) -> BoxFuture<'a, Result<(), HandlerError>> {
@@ -152,7 +152,7 @@ fn on_orders_placed<'a>(
 }
 
 fn on_orders_confirmed<'a>(
-    _: &'a Handlers,
+    _: &'a HandlerState,
     batch: &'a mut Batch<'_>,
     events: Vec<OrderConfirmed>,
 ) -> BoxFuture<'a, Result<(), HandlerError>> {
@@ -187,7 +187,7 @@ async fn release(
 }
 
 fn on_order_cancelled<'a>(
-    _: &'a Handlers,
+    _: &'a HandlerState,
     cx: &'a mut Context<'_>,
     event: OrderCancelled,
 ) -> BoxFuture<'a, Result<(), HandlerError>> {
@@ -195,7 +195,7 @@ fn on_order_cancelled<'a>(
 }
 
 fn on_payment_failed<'a>(
-    _: &'a Handlers,
+    _: &'a HandlerState,
     cx: &'a mut Context<'_>,
     event: PaymentFailed,
 ) -> BoxFuture<'a, Result<(), HandlerError>> {

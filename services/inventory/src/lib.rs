@@ -46,7 +46,7 @@ pub struct Config {
 /// Starts the inventory service's infrastructure and binds its servers.
 pub async fn build(config: Config) -> anyhow::Result<Server> {
     let infra = Infrastructure::start(&config.service, &SERVICE, MIGRATIONS).await?;
-    let consumer = |spec, router| infra.consumer(spec, router, events::Handlers);
+    let consumer = |spec, router| infra.consumer(spec, router, events::HandlerState);
     let on = |stream: &str| SERVICE.consumer_of(stream);
     let orders = consumer(on("ORDER"), events::order_events());
     let payments = consumer(on("PAYMENT"), events::payment_events());

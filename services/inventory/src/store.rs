@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
-use shop_db::Cached;
+use shop_db::KeepPrepared;
 use shop_domain::{OrderId, limits};
 use uuid::Uuid;
 
@@ -73,7 +73,7 @@ pub(crate) async fn add_stock(
     sku: &str,
     quantity: i64,
 ) -> QueryResult<Option<Product>> {
-    Cached(
+    KeepPrepared(
         diesel::update(
             products::table
                 .find(sku)
@@ -112,7 +112,7 @@ pub(crate) async fn lock_decided(
     conn: &mut AsyncPgConnection,
     order_ids: &[Uuid],
 ) -> QueryResult<HashSet<OrderId>> {
-    Ok(Cached(
+    Ok(KeepPrepared(
         reservations::table
             .filter(reservations::order_id.eq_any(order_ids))
             .select(reservations::order_id)
@@ -131,7 +131,7 @@ pub(crate) async fn lock_stock(
     conn: &mut AsyncPgConnection,
     skus: &[&str],
 ) -> QueryResult<HashMap<String, Stock>> {
-    Ok(Cached(
+    Ok(KeepPrepared(
         products::table
             .filter(products::sku.eq_any(skus))
             .order(products::sku)
@@ -202,7 +202,7 @@ pub(crate) async fn write_reservations(
         .iter()
         .map(|(sku, units)| (sku.as_str(), *units))
         .unzip();
-    Cached(
+    KeepPrepared(
         diesel::sql_query(
             "WITH moved AS (UPDATE products SET available = available - moved.quantity, \
              reserved = reserved + moved.quantity \
@@ -240,7 +240,7 @@ pub(crate) async fn unreserve(
     }
     let skus: Vec<&str> = released.keys().map(String::as_str).collect();
     let units: Vec<i64> = released.values().copied().collect();
-    Cached(
+    KeepPrepared(
         diesel::sql_query(
             "UPDATE products SET reserved = reserved - moved.quantity, \
              available = available + moved.quantity \
@@ -293,7 +293,7 @@ pub(crate) async fn lock_statuses(
     conn: &mut AsyncPgConnection,
     order_ids: &[Uuid],
 ) -> QueryResult<HashMap<Uuid, String>> {
-    Ok(Cached(
+    Ok(KeepPrepared(
         reservations::table
             .filter(reservations::order_id.eq_any(order_ids))
             .select((reservations::order_id, reservations::status))
@@ -351,7 +351,7 @@ pub(crate) async fn set_status(
     order_id: Uuid,
     status: Status,
 ) -> QueryResult<usize> {
-    Cached(diesel::update(reservations::table.find(order_id)).set((
+    KeepPrepared(diesel::update(reservations::table.find(order_id)).set((
         reservations::status.eq(status.as_str()),
         reservations::updated_at.eq(diesel::dsl::now),
     )))
@@ -362,7 +362,7 @@ pub(crate) async fn set_status(
 /// Marks these reservations sold and moves their lines' units from
 /// reserved to sold, in one statement.
 pub(crate) async fn sell(conn: &mut AsyncPgConnection, order_ids: &[Uuid]) -> QueryResult<usize> {
-    Cached(
+    KeepPrepared(
         diesel::sql_query(
             "WITH sold_orders AS (UPDATE reservations SET status = $2, updated_at = now() \
              WHERE order_id = ANY($1) RETURNING order_id), \

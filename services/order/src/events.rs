@@ -13,21 +13,21 @@ use shop_proto::inventory::v1::{InventoryRejected, InventoryReserved};
 use shop_proto::payment::v1::{PaymentCompleted, PaymentFailed};
 use shop_proto::user::v1::UserCreated;
 
-use crate::app::{self, Advanced, Emitted, Progress};
+use crate::app::{self, EndEvent, StepEvent, StepOutcome};
 use crate::domain::SagaEvent;
 use crate::metrics::SagaMetrics;
 
 /// What the handlers share: the counters of ended sagas.
 #[derive(Debug, Clone)]
-pub(crate) struct Handlers {
+pub(crate) struct HandlerState {
     pub(crate) metrics: SagaMetrics,
 }
 
-pub(crate) fn user_events() -> Router<Handlers> {
+pub(crate) fn user_events() -> Router<HandlerState> {
     Router::new().on::<UserCreated, _>(on_user_created)
 }
 
-pub(crate) fn inventory_events() -> Router<Handlers> {
+pub(crate) fn inventory_events() -> Router<HandlerState> {
     Router::new()
         .on_batch::<InventoryReserved, _>(|h, batch, events| {
             let progress = events
@@ -43,7 +43,7 @@ pub(crate) fn inventory_events() -> Router<Handlers> {
         })
 }
 
-pub(crate) fn payment_events() -> Router<Handlers> {
+pub(crate) fn payment_events() -> Router<HandlerState> {
     Router::new()
         .on_batch::<PaymentCompleted, _>(|h, batch, events| {
             let progress = events.into_iter().map(|event| {
@@ -64,7 +64,7 @@ pub(crate) fn payment_events() -> Router<Handlers> {
 }
 
 fn on_user_created<'a>(
-    _: &'a Handlers,
+    _: &'a HandlerState,
     cx: &'a mut Context<'_>,
     event: UserCreated,
 ) -> BoxFuture<'a, Result<(), HandlerError>> {
@@ -74,7 +74,7 @@ fn on_user_created<'a>(
 /// Moves the batch's orders by its events (order id, saga event, total),
 /// emits what the moves emit, and counts the sagas that ended.
 async fn advance(
-    h: &Handlers,
+    h: &HandlerState,
     batch: &mut Batch<'_>,
     events: Vec<(String, SagaEvent, Option<i64>)>,
 ) -> Result<(), HandlerError> {
@@ -82,7 +82,7 @@ async fn advance(
         .into_iter()
         .enumerate()
         .map(|(index, (order_id, event, total_cents))| {
-            Ok(Progress {
+            Ok(StepEvent {
                 order_id: id("order_id", &order_id)?,
                 event,
                 total_cents,
@@ -91,10 +91,10 @@ async fn advance(
         })
         .collect::<Result<Vec<_>, HandlerError>>()?;
     let advanced = app::advance(batch.conn(), &progress).await?;
-    for (index, Advanced { emit, end }) in advanced.into_iter().enumerate() {
+    for (index, StepOutcome { emit, end }) in advanced.into_iter().enumerate() {
         match emit {
-            Some(Emitted::Confirmed(event)) => batch.emit(index, &event),
-            Some(Emitted::Cancelled(event)) => batch.emit(index, &event),
+            Some(EndEvent::Confirmed(event)) => batch.emit(index, &event),
+            Some(EndEvent::Cancelled(event)) => batch.emit(index, &event),
             None => {}
         }
         if let Some(end) = end {

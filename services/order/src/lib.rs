@@ -57,7 +57,7 @@ pub async fn build(config: Config) -> anyhow::Result<Server> {
     let infra = Infrastructure::start(&config.service, &SERVICE, MIGRATIONS).await?;
     let sagas = metrics::SagaMetrics::default();
     infra.register_metrics(|registry| sagas.register(registry));
-    let handlers = events::Handlers {
+    let handlers = events::HandlerState {
         metrics: sagas.clone(),
     };
     let consumer = |spec, router| infra.consumer(spec, router, handlers.clone());

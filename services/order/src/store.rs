@@ -12,7 +12,7 @@ use diesel::sql_types::{
     Array, BigInt, Bool, Integer, Nullable, Text, Timestamptz, Uuid as SqlUuid,
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
-use shop_db::Cached;
+use shop_db::KeepPrepared;
 use shop_messaging::OutboxWrite;
 use uuid::Uuid;
 
@@ -313,7 +313,7 @@ pub(crate) async fn record_steps(
             )
         })
         .collect();
-    Cached(diesel::insert_into(order_steps::table).values(&rows))
+    KeepPrepared(diesel::insert_into(order_steps::table).values(&rows))
         .execute(conn)
         .await
 }
@@ -324,7 +324,7 @@ pub(crate) async fn mark_cancelled(
     order_id: Uuid,
     reason: &str,
 ) -> QueryResult<usize> {
-    Cached(diesel::update(orders::table.find(order_id)).set((
+    KeepPrepared(diesel::update(orders::table.find(order_id)).set((
         orders::status.eq(Status::Cancelled.as_str()),
         orders::cancel_reason.eq(reason),
         orders::updated_at.eq(diesel::dsl::now),
@@ -359,7 +359,7 @@ pub(crate) async fn lock_orders(
     conn: &mut AsyncPgConnection,
     order_ids: &[Uuid],
 ) -> QueryResult<Vec<SagaRow>> {
-    Cached(
+    KeepPrepared(
         orders::table
             .filter(orders::order_id.eq_any(order_ids))
             .order(orders::order_id)
@@ -403,7 +403,7 @@ pub(crate) async fn write_moves(
     moved: &MovedOrders<'_>,
     steps: &NewSteps<'_>,
 ) -> QueryResult<usize> {
-    Cached(
+    KeepPrepared(
         diesel::sql_query(
             "WITH moved_orders AS (UPDATE orders SET status = moved.status, \
              total_cents = moved.total_cents, \

@@ -20,22 +20,22 @@ use crate::domain::{Charge, Debit};
 
 /// What the handlers share.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Handlers {
+pub(crate) struct HandlerState {
     /// The credit a new wallet opens with, in cents.
     pub(crate) starting_credit: i64,
 }
 
-pub(crate) fn user_events() -> Router<Handlers> {
+pub(crate) fn user_events() -> Router<HandlerState> {
     Router::new().on::<UserCreated, _>(on_user_created)
 }
 
 /// Debits and refunds each change one wallet, and name it, so that batches
 /// lock wallets in one order (see [`Router::on_locking`]).
-pub(crate) fn inventory_events() -> Router<Handlers> {
+pub(crate) fn inventory_events() -> Router<HandlerState> {
     Router::new().on_batch_locking::<InventoryReserved, _, _>(wallets, on_inventories_reserved)
 }
 
-pub(crate) fn order_events() -> Router<Handlers> {
+pub(crate) fn order_events() -> Router<HandlerState> {
     Router::new().on_locking::<OrderCancelled, _, _>(wallets, on_order_cancelled)
 }
 
@@ -69,7 +69,7 @@ impl HasUser for OrderCancelled {
 }
 
 fn on_user_created<'a>(
-    h: &'a Handlers,
+    h: &'a HandlerState,
     cx: &'a mut Context<'_>,
     event: UserCreated,
 ) -> BoxFuture<'a, Result<(), HandlerError>> {
@@ -79,7 +79,7 @@ fn on_user_created<'a>(
 }
 
 fn on_inventories_reserved<'a>(
-    _: &'a Handlers,
+    _: &'a HandlerState,
     batch: &'a mut Batch<'_>,
     events: Vec<InventoryReserved>,
 ) -> BoxFuture<'a, Result<(), HandlerError>> {
@@ -122,7 +122,7 @@ fn on_inventories_reserved<'a>(
 }
 
 fn on_order_cancelled<'a>(
-    _: &'a Handlers,
+    _: &'a HandlerState,
     cx: &'a mut Context<'_>,
     event: OrderCancelled,
 ) -> BoxFuture<'a, Result<(), HandlerError>> {

@@ -50,7 +50,7 @@ pub struct Config {
 /// Starts the payment service's infrastructure and binds its servers.
 pub async fn build(config: Config) -> anyhow::Result<Server> {
     let infra = Infrastructure::start(&config.service, &SERVICE, MIGRATIONS).await?;
-    let handlers = events::Handlers {
+    let handlers = events::HandlerState {
         starting_credit: config.starting_credit_cents,
     };
     let consumer = |spec, router| infra.consumer(spec, router, handlers);

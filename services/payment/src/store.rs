@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
-use shop_db::Cached;
+use shop_db::KeepPrepared;
 use uuid::Uuid;
 
 use shop_domain::{OrderId, UserId};
@@ -58,7 +58,7 @@ pub(crate) async fn set_balance(
     user_id: Uuid,
     balance_cents: i64,
 ) -> QueryResult<usize> {
-    Cached(
+    KeepPrepared(
         diesel::update(accounts::table.find(user_id))
             .set(accounts::balance_cents.eq(balance_cents)),
     )
@@ -135,7 +135,7 @@ pub(crate) async fn lock_decided(
     conn: &mut AsyncPgConnection,
     order_ids: &[Uuid],
 ) -> QueryResult<HashSet<OrderId>> {
-    Ok(Cached(
+    Ok(KeepPrepared(
         payments::table
             .filter(payments::order_id.eq_any(order_ids))
             .select(payments::order_id)
@@ -154,7 +154,7 @@ pub(crate) async fn lock_balances(
     conn: &mut AsyncPgConnection,
     user_ids: &[Uuid],
 ) -> QueryResult<HashMap<UserId, i64>> {
-    Ok(Cached(
+    Ok(KeepPrepared(
         accounts::table
             .filter(accounts::user_id.eq_any(user_ids))
             .order(accounts::user_id)
@@ -187,7 +187,7 @@ pub(crate) async fn write_debits(
 ) -> QueryResult<usize> {
     let (users, amounts): (Vec<Uuid>, Vec<i64>) =
         debited.iter().map(|(u, a)| (u.get(), *a)).unzip();
-    Cached(
+    KeepPrepared(
         diesel::sql_query(
             "WITH debited AS (UPDATE accounts SET balance_cents = balance_cents - debit.amount \
              FROM unnest($1::uuid[], $2::bigint[]) AS debit (user_id, amount) \
@@ -226,7 +226,7 @@ pub(crate) async fn mark_refunded(
     conn: &mut AsyncPgConnection,
     order_id: Uuid,
 ) -> QueryResult<usize> {
-    Cached(diesel::update(payments::table.find(order_id)).set((
+    KeepPrepared(diesel::update(payments::table.find(order_id)).set((
         payments::status.eq(PaymentStatus::Refunded.as_str()),
         payments::updated_at.eq(diesel::dsl::now),
     )))

@@ -7,7 +7,7 @@
 //! - [`grant_runtime`]: what a service's runtime role may do on the tables
 //!   its owner made: read and write rows, nothing more.
 //! - [`pool`]: a deadpool of diesel-async connections.
-//! - [`Cached`]: a statement kept prepared that diesel would prepare afresh
+//! - [`KeepPrepared`]: a statement kept prepared that diesel would prepare afresh
 //!   each time (updates, multi-row inserts).
 //! - [`Failure`]: what a failed statement means (unreachable, contention,
 //!   timeout, ...), told in one place for the API and the consumers.
@@ -17,13 +17,13 @@
 //! Services own their SQL under `migrations/<service>/` and embed it with
 //! `diesel_migrations::embed_migrations!`.
 
-mod cached;
 mod failure;
 mod messages;
+mod prepared;
 
-pub use cached::Cached;
 pub use failure::Failure;
 pub use messages::english_messages;
+pub use prepared::KeepPrepared;
 
 use diesel::migration::MigrationSource;
 use diesel::pg::Pg;

@@ -22,7 +22,7 @@ pub(crate) async fn learn_user(
 }
 
 /// One saga event for an order.
-pub(crate) struct Progress {
+pub(crate) struct StepEvent {
     pub(crate) order_id: Uuid,
     pub(crate) event: SagaEvent,
     /// The reservation's total or the payment's amount.
@@ -33,19 +33,19 @@ pub(crate) struct Progress {
 
 /// What an event did to its order: the event to emit and how the saga
 /// ended, if it ended.
-pub(crate) struct Advanced {
-    pub(crate) emit: Option<Emitted>,
+pub(crate) struct StepOutcome {
+    pub(crate) emit: Option<EndEvent>,
     pub(crate) end: Option<SagaEnd>,
 }
 
 /// The event an order's move emits.
-pub(crate) enum Emitted {
+pub(crate) enum EndEvent {
     Confirmed(OrderConfirmed),
     Cancelled(OrderCancelled),
 }
 
 /// An order as a batch of events moves it.
-struct Moving {
+struct OrderState {
     status: Status,
     user_id: Uuid,
     deadline: DateTime<Utc>,
@@ -63,16 +63,16 @@ struct Moving {
 /// the number of events.
 pub(crate) async fn advance(
     conn: &mut AsyncPgConnection,
-    events: &[Progress],
-) -> Result<Vec<Advanced>, HandlerError> {
+    events: &[StepEvent],
+) -> Result<Vec<StepOutcome>, HandlerError> {
     let mut order_ids: Vec<Uuid> = events.iter().map(|event| event.order_id).collect();
     order_ids.sort_unstable();
     order_ids.dedup();
-    let mut moving = HashMap::new();
+    let mut orders = HashMap::new();
     for row in store::lock_orders(conn, &order_ids).await? {
-        moving.insert(
+        orders.insert(
             row.order_id,
-            Moving {
+            OrderState {
                 status: Status::parse(&row.status)?,
                 user_id: row.user_id,
                 deadline: row.deadline,
@@ -91,7 +91,7 @@ pub(crate) async fn advance(
         let order_id = event.order_id;
         // The order commits before its `order.placed` is published, so
         // every later event finds it.
-        let order = moving
+        let order = orders
             .get_mut(&order_id)
             .ok_or_else(|| HandlerError::permanent(format!("no order {order_id}")))?;
         let detail = match &event.event {
@@ -123,7 +123,7 @@ pub(crate) async fn advance(
                     reason: String::new(),
                     placed_at: order.placed_at,
                 };
-                (Some(Emitted::Confirmed(confirmed)), Some(end))
+                (Some(EndEvent::Confirmed(confirmed)), Some(end))
             }
             Decision::Cancel(reason) => {
                 order.status = Status::Cancelled;
@@ -139,16 +139,16 @@ pub(crate) async fn advance(
                     reason,
                     placed_at: order.placed_at,
                 };
-                (Some(Emitted::Cancelled(cancelled)), Some(end))
+                (Some(EndEvent::Cancelled(cancelled)), Some(end))
             }
         };
         if end.is_some() {
             order.changed = true;
             order.status_changed = true;
         }
-        advanced.push(Advanced { emit, end });
+        advanced.push(StepOutcome { emit, end });
     }
-    let changed = moving.iter().filter(|(_, order)| order.changed);
+    let changed = orders.iter().filter(|(_, order)| order.changed);
     let mut moved = MovedOrders::default();
     for (order_id, order) in changed {
         moved.order_ids.push(*order_id);

@@ -22,7 +22,7 @@ fn admin() -> Caller {
     Caller::new("admin", vec![shop_service::roles::ADMIN.into()])
 }
 
-fn progress(order_id: Uuid, event: SagaEvent, total_cents: Option<i64>) -> Progress {
+fn step_event(order_id: Uuid, event: SagaEvent, total_cents: Option<i64>) -> StepEvent {
     let subject = match &event {
         SagaEvent::Reserved => "inventory.reserved",
         SagaEvent::Rejected(_) => "inventory.rejected",
@@ -30,7 +30,7 @@ fn progress(order_id: Uuid, event: SagaEvent, total_cents: Option<i64>) -> Progr
         SagaEvent::PaymentFailed(_) => "payment.failed",
         SagaEvent::DeadlinePassed => "deadline",
     };
-    Progress {
+    StepEvent {
         order_id,
         event,
         total_cents,
@@ -75,21 +75,21 @@ async fn events_advanced_together_move_each_order_in_turn() {
     let (ann, bob) = (ann.order_id, bob.order_id);
 
     let events = [
-        progress(ann, SagaEvent::Reserved, Some(1999)),
-        progress(bob, SagaEvent::Reserved, Some(500)),
-        progress(ann, SagaEvent::PaymentCompleted, Some(1999)),
-        progress(bob, SagaEvent::PaymentFailed("no money".into()), None),
+        step_event(ann, SagaEvent::Reserved, Some(1999)),
+        step_event(bob, SagaEvent::Reserved, Some(500)),
+        step_event(ann, SagaEvent::PaymentCompleted, Some(1999)),
+        step_event(bob, SagaEvent::PaymentFailed("no money".into()), None),
         // Too late: the order is confirmed already.
-        progress(ann, SagaEvent::PaymentFailed("late".into()), None),
+        step_event(ann, SagaEvent::PaymentFailed("late".into()), None),
     ];
     let advanced = advance(&mut conn, &events).await.unwrap();
     let summary: Vec<String> = advanced
         .iter()
         .map(|advanced| match (&advanced.emit, &advanced.end) {
-            (Some(Emitted::Confirmed(event)), Some(end)) => {
+            (Some(EndEvent::Confirmed(event)), Some(end)) => {
                 format!("{} {}", end.outcome, event.total_cents)
             }
-            (Some(Emitted::Cancelled(event)), Some(end)) => {
+            (Some(EndEvent::Cancelled(event)), Some(end)) => {
                 format!("{} {}", end.outcome, event.reason)
             }
             (None, None) => "recorded".into(),
@@ -152,7 +152,7 @@ async fn events_advanced_together_move_each_order_in_turn() {
     // An event for an order that does not exist fails the call.
     let error = advance(
         &mut conn,
-        &[progress(Uuid::now_v7(), SagaEvent::Reserved, None)],
+        &[step_event(Uuid::now_v7(), SagaEvent::Reserved, None)],
     )
     .await
     .err()

@@ -15,7 +15,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Integer, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl};
 use futures::FutureExt as _;
-use shop_db::Cached;
+use shop_db::KeepPrepared;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
@@ -485,7 +485,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
                         .execute(&mut &*shared)
                         .await
                 };
-                let inserting = Cached(
+                let inserting = KeepPrepared(
                     diesel::insert_into(inbox::table)
                         .values(&rows)
                         .on_conflict_do_nothing()

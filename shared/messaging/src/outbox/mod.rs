@@ -34,7 +34,7 @@ use async_nats::jetstream;
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
-use shop_db::Cached;
+use shop_db::KeepPrepared;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -177,7 +177,7 @@ impl Outbox {
         if rows.is_empty() {
             return Ok(Written::default());
         }
-        Cached(diesel::insert_into(outbox::table).values(&rows))
+        KeepPrepared(diesel::insert_into(outbox::table).values(&rows))
             .execute(conn)
             .await?;
         Ok(Written { rows })

@@ -4,7 +4,7 @@
 use async_nats::jetstream::{self, message::PublishMessage};
 use diesel::QueryResult;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
-use shop_db::Cached;
+use shop_db::KeepPrepared;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
@@ -97,7 +97,7 @@ pub(crate) async fn unconfirmed_caused_by(
     if causes.is_empty() {
         return Ok(Written::default());
     }
-    let rows = Cached(
+    let rows = KeepPrepared(
         diesel::sql_query(
             "SELECT event_id, subject, event_type, source, payload, correlation_id, \
              causation_id, traceparent, tracestate, created_at \

@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Timestamptz, Uuid as SqlUuid};
 use diesel_async::{AsyncConnection as _, RunQueryDsl};
-use shop_db::{Cached, PgPool};
+use shop_db::{KeepPrepared, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use super::publish::publish_rows;
@@ -221,7 +221,7 @@ impl Relay {
             return Ok(());
         }
         let mut conn = self.connection().await?;
-        Cached(diesel::sql_query(FORGET).bind::<Array<SqlUuid>, _>(&ids))
+        KeepPrepared(diesel::sql_query(FORGET).bind::<Array<SqlUuid>, _>(&ids))
             .execute(&mut conn)
             .await?;
         Ok(())
@@ -260,7 +260,7 @@ impl Relay {
         }
         let count = conn
             .transaction::<_, RelayError, _>(async |conn| {
-                let rows: Vec<Row> = Cached(
+                let rows: Vec<Row> = KeepPrepared(
                     diesel::sql_query(SWEEP)
                         .bind::<BigInt, _>(self.config.batch_size)
                         .bind::<Timestamptz, _>(cutoff),

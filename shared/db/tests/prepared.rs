@@ -1,4 +1,4 @@
-//! `Cached` keeps statements prepared that diesel prepares afresh, and they
+//! `KeepPrepared` keeps statements prepared that diesel prepares afresh, and they
 //! still do what they say. The session's `pg_prepared_statements` shows
 //! what a connection keeps.
 
@@ -9,7 +9,7 @@ use diesel::sql_types::BigInt;
 use diesel_async::{
     AsyncConnection as _, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection as _,
 };
-use shop_db::Cached;
+use shop_db::KeepPrepared;
 use shop_test_support::TestPostgres;
 
 diesel::table! {
@@ -56,7 +56,7 @@ async fn updates_and_multi_row_inserts_are_prepared_once_per_text() {
             .iter()
             .map(|name| (counters::name.eq(*name), counters::value.eq(0_i64)))
             .collect();
-        let inserted: Vec<String> = Cached(
+        let inserted: Vec<String> = KeepPrepared(
             diesel::insert_into(counters::table)
                 .values(&rows)
                 .returning(counters::name),
@@ -70,7 +70,7 @@ async fn updates_and_multi_row_inserts_are_prepared_once_per_text() {
 
     // An update, three times: kept once, and applied three times.
     for _ in 0..3 {
-        let updated = Cached(
+        let updated = KeepPrepared(
             diesel::update(counters::table.find("a")).set(counters::value.eq(counters::value + 1)),
         )
         .execute(&mut conn)
