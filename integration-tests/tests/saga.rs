@@ -41,15 +41,16 @@ async fn a_purchase_is_confirmed_and_paid() {
     assert_eq!(order.status(), OrderStatus::Confirmed, "{:?}", order.steps);
     assert_eq!(order.total_cents, 2 * 1999 + 500);
     assert_eq!(order.cancel_reason, "");
-    assert_eq!(
-        steps(&order),
-        [
-            "order.placed",
-            "inventory.reserved",
-            "payment.completed",
-            "order.confirmed"
-        ]
-    );
+    // The order service reads `inventory.reserved` and `payment.completed`
+    // on durables of their own, so either may be recorded first; the
+    // confirmation follows the payment.
+    let steps = steps(&order);
+    let at = |name: &str| steps.iter().position(|step| *step == name);
+    assert_eq!(steps.len(), 4, "{steps:?}");
+    assert_eq!(at("order.placed"), Some(0), "{steps:?}");
+    assert!(at("inventory.reserved").is_some(), "{steps:?}");
+    assert!(at("payment.completed").is_some(), "{steps:?}");
+    assert!(at("payment.completed") < at("order.confirmed"), "{steps:?}");
 
     assert_eq!(
         shop.payment_status(&order.order_id).await,
