@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use diesel_async::AsyncPgConnection;
 use shop_db::PgPool;
 use shop_messaging::HandlerError;
-use shop_service::{ApiError, Caller, is_unique_violation, limits};
+use shop_service::{ApiError, Caller, is_unique_violation, limits, step_failed, unknown_stored};
 use uuid::Uuid;
 
 use crate::domain::{self, Line, NewProduct, Placed, Release, Reservation, Status};
@@ -177,8 +177,11 @@ pub(crate) async fn sell(
         let status = statuses
             .get(&order_id)
             .map(|status| Status::parse(status))
-            .transpose()?;
-        if domain::sell(order_id.into(), status)? && !to_sell.contains(&order_id) {
+            .transpose()
+            .map_err(unknown_stored)?;
+        if domain::sell(order_id.into(), status).map_err(step_failed)?
+            && !to_sell.contains(&order_id)
+        {
             to_sell.push(order_id);
         }
     }
@@ -198,8 +201,9 @@ pub(crate) async fn release(
     let status = store::lock_status(conn, order_id)
         .await?
         .map(|status| Status::parse(&status))
-        .transpose()?;
-    match domain::release(order_id.into(), status)? {
+        .transpose()
+        .map_err(unknown_stored)?;
+    match domain::release(order_id.into(), status).map_err(step_failed)? {
         Release::Release => {
             let lines = store::lines_of(conn, order_id).await?;
             let released = lines

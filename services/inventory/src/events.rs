@@ -9,7 +9,10 @@
 use diesel::QueryResult;
 use diesel_async::AsyncPgConnection;
 use shop_messaging::consumer::uuid_field as id;
-use shop_messaging::{Batch, BoxFuture, Context, HandlerError, Router};
+use shop_messaging::{
+    Batch, BatchHandler, Context, Handler, HandlerError, LockNames, Route, Router,
+};
+use shop_proto::Event;
 use shop_proto::inventory::v1::{
     InventoryRejected, InventoryReleased, InventoryReserved, ReservedLine,
 };
@@ -27,26 +30,36 @@ pub(crate) struct HandlerState;
 ///
 /// Every step changes the counts of the products it touches; each names
 /// those products, so that batches lock them in one order (see
-/// [`Router::on_locking`]).
+/// [`Route::locking`]).
 pub(crate) fn order_events() -> Router<HandlerState> {
     Router::new()
-        .on_batch_locking::<OrderPlaced, _, _>(
-            |_, events| {
-                let names = events
-                    .iter()
-                    .flat_map(|event| &event.items)
-                    .map(|item| product_lock(&item.sku));
-                Box::pin(std::future::ready(Ok(names.collect())))
-            },
-            on_orders_placed,
-        )
-        .on_batch_locking::<OrderConfirmed, _, _>(reserved_products, on_orders_confirmed)
-        .on_locking::<OrderCancelled, _, _>(reserved_products, on_order_cancelled)
+        .on::<OrderPlaced>(Route::batched().locking())
+        .on::<OrderConfirmed>(Route::batched().locking())
+        .on::<OrderCancelled>(Route::single().locking())
 }
 
 /// The routes for events on the `PAYMENT` stream.
 pub(crate) fn payment_events() -> Router<HandlerState> {
-    Router::new().on_locking::<PaymentFailed, _, _>(reserved_products, on_payment_failed)
+    Router::new().on::<PaymentFailed>(Route::single().locking())
+}
+
+fn product_lock(sku: &str) -> String {
+    format!("product:{sku}")
+}
+
+/// The products an order asks for.
+impl LockNames<OrderPlaced> for HandlerState {
+    async fn lock_names(
+        &self,
+        _: &mut AsyncPgConnection,
+        events: Vec<&OrderPlaced>,
+    ) -> QueryResult<Vec<String>> {
+        Ok(events
+            .iter()
+            .flat_map(|event| &event.items)
+            .map(|item| product_lock(&item.sku))
+            .collect())
+    }
 }
 
 /// The events that end a reservation, named by its order.
@@ -72,24 +85,21 @@ impl EndsReservation for PaymentFailed {
     }
 }
 
-fn product_lock(sku: &str) -> String {
-    format!("product:{sku}")
-}
-
-/// The lock names of the products the events' orders hold reserved, in one
-/// query (none for a malformed id: its handler reports that).
-fn reserved_products<'a, E: EndsReservation>(
-    conn: &'a mut AsyncPgConnection,
-    events: Vec<&'a E>,
-) -> BoxFuture<'a, QueryResult<Vec<String>>> {
-    let order_ids: Vec<uuid::Uuid> = events
-        .iter()
-        .filter_map(|event| uuid::Uuid::parse_str(event.order_id()).ok())
-        .collect();
-    Box::pin(async move {
+/// The products the events' orders hold reserved, in one query (none for a
+/// malformed id: its handler reports that).
+impl<E: Event + EndsReservation> LockNames<E> for HandlerState {
+    async fn lock_names(
+        &self,
+        conn: &mut AsyncPgConnection,
+        events: Vec<&E>,
+    ) -> QueryResult<Vec<String>> {
+        let order_ids: Vec<uuid::Uuid> = events
+            .iter()
+            .filter_map(|event| uuid::Uuid::parse_str(event.order_id()).ok())
+            .collect();
         let skus = store::reserved_skus(conn, &order_ids).await?;
         Ok(skus.iter().map(|sku| product_lock(sku)).collect())
-    })
+    }
 }
 
 fn to_proto(lines: &[Line]) -> Vec<ReservedLine> {
@@ -103,12 +113,13 @@ fn to_proto(lines: &[Line]) -> Vec<ReservedLine> {
         .collect()
 }
 
-fn on_orders_placed<'a>(
-    _: &'a HandlerState,
-    batch: &'a mut Batch<'_>,
-    events: Vec<OrderPlaced>,
-) -> BoxFuture<'a, Result<(), HandlerError>> {
-    Box::pin(async move {
+/// Reserves all of each order's lines, or none.
+impl BatchHandler<OrderPlaced> for HandlerState {
+    async fn handle_batch(
+        &self,
+        batch: &mut Batch<'_>,
+        events: Vec<OrderPlaced>,
+    ) -> Result<(), HandlerError> {
         let orders = events
             .iter()
             .map(|event| {
@@ -148,23 +159,25 @@ fn on_orders_placed<'a>(
             }
         }
         Ok(())
-    })
+    }
 }
 
-fn on_orders_confirmed<'a>(
-    _: &'a HandlerState,
-    batch: &'a mut Batch<'_>,
-    events: Vec<OrderConfirmed>,
-) -> BoxFuture<'a, Result<(), HandlerError>> {
-    Box::pin(async move {
+/// Reserved -> sold.
+impl BatchHandler<OrderConfirmed> for HandlerState {
+    async fn handle_batch(
+        &self,
+        batch: &mut Batch<'_>,
+        events: Vec<OrderConfirmed>,
+    ) -> Result<(), HandlerError> {
         let order_ids = events
             .iter()
             .map(|event| id("order_id", &event.order_id))
             .collect::<Result<Vec<_>, _>>()?;
         app::sell(batch.conn(), &order_ids).await
-    })
+    }
 }
 
+/// Releases the reservation, or leaves a tombstone.
 async fn release(
     cx: &mut Context<'_>,
     order_id: String,
@@ -186,18 +199,18 @@ async fn release(
     Ok(())
 }
 
-fn on_order_cancelled<'a>(
-    _: &'a HandlerState,
-    cx: &'a mut Context<'_>,
-    event: OrderCancelled,
-) -> BoxFuture<'a, Result<(), HandlerError>> {
-    Box::pin(release(cx, event.order_id, event.user_id))
+impl Handler<OrderCancelled> for HandlerState {
+    async fn handle(
+        &self,
+        cx: &mut Context<'_>,
+        event: OrderCancelled,
+    ) -> Result<(), HandlerError> {
+        release(cx, event.order_id, event.user_id).await
+    }
 }
 
-fn on_payment_failed<'a>(
-    _: &'a HandlerState,
-    cx: &'a mut Context<'_>,
-    event: PaymentFailed,
-) -> BoxFuture<'a, Result<(), HandlerError>> {
-    Box::pin(release(cx, event.order_id, event.user_id))
+impl Handler<PaymentFailed> for HandlerState {
+    async fn handle(&self, cx: &mut Context<'_>, event: PaymentFailed) -> Result<(), HandlerError> {
+        release(cx, event.order_id, event.user_id).await
+    }
 }

@@ -22,7 +22,10 @@ use std::time::Duration;
 use async_nats::jetstream;
 use prost::Message as _;
 use shop_messaging::envelope::publish_direct;
-use shop_messaging::{ConsumerSpec, EventConsumer, Outbox, OutgoingEvent, Router};
+use shop_messaging::{
+    ConsumerSpec, Context, EventConsumer, Handler, HandlerError, Outbox, OutgoingEvent, Route,
+    Router,
+};
 use shop_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use shop_proto::inventory::v1::{GetProductRequest, InventoryReserved};
 use shop_proto::order::v1::{OrderItem, OrderPlaced};
@@ -267,6 +270,17 @@ fn todays_event_read_against_a_newer_schema_has_the_new_fields_at_their_defaults
     assert_eq!(today_again.items, today.items);
 }
 
+/// The v2 events a v2 consumer was given.
+#[derive(Default)]
+struct Seen(Mutex<Vec<OrderPlacedV2>>);
+
+impl Handler<OrderPlacedV2> for Seen {
+    async fn handle(&self, _: &mut Context<'_>, event: OrderPlacedV2) -> Result<(), HandlerError> {
+        self.0.lock().unwrap().push(event);
+        Ok(())
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn v2_beside_v1_each_consumer_applies_its_own_version() {
     let inventory = Inventory::start().await;
@@ -275,13 +289,8 @@ async fn v2_beside_v1_each_consumer_applies_its_own_version() {
     shop_db::migrate(&url, vec![shop_messaging::MIGRATIONS])
         .await
         .unwrap();
-    let seen: Arc<Mutex<Vec<OrderPlacedV2>>> = Arc::default();
-    let router = Router::new().on::<OrderPlacedV2, _>(
-        |seen: &Arc<Mutex<Vec<OrderPlacedV2>>>, _cx, event| {
-            seen.lock().unwrap().push(event);
-            Box::pin(async { Ok(()) })
-        },
-    );
+    let seen: Arc<Seen> = Arc::default();
+    let router = Router::new().on::<OrderPlacedV2>(Route::single());
     let v2_reader = EventConsumer::new(
         inventory.js.clone(),
         shop_db::pool(&url, 2).unwrap(),
@@ -336,7 +345,7 @@ async fn v2_beside_v1_each_consumer_applies_its_own_version() {
             && v2_stats.ignored.load(std::sync::atomic::Ordering::Relaxed) == 1
     })
     .await;
-    assert_eq!(*seen.lock().unwrap(), [v2]);
+    assert_eq!(*seen.0.lock().unwrap(), [v2]);
     eventually("the v1 consumer applied v1 and skipped v2", || async {
         inventory.consumed("ok").await == 1 && inventory.consumed("ignored").await == 1
     })

@@ -8,7 +8,8 @@
 //! | `inventory.rejected`, `payment.failed` | CANCELLED with the reason | `order.cancelled` |
 
 use shop_messaging::consumer::uuid_field as id;
-use shop_messaging::{Batch, BoxFuture, Context, HandlerError, Router};
+use shop_messaging::{Batch, BatchHandler, Context, Handler, HandlerError, Route, Router};
+use shop_proto::Event;
 use shop_proto::inventory::v1::{InventoryRejected, InventoryReserved};
 use shop_proto::payment::v1::{PaymentCompleted, PaymentFailed};
 use shop_proto::user::v1::UserCreated;
@@ -24,51 +25,75 @@ pub(crate) struct HandlerState {
 }
 
 pub(crate) fn user_events() -> Router<HandlerState> {
-    Router::new().on::<UserCreated, _>(on_user_created)
+    Router::new().on::<UserCreated>(Route::single())
 }
 
 pub(crate) fn inventory_events() -> Router<HandlerState> {
     Router::new()
-        .on_batch::<InventoryReserved, _>(|h, batch, events| {
-            let progress = events
-                .into_iter()
-                .map(|event| (event.order_id, SagaEvent::Reserved, Some(event.total_cents)));
-            Box::pin(advance(h, batch, progress.collect()))
-        })
-        .on_batch::<InventoryRejected, _>(|h, batch, events| {
-            let progress = events
-                .into_iter()
-                .map(|event| (event.order_id, SagaEvent::Rejected(event.reason), None));
-            Box::pin(advance(h, batch, progress.collect()))
-        })
+        .on::<InventoryReserved>(Route::batched())
+        .on::<InventoryRejected>(Route::batched())
 }
 
 pub(crate) fn payment_events() -> Router<HandlerState> {
     Router::new()
-        .on_batch::<PaymentCompleted, _>(|h, batch, events| {
-            let progress = events.into_iter().map(|event| {
-                (
-                    event.order_id,
-                    SagaEvent::PaymentCompleted,
-                    Some(event.amount_cents),
-                )
-            });
-            Box::pin(advance(h, batch, progress.collect()))
-        })
-        .on_batch::<PaymentFailed, _>(|h, batch, events| {
-            let progress = events
-                .into_iter()
-                .map(|event| (event.order_id, SagaEvent::PaymentFailed(event.reason), None));
-            Box::pin(advance(h, batch, progress.collect()))
-        })
+        .on::<PaymentCompleted>(Route::batched())
+        .on::<PaymentFailed>(Route::batched())
 }
 
-fn on_user_created<'a>(
-    _: &'a HandlerState,
-    cx: &'a mut Context<'_>,
-    event: UserCreated,
-) -> BoxFuture<'a, Result<(), HandlerError>> {
-    Box::pin(async move { app::learn_user(cx.conn(), id("user_id", &event.user_id)?).await })
+/// Remembers the user, so that orders can be checked against it.
+impl Handler<UserCreated> for HandlerState {
+    async fn handle(&self, cx: &mut Context<'_>, event: UserCreated) -> Result<(), HandlerError> {
+        app::learn_user(cx.conn(), id("user_id", &event.user_id)?).await
+    }
+}
+
+/// An event that moves an order's saga: the order it names, what it says
+/// happened, and the total it carries, if any.
+trait SagaStep {
+    fn step(self) -> (String, SagaEvent, Option<i64>);
+}
+
+impl SagaStep for InventoryReserved {
+    fn step(self) -> (String, SagaEvent, Option<i64>) {
+        (self.order_id, SagaEvent::Reserved, Some(self.total_cents))
+    }
+}
+
+impl SagaStep for InventoryRejected {
+    fn step(self) -> (String, SagaEvent, Option<i64>) {
+        (self.order_id, SagaEvent::Rejected(self.reason), None)
+    }
+}
+
+impl SagaStep for PaymentCompleted {
+    fn step(self) -> (String, SagaEvent, Option<i64>) {
+        (
+            self.order_id,
+            SagaEvent::PaymentCompleted,
+            Some(self.amount_cents),
+        )
+    }
+}
+
+impl SagaStep for PaymentFailed {
+    fn step(self) -> (String, SagaEvent, Option<i64>) {
+        (self.order_id, SagaEvent::PaymentFailed(self.reason), None)
+    }
+}
+
+impl<E: Event + SagaStep> BatchHandler<E> for HandlerState {
+    async fn handle_batch(
+        &self,
+        batch: &mut Batch<'_>,
+        events: Vec<E>,
+    ) -> Result<(), HandlerError> {
+        advance(
+            self,
+            batch,
+            events.into_iter().map(SagaStep::step).collect(),
+        )
+        .await
+    }
 }
 
 /// Moves the batch's orders by its events (order id, saga event, total),

@@ -8,7 +8,9 @@ use diesel_async::{AsyncConnection as _, AsyncPgConnection};
 use shop_db::PgPool;
 use shop_domain::UserId;
 use shop_messaging::HandlerError;
-use shop_service::{ApiError, Caller, is_unique_violation, limits, roles};
+use shop_service::{
+    ApiError, Caller, is_unique_violation, limits, roles, step_failed, unknown_stored,
+};
 use uuid::Uuid;
 
 use crate::domain::{self, Charge, Debit, Deposit, PaymentStatus, Refund};
@@ -185,7 +187,8 @@ pub(crate) async fn debit(
     user_ids.sort_unstable();
     user_ids.dedup();
     let mut balances = store::lock_balances(conn, &user_ids).await?;
-    let debits = domain::debit_in_turn(charges, &mut decided, &mut balances)?;
+    let debits =
+        domain::debit_in_turn(charges, &mut decided, &mut balances).map_err(step_failed)?;
     let mut debited: HashMap<UserId, i64> = HashMap::new();
     let mut rows = NewPayments::default();
     for (charge, debit) in charges.iter().zip(&debits) {
@@ -222,13 +225,14 @@ pub(crate) async fn refund(
     let status = payment
         .as_ref()
         .map(|(status, _, _)| PaymentStatus::parse(status))
-        .transpose()?;
+        .transpose()
+        .map_err(unknown_stored)?;
     match (domain::refund(status), payment) {
         (Refund::Refund, Some((_, amount, payer))) => {
             let balance = store::lock_balance(conn, payer).await?.ok_or_else(|| {
                 HandlerError::permanent(format!("payment of order {order_id} has no wallet"))
             })?;
-            let refunded = domain::refunded(payer.into(), balance, amount)?;
+            let refunded = domain::refunded(payer.into(), balance, amount).map_err(step_failed)?;
             store::set_balance(conn, payer, refunded).await?;
             store::mark_refunded(conn, order_id).await?;
             Ok(Some(amount))

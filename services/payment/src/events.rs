@@ -9,7 +9,10 @@
 use diesel::QueryResult;
 use diesel_async::AsyncPgConnection;
 use shop_messaging::consumer::uuid_field as id;
-use shop_messaging::{Batch, BoxFuture, Context, HandlerError, Router};
+use shop_messaging::{
+    Batch, BatchHandler, Context, Handler, HandlerError, LockNames, Route, Router,
+};
+use shop_proto::Event;
 use shop_proto::inventory::v1::InventoryReserved;
 use shop_proto::order::v1::OrderCancelled;
 use shop_proto::payment::v1::{PaymentCompleted, PaymentFailed, PaymentRefunded};
@@ -26,29 +29,17 @@ pub(crate) struct HandlerState {
 }
 
 pub(crate) fn user_events() -> Router<HandlerState> {
-    Router::new().on::<UserCreated, _>(on_user_created)
+    Router::new().on::<UserCreated>(Route::single())
 }
 
 /// Debits and refunds each change one wallet, and name it, so that batches
-/// lock wallets in one order (see [`Router::on_locking`]).
+/// lock wallets in one order (see [`Route::locking`]).
 pub(crate) fn inventory_events() -> Router<HandlerState> {
-    Router::new().on_batch_locking::<InventoryReserved, _, _>(wallets, on_inventories_reserved)
+    Router::new().on::<InventoryReserved>(Route::batched().locking())
 }
 
 pub(crate) fn order_events() -> Router<HandlerState> {
-    Router::new().on_locking::<OrderCancelled, _, _>(wallets, on_order_cancelled)
-}
-
-/// The lock names of the events' wallets.
-fn wallets<'a, E: HasUser>(
-    _: &'a mut AsyncPgConnection,
-    events: Vec<&'a E>,
-) -> BoxFuture<'a, QueryResult<Vec<String>>> {
-    let names = events
-        .iter()
-        .map(|event| format!("wallet:{}", event.user_id()))
-        .collect();
-    Box::pin(std::future::ready(Ok(names)))
+    Router::new().on::<OrderCancelled>(Route::single().locking())
 }
 
 /// The events that name the wallet they change.
@@ -68,22 +59,39 @@ impl HasUser for OrderCancelled {
     }
 }
 
-fn on_user_created<'a>(
-    h: &'a HandlerState,
-    cx: &'a mut Context<'_>,
-    event: UserCreated,
-) -> BoxFuture<'a, Result<(), HandlerError>> {
-    Box::pin(async move {
-        app::open_wallet(cx.conn(), id("user_id", &event.user_id)?, h.starting_credit).await
-    })
+/// The lock names of the events' wallets.
+impl<E: Event + HasUser> LockNames<E> for HandlerState {
+    async fn lock_names(
+        &self,
+        _: &mut AsyncPgConnection,
+        events: Vec<&E>,
+    ) -> QueryResult<Vec<String>> {
+        Ok(events
+            .iter()
+            .map(|event| format!("wallet:{}", event.user_id()))
+            .collect())
+    }
 }
 
-fn on_inventories_reserved<'a>(
-    _: &'a HandlerState,
-    batch: &'a mut Batch<'_>,
-    events: Vec<InventoryReserved>,
-) -> BoxFuture<'a, Result<(), HandlerError>> {
-    Box::pin(async move {
+/// Opens the wallet with the starting credit.
+impl Handler<UserCreated> for HandlerState {
+    async fn handle(&self, cx: &mut Context<'_>, event: UserCreated) -> Result<(), HandlerError> {
+        app::open_wallet(
+            cx.conn(),
+            id("user_id", &event.user_id)?,
+            self.starting_credit,
+        )
+        .await
+    }
+}
+
+/// Debits each reserved order's wallet, or declines.
+impl BatchHandler<InventoryReserved> for HandlerState {
+    async fn handle_batch(
+        &self,
+        batch: &mut Batch<'_>,
+        events: Vec<InventoryReserved>,
+    ) -> Result<(), HandlerError> {
         let charges = events
             .iter()
             .map(|event| {
@@ -118,15 +126,16 @@ fn on_inventories_reserved<'a>(
             }
         }
         Ok(())
-    })
+    }
 }
 
-fn on_order_cancelled<'a>(
-    _: &'a HandlerState,
-    cx: &'a mut Context<'_>,
-    event: OrderCancelled,
-) -> BoxFuture<'a, Result<(), HandlerError>> {
-    Box::pin(async move {
+/// Refunds a capture, or leaves a tombstone.
+impl Handler<OrderCancelled> for HandlerState {
+    async fn handle(
+        &self,
+        cx: &mut Context<'_>,
+        event: OrderCancelled,
+    ) -> Result<(), HandlerError> {
         let refunded = app::refund(
             cx.conn(),
             id("order_id", &event.order_id)?,
@@ -141,5 +150,5 @@ fn on_order_cancelled<'a>(
             });
         }
         Ok(())
-    })
+    }
 }

@@ -34,7 +34,8 @@ pub mod trace;
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 
 pub use consumer::{
-    Batch, Context, EventConsumer, HandlerError, Processed, ProcessedHook, RetryPolicy, Router,
+    Batch, BatchHandler, Context, EventConsumer, Handler, HandlerError, LockNames, Processed,
+    ProcessedHook, RetryPolicy, Route, Router,
 };
 pub use dead_letters::{DeadLetter, DeadLetterError, DeadLetterPage, DeadLetters};
 pub use envelope::{Envelope, EnvelopeError, OutgoingEvent};

@@ -15,8 +15,8 @@ use diesel_async::SimpleAsyncConnection as _;
 use diesel_async::{AsyncConnection as _, AsyncPgConnection};
 use shop_messaging::metrics::ConsumerLabels;
 use shop_messaging::{
-    BoxFuture, ConsumerSpec, Context, EventConsumer, HandlerError, MessagingMetrics, OutgoingEvent,
-    Processed, Router,
+    ConsumerSpec, Context, EventConsumer, Handler, HandlerError, LockNames, MessagingMetrics,
+    OutgoingEvent, Processed, Route, Router,
 };
 use shop_proto::order::v1::OrderPlaced;
 use tokio_util::sync::CancellationToken;
@@ -35,14 +35,12 @@ fn rows_of(event: &OrderPlaced) -> Vec<i32> {
 }
 
 /// Adds one to each of the event's rows in turn, pausing between them so
-/// that concurrent batches overlap.
-fn bump<'a>(
-    _: &'a (),
-    cx: &'a mut Context<'_>,
-    event: OrderPlaced,
-) -> BoxFuture<'a, Result<(), HandlerError>> {
-    use diesel_async::RunQueryDsl as _;
-    Box::pin(async move {
+/// that concurrent batches overlap; names the rows as what it locks.
+struct Bump;
+
+impl Handler<OrderPlaced> for Bump {
+    async fn handle(&self, cx: &mut Context<'_>, event: OrderPlaced) -> Result<(), HandlerError> {
+        use diesel_async::RunQueryDsl as _;
         for row in rows_of(&event) {
             diesel::sql_query("UPDATE counters SET n = n + 1 WHERE id = $1")
                 .bind::<Integer, _>(row)
@@ -53,7 +51,21 @@ fn bump<'a>(
                 .await?;
         }
         Ok(())
-    })
+    }
+}
+
+impl LockNames<OrderPlaced> for Bump {
+    async fn lock_names(
+        &self,
+        _: &mut AsyncPgConnection,
+        events: Vec<&OrderPlaced>,
+    ) -> diesel::QueryResult<Vec<String>> {
+        Ok(events
+            .iter()
+            .flat_map(|event| rows_of(event))
+            .map(|row| format!("counter:{row}"))
+            .collect())
+    }
 }
 
 async fn counters(setup: &Setup) {
@@ -109,22 +121,11 @@ async fn batches_that_name_their_locks_never_deadlock() {
     relay(&setup).sweep_once().await.unwrap();
 
     // Two replicas of four concurrent small batches each, on one durable.
-    let router = || {
-        Router::new().on_locking::<OrderPlaced, _, _>(
-            |_, events| {
-                let names = events
-                    .iter()
-                    .flat_map(|event| rows_of(event))
-                    .map(|row| format!("counter:{row}"));
-                Box::pin(std::future::ready(Ok(names.collect())))
-            },
-            bump,
-        )
-    };
+    let router = || Router::new().on::<OrderPlaced>(Route::single().locking());
     let shutdown = CancellationToken::new();
     let mut replicas = Vec::new();
     for _ in 0..2 {
-        let consumer = consumer(&setup, router(), ())
+        let consumer = consumer(&setup, router(), Bump)
             .with_concurrency(4)
             .with_batch_size(8);
         replicas.push((
@@ -156,13 +157,10 @@ struct FailsWith {
     failures: AtomicU32,
 }
 
-fn fail_then_record<'a>(
-    state: &'a FailsWith,
-    cx: &'a mut Context<'_>,
-    _: OrderPlaced,
-) -> BoxFuture<'a, Result<(), HandlerError>> {
-    use diesel_async::RunQueryDsl as _;
-    Box::pin(async move {
+impl Handler<OrderPlaced> for FailsWith {
+    async fn handle(&self, cx: &mut Context<'_>, _: OrderPlaced) -> Result<(), HandlerError> {
+        use diesel_async::RunQueryDsl as _;
+        let state = self;
         let fail = state
             .failures
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
@@ -186,7 +184,7 @@ fn fail_then_record<'a>(
             .execute(cx.conn())
             .await?;
         Ok(())
-    })
+    }
 }
 
 /// Runs one event through a handler that fails `failures` times with
@@ -216,7 +214,7 @@ async fn deliveries_of_one_event(
     };
     let consumer = consumer(
         &setup,
-        Router::new().on::<OrderPlaced, _>(fail_then_record),
+        Router::new().on::<OrderPlaced>(Route::single()),
         state,
     )
     .with_retry(shop_messaging::RetryPolicy {

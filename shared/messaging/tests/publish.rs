@@ -162,7 +162,7 @@ async fn a_consumer_whose_events_did_not_go_out_acks_nothing_and_its_redelivery_
                 ack_wait: Duration::from_secs(2),
                 ..ConsumerSpec::new("inventory", "ORDER", &["order.placed"])
             },
-            shop_messaging::Router::new().on_batch::<OrderPlaced, _>(record_all),
+            shop_messaging::Router::new().on::<OrderPlaced>(shop_messaging::Route::batched()),
             Arc::clone(&behaviour),
         )
     };

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, SimpleAsyncConnection as _};
 use shop_db::SessionLimits;
-use shop_messaging::{ConsumerSpec, EventConsumer, RetryPolicy, Router};
+use shop_messaging::{ConsumerSpec, EventConsumer, RetryPolicy, Route, Router};
 use shop_proto::order::v1::OrderPlaced;
 use tokio_util::sync::CancellationToken;
 
@@ -42,7 +42,7 @@ fn short_consumer(
             ack_wait: Duration::from_secs(2),
             ..ConsumerSpec::new("inventory", "ORDER", &[])
         },
-        Router::new().on::<OrderPlaced, _>(record),
+        Router::new().on::<OrderPlaced>(Route::single()),
         behaviour,
     )
     .with_retry(RetryPolicy {

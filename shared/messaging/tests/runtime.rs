@@ -669,7 +669,8 @@ async fn a_batch_route_applies_a_batch_in_one_call_and_one_by_one_when_it_fails(
     let behaviour = Arc::new(Behaviour::default());
     behaviour.permanent.lock().unwrap().push("bad".into());
     let batch_consumer = || {
-        let router = shop_messaging::Router::new().on_batch::<OrderPlaced, _>(record_all);
+        let router =
+            shop_messaging::Router::new().on::<OrderPlaced>(shop_messaging::Route::batched());
         consumer_with(
             &setup,
             shop_messaging::ConsumerSpec::new("inventory", "ORDER", &["order.placed"]),

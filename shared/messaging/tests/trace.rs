@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use opentelemetry::trace::{TraceContextExt as _, TraceId, TracerProvider as _};
 use shop_messaging::{
-    BoxFuture, ConsumerSpec, Context, EventConsumer, HandlerError, Relay, RelayConfig, Router,
+    ConsumerSpec, Context, EventConsumer, Handler, HandlerError, Relay, RelayConfig, Route, Router,
 };
 use shop_proto::order::v1::OrderPlaced;
 use tokio_util::sync::CancellationToken;
@@ -27,12 +27,10 @@ struct Seen {
     traceparents: Mutex<Vec<String>>,
 }
 
-fn remember<'a>(
-    seen: &'a Arc<Seen>,
-    cx: &'a mut Context<'_>,
-    _event: OrderPlaced,
-) -> BoxFuture<'a, Result<(), HandlerError>> {
-    Box::pin(async move {
+/// Remembers the trace each event is handled in.
+impl Handler<OrderPlaced> for Seen {
+    async fn handle(&self, cx: &mut Context<'_>, _event: OrderPlaced) -> Result<(), HandlerError> {
+        let seen = self;
         let trace_id = tracing::Span::current()
             .context()
             .span()
@@ -44,7 +42,7 @@ fn remember<'a>(
             .unwrap()
             .push(cx.envelope().traceparent.clone().unwrap_or_default());
         Ok(())
-    })
+    }
 }
 
 fn span_id(traceparent: &str) -> &str {
@@ -93,7 +91,7 @@ async fn the_consumer_continues_the_trace_of_the_span_that_wrote_the_event() {
         setup.pool.clone(),
         setup.outbox.clone(),
         ConsumerSpec::new("inventory", "ORDER", &[]),
-        Router::new().on::<OrderPlaced, _>(remember),
+        Router::new().on::<OrderPlaced>(Route::single()),
         Arc::clone(&seen),
     );
     let shutdown = CancellationToken::new();
@@ -126,7 +124,7 @@ async fn a_batch_route_emits_each_event_in_the_trace_of_its_cause() {
     let consumer = consumer_with(
         &setup,
         ConsumerSpec::new("inventory", "ORDER", &["order.placed"]),
-        Router::new().on_batch::<OrderPlaced, _>(record_all),
+        Router::new().on::<OrderPlaced>(Route::batched()),
         Arc::clone(&behaviour),
     )
     .with_concurrency(1);

@@ -142,6 +142,24 @@ pub fn is_unique_violation(error: &DieselError) -> bool {
     shop_db::Failure::of(error) == shop_db::Failure::UniqueViolation
 }
 
+/// What a saga step's refusal means for the event that asked for it: a step
+/// that cannot be decided yet is retried; a refused one is dead-lettered
+/// with its reason.
+pub fn step_failed(error: shop_domain::StepError) -> shop_messaging::HandlerError {
+    use shop_domain::StepError;
+    use shop_messaging::HandlerError;
+    match error {
+        StepError::NotYet(_) => HandlerError::retryable(error),
+        StepError::Refused(reason) => HandlerError::Permanent(reason),
+    }
+}
+
+/// A stored status this version does not know: retrying the event cannot
+/// help, so it is dead-lettered.
+pub fn unknown_stored(error: shop_domain::UnknownLabel) -> shop_messaging::HandlerError {
+    shop_messaging::HandlerError::Permanent(error.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use diesel::result::DatabaseErrorKind;

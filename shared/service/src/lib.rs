@@ -43,7 +43,9 @@ mod telemetry;
 mod tls;
 
 pub use config::{LogFormat, Migrations, ServiceConfig};
-pub use error::{ApiError, is_unique_violation, page_after, page_size, parse_uuid};
+pub use error::{
+    ApiError, is_unique_violation, page_after, page_size, parse_uuid, step_failed, unknown_stored,
+};
 pub use identity::Identity;
 pub use infra::{Infrastructure, migrate_only};
 pub use lifecycle::{DRAIN, SHUTDOWN_WITHIN};

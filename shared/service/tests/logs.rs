@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use diesel_async::{AsyncConnection as _, AsyncPgConnection};
 use shop_messaging::{
-    BoxFuture, ConsumerSpec, Context, EventConsumer, HandlerError, Outbox, OutgoingEvent, Relay,
-    RelayConfig, RetryPolicy, Router, StreamSpec,
+    ConsumerSpec, Context, EventConsumer, Handler, HandlerError, Outbox, OutgoingEvent, Relay,
+    RelayConfig, RetryPolicy, Route, Router, StreamSpec,
 };
 use shop_proto::order::v1::OrderPlaced;
 use shop_service::{LogFormat, Telemetry};
@@ -55,20 +55,20 @@ impl Captured {
 }
 
 /// Logs inside its span, and fails as many times as `failures` says.
-fn reserve<'a>(
-    failures: &'a Arc<AtomicU32>,
-    _: &'a mut Context<'_>,
-    _: OrderPlaced,
-) -> BoxFuture<'a, Result<(), HandlerError>> {
-    Box::pin(async move {
+struct Reserve {
+    failures: AtomicU32,
+}
+
+impl Handler<OrderPlaced> for Reserve {
+    async fn handle(&self, _: &mut Context<'_>, _: OrderPlaced) -> Result<(), HandlerError> {
         tracing::info!("reserving");
-        let left = failures.load(Ordering::SeqCst);
+        let left = self.failures.load(Ordering::SeqCst);
         if left > 0 {
-            failures.store(left - 1, Ordering::SeqCst);
+            self.failures.store(left - 1, Ordering::SeqCst);
             return Err(HandlerError::retryable("the database blinked"));
         }
         Ok(())
-    })
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -121,14 +121,16 @@ async fn json_lines_about_a_saga_carry_its_order_id_and_trace_id() {
     .await
     .unwrap();
 
-    let failures = Arc::new(AtomicU32::new(1));
+    let failures = Reserve {
+        failures: AtomicU32::new(1),
+    };
     let consumer = EventConsumer::new(
         js.clone(),
         pool.clone(),
         outbox,
         ConsumerSpec::new("inventory", "ORDER", &[]),
-        Router::new().on::<OrderPlaced, _>(reserve),
-        Arc::clone(&failures),
+        Router::new().on::<OrderPlaced>(Route::single()),
+        failures,
     )
     .with_retry(RetryPolicy {
         initial: Duration::from_millis(50),

@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use diesel_async::AsyncPgConnection;
 use shop_messaging::HandlerError;
 use shop_proto::order::v1::{OrderCancelled, OrderConfirmed};
+use shop_service::unknown_stored;
 use uuid::Uuid;
 
 use crate::domain::{self, Decision, SagaEvent, Status};
@@ -73,7 +74,7 @@ pub(crate) async fn advance(
         orders.insert(
             row.order_id,
             OrderState {
-                status: Status::parse(&row.status)?,
+                status: Status::parse(&row.status).map_err(unknown_stored)?,
                 user_id: row.user_id,
                 deadline: row.deadline,
                 total_cents: row.total_cents,

@@ -4,15 +4,13 @@
 //! order, try again in place when the transaction failed for reasons that
 //! are not the messages', then settle each message.
 
-use std::any::Any;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Integer, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl};
 use futures::FutureExt as _;
 use shop_db::KeepPrepared;
@@ -22,21 +20,14 @@ use tracing::Instrument as _;
 use super::Inner;
 use super::failure::{BatchFailed, Failure, panic_message, split_retry_in_place};
 use super::handler::{AfterCommit, Batch, Context, HandlerError};
-use super::router::{Decoded, Handle, Locks, Route};
+use super::locks::take_locks;
+use super::router::{Entry, Handle};
 use crate::envelope::{Envelope, OutgoingEvent};
 use crate::metrics::ConsumerLabels;
 use crate::outbox::{Written, unconfirmed_caused_by};
 use crate::provision::original_subject;
 use crate::schema::inbox;
 use crate::trace;
-
-#[derive(QueryableByName)]
-struct FailureCount {
-    #[diesel(sql_type = SqlUuid)]
-    event_id: uuid::Uuid,
-    #[diesel(sql_type = Integer)]
-    failures: i32,
-}
 
 pub(super) enum Outcome {
     Applied,
@@ -48,21 +39,6 @@ pub(super) enum Outcome {
 /// 5 s.
 fn retry_here_delay(attempts: u32) -> Duration {
     Duration::from_millis(50u64 << attempts.saturating_sub(1).min(7)).min(Duration::from_secs(5))
-}
-
-diesel::define_sql_function! {
-    /// Takes an advisory lock on each key, in the order given (see the
-    /// messaging migrations).
-    fn consumer_lock_keys(keys: diesel::sql_types::Array<diesel::sql_types::BigInt>) -> diesel::sql_types::Integer;
-}
-
-/// A stable 64-bit advisory lock key for a lock name (FNV-1a), the same in
-/// every process.
-fn lock_key(name: &str) -> i64 {
-    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
-    i64::from_ne_bytes(hash.to_ne_bytes())
 }
 
 /// Why the fast path gave a batch up.
@@ -78,11 +54,10 @@ impl From<diesel::result::Error> for Abandoned {
     }
 }
 
-/// A message that parsed and decoded, ready for its handler.
+/// A message that parsed and decodes, ready for its handler.
 pub(super) struct Prepared<'m, S> {
     pub(super) envelope: Envelope,
-    pub(super) route: &'m Route<S>,
-    pub(super) decoded: Option<Decoded>,
+    pub(super) route: &'m Entry<S>,
 }
 
 impl<S: Send + Sync + 'static> Inner<S> {
@@ -116,7 +91,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
         if !prepared.is_empty() {
             let mut attempts = 0u32;
             let applied = loop {
-                let applying = AssertUnwindSafe(self.apply(&mut prepared)).catch_unwind();
+                let applying = AssertUnwindSafe(self.apply(&prepared)).catch_unwind();
                 let applied = tokio::select! {
                     applied = applying => applied,
                     never = self.keep_alive(&batch) => match never {},
@@ -203,113 +178,6 @@ impl<S: Send + Sync + 'static> Inner<S> {
         }
     }
 
-    /// Counts one more handler failure for each prepared message that failed
-    /// with a retryable failure, and returns each one's count so far by its index in the
-    /// batch; `None` when the counts could not be written (the database
-    /// went away): those messages are retried without spending anything.
-    async fn count_failures(
-        &self,
-        prepared: &[(usize, Prepared<'_, S>)],
-        outcomes: &[Result<Outcome, Failure>],
-    ) -> Option<HashMap<usize, i64>> {
-        let failed: Vec<(usize, uuid::Uuid)> = prepared
-            .iter()
-            .filter(|(index, _)| matches!(outcomes[*index], Err(Failure::Retryable(_))))
-            .map(|(index, ready)| (*index, ready.envelope.id))
-            .collect();
-        if failed.is_empty() {
-            return Some(HashMap::new());
-        }
-        let mut ids: Vec<uuid::Uuid> = failed.iter().map(|(_, id)| *id).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let counted = async {
-            let mut conn = self.pool.get().await.map_err(|error| error.to_string())?;
-            // A count that reached the limit was dead-lettered: a failure
-            // after that (its replay) starts a new round of attempts.
-            diesel::sql_query(
-                "INSERT INTO consumer_failures (consumer, event_id, failures)
-                 SELECT $1, id, 1 FROM unnest($2::uuid[]) AS id
-                 ON CONFLICT (consumer, event_id) DO UPDATE SET
-                     failures = CASE WHEN consumer_failures.failures >= $3 THEN 1
-                                     ELSE consumer_failures.failures + 1 END,
-                     failed_at = now()
-                 RETURNING event_id, failures",
-            )
-            .bind::<Text, _>(&self.name)
-            .bind::<Array<SqlUuid>, _>(&ids)
-            .bind::<BigInt, _>(self.retry.max_deliver)
-            .load::<FailureCount>(&mut conn)
-            .await
-            .map_err(|error| error.to_string())
-        }
-        .await;
-        match counted {
-            Ok(counts) => {
-                let by_id: HashMap<uuid::Uuid, i64> = counts
-                    .into_iter()
-                    .map(|count| (count.event_id, i64::from(count.failures)))
-                    .collect();
-                Some(
-                    failed
-                        .into_iter()
-                        .filter_map(|(index, id)| Some((index, *by_id.get(&id)?)))
-                        .collect(),
-                )
-            }
-            Err(error) => {
-                tracing::warn!(consumer = %self.name, %error, "cannot count the handlers' failures; retrying without counting them");
-                None
-            }
-        }
-    }
-
-    /// Messages delivered more than [`RetryPolicy::max_deliveries`] times
-    /// that are not applied yet are dead-lettered without another attempt:
-    /// their handling may be what stops the process. Those already applied
-    /// stay in the batch, which acks them as duplicates.
-    async fn set_aside_unsettled(
-        &self,
-        batch: &[jetstream::Message],
-        prepared: &mut Vec<(usize, Prepared<'_, S>)>,
-        outcomes: &mut [Option<Result<Outcome, Failure>>],
-    ) {
-        let delivered = |index: usize| batch[index].info().map_or(1, |info| info.delivered);
-        let suspects: Vec<uuid::Uuid> = prepared
-            .iter()
-            .filter(|(index, _)| delivered(*index) > self.retry.max_deliveries)
-            .map(|(_, ready)| ready.envelope.id)
-            .collect();
-        if suspects.is_empty() {
-            return;
-        }
-        let applied = async {
-            let mut conn = self.pool.get().await.map_err(|error| error.to_string())?;
-            inbox::table
-                .filter(inbox::consumer.eq(&self.name))
-                .filter(inbox::event_id.eq_any(&suspects))
-                .select(inbox::event_id)
-                .load::<uuid::Uuid>(&mut conn)
-                .await
-                .map_err(|error| error.to_string())
-        }
-        .await;
-        // Not known: the batch goes ahead; the next delivery asks again.
-        let Ok(applied) = applied else {
-            return;
-        };
-        prepared.retain(|(index, ready)| {
-            let delivered = delivered(*index);
-            if delivered <= self.retry.max_deliveries || applied.contains(&ready.envelope.id) {
-                return true;
-            }
-            outcomes[*index] = Some(Err(Failure::Permanent(format!(
-                "delivered {delivered} times and never settled: its handling may stop the process"
-            ))));
-            false
-        });
-    }
-
     /// Parses and decodes a message. `Ok(None)`: no route for its type.
     fn prepare<'m>(
         &'m self,
@@ -321,16 +189,11 @@ impl<S: Send + Sync + 'static> Inner<S> {
             message.payload.clone(),
         )
         .map_err(|error| Failure::Permanent(error.to_string()))?;
-        let Some((route, decoded)) = self.router.admit(&envelope).map_err(Failure::Permanent)?
-        else {
+        let Some(route) = self.router.admit(&envelope).map_err(Failure::Permanent)? else {
             tracing::debug!(consumer = %self.name, event_type = %envelope.event_type, "no route; acked");
             return Ok(None);
         };
-        Ok(Some(Prepared {
-            envelope,
-            route,
-            decoded: Some(decoded),
-        }))
+        Ok(Some(Prepared { envelope, route }))
     }
 
     /// Runs the prepared messages' handlers in one transaction; returns
@@ -340,7 +203,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
     /// when the transaction itself failed: nothing was applied.
     async fn apply(
         &self,
-        prepared: &mut [(usize, Prepared<'_, S>)],
+        prepared: &[(usize, Prepared<'_, S>)],
     ) -> Result<(Vec<Result<Outcome, Failure>>, Written), BatchFailed> {
         let mut conn = self.pool.get().await.map_err(BatchFailed::NoConnection)?;
         let (results, mut written) = match self.apply_together(&mut conn, prepared).await {
@@ -375,7 +238,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
     async fn apply_one_by_one(
         &self,
         conn: &mut AsyncPgConnection,
-        prepared: &mut [(usize, Prepared<'_, S>)],
+        prepared: &[(usize, Prepared<'_, S>)],
     ) -> Result<(Vec<Result<Outcome, Failure>>, Written), BatchFailed> {
         let (results, written, after_commit) = conn
             .transaction::<_, diesel::result::Error, _>(async |conn| {
@@ -383,7 +246,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
                 let mut results = Vec::with_capacity(prepared.len());
                 let mut after_commit = Vec::new();
                 let mut written = Written::default();
-                for (_, ready) in prepared.iter_mut() {
+                for (_, ready) in prepared {
                     // The handler runs in the message's span (`run_handler`).
                     let result = self.apply_in_savepoint(conn, ready).await?;
                     results.push(result.map(|(outcome, work, events)| {
@@ -400,64 +263,13 @@ impl<S: Send + Sync + 'static> Inner<S> {
         Ok((results, written))
     }
 
-    /// The advisory lock keys of what the batch's events name (see
-    /// [`Router::on_locking`]), ascending: the one order every batch takes
-    /// them in.
-    async fn lock_keys(
-        &self,
-        conn: &mut AsyncPgConnection,
-        prepared: &mut [(usize, Prepared<'_, S>)],
-    ) -> QueryResult<Vec<i64>> {
-        // The events of each locking route, by event type.
-        let mut by_route: BTreeMap<&str, (&Locks, Vec<&(dyn Any + Send + Sync)>)> = BTreeMap::new();
-        for (_, ready) in prepared.iter_mut() {
-            // An abandoned fast path consumed it; it decoded then, so it
-            // decodes again.
-            if ready.route.locks.is_some() && ready.decoded.is_none() {
-                ready.decoded = (ready.route.decode)(&ready.envelope.body).ok();
-            }
-        }
-        for (_, ready) in prepared.iter() {
-            if let (Some(locks), Some(decoded)) = (&ready.route.locks, ready.decoded.as_deref()) {
-                by_route
-                    .entry(ready.envelope.event_type.as_str())
-                    .or_insert_with(|| (locks, Vec::new()))
-                    .1
-                    .push(decoded);
-            }
-        }
-        let mut keys = Vec::new();
-        for (locks, events) in by_route.into_values() {
-            keys.extend(locks(conn, events).await?.iter().map(|name| lock_key(name)));
-        }
-        keys.sort_unstable();
-        keys.dedup();
-        Ok(keys)
-    }
-
-    /// Takes the advisory locks that the batch's events name, before any
-    /// handler runs.
-    async fn lock(
-        &self,
-        conn: &mut AsyncPgConnection,
-        prepared: &mut [(usize, Prepared<'_, S>)],
-    ) -> QueryResult<()> {
-        let keys = self.lock_keys(conn, prepared).await?;
-        if !keys.is_empty() {
-            diesel::select(consumer_lock_keys(keys))
-                .execute(conn)
-                .await?;
-        }
-        Ok(())
-    }
-
     /// The fast path: the batch's locks and its inbox rows in one round
     /// trip, and no savepoints. Abandoned (rolled back) as soon as any
     /// handler fails.
     async fn apply_together(
         &self,
         conn: &mut AsyncPgConnection,
-        prepared: &mut [(usize, Prepared<'_, S>)],
+        prepared: &[(usize, Prepared<'_, S>)],
     ) -> Result<(Vec<Result<Outcome, Failure>>, Written), Abandoned> {
         let (results, written, after_commit) = conn
             .transaction::<_, Abandoned, _>(async |conn| {
@@ -477,14 +289,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
                 // round trip.
                 let keys = self.lock_keys(conn, prepared).await?;
                 let shared: &AsyncPgConnection = conn;
-                let locking = async {
-                    if keys.is_empty() {
-                        return Ok(0);
-                    }
-                    diesel::select(consumer_lock_keys(keys))
-                        .execute(&mut &*shared)
-                        .await
-                };
+                let locking = take_locks(shared, keys);
                 let inserting = KeepPrepared(
                     diesel::insert_into(inbox::table)
                         .values(&rows)
@@ -521,8 +326,8 @@ impl<S: Send + Sync + 'static> Inner<S> {
                             })
                             .collect(),
                     };
-                    let group: Vec<&mut Prepared<'_, S>> = prepared
-                        .iter_mut()
+                    let group: Vec<&Prepared<'_, S>> = prepared
+                        .iter()
                         .enumerate()
                         .filter(|(index, _)| members.binary_search(index).is_ok())
                         .map(|(_, (_, ready))| ready)
@@ -557,7 +362,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
     async fn apply_in_savepoint(
         &self,
         conn: &mut AsyncPgConnection,
-        ready: &mut Prepared<'_, S>,
+        ready: &Prepared<'_, S>,
     ) -> Result<Result<(Outcome, Vec<AfterCommit>, Written), Failure>, diesel::result::Error> {
         let result = conn
             .transaction::<_, HandlerError, _>(async |conn| {
@@ -592,21 +397,11 @@ impl<S: Send + Sync + 'static> Inner<S> {
     async fn run_handler(
         &self,
         conn: &mut AsyncPgConnection,
-        mut group: Vec<&mut Prepared<'_, S>>,
+        group: Vec<&Prepared<'_, S>>,
     ) -> Result<(Vec<AfterCommit>, Written), HandlerError> {
         let Some(route) = <[_]>::first(&group).map(|ready| ready.route) else {
             return Ok((Vec::new(), Written::default()));
         };
-        // Decoded once in `prepare`; decoded again if an abandoned fast path
-        // consumed it (it decoded before, so it decodes again).
-        let mut decoded = Vec::with_capacity(group.len());
-        for ready in &mut group {
-            decoded.push(match ready.decoded.take() {
-                Some(decoded) => decoded,
-                None => (route.decode)(&ready.envelope.body)
-                    .map_err(|error| HandlerError::permanent(error.to_string()))?,
-            });
-        }
         let envelopes: Vec<&Envelope> = group.iter().map(|ready| &ready.envelope).collect();
         let spans: Vec<tracing::Span> = envelopes
             .iter()
@@ -620,10 +415,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
         };
         let (result, emitted, after_commit) = match &route.handle {
             Handle::One(handle) => {
-                let mut decoded = decoded.into_iter();
-                let (Some(decoded), None, [envelope]) =
-                    (decoded.next(), decoded.next(), envelopes.as_slice())
-                else {
+                let [envelope] = envelopes.as_slice() else {
                     return Err(HandlerError::permanent(
                         "internal: a one-event route got several",
                     ));
@@ -634,20 +426,24 @@ impl<S: Send + Sync + 'static> Inner<S> {
                     emitted: Vec::new(),
                     after_commit: Vec::new(),
                 };
-                let result = AssertUnwindSafe(handle(&self.state, &mut cx, decoded))
+                let result = AssertUnwindSafe(handle(&self.state, &mut cx, &envelope.body))
                     .catch_unwind()
                     .instrument(current)
                     .await;
                 (result, vec![cx.emitted], cx.after_commit)
             }
             Handle::Batch(handle) => {
+                let bodies = envelopes
+                    .iter()
+                    .map(|envelope| &envelope.body[..])
+                    .collect();
                 let mut batch = Batch {
                     conn: &mut *conn,
                     emitted: vec![Vec::new(); envelopes.len()],
                     envelopes,
                     after_commit: Vec::new(),
                 };
-                let result = AssertUnwindSafe(handle(&self.state, &mut batch, decoded))
+                let result = AssertUnwindSafe(handle(&self.state, &mut batch, bodies))
                     .catch_unwind()
                     .instrument(current)
                     .await;

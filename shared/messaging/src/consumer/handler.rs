@@ -42,24 +42,6 @@ impl From<diesel::result::Error> for HandlerError {
     }
 }
 
-/// A step that cannot be decided yet is retried; a refused one is
-/// dead-lettered with its reason.
-impl From<shop_domain::StepError> for HandlerError {
-    fn from(error: shop_domain::StepError) -> Self {
-        match error {
-            shop_domain::StepError::NotYet(_) => Self::retryable(error),
-            shop_domain::StepError::Refused(reason) => Self::Permanent(reason),
-        }
-    }
-}
-
-/// A stored status no variant knows: retrying cannot help.
-impl From<shop_domain::UnknownLabel> for HandlerError {
-    fn from(error: shop_domain::UnknownLabel) -> Self {
-        Self::Permanent(error.to_string())
-    }
-}
-
 /// What a handler works with: the transaction's connection, the envelope of
 /// the event being handled, and the events it emits, which are written to
 /// the outbox in the same transaction after the handler returns.
@@ -109,7 +91,7 @@ impl Context<'_> {
     }
 }
 
-/// What a batch handler (see [`Router::on_batch`](super::Router::on_batch)) works with: the
+/// What a batch handler (see [`Route::batched`](super::Route::batched)) works with: the
 /// transaction's connection and the envelopes of the events it handles,
 /// indexed like the events it is given.
 pub struct Batch<'c> {

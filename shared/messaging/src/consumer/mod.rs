@@ -10,7 +10,10 @@
 //! - `fetch`: the pull loop, batches of what has arrived, leases (progress
 //!   acks) and what goes back on shutdown;
 //! - `batch`: one batch in one transaction, fast path then careful path,
-//!   lock ordering, trying again in place;
+//!   trying again in place;
+//! - `locks`: the advisory locks a batch takes, in one order;
+//! - `attempts`: failed attempts counted per event, and messages delivered
+//!   too often set aside;
 //! - `failure`: telling failures apart: retry in place, retryable, permanent;
 //! - `settle`: ack, nak with backoff, or dead-letter.
 //!
@@ -23,7 +26,7 @@
 //! a redelivery, any its first delivery emitted that are still unconfirmed);
 //! only then is each message acked, so that an acked message's events are
 //! in JetStream. A batch whose events could not be published acks nothing:
-//! its redelivery publishes them. A batch route ([`Router::on_batch`]) takes
+//! its redelivery publishes them. A batch route ([`Route::batched`]) takes
 //! all of a batch's new events of its type in one call, so that a batch
 //! costs a few statements rather than a few per event. The fast path sends
 //! the batch's locks and its inbox rows together (one round trip) and uses
@@ -48,8 +51,8 @@
 //! tried again in place for as long as that lasts, its messages kept with
 //! progress acks, so that an outage or a stuck peer spends no deliveries.
 //! Messages fetched while every batch slot is busy are kept leased the same
-//! way until a slot frees. Routes added with
-//! [`Router::on_locking`] name what their handlers lock; a batch takes
+//! way until a slot frees. Routes declared
+//! [`Route::locking`] name what their handlers lock; a batch takes
 //! advisory locks on those names, in one order, before its inbox rows and
 //! any handler, so that batches on several replicas queue instead of
 //! deadlocking.
@@ -57,16 +60,18 @@
 //! Event types without a route are acked and counted, not dead-lettered: an
 //! older consumer ignores the event types a newer producer adds.
 
+mod attempts;
 mod batch;
 mod failure;
 mod fetch;
 mod handler;
+mod locks;
 mod router;
 mod settle;
 
 pub use failure::error_chain;
 pub use handler::{Batch, Context, HandlerError, uuid_field};
-pub use router::{Router, contract_router};
+pub use router::{BatchHandler, Contract, Handler, LockNames, Route, Router, contract_router};
 pub use settle::dead_letter_headers;
 
 use std::sync::Arc;
@@ -203,9 +208,11 @@ struct Inner<S> {
 }
 
 impl<S: Send + Sync + 'static> EventConsumer<S> {
-    /// A consumer for `spec` that routes events through `router` with
-    /// `state`, and writes the events its handlers emit to `outbox`. The
-    /// spec's filter subjects are set from the router when left empty.
+    /// A consumer for `spec` that routes events through `router` to
+    /// `state`'s handlers, and writes the events they emit to `outbox`
+    /// (`state` may be an `Arc` of a handler, shared with whoever wants to
+    /// look at it). The spec's filter subjects are set from the router when
+    /// left empty.
     pub fn new(
         js: jetstream::Context,
         pool: PgPool,

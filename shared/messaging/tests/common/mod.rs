@@ -20,8 +20,8 @@ use diesel_async::{
 };
 use shop_db::PgPool;
 use shop_messaging::{
-    Batch, BoxFuture, ConsumerSpec, Context, EventConsumer, HandlerError, Outbox, OutgoingEvent,
-    Relay, RelayConfig, RetryPolicy, Router, StreamSpec,
+    Batch, BatchHandler, ConsumerSpec, Context, EventConsumer, Handler, HandlerError, Outbox,
+    OutgoingEvent, Relay, RelayConfig, RetryPolicy, Route, Router, StreamSpec,
 };
 use shop_proto::order::v1::{OrderConfirmed, OrderPlaced};
 use shop_test_support::TestInfra;
@@ -116,12 +116,11 @@ impl Behaviour {
     }
 }
 
-pub fn record<'a>(
-    behaviour: &'a Arc<Behaviour>,
-    cx: &'a mut Context<'_>,
-    event: OrderPlaced,
-) -> BoxFuture<'a, Result<(), HandlerError>> {
-    Box::pin(async move {
+/// Records each event's effect, failing, panicking or waiting as the
+/// behaviour says.
+impl Handler<OrderPlaced> for Behaviour {
+    async fn handle(&self, cx: &mut Context<'_>, event: OrderPlaced) -> Result<(), HandlerError> {
+        let behaviour = self;
         behaviour
             .deliveries
             .lock()
@@ -156,18 +155,19 @@ pub fn record<'a>(
             .execute(cx.conn())
             .await?;
         Ok(())
-    })
+    }
 }
 
-/// The batch form of [`record`]: records every event's effect, and emits an
-/// `order.confirmed` for each; fails the whole call when any of its events
-/// is in `permanent`.
-pub fn record_all<'a>(
-    behaviour: &'a Arc<Behaviour>,
-    batch: &'a mut Batch<'_>,
-    events: Vec<OrderPlaced>,
-) -> BoxFuture<'a, Result<(), HandlerError>> {
-    Box::pin(async move {
+/// The batch form of the [`Handler`]: records every event's effect, and
+/// emits an `order.confirmed` for each; fails the whole call when any of
+/// its events is in `permanent`.
+impl BatchHandler<OrderPlaced> for Behaviour {
+    async fn handle_batch(
+        &self,
+        batch: &mut Batch<'_>,
+        events: Vec<OrderPlaced>,
+    ) -> Result<(), HandlerError> {
+        let behaviour = self;
         behaviour.batch_sizes.lock().unwrap().push(events.len());
         for event in &events {
             let gate = behaviour
@@ -205,7 +205,7 @@ pub fn record_all<'a>(
             );
         }
         Ok(())
-    })
+    }
 }
 
 /// A relay that sweeps every row, however young, every 200 ms: the tests'
@@ -240,7 +240,7 @@ pub fn consumer_on(
     consumer_with(
         setup,
         spec,
-        Router::new().on::<OrderPlaced, _>(record),
+        Router::new().on::<OrderPlaced>(Route::single()),
         behaviour,
     )
 }
