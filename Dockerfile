@@ -19,6 +19,7 @@ COPY shared/db/Cargo.toml shared/db/
 COPY shared/domain/Cargo.toml shared/domain/
 COPY shared/messaging/Cargo.toml shared/messaging/
 COPY shared/proto/Cargo.toml shared/proto/
+COPY shared/saga-model/Cargo.toml shared/saga-model/
 COPY shared/servers/Cargo.toml shared/servers/
 COPY shared/service/Cargo.toml shared/service/
 COPY shared/test-support/Cargo.toml shared/test-support/

@@ -1,8 +1,6 @@
 //! An OTLP trace collector inside a test: a tonic server of the OTLP trace
 //! service that keeps every span with its service's name.
 
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

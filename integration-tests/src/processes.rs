@@ -1,8 +1,6 @@
 //! The services as separate OS processes, from their real binaries, each on
 //! free ports of its own: what a deployment runs.
 
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
-
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::OnceLock;

@@ -1,13 +1,6 @@
 //! The four services in-process against a real NATS and PostgreSQL, with
 //! gRPC clients, saga helpers and the design's invariant checker.
 
-#![allow(
-    dead_code,
-    unreachable_pub,
-    missing_debug_implementations,
-    clippy::unwrap_used
-)]
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

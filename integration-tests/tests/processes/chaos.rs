@@ -20,10 +20,9 @@
 //! `CHAOS_RATE` (sagas placed per second, 10), `CHAOS_FAULTS` (10),
 //! `CHAOS_SEED` (a fixed one); the same seed replays the same schedule.
 
-#![allow(clippy::unwrap_used, clippy::print_stdout)]
+#![allow(clippy::print_stdout)]
 
-mod processes;
-
+use shop_integration_tests::processes;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

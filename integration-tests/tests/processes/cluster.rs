@@ -6,10 +6,7 @@
 //! resumed, and every node is restarted in turn. Then every saga has ended
 //! confirmed, once, and no stream holds a message twice.
 
-#![allow(clippy::unwrap_used)]
-
-mod processes;
-
+use shop_integration_tests::processes;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

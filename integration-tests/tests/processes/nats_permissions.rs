@@ -3,10 +3,7 @@
 //! another's deliveries or API replies through any inbox, or administer the
 //! shared `DLQ` and `REPLAY` streams.
 
-#![allow(clippy::unwrap_used)]
-
-mod processes;
-
+use shop_integration_tests::processes;
 use std::collections::HashMap;
 use std::time::Duration;
 

@@ -3,10 +3,7 @@
 //! events go out, and only then exits, so it leaves no unpublished row in
 //! its outbox.
 
-#![allow(clippy::unwrap_used)]
-
-mod processes;
-
+use shop_integration_tests::processes;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

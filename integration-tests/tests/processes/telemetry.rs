@@ -3,11 +3,7 @@
 //! this test (a tonic server of the OTLP trace service), as each would to
 //! Jaeger.
 
-#![allow(clippy::unwrap_used)]
-
-mod collector;
-mod processes;
-
+use shop_integration_tests::{collector, processes};
 use std::collections::HashMap;
 
 use collector::{Collector, Span};

@@ -4,12 +4,9 @@
 //! shop's own business. Each refusal carries the right code, and an
 //! administrator's reads afterwards show that nothing was written.
 
-#![allow(clippy::unwrap_used)]
-
-mod shop;
-
 use shop::{STARTING_CREDIT, Settings, Shop};
 use shop_auth::{LOCAL_AUDIENCE, LOCAL_ISSUER, LocalIssuer};
+use shop_integration_tests::shop;
 use shop_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use shop_proto::inventory::v1::{
     AddStockRequest, CreateProductRequest, GetProductRequest, ListProductsRequest,

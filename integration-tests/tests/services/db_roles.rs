@@ -4,8 +4,6 @@
 //! the schema and the constraints behind the invariants are out of its
 //! reach.
 
-#![allow(clippy::unwrap_used)]
-
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, SimpleAsyncConnection as _};
 use shop_proto::inventory::v1::CreateProductRequest;
 use shop_proto::inventory::v1::inventory_service_client::InventoryServiceClient;

@@ -4,10 +4,7 @@
 //! itself when PostgreSQL returns; a row lock held for minutes by someone
 //! else stalls the sagas that need it and dead-letters none of them.
 
-#![allow(clippy::unwrap_used)]
-
-mod shop;
-
+use shop_integration_tests::shop;
 use std::time::{Duration, Instant};
 
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, SimpleAsyncConnection as _};

@@ -11,10 +11,7 @@
 //! `FUZZ_CASES` (requests per RPC, default 300) and `FUZZ_SEED` (default 1)
 //! choose the run; a failure names both, so it can be run again.
 
-#![allow(clippy::unwrap_used)]
-
-mod shop;
-
+use shop_integration_tests::shop;
 use std::collections::HashSet;
 use std::fmt::Debug;
 use std::future::Future;

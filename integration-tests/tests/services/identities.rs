@@ -5,8 +5,6 @@
 //! the constants, so that renaming a service or moving a port fails here
 //! rather than at deployment.
 
-#![allow(clippy::unwrap_used)]
-
 use shop_service::Identity;
 
 const SERVICES: [Identity; 4] = [

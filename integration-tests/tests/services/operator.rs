@@ -1,10 +1,7 @@
 //! What an operator reads with `shopctl saga` and `shopctl dlq`, against the
 //! four services in-process on a real nats-server and PostgreSQL.
 
-#![allow(clippy::unwrap_used)]
-
-mod shop;
-
+use shop_integration_tests::shop;
 use std::time::Duration;
 
 use async_nats::jetstream;

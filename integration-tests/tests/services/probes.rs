@@ -4,10 +4,7 @@
 //! answered 503 at once, the kubelet's own probes all pass, and the sagas
 //! end as they would without them.
 
-#![allow(clippy::unwrap_used)]
-
-mod shop;
-
+use shop_integration_tests::shop;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};

@@ -2,10 +2,7 @@
 //! a real nats-server and PostgreSQL. Every test ends by checking the
 //! design's invariants.
 
-#![allow(clippy::unwrap_used)]
-
-mod shop;
-
+use shop_integration_tests::shop;
 use std::time::Duration;
 
 use shop::{STARTING_CREDIT, Settings, Shop};

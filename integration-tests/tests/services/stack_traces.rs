@@ -3,14 +3,9 @@
 //! `service.name`, so that Jaeger shows one saga as one trace made by
 //! order, inventory and payment, as it does for the separate binaries.
 
-#![allow(clippy::unwrap_used)]
-
-mod collector;
-mod processes;
-mod shop;
-
 use collector::Collector;
 use shop::{Settings, Shop};
+use shop_integration_tests::{collector, processes, shop};
 use shop_proto::order::v1::OrderStatus;
 
 #[tokio::test(flavor = "multi_thread")]

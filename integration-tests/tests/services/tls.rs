@@ -3,10 +3,7 @@
 //! TLS without a certificate, a certificate from another CA. The HTTP port
 //! serves TLS too.
 
-#![allow(clippy::unwrap_used)]
-
-mod shop;
-
+use shop_integration_tests::shop;
 use std::sync::Arc;
 
 use shop::{Settings, Shop, TestTls};
