@@ -189,6 +189,21 @@ pub(crate) struct NewLines {
     pub(crate) unit_prices: Vec<i64>,
 }
 
+/// Units taken by SKU (`$1`, `$2`), the reservations decided (`$3`..`$7`:
+/// order, user, status, total, reason) and their lines (`$8`..`$11`:
+/// order, SKU, quantity, unit price).
+pub(crate) const WRITE_RESERVATIONS: &str = "\
+WITH moved AS (
+    UPDATE products SET available = available - moved.quantity,
+                        reserved = reserved + moved.quantity
+    FROM unnest($1::text[], $2::bigint[]) AS moved (sku, quantity)
+    WHERE products.sku = moved.sku),
+decided AS (
+    INSERT INTO reservations (order_id, user_id, status, total_cents, reason)
+    SELECT * FROM unnest($3::uuid[], $4::uuid[], $5::text[], $6::bigint[], $7::text[]))
+INSERT INTO reservation_lines (order_id, sku, quantity, unit_price_cents)
+SELECT * FROM unnest($8::uuid[], $9::text[], $10::bigint[], $11::bigint[])";
+
 /// Moves `taken` (units by SKU) from available to reserved and inserts the
 /// reservations and their lines, in one statement (the lines' reference to
 /// their reservation is checked at its end).
@@ -203,31 +218,29 @@ pub(crate) async fn write_reservations(
         .map(|(sku, units)| (sku.as_str(), *units))
         .unzip();
     KeepPrepared(
-        diesel::sql_query(
-            "WITH moved AS (UPDATE products SET available = available - moved.quantity, \
-             reserved = reserved + moved.quantity \
-             FROM unnest($1::text[], $2::bigint[]) AS moved (sku, quantity) \
-             WHERE products.sku = moved.sku), \
-             decided AS (INSERT INTO reservations (order_id, user_id, status, total_cents, reason) \
-             SELECT * FROM unnest($3::uuid[], $4::uuid[], $5::text[], $6::bigint[], $7::text[])) \
-             INSERT INTO reservation_lines (order_id, sku, quantity, unit_price_cents) \
-             SELECT * FROM unnest($8::uuid[], $9::text[], $10::bigint[], $11::bigint[])",
-        )
-        .bind::<Array<Text>, _>(&skus)
-        .bind::<Array<BigInt>, _>(&units)
-        .bind::<Array<SqlUuid>, _>(&reservations.order_ids)
-        .bind::<Array<SqlUuid>, _>(&reservations.user_ids)
-        .bind::<Array<Text>, _>(&reservations.statuses)
-        .bind::<Array<BigInt>, _>(&reservations.totals)
-        .bind::<Array<Text>, _>(&reservations.reasons)
-        .bind::<Array<SqlUuid>, _>(&lines.order_ids)
-        .bind::<Array<Text>, _>(&lines.skus)
-        .bind::<Array<BigInt>, _>(&lines.quantities)
-        .bind::<Array<BigInt>, _>(&lines.unit_prices),
+        diesel::sql_query(WRITE_RESERVATIONS)
+            .bind::<Array<Text>, _>(&skus)
+            .bind::<Array<BigInt>, _>(&units)
+            .bind::<Array<SqlUuid>, _>(&reservations.order_ids)
+            .bind::<Array<SqlUuid>, _>(&reservations.user_ids)
+            .bind::<Array<Text>, _>(&reservations.statuses)
+            .bind::<Array<BigInt>, _>(&reservations.totals)
+            .bind::<Array<Text>, _>(&reservations.reasons)
+            .bind::<Array<SqlUuid>, _>(&lines.order_ids)
+            .bind::<Array<Text>, _>(&lines.skus)
+            .bind::<Array<BigInt>, _>(&lines.quantities)
+            .bind::<Array<BigInt>, _>(&lines.unit_prices),
     )
     .execute(conn)
     .await
 }
+
+/// Units released by SKU (`$1`, `$2`) back from reserved to available.
+pub(crate) const UNRESERVE: &str = "\
+UPDATE products SET reserved = reserved - moved.quantity,
+                    available = available + moved.quantity
+FROM unnest($1::text[], $2::bigint[]) AS moved (sku, quantity)
+WHERE products.sku = moved.sku";
 
 /// Moves `released` (units by SKU) from reserved back to available, in one
 /// statement; the table's checks refuse a count below zero.
@@ -241,14 +254,9 @@ pub(crate) async fn unreserve(
     let skus: Vec<&str> = released.keys().map(String::as_str).collect();
     let units: Vec<i64> = released.values().copied().collect();
     KeepPrepared(
-        diesel::sql_query(
-            "UPDATE products SET reserved = reserved - moved.quantity, \
-             available = available + moved.quantity \
-             FROM unnest($1::text[], $2::bigint[]) AS moved (sku, quantity) \
-             WHERE products.sku = moved.sku",
-        )
-        .bind::<Array<Text>, _>(&skus)
-        .bind::<Array<BigInt>, _>(&units),
+        diesel::sql_query(UNRESERVE)
+            .bind::<Array<Text>, _>(&skus)
+            .bind::<Array<BigInt>, _>(&units),
     )
     .execute(conn)
     .await
@@ -359,21 +367,53 @@ pub(crate) async fn set_status(
     .await
 }
 
+/// The reservations of orders `$1` marked `$2` (sold), and their lines'
+/// units moved from reserved to sold.
+pub(crate) const SELL: &str = "\
+WITH sold_orders AS (
+    UPDATE reservations SET status = $2, updated_at = now()
+    WHERE order_id = ANY($1)
+    RETURNING order_id),
+moved AS (
+    SELECT line.sku, sum(line.quantity)::bigint AS quantity
+    FROM reservation_lines AS line JOIN sold_orders USING (order_id)
+    GROUP BY line.sku)
+UPDATE products SET reserved = reserved - moved.quantity,
+                    sold = sold + moved.quantity
+FROM moved
+WHERE products.sku = moved.sku";
+
 /// Marks these reservations sold and moves their lines' units from
 /// reserved to sold, in one statement.
 pub(crate) async fn sell(conn: &mut AsyncPgConnection, order_ids: &[Uuid]) -> QueryResult<usize> {
     KeepPrepared(
-        diesel::sql_query(
-            "WITH sold_orders AS (UPDATE reservations SET status = $2, updated_at = now() \
-             WHERE order_id = ANY($1) RETURNING order_id), \
-             moved AS (SELECT line.sku, sum(line.quantity)::bigint AS quantity \
-             FROM reservation_lines AS line JOIN sold_orders USING (order_id) GROUP BY line.sku) \
-             UPDATE products SET reserved = reserved - moved.quantity, \
-             sold = sold + moved.quantity FROM moved WHERE products.sku = moved.sku",
-        )
-        .bind::<Array<SqlUuid>, _>(order_ids)
-        .bind::<Text, _>(Status::Sold.as_str()),
+        diesel::sql_query(SELL)
+            .bind::<Array<SqlUuid>, _>(order_ids)
+            .bind::<Text, _>(Status::Sold.as_str()),
     )
     .execute(conn)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn every_statement_written_as_sql_prepares_against_the_migrated_schema() {
+        let postgres = shop_test_support::TestPostgres::start().await;
+        let url = postgres.create_database("inventory").await;
+        shop_db::migrate(&url, vec![shop_messaging::MIGRATIONS, crate::MIGRATIONS])
+            .await
+            .unwrap_or_else(|error| panic!("{error}"));
+        shop_test_support::assert_statements_prepare(
+            &url,
+            &[
+                ("WRITE_RESERVATIONS", WRITE_RESERVATIONS),
+                ("UNRESERVE", UNRESERVE),
+                ("SELL", SELL),
+            ],
+        )
+        .await;
+    }
 }

@@ -5,9 +5,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use diesel::pg::Pg;
 use diesel::prelude::*;
-use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::sql_types::{
     Array, BigInt, Bool, Integer, Nullable, Text, Timestamptz, Uuid as SqlUuid,
 };
@@ -48,68 +46,68 @@ pub(crate) const PLACED: &str = "order.placed";
 /// `order.placed`, written only if the user is known and the idempotency key
 /// is new (a key used before inserts nothing, after waiting for a concurrent
 /// request with the same key to commit or not). One statement is one round
-/// trip and commits by itself. Returns (user known, order written).
-pub(crate) struct PlaceStatement<'a> {
-    pub(crate) user_id: Uuid,
-    pub(crate) order_id: Uuid,
-    pub(crate) key: Option<&'a str>,
-    pub(crate) deadline: DateTime<Utc>,
-    pub(crate) now: DateTime<Utc>,
-    pub(crate) skus: Vec<&'a str>,
-    pub(crate) quantities: Vec<i32>,
-    pub(crate) events: OutboxWrite,
+/// trip and commits by itself.
+///
+/// `$1` user, `$2` order, `$3` idempotency key (or NULL), `$4` deadline,
+/// `$5` now, `$6` and `$7` the lines' SKUs and quantities, `$8` the events
+/// (`OutboxWrite::json`).
+pub(crate) const PLACE_ORDER: &str = "\
+WITH known AS (SELECT user_id FROM known_users WHERE user_id = $1),
+placed AS (
+    INSERT INTO orders (order_id, user_id, status, idempotency_key, deadline, created_at, updated_at)
+    SELECT $2::uuid, user_id, 'PENDING', $3::text, $4::timestamptz, $5::timestamptz, $5 FROM known
+    ON CONFLICT (user_id, idempotency_key) DO NOTHING
+    RETURNING order_id),
+items AS (
+    INSERT INTO order_items (order_id, sku, quantity)
+    SELECT placed.order_id, item.sku, item.quantity
+    FROM placed, unnest($6::text[], $7::int4[]) AS item (sku, quantity)),
+steps AS (
+    INSERT INTO order_steps (order_id, name, occurred_at)
+    SELECT order_id, 'order.placed', $5 FROM placed),
+events AS (SELECT outbox_write($8::jsonb) FROM placed)
+SELECT EXISTS (SELECT FROM known) AS known,
+       EXISTS (SELECT FROM placed) AS placed,
+       (SELECT count(*) FROM events) AS events";
+
+/// What [`PLACE_ORDER`] did.
+#[derive(Debug, QueryableByName)]
+pub(crate) struct Placement {
+    /// The user is known.
+    #[diesel(sql_type = Bool)]
+    pub(crate) known: bool,
+    /// The order was written (its key was new).
+    #[diesel(sql_type = Bool)]
+    pub(crate) placed: bool,
 }
 
-impl QueryFragment<Pg> for PlaceStatement<'_> {
-    fn walk_ast<'b>(&'b self, mut pass: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        pass.push_sql("WITH known AS (SELECT user_id FROM known_users WHERE user_id = ");
-        pass.push_bind_param::<SqlUuid, _>(&self.user_id)?;
-        pass.push_sql(
-            "), placed AS (INSERT INTO orders (order_id, user_id, status, idempotency_key, \
-             deadline, created_at, updated_at) SELECT ",
-        );
-        pass.push_bind_param::<SqlUuid, _>(&self.order_id)?;
-        pass.push_sql(", user_id, ");
-        pass.push_bind_param::<Text, _>(Status::Pending.as_str())?;
-        pass.push_sql(", ");
-        pass.push_bind_param::<Nullable<Text>, _>(&self.key)?;
-        pass.push_sql(", ");
-        pass.push_bind_param::<Timestamptz, _>(&self.deadline)?;
-        pass.push_sql(", ");
-        pass.push_bind_param::<Timestamptz, _>(&self.now)?;
-        pass.push_sql(", ");
-        pass.push_bind_param::<Timestamptz, _>(&self.now)?;
-        pass.push_sql(
-            " FROM known ON CONFLICT (user_id, idempotency_key) DO NOTHING RETURNING order_id), \
-             items AS (INSERT INTO order_items (order_id, sku, quantity) \
-             SELECT placed.order_id, item.sku, item.quantity FROM placed, unnest(",
-        );
-        pass.push_bind_param::<Array<Text>, _>(&self.skus)?;
-        pass.push_sql(", ");
-        pass.push_bind_param::<Array<Integer>, _>(&self.quantities)?;
-        pass.push_sql(
-            ") AS item (sku, quantity)), \
-             steps AS (INSERT INTO order_steps (order_id, name, occurred_at) \
-             SELECT order_id, ",
-        );
-        pass.push_bind_param::<Text, _>(PLACED)?;
-        pass.push_sql(", ");
-        pass.push_bind_param::<Timestamptz, _>(&self.now)?;
-        pass.push_sql(" FROM placed), events AS (");
-        self.events.walk_ast(pass.reborrow())?;
-        pass.push_sql(") SELECT EXISTS (SELECT FROM known), EXISTS (SELECT FROM placed)");
-        Ok(())
-    }
-}
-
-impl Query for PlaceStatement<'_> {
-    type SqlType = (Bool, Bool);
-}
-
-/// No static id: prepared once per connection, keyed by its text.
-impl QueryId for PlaceStatement<'_> {
-    type QueryId = ();
-    const HAS_STATIC_QUERY_ID: bool = false;
+/// Runs [`PLACE_ORDER`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn place_order(
+    conn: &mut AsyncPgConnection,
+    user_id: Uuid,
+    order_id: Uuid,
+    key: Option<&str>,
+    deadline: DateTime<Utc>,
+    now: DateTime<Utc>,
+    lines: &[(String, i32)],
+    events: &OutboxWrite,
+) -> QueryResult<Placement> {
+    let skus: Vec<&str> = lines.iter().map(|(sku, _)| sku.as_str()).collect();
+    let quantities: Vec<i32> = lines.iter().map(|(_, quantity)| *quantity).collect();
+    KeepPrepared(
+        diesel::sql_query(PLACE_ORDER)
+            .bind::<SqlUuid, _>(user_id)
+            .bind::<SqlUuid, _>(order_id)
+            .bind::<Nullable<Text>, _>(key)
+            .bind::<Timestamptz, _>(deadline)
+            .bind::<Timestamptz, _>(now)
+            .bind::<Array<Text>, _>(skus)
+            .bind::<Array<Integer>, _>(quantities)
+            .bind::<Text, _>(events.json()),
+    )
+    .get_result(conn)
+    .await
 }
 
 /// The order placed with `key` by `user_id`, if any.
@@ -396,6 +394,24 @@ pub(crate) struct NewSteps<'a> {
     pub(crate) details: Vec<&'a str>,
 }
 
+/// The orders a batch changed (`$1`..`$5`: id, status, total, cancel
+/// reason or NULL, whether the status changed) and the steps it recorded
+/// (`$6`..`$8`: order, name, detail), in the order recorded.
+pub(crate) const WRITE_MOVES: &str = "\
+WITH moved_orders AS (
+    UPDATE orders SET status = moved.status,
+                      total_cents = moved.total_cents,
+                      cancel_reason = coalesce(moved.cancel_reason, orders.cancel_reason),
+                      updated_at = CASE WHEN moved.moved THEN now() ELSE orders.updated_at END
+    FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::bool[])
+         AS moved (order_id, status, total_cents, cancel_reason, moved)
+    WHERE orders.order_id = moved.order_id)
+INSERT INTO order_steps (order_id, name, detail)
+SELECT step.order_id, step.name, step.detail
+FROM unnest($6::uuid[], $7::text[], $8::text[]) WITH ORDINALITY
+     AS step (order_id, name, detail, position)
+ORDER BY step.position";
+
 /// Writes the orders a batch changed and the steps it recorded (in this
 /// order), in one statement.
 pub(crate) async fn write_moves(
@@ -404,28 +420,41 @@ pub(crate) async fn write_moves(
     steps: &NewSteps<'_>,
 ) -> QueryResult<usize> {
     KeepPrepared(
-        diesel::sql_query(
-            "WITH moved_orders AS (UPDATE orders SET status = moved.status, \
-             total_cents = moved.total_cents, \
-             cancel_reason = coalesce(moved.cancel_reason, orders.cancel_reason), \
-             updated_at = CASE WHEN moved.moved THEN now() ELSE orders.updated_at END \
-             FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::bool[]) \
-             AS moved (order_id, status, total_cents, cancel_reason, moved) \
-             WHERE orders.order_id = moved.order_id) \
-             INSERT INTO order_steps (order_id, name, detail) \
-             SELECT step.order_id, step.name, step.detail \
-             FROM unnest($6::uuid[], $7::text[], $8::text[]) WITH ORDINALITY \
-             AS step (order_id, name, detail, position) ORDER BY step.position",
-        )
-        .bind::<Array<SqlUuid>, _>(&moved.order_ids)
-        .bind::<Array<Text>, _>(&moved.statuses)
-        .bind::<Array<BigInt>, _>(&moved.totals)
-        .bind::<Array<Nullable<Text>>, _>(&moved.cancel_reasons)
-        .bind::<Array<Bool>, _>(&moved.moved)
-        .bind::<Array<SqlUuid>, _>(&steps.order_ids)
-        .bind::<Array<Text>, _>(&steps.names)
-        .bind::<Array<Text>, _>(&steps.details),
+        diesel::sql_query(WRITE_MOVES)
+            .bind::<Array<SqlUuid>, _>(&moved.order_ids)
+            .bind::<Array<Text>, _>(&moved.statuses)
+            .bind::<Array<BigInt>, _>(&moved.totals)
+            .bind::<Array<Nullable<Text>>, _>(&moved.cancel_reasons)
+            .bind::<Array<Bool>, _>(&moved.moved)
+            .bind::<Array<SqlUuid>, _>(&steps.order_ids)
+            .bind::<Array<Text>, _>(&steps.names)
+            .bind::<Array<Text>, _>(&steps.details),
     )
     .execute(conn)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn every_statement_written_as_sql_prepares_against_the_migrated_schema() {
+        let postgres = shop_test_support::TestPostgres::start().await;
+        let url = postgres.create_database("orders").await;
+        shop_db::migrate(&url, vec![shop_messaging::MIGRATIONS, crate::MIGRATIONS])
+            .await
+            .unwrap_or_else(|error| panic!("{error}"));
+        shop_test_support::assert_statements_prepare(
+            &url,
+            &[("PLACE_ORDER", PLACE_ORDER), ("WRITE_MOVES", WRITE_MOVES)],
+        )
+        .await;
+    }
+
+    #[test]
+    fn place_order_writes_the_status_and_the_step_the_code_names() {
+        assert!(PLACE_ORDER.contains(&format!("'{}'", Status::Pending.as_str())));
+        assert!(PLACE_ORDER.contains(&format!("'{PLACED}'")));
+    }
 }

@@ -178,6 +178,16 @@ pub(crate) struct NewPayments {
     pub(crate) reasons: Vec<String>,
 }
 
+/// Wallets debited (`$1`, `$2`: user, amount) and the payments decided
+/// (`$3`..`$7`: order, user, amount, status, reason).
+pub(crate) const WRITE_DEBITS: &str = "\
+WITH debited AS (
+    UPDATE accounts SET balance_cents = balance_cents - debit.amount
+    FROM unnest($1::uuid[], $2::bigint[]) AS debit (user_id, amount)
+    WHERE accounts.user_id = debit.user_id)
+INSERT INTO payments (order_id, user_id, amount_cents, status, reason)
+SELECT * FROM unnest($3::uuid[], $4::uuid[], $5::bigint[], $6::text[], $7::text[])";
+
 /// Debits the wallets (`debited`: amount by user) and inserts the payments,
 /// in one statement.
 pub(crate) async fn write_debits(
@@ -188,20 +198,14 @@ pub(crate) async fn write_debits(
     let (users, amounts): (Vec<Uuid>, Vec<i64>) =
         debited.iter().map(|(u, a)| (u.get(), *a)).unzip();
     KeepPrepared(
-        diesel::sql_query(
-            "WITH debited AS (UPDATE accounts SET balance_cents = balance_cents - debit.amount \
-             FROM unnest($1::uuid[], $2::bigint[]) AS debit (user_id, amount) \
-             WHERE accounts.user_id = debit.user_id) \
-             INSERT INTO payments (order_id, user_id, amount_cents, status, reason) \
-             SELECT * FROM unnest($3::uuid[], $4::uuid[], $5::bigint[], $6::text[], $7::text[])",
-        )
-        .bind::<Array<SqlUuid>, _>(&users)
-        .bind::<Array<BigInt>, _>(&amounts)
-        .bind::<Array<SqlUuid>, _>(&payments.order_ids)
-        .bind::<Array<SqlUuid>, _>(&payments.user_ids)
-        .bind::<Array<BigInt>, _>(&payments.amounts)
-        .bind::<Array<Text>, _>(&payments.statuses)
-        .bind::<Array<Text>, _>(&payments.reasons),
+        diesel::sql_query(WRITE_DEBITS)
+            .bind::<Array<SqlUuid>, _>(&users)
+            .bind::<Array<BigInt>, _>(&amounts)
+            .bind::<Array<SqlUuid>, _>(&payments.order_ids)
+            .bind::<Array<SqlUuid>, _>(&payments.user_ids)
+            .bind::<Array<BigInt>, _>(&payments.amounts)
+            .bind::<Array<Text>, _>(&payments.statuses)
+            .bind::<Array<Text>, _>(&payments.reasons),
     )
     .execute(conn)
     .await
@@ -250,4 +254,19 @@ pub(crate) async fn insert_tombstone(
         ))
         .execute(conn)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn every_statement_written_as_sql_prepares_against_the_migrated_schema() {
+        let postgres = shop_test_support::TestPostgres::start().await;
+        let url = postgres.create_database("payment").await;
+        shop_db::migrate(&url, vec![shop_messaging::MIGRATIONS, crate::MIGRATIONS])
+            .await
+            .unwrap_or_else(|error| panic!("{error}"));
+        shop_test_support::assert_statements_prepare(&url, &[("WRITE_DEBITS", WRITE_DEBITS)]).await;
+    }
 }

@@ -6,7 +6,8 @@
 //! - [`provision`]: idempotent create-or-update of the service's stream, its
 //!   durable pull consumers and the `DLQ` stream.
 //! - [`outbox`]: [`Outbox::append`] writes events inside the caller's
-//!   transaction, [`Outbox::write_when`] inside the caller's own statement;
+//!   transaction, [`Outbox::write_in_statement`] inside the caller's own
+//!   statement;
 //!   [`Outbox::publish`] sends them once it has committed; the [`Relay`]
 //!   deletes what JetStream acknowledged and sweeps up what nobody did.
 //! - [`consumer`]: the idempotent [`EventConsumer`] loop: inbox, a routing

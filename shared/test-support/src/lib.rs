@@ -34,6 +34,33 @@ pub fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// Prepares each `(name, statement)` on a connection to the migrated
+/// database at `url`, and panics naming every one that does not prepare (a
+/// typo, a column or a function that is not there): statements written as
+/// SQL text are so checked against the schema by the tests, not first in
+/// production. Preparing parses, resolves and types a statement without
+/// running it.
+pub async fn assert_statements_prepare(url: &str, statements: &[(&str, &str)]) {
+    use diesel_async::{AsyncConnection as _, SimpleAsyncConnection as _};
+    let mut conn = diesel_async::AsyncPgConnection::establish(url)
+        .await
+        .unwrap_or_else(|error| panic!("cannot connect to {url}: {error}"));
+    let mut refused = Vec::new();
+    for (index, (name, statement)) in statements.iter().enumerate() {
+        if let Err(error) = conn
+            .batch_execute(&format!("PREPARE checked_{index} AS {statement}"))
+            .await
+        {
+            refused.push(format!("{name}: {error}"));
+        }
+    }
+    assert!(
+        refused.is_empty(),
+        "statements that do not prepare:\n{}",
+        refused.join("\n")
+    );
+}
+
 /// A NATS server, a PostgreSQL cluster and an identity provider for one
 /// test.
 #[derive(Debug)]

@@ -1,7 +1,6 @@
 //! Saga step 1: PlaceOrder.
 
 use chrono::{SubsecRound as _, Utc};
-use diesel_async::RunQueryDsl;
 use shop_messaging::OutgoingEvent;
 use shop_proto::order::v1::{OrderItem, OrderPlaced};
 use shop_service::{ApiError, Caller, timestamp};
@@ -10,7 +9,7 @@ use uuid::Uuid;
 
 use super::{Order, Orders};
 use crate::domain::{OrderLines, Status};
-use crate::store::{self, Step};
+use crate::store::{self, Placement, Step};
 
 enum PlaceError {
     UnknownUser,
@@ -53,37 +52,28 @@ impl Orders {
             placed_at: Some(timestamp(now)),
             deadline: Some(timestamp(deadline)),
         };
-        let events = self.outbox.write_when(
-            "placed",
-            vec![OutgoingEvent::new(&event).correlated(order_id.to_string())],
-        );
-        let span = events.span().clone();
-        let written = events.written();
-        let statement = store::PlaceStatement {
+        let events = self.outbox.write_in_statement(vec![
+            OutgoingEvent::new(&event).correlated(order_id.to_string()),
+        ]);
+        let placed = store::place_order(
+            &mut conn,
             user_id,
             order_id,
-            key: key.as_deref(),
+            key.as_deref(),
             deadline,
             now,
-            skus: lines.lines().iter().map(|(sku, _)| sku.as_str()).collect(),
-            quantities: lines
-                .lines()
-                .iter()
-                .map(|(_, quantity)| *quantity)
-                .collect(),
-            events,
-        };
-        let result = match statement
-            .get_result::<(bool, bool)>(&mut conn)
-            .instrument(span)
-            .await
-        {
-            Ok((false, _)) => Err(PlaceError::UnknownUser),
-            Ok((true, false)) => Err(PlaceError::KeyTaken),
-            Ok((true, true)) => {
+            lines.lines(),
+            &events,
+        )
+        .instrument(events.span().clone())
+        .await;
+        let result = match placed {
+            Ok(Placement { known: false, .. }) => Err(PlaceError::UnknownUser),
+            Ok(Placement { placed: false, .. }) => Err(PlaceError::KeyTaken),
+            Ok(Placement { .. }) => {
                 // The reply does not wait for the broker: with NATS down the
                 // shop still takes orders, and the sweep publishes them.
-                self.outbox.publish_in_background(written);
+                self.outbox.publish_in_background(events.written());
                 Ok(())
             }
             Err(error) => Err(PlaceError::Database(error)),

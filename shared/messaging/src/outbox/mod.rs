@@ -3,7 +3,8 @@
 //!
 //! A writer never publishes inside its transaction. It writes its change and
 //! its events' rows together ([`Outbox::append`] inside its transaction, or
-//! [`Outbox::write_when`] inside a statement of its own), commits, and then
+//! [`Outbox::write_in_statement`] inside a statement of its own), commits,
+//! and then
 //! hands the rows it wrote to [`Outbox::publish`]: they go to JetStream from
 //! memory, in the order written, and the publisher waits for the acks.
 //! Nothing reads the table on that path. Acknowledged rows are deleted by
@@ -31,7 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_nats::jetstream;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound as _, Utc};
 use diesel::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use shop_db::KeepPrepared;
@@ -184,7 +185,9 @@ impl Outbox {
     }
 
     fn rows(&self, events: Vec<OutgoingEvent>, context: &TraceContext) -> Vec<Row> {
-        let now = Utc::now();
+        // As the table keeps it (microseconds), so that an event published
+        // from memory and one swept from its row carry the same `ce-time`.
+        let now = Utc::now().trunc_subsecs(6);
         events
             .into_iter()
             .map(|event| Row {
@@ -269,41 +272,45 @@ impl Outbox {
     }
 }
 
-/// Events that a statement of the caller's own writes, so that a change and
-/// its events take one round trip and one implicit transaction instead of
-/// `BEGIN`, a statement each and `COMMIT` (see [`Outbox::write_when`]).
+/// Events that a statement of the caller's own writes with its change, so
+/// that the change and its events take one round trip and one implicit
+/// transaction instead of `BEGIN`, a statement each and `COMMIT` (see
+/// [`Outbox::write_in_statement`]).
 ///
-/// It renders as `INSERT INTO outbox ... SELECT ... WHERE EXISTS (SELECT
-/// FROM guard)`, for the caller's `WITH` list, where `guard` names one of
-/// the statement's common table expressions that returns a row when the
-/// change was made: no change, no events.
+/// The statement passes [`OutboxWrite::json`] to the `outbox_write`
+/// function (see the messaging migrations), called from the common table
+/// expression that returns a row when the change was made: no change, no
+/// events. The outbox's columns stay this crate's business:
+///
+/// ```sql
+/// WITH placed AS (INSERT INTO orders ... RETURNING order_id),
+///      events AS (SELECT outbox_write($8::jsonb) FROM placed)
+/// SELECT EXISTS (SELECT FROM placed), (SELECT count(*) FROM events)
+/// ```
 pub struct OutboxWrite {
     span: tracing::Span,
-    guard: &'static str,
     rows: Vec<Row>,
 }
 
 impl std::fmt::Debug for OutboxWrite {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OutboxWrite")
-            .field("guard", &self.guard)
             .field("events", &self.rows.len())
             .finish_non_exhaustive()
     }
 }
 
 impl Outbox {
-    /// `events`, for a statement of the caller's own to write if its common
-    /// table expression `guard` returns a row. The rows carry the context of
-    /// an outbox-write span, a child of the current span: run the statement
-    /// in [`OutboxWrite::span`], and publish [`OutboxWrite::written`] once
-    /// it has committed having made its change.
-    pub fn write_when(&self, guard: &'static str, events: Vec<OutgoingEvent>) -> OutboxWrite {
+    /// `events`, for a statement of the caller's own to write. The rows
+    /// carry the context of an outbox-write span, a child of the current
+    /// span: run the statement in [`OutboxWrite::span`], and publish
+    /// [`OutboxWrite::written`] once it has committed having made its
+    /// change.
+    pub fn write_in_statement(&self, events: Vec<OutgoingEvent>) -> OutboxWrite {
         let span = write_span(&self.source, &events);
         let context = span.in_scope(trace::current);
         OutboxWrite {
             span,
-            guard,
             rows: self.rows(events, &context),
         }
     }
@@ -321,54 +328,40 @@ impl OutboxWrite {
             rows: self.rows.clone(),
         }
     }
+
+    /// The rows as the `outbox_write` function takes them: a JSON array of
+    /// objects, one per event in the order written, the payload in hex.
+    pub fn json(&self) -> String {
+        let rows: Vec<serde_json::Value> = self
+            .rows
+            .iter()
+            .map(|row| {
+                serde_json::json!({
+                    "event_id": row.event_id.to_string(),
+                    "subject": row.subject,
+                    "event_type": row.event_type,
+                    "source": row.source,
+                    "payload": hex(&row.payload),
+                    "correlation_id": row.correlation_id,
+                    "causation_id": row.causation_id.map(|id| id.to_string()),
+                    "traceparent": row.traceparent,
+                    "tracestate": row.tracestate,
+                    "created_at": row.created_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                })
+            })
+            .collect();
+        serde_json::Value::Array(rows).to_string()
+    }
 }
 
-impl diesel::query_builder::QueryFragment<diesel::pg::Pg> for OutboxWrite {
-    fn walk_ast<'b>(
-        &'b self,
-        mut pass: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
-    ) -> QueryResult<()> {
-        use diesel::sql_types::{Bytea, Nullable, Text, Timestamptz, Uuid as SqlUuid};
-        pass.push_sql(
-            "INSERT INTO outbox (event_id, subject, event_type, source, payload, \
-             correlation_id, causation_id, traceparent, tracestate, created_at) ",
-        );
-        if self.rows.is_empty() {
-            pass.push_sql(
-                "SELECT event_id, subject, event_type, source, payload, correlation_id, \
-                 causation_id, traceparent, tracestate, created_at FROM outbox WHERE false",
-            );
-            return Ok(());
-        }
-        pass.push_sql("SELECT written.* FROM (VALUES ");
-        for (index, row) in self.rows.iter().enumerate() {
-            pass.push_sql(if index == 0 { "(" } else { ", (" });
-            pass.push_bind_param::<SqlUuid, _>(&row.event_id)?;
-            pass.push_sql(", ");
-            pass.push_bind_param::<Text, _>(&row.subject)?;
-            pass.push_sql(", ");
-            pass.push_bind_param::<Text, _>(&row.event_type)?;
-            pass.push_sql(", ");
-            pass.push_bind_param::<Text, _>(&row.source)?;
-            pass.push_sql(", ");
-            pass.push_bind_param::<Bytea, _>(&row.payload)?;
-            pass.push_sql(", ");
-            pass.push_bind_param::<Nullable<Text>, _>(&row.correlation_id)?;
-            pass.push_sql(", ");
-            pass.push_bind_param::<Nullable<SqlUuid>, _>(&row.causation_id)?;
-            pass.push_sql(", ");
-            pass.push_bind_param::<Nullable<Text>, _>(&row.traceparent)?;
-            pass.push_sql(", ");
-            pass.push_bind_param::<Nullable<Text>, _>(&row.tracestate)?;
-            pass.push_sql(", ");
-            pass.push_bind_param::<Timestamptz, _>(&row.created_at)?;
-            pass.push_sql(")");
-        }
-        pass.push_sql(") AS written WHERE EXISTS (SELECT FROM ");
-        pass.push_identifier(self.guard)?;
-        pass.push_sql(")");
-        Ok(())
-    }
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut text, byte| {
+            let _ = write!(text, "{byte:02x}");
+            text
+        })
 }
 
 /// The span of one outbox write; the written rows carry its context.
