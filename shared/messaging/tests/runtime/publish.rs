@@ -4,10 +4,6 @@
 //! was confirmed and sweeps up what was not; a row published twice has one
 //! effect, whether JetStream or the consumer's inbox drops the copy.
 
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -22,7 +18,7 @@ use shop_messaging::{
 use shop_proto::order::v1::OrderPlaced;
 use tokio_util::sync::CancellationToken;
 
-use common::*;
+use crate::common::*;
 
 const WAIT: Duration = Duration::from_secs(20);
 

@@ -2,10 +2,6 @@
 //! operator's `nats consumer rm`), it is provisioned again and the events
 //! published meanwhile are handled, each once.
 
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -14,7 +10,7 @@ use shop_messaging::MessagingMetrics;
 use shop_messaging::metrics::ConsumerLabels;
 use tokio_util::sync::CancellationToken;
 
-use common::*;
+use crate::common::*;
 
 /// How soon after its durable is deleted a consumer handles events again:
 /// JetStream ends the open pull at once ("Consumer Deleted"); a pull lost

@@ -2,10 +2,6 @@
 //! replay reaches the consumer that gave up and no other, and a replay that
 //! fails again comes back as a new dead letter.
 
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -14,7 +10,7 @@ use shop_messaging::envelope::headers;
 use shop_messaging::{ConsumerSpec, DeadLetterError, DeadLetters};
 use tokio_util::sync::CancellationToken;
 
-use common::*;
+use crate::common::*;
 
 const WAIT: Duration = Duration::from_secs(20);
 

@@ -1,15 +1,11 @@
 //! Batches that compete for the same rows, and failures that say nothing
 //! about the messages: neither may spend a message's deliveries.
 
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Setup, append, count, eventually, relay, setup};
+use crate::common::{Setup, append, count, eventually, relay, setup};
 use diesel::sql_types::Integer;
 use diesel_async::SimpleAsyncConnection as _;
 use diesel_async::{AsyncConnection as _, AsyncPgConnection};
@@ -195,7 +191,7 @@ async fn deliveries_of_one_event(
     failures: u32,
 ) -> (Vec<(i64, Processed)>, u64) {
     let setup = setup().await;
-    append(&setup, &[common::placed("x")]).await;
+    append(&setup, &[crate::common::placed("x")]).await;
     relay(&setup).sweep_once().await.unwrap();
     let settled: Arc<Mutex<Vec<(i64, Processed)>>> = Arc::default();
     let hook = {

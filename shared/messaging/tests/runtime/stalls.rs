@@ -3,10 +3,6 @@
 //! behind it, keep their leases for as long as the lock is held; a dead
 //! letter that cannot be stored leaves its message to be retried.
 
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,7 +13,7 @@ use shop_messaging::consumer::ConsumerStats;
 use shop_messaging::provision::StreamSpec;
 use tokio_util::sync::CancellationToken;
 
-use common::*;
+use crate::common::*;
 
 async fn ack_pending(setup: &Setup) -> u64 {
     let info = setup

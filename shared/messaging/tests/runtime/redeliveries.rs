@@ -5,10 +5,6 @@
 //! never settled, and still not applied, is dead-lettered without another
 //! attempt; failed handlers are counted where every replica sees them.
 
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -19,7 +15,7 @@ use shop_messaging::{ConsumerSpec, EventConsumer, RetryPolicy, Route, Router};
 use shop_proto::order::v1::OrderPlaced;
 use tokio_util::sync::CancellationToken;
 
-use common::*;
+use crate::common::*;
 
 const WAIT: Duration = Duration::from_secs(20);
 

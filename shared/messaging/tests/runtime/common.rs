@@ -2,22 +2,19 @@
 //! handler that records its effects in a table without a unique key, so that
 //! a double effect shows as two rows.
 
-#![allow(
-    dead_code,
-    unreachable_pub,
-    missing_debug_implementations,
-    clippy::unwrap_used
-)]
+#![allow(unreachable_pub, missing_debug_implementations)]
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use async_nats::HeaderMap;
 use async_nats::jetstream;
 use diesel::sql_types::{BigInt, Text, Uuid as SqlUuid};
 use diesel_async::{
     AsyncConnection as _, AsyncPgConnection, RunQueryDsl as _, SimpleAsyncConnection as _,
 };
+use futures::StreamExt as _;
 use shop_db::PgPool;
 use shop_messaging::{
     Batch, BatchHandler, ConsumerSpec, Context, EventConsumer, Handler, HandlerError, Outbox,
@@ -446,4 +443,48 @@ where
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Outbox rows not yet published (the tests' outbox has no publisher).
+pub async fn pending(setup: &Setup) -> i64 {
+    count(&setup.url, "SELECT count(*) AS n FROM outbox").await
+}
+
+pub async fn dead_letters(setup: &Setup, expected: usize) -> Vec<async_nats::jetstream::Message> {
+    let stream = setup.js.get_stream("DLQ").await.unwrap();
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config::default())
+        .await
+        .unwrap();
+    let mut batch = consumer
+        .fetch()
+        .max_messages(expected + 1)
+        .expires(Duration::from_secs(1))
+        .messages()
+        .await
+        .unwrap();
+    let mut letters = Vec::new();
+    while let Some(message) = batch.next().await {
+        letters.push(message.unwrap());
+    }
+    letters
+}
+
+pub fn header<'a>(headers: &'a Option<HeaderMap>, name: &str) -> &'a str {
+    headers
+        .as_ref()
+        .and_then(|h| h.get(name))
+        .map(|v| v.as_str())
+        .unwrap_or_default()
+}
+
+/// The `(causation id, correlation id)` of the `order.confirmed` rows.
+pub async fn causes(setup: &Setup) -> Vec<(uuid::Uuid, String)> {
+    confirmations(setup)
+        .await
+        .into_iter()
+        .map(|row| (row.causation_id, row.correlation_id))
+        .collect()
 }

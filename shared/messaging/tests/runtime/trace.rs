@@ -2,10 +2,6 @@
 //! the relay's publish and the message headers, into the consumer's span.
 //! Its own test binary: it installs a global OpenTelemetry subscriber.
 
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,7 +15,7 @@ use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 
-use common::*;
+use crate::common::*;
 
 #[derive(Default)]
 struct Seen {

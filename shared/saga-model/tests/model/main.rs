@@ -1,0 +1,359 @@
+//! The saga as a model: the four services' own decision functions (their
+//! `domain` modules), driven through the interleavings the network allows,
+//! with the state each service keeps in its tables held in memory.
+//!
+//! A scenario is a few users with starting credit, two products and a few
+//! orders (unknown SKUs and quantities past the stock included), and a
+//! script of moves: deliver any pending event to its consumer, deliver it
+//! and keep it for a redelivery (a consumer whose ack was lost: the
+//! handler runs again, with no inbox to absorb it, so the decisions
+//! themselves must), deliver several of one kind to one consumer as one
+//! batch, place an order, or let the deadline pass (the sweeper runs; later
+//! captures cancel). Events go out in any order; a step that cannot be
+//! decided yet waits for a later try. When the script ends every pending
+//! event is delivered; then every invariant of the design is checked:
+//!
+//! - every placed order is CONFIRMED or CANCELLED;
+//! - per SKU, available + reserved + sold is what was stocked, none below
+//!   zero;
+//! - per user, balance + captured - refunded is the starting credit, no
+//!   cancelled order keeps a capture, every confirmed order has exactly one
+//!   capture of its total and a sold reservation;
+//! - no side effect (reserve, release, sale, capture, refund) and no event
+//!   happens twice for one order;
+//! - no step is refused (a refusal would dead-letter a saga event).
+//!
+//! `MODEL_CASES` (default 3000) and `MODEL_SEED` (default 1) set the run;
+//! a failure is shrunk to its smallest script and printed with its seed.
+
+mod script;
+mod world;
+
+use std::collections::{HashMap, HashSet};
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+use script::*;
+use shop_domain::{OrderId, UserId};
+use shop_inventory::domain::{Status as Held, Stock};
+use shop_order::domain::Status;
+use shop_payment::domain::PaymentStatus;
+use uuid::Uuid;
+use world::*;
+
+/// Plays a scenario to its end and checks the invariants.
+fn play(scenario: &Scenario) -> Result<(), String> {
+    let users: Vec<UserId> = (0..scenario.credits.len())
+        .map(|i| Uuid::from_u128(0x1000 + i as u128).into())
+        .collect();
+    let order_ids: Vec<OrderId> = (0..scenario.orders.len())
+        .map(|i| Uuid::from_u128(0x2000 + i as u128).into())
+        .collect();
+    let mut world = World::default();
+    let mut stocked = HashMap::new();
+    for (sku, &(price_cents, stock)) in ["A", "B"].iter().zip(&scenario.products) {
+        world.stock.insert(
+            sku.to_string(),
+            Stock {
+                price_cents,
+                available: stock,
+            },
+        );
+        stocked.insert(sku.to_string(), stock);
+    }
+    for (user, &cents) in users.iter().zip(&scenario.credits) {
+        world.credit.insert(*user, cents);
+        world.publish(Event::UserCreated { user: *user });
+    }
+    let place = |world: &mut World, index: usize| {
+        let (buyer, lines) = &scenario.orders[index];
+        world.place(order_ids[index], users[*buyer], lines);
+    };
+    for step in &scenario.moves {
+        match *step {
+            Move::Place(pick) => place(&mut world, pick % scenario.orders.len()),
+            Move::DeadlinePasses => {
+                world.late = true;
+                world.sweep();
+            }
+            _ if world.pending.is_empty() => {}
+            Move::Deliver(pick) => {
+                let index = pick % world.pending.len();
+                world.deliver(vec![index], false)?;
+            }
+            Move::Redeliver(pick) => {
+                let index = pick % world.pending.len();
+                world.deliver(vec![index], true)?;
+            }
+            Move::Batch(pick, size) => {
+                let indices = world.batch(pick, size);
+                world.deliver(indices, false)?;
+            }
+            Move::Next {
+                to,
+                kind,
+                count,
+                keep,
+            } => {
+                let indices: Vec<usize> = (0..world.pending.len())
+                    .filter(|&i| {
+                        world.pending[i].to == to && world.pending[i].event.key().0 == kind
+                    })
+                    .take(count)
+                    .collect();
+                if indices.len() < count {
+                    return Err(format!("fewer than {count} {kind} pending for {to:?}"));
+                }
+                world.deliver(indices, keep)?;
+            }
+        }
+    }
+    // Every order the script did not place is placed now (its user is
+    // known once user.created reaches the order service).
+    for round in 0.. {
+        if round > 10_000 {
+            return Err(format!("no end: still pending {:?}", world.pending));
+        }
+        for index in 0..scenario.orders.len() {
+            place(&mut world, index);
+        }
+        if world.pending.is_empty() {
+            break;
+        }
+        // The oldest event that can be decided goes next; one that cannot
+        // waits behind the others.
+        let index = round % world.pending.len();
+        world.deliver(vec![index], false)?;
+        // The sweeper runs now and then.
+        if world.late && round % 3 == 0 {
+            world.sweep();
+        }
+    }
+    check(&world, &stocked)
+}
+
+fn check(world: &World, stocked: &HashMap<String, i64>) -> Result<(), String> {
+    let fail = |what: String| Err(format!("{what}\nworld: {world:#?}"));
+    for (id, row) in &world.orders {
+        if row.status == Status::Pending {
+            return fail(format!("order {id} is still PENDING"));
+        }
+        let held = world.reservations.get(id).map(|(status, _)| *status);
+        let paid = world
+            .payments
+            .get(id)
+            .map(|(status, amount, _)| (*status, *amount));
+        match row.status {
+            Status::Confirmed => {
+                if held != Some(Held::Sold) {
+                    return fail(format!("confirmed order {id} has reservation {held:?}"));
+                }
+                if paid != Some((PaymentStatus::Captured, row.total)) {
+                    return fail(format!(
+                        "confirmed order {id} (total {}) has payment {paid:?}",
+                        row.total
+                    ));
+                }
+            }
+            Status::Cancelled => {
+                if matches!(held, Some(Held::Reserved | Held::Sold)) {
+                    return fail(format!("cancelled order {id} keeps reservation {held:?}"));
+                }
+                if matches!(paid, Some((PaymentStatus::Captured, _))) {
+                    return fail(format!("cancelled order {id} keeps its capture"));
+                }
+            }
+            Status::Pending => unreachable!(),
+        }
+    }
+    for (sku, stock) in stocked {
+        let available = world.stock[sku].available;
+        let reserved = world.reserved.get(sku).copied().unwrap_or_default();
+        let sold = world.sold.get(sku).copied().unwrap_or_default();
+        if available < 0 || reserved < 0 || sold < 0 || available + reserved + sold != *stock {
+            return fail(format!(
+                "{sku}: available {available} + reserved {reserved} + sold {sold} against {stock} stocked"
+            ));
+        }
+        if reserved != 0 {
+            return fail(format!(
+                "{sku}: {reserved} units still reserved after every saga ended"
+            ));
+        }
+    }
+    for (user, start) in &world.credit {
+        let balance = world.balances.get(user).copied().unwrap_or_default();
+        let kept: i64 = world
+            .payments
+            .values()
+            .filter(|(status, _, payer)| *status == PaymentStatus::Captured && payer == user)
+            .map(|(_, amount, _)| amount)
+            .sum();
+        if balance < 0 || balance + kept != *start {
+            return fail(format!(
+                "user {user}: balance {balance} + captured {kept} against a credit of {start}"
+            ));
+        }
+    }
+    for (what, log) in [("effect", &world.effects), ("event", &world.published)] {
+        let mut seen = HashSet::new();
+        for key in log {
+            if !seen.insert(key) {
+                return fail(format!("{what} {key:?} happened twice"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn cases() -> u32 {
+    setting("MODEL_CASES", 3000)
+}
+
+fn seed() -> u64 {
+    setting("MODEL_SEED", 1)
+}
+
+#[test]
+fn every_interleaving_ends_every_saga_and_conserves_stock_and_money() {
+    let mut bytes = [0u8; 32];
+    bytes[..8].copy_from_slice(&seed().to_le_bytes());
+    let mut runner = TestRunner::new_with_rng(
+        Config {
+            cases: cases(),
+            failure_persistence: None,
+            ..Config::default()
+        },
+        TestRng::from_seed(RngAlgorithm::ChaCha, &bytes),
+    );
+    if let Err(failure) = runner.run(&scenario(), |scenario| {
+        play(&scenario).map_err(TestCaseError::fail)
+    }) {
+        panic!(
+            "{failure}\nseed: MODEL_SEED={} MODEL_CASES={}",
+            seed(),
+            cases()
+        );
+    }
+}
+
+/// One buyer with 100 cents, "A" at 10 cents with 5 units, and one order of
+/// one "A" each, placed once the order service knows the buyer.
+fn one_buyer(orders: usize, moves: Vec<Move>) -> Scenario {
+    let mut script = vec![next(Consumer::Order, "user.created")];
+    script.extend((0..orders).map(Move::Place));
+    script.extend(moves);
+    Scenario {
+        credits: vec![100],
+        products: [(10, 5), (10, 0)],
+        orders: vec![(0, vec![("A".into(), 1)]); orders],
+        moves: script,
+    }
+}
+
+/// The next event of this type to this consumer.
+fn next(to: Consumer, kind: &'static str) -> Move {
+    Move::Next {
+        to,
+        kind,
+        count: 1,
+        keep: false,
+    }
+}
+
+/// The deadline cancels an order whose reservation is on its way to
+/// payment, and the cancellation gets there first: the tombstone it leaves
+/// keeps the late reservation from charging.
+#[test]
+fn a_cancellation_that_overtakes_the_charge_leaves_no_capture() {
+    use Consumer::*;
+    play(&one_buyer(
+        1,
+        vec![
+            next(Payment, "user.created"),
+            next(Inventory, "order.placed"),
+            Move::DeadlinePasses,
+            next(Payment, "order.cancelled"),
+            next(Payment, "inventory.reserved"),
+        ],
+    ))
+    .unwrap();
+}
+
+/// The cancellation reaches inventory before the order it cancels: the
+/// tombstone keeps the late `order.placed` from reserving.
+#[test]
+fn a_cancellation_that_overtakes_the_order_reserves_nothing() {
+    use Consumer::*;
+    play(&one_buyer(
+        1,
+        vec![
+            Move::DeadlinePasses,
+            next(Inventory, "order.cancelled"),
+            next(Inventory, "order.placed"),
+        ],
+    ))
+    .unwrap();
+}
+
+/// A reservation delivered again after it was charged (an ack lost)
+/// charges once; a capture that comes after the deadline cancels the
+/// order and is refunded.
+#[test]
+fn a_redelivered_charge_captures_once_and_a_late_capture_is_refunded() {
+    use Consumer::*;
+    play(&one_buyer(
+        1,
+        vec![
+            next(Payment, "user.created"),
+            next(Inventory, "order.placed"),
+            Move::Next {
+                to: Payment,
+                kind: "inventory.reserved",
+                count: 1,
+                keep: true,
+            },
+            next(Payment, "inventory.reserved"),
+            Move::DeadlinePasses,
+            next(Order, "payment.completed"),
+        ],
+    ))
+    .unwrap();
+}
+
+/// Two orders charged in one batch before the wallet exists wait for it,
+/// then take the balance in turn.
+#[test]
+fn a_batch_waits_for_its_wallet_then_charges_in_turn() {
+    use Consumer::*;
+    let mut scenario = one_buyer(
+        2,
+        vec![
+            next(Inventory, "order.placed"),
+            next(Inventory, "order.placed"),
+            Move::Next {
+                to: Payment,
+                kind: "inventory.reserved",
+                count: 2,
+                keep: false,
+            },
+            next(Payment, "user.created"),
+            Move::Next {
+                to: Payment,
+                kind: "inventory.reserved",
+                count: 2,
+                keep: false,
+            },
+        ],
+    );
+    scenario.credits = vec![15];
+    play(&scenario).unwrap();
+}
+
+/// `name` from the environment, else `default`.
+fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(default)
+}

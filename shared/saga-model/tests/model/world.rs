@@ -1,0 +1,430 @@
+//! The three services' tables in memory, the network between them, and the
+//! services' own decision functions applied to what is delivered.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use crate::script::*;
+use chrono::{DateTime, Duration, TimeZone as _, Utc};
+use shop_domain::{OrderId, UserId};
+use shop_inventory::domain::{
+    self as inventory, Line, Placed, Release, Reservation, Status as Held, Stock,
+};
+use shop_order::domain::{self as order, Decision, OrderLines, SagaEvent, Status};
+use shop_payment::domain::{self as payment, Charge, Debit, PaymentStatus, Refund};
+use uuid::Uuid;
+
+/// What the order service keeps of an order.
+#[derive(Debug)]
+pub(crate) struct OrderRow {
+    pub(crate) user: UserId,
+    pub(crate) status: Status,
+    pub(crate) total: i64,
+}
+
+/// The three services' tables, the network and a log of side effects.
+#[derive(Debug, Default)]
+pub(crate) struct World {
+    // The order service.
+    pub(crate) known_users: HashSet<UserId>,
+    pub(crate) orders: BTreeMap<OrderId, OrderRow>,
+    pub(crate) late: bool,
+    // The inventory service.
+    pub(crate) stock: HashMap<String, Stock>,
+    pub(crate) reserved: HashMap<String, i64>,
+    pub(crate) sold: HashMap<String, i64>,
+    pub(crate) reservations: HashMap<OrderId, (Held, Vec<Line>)>,
+    // The payment service: the credit each wallet opens with, the wallets.
+    pub(crate) credit: HashMap<UserId, i64>,
+    pub(crate) balances: HashMap<UserId, i64>,
+    pub(crate) payments: HashMap<OrderId, (PaymentStatus, i64, UserId)>,
+    // The network: events published and not yet consumed.
+    pub(crate) pending: Vec<Delivery>,
+    // Everything that happened, to find what happened twice.
+    pub(crate) effects: Vec<(&'static str, Uuid)>,
+    pub(crate) published: Vec<(&'static str, Uuid)>,
+}
+
+pub(crate) fn deadline() -> DateTime<Utc> {
+    Utc.timestamp_opt(1_800_000_000, 0).unwrap()
+}
+
+impl World {
+    pub(crate) fn now(&self) -> DateTime<Utc> {
+        deadline()
+            + if self.late {
+                Duration::seconds(1)
+            } else {
+                Duration::seconds(-1)
+            }
+    }
+
+    pub(crate) fn publish(&mut self, event: Event) {
+        self.published.push(event.key());
+        for &to in event.consumers() {
+            self.pending.push(Delivery {
+                to,
+                event: event.clone(),
+            });
+        }
+    }
+
+    /// PlaceOrder: only for a user the order service knows, with lines
+    /// that pass validation.
+    pub(crate) fn place(&mut self, order_id: OrderId, user: UserId, lines: &[(String, i32)]) {
+        if self.orders.contains_key(&order_id) || !self.known_users.contains(&user) {
+            return;
+        }
+        let Ok(lines) = OrderLines::parse(lines) else {
+            return;
+        };
+        self.orders.insert(
+            order_id,
+            OrderRow {
+                user,
+                status: Status::Pending,
+                total: 0,
+            },
+        );
+        let items = lines
+            .lines()
+            .iter()
+            .map(|(sku, quantity)| (sku.clone(), i64::from(*quantity)))
+            .collect();
+        self.publish(Event::OrderPlaced {
+            order: order_id,
+            user,
+            items,
+        });
+    }
+
+    /// Step t: the sweeper cancels what is PENDING past its deadline.
+    pub(crate) fn sweep(&mut self) {
+        let now = self.now();
+        let ids: Vec<OrderId> = self.orders.keys().copied().collect();
+        for id in ids {
+            let row = &self.orders[&id];
+            if row.status != Status::Pending {
+                continue;
+            }
+            if let Decision::Cancel(_) =
+                order::decide(row.status, deadline(), now, &SagaEvent::DeadlinePassed)
+            {
+                let user = row.user;
+                self.cancel(id, user);
+            }
+        }
+    }
+
+    pub(crate) fn cancel(&mut self, id: OrderId, user: UserId) {
+        if let Some(row) = self.orders.get_mut(&id) {
+            row.status = Status::Cancelled;
+        }
+        self.publish(Event::OrderCancelled { order: id, user });
+    }
+
+    /// Runs one consumer's handler on a batch of events of one type, as the
+    /// service's app layer does around its domain; `Err` when the step
+    /// cannot be decided yet (the batch is tried again later) or is
+    /// refused (a failure of the model).
+    pub(crate) fn handle(
+        &mut self,
+        to: Consumer,
+        events: &[Event],
+    ) -> Result<(), shop_domain::StepError> {
+        match (to, &events[0]) {
+            (Consumer::Order, Event::UserCreated { .. }) => {
+                for event in events {
+                    if let Event::UserCreated { user } = event {
+                        self.known_users.insert(*user);
+                    }
+                }
+                Ok(())
+            }
+            (Consumer::Payment, Event::UserCreated { .. }) => {
+                for event in events {
+                    if let Event::UserCreated { user } = event {
+                        // Opened with its credit, unless open already.
+                        if !self.balances.contains_key(user) {
+                            self.effects.push(("open wallet", user.get()));
+                            self.balances.insert(*user, self.credit[user]);
+                        }
+                    }
+                }
+                Ok(())
+            }
+            (Consumer::Order, _) => {
+                self.advance(events);
+                Ok(())
+            }
+            (Consumer::Inventory, Event::OrderPlaced { .. }) => {
+                self.reserve(events);
+                Ok(())
+            }
+            (Consumer::Inventory, Event::OrderConfirmed { .. }) => self.sell(events),
+            (Consumer::Inventory, _) => {
+                for event in events {
+                    let (Event::PaymentFailed { order, .. } | Event::OrderCancelled { order, .. }) =
+                        event
+                    else {
+                        unreachable!("{event:?} to inventory");
+                    };
+                    self.release(*order)?;
+                }
+                Ok(())
+            }
+            (Consumer::Payment, Event::Reserved { .. }) => self.debit(events),
+            (Consumer::Payment, _) => {
+                for event in events {
+                    let Event::OrderCancelled { order, user } = event else {
+                        unreachable!("{event:?} to payment");
+                    };
+                    self.refund(*order, *user)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Steps 4 and c1, as `order::app::advance` does: a total recorded
+    /// while PENDING, then what `decide` says.
+    pub(crate) fn advance(&mut self, events: &[Event]) {
+        let now = self.now();
+        for event in events {
+            let (id, saga_event, total) = match event {
+                Event::Reserved { order, total, .. } => (*order, SagaEvent::Reserved, Some(*total)),
+                Event::Rejected { order, reason } => {
+                    (*order, SagaEvent::Rejected(reason.clone()), None)
+                }
+                Event::PaymentCompleted { order, amount } => {
+                    (*order, SagaEvent::PaymentCompleted, Some(*amount))
+                }
+                Event::PaymentFailed { order, reason, .. } => {
+                    (*order, SagaEvent::PaymentFailed(reason.clone()), None)
+                }
+                other => unreachable!("{other:?} to order"),
+            };
+            let row = self
+                .orders
+                .get_mut(&id)
+                .expect("an order exists before its events");
+            if let Some(total) = total.filter(|_| row.status == Status::Pending) {
+                row.total = total;
+            }
+            match order::decide(row.status, deadline(), now, &saga_event) {
+                Decision::Record => {}
+                Decision::Confirm => {
+                    row.status = Status::Confirmed;
+                    self.publish(Event::OrderConfirmed { order: id });
+                }
+                Decision::Cancel(_) => {
+                    let user = row.user;
+                    self.cancel(id, user);
+                }
+            }
+        }
+    }
+
+    /// Step 2, as `inventory::app::reserve` does around `reserve_in_turn`.
+    pub(crate) fn reserve(&mut self, events: &[Event]) {
+        let placed: Vec<Placed> = events
+            .iter()
+            .map(|event| match event {
+                Event::OrderPlaced { order, user, items } => Placed {
+                    order_id: *order,
+                    user_id: *user,
+                    items: items.clone(),
+                },
+                other => unreachable!("{other:?}"),
+            })
+            .collect();
+        let mut decided: HashSet<OrderId> = self.reservations.keys().copied().collect();
+        let decisions = inventory::reserve_in_turn(&placed, &mut decided, &mut self.stock);
+        for (order, decision) in placed.iter().zip(decisions) {
+            match decision {
+                Reservation::Reserved { lines, total_cents } => {
+                    self.effects.push(("reserve", order.order_id.get()));
+                    for line in &lines {
+                        *self.reserved.entry(line.sku.clone()).or_default() += line.quantity;
+                    }
+                    self.reservations
+                        .insert(order.order_id, (Held::Reserved, lines));
+                    self.publish(Event::Reserved {
+                        order: order.order_id,
+                        user: order.user_id,
+                        total: total_cents,
+                    });
+                }
+                Reservation::Rejected { reason, .. } => {
+                    self.reservations
+                        .insert(order.order_id, (Held::Rejected, Vec::new()));
+                    self.publish(Event::Rejected {
+                        order: order.order_id,
+                        reason,
+                    });
+                }
+                Reservation::AlreadyDecided => {}
+            }
+        }
+    }
+
+    /// Compensation c2, as `inventory::app::release` does.
+    pub(crate) fn release(&mut self, id: OrderId) -> Result<(), shop_domain::StepError> {
+        let status = self.reservations.get(&id).map(|(status, _)| *status);
+        match inventory::release(id, status)? {
+            Release::Release => {
+                self.effects.push(("release", id.get()));
+                let (status, lines) = self.reservations.get_mut(&id).expect("held");
+                *status = Held::Released;
+                for line in lines.iter() {
+                    *self.reserved.entry(line.sku.clone()).or_default() -= line.quantity;
+                    if let Some(stock) = self.stock.get_mut(&line.sku) {
+                        stock.available += line.quantity;
+                    }
+                }
+                self.publish(Event::Released { order: id });
+            }
+            Release::Nothing => {}
+            Release::Tombstone => {
+                self.reservations.insert(id, (Held::Cancelled, Vec::new()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Step 5, as `inventory::app::sell` does: every order of the batch
+    /// decided first, then the sales (none if one cannot be decided).
+    pub(crate) fn sell(&mut self, events: &[Event]) -> Result<(), shop_domain::StepError> {
+        let mut to_sell = Vec::new();
+        for event in events {
+            let Event::OrderConfirmed { order } = event else {
+                unreachable!("{event:?}");
+            };
+            let status = self.reservations.get(order).map(|(status, _)| *status);
+            if inventory::sell(*order, status)? && !to_sell.contains(order) {
+                to_sell.push(*order);
+            }
+        }
+        for id in to_sell {
+            self.effects.push(("sell", id.get()));
+            let (status, lines) = self.reservations.get_mut(&id).expect("held");
+            *status = Held::Sold;
+            for line in lines.iter() {
+                *self.reserved.entry(line.sku.clone()).or_default() -= line.quantity;
+                *self.sold.entry(line.sku.clone()).or_default() += line.quantity;
+            }
+        }
+        Ok(())
+    }
+
+    /// Step 3, as `payment::app::debit` does around `debit_in_turn`: the
+    /// whole batch or, when one wallet is not open yet, nothing.
+    pub(crate) fn debit(&mut self, events: &[Event]) -> Result<(), shop_domain::StepError> {
+        let charges: Vec<Charge> = events
+            .iter()
+            .map(|event| match event {
+                Event::Reserved { order, user, total } => Charge {
+                    order_id: *order,
+                    user_id: *user,
+                    amount_cents: *total,
+                },
+                other => unreachable!("{other:?}"),
+            })
+            .collect();
+        let mut decided: HashSet<OrderId> = self.payments.keys().copied().collect();
+        let mut balances = self.balances.clone();
+        let debits = payment::debit_in_turn(&charges, &mut decided, &mut balances)?;
+        self.balances = balances;
+        for (charge, debit) in charges.iter().zip(debits) {
+            let Some(status) = debit.status() else {
+                continue;
+            };
+            self.payments.insert(
+                charge.order_id,
+                (status, charge.amount_cents, charge.user_id),
+            );
+            match debit {
+                Debit::Captured => {
+                    self.effects.push(("capture", charge.order_id.get()));
+                    self.publish(Event::PaymentCompleted {
+                        order: charge.order_id,
+                        amount: charge.amount_cents,
+                    });
+                }
+                Debit::Declined(reason) => self.publish(Event::PaymentFailed {
+                    order: charge.order_id,
+                    user: charge.user_id,
+                    reason,
+                }),
+                Debit::AlreadyDecided => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Compensation c3, as `payment::app::refund` does.
+    pub(crate) fn refund(
+        &mut self,
+        id: OrderId,
+        user: UserId,
+    ) -> Result<(), shop_domain::StepError> {
+        let payment = self.payments.get(&id).copied();
+        match payment::refund(payment.map(|(status, _, _)| status)) {
+            Refund::Refund => {
+                let (_, amount, payer) = payment.expect("captured");
+                let balance = self.balances[&payer];
+                let refunded = payment::refunded(payer, balance, amount)?;
+                self.effects.push(("refund", id.get()));
+                self.balances.insert(payer, refunded);
+                self.payments
+                    .insert(id, (PaymentStatus::Refunded, amount, payer));
+                self.publish(Event::Refunded { order: id });
+            }
+            Refund::Nothing => {}
+            Refund::Tombstone => {
+                self.payments
+                    .insert(id, (PaymentStatus::Cancelled, 0, user));
+            }
+        }
+        Ok(())
+    }
+
+    /// Delivers the pending events at `indices` (one consumer, one type) as
+    /// one batch; they stay pending when the step cannot be decided yet, and
+    /// when `keep` (a redelivery to come).
+    pub(crate) fn deliver(&mut self, mut indices: Vec<usize>, keep: bool) -> Result<(), String> {
+        indices.sort_unstable();
+        indices.dedup();
+        let to = self.pending[indices[0]].to;
+        let events: Vec<Event> = indices
+            .iter()
+            .map(|&i| self.pending[i].event.clone())
+            .collect();
+        match self.handle(to, &events) {
+            Ok(()) if !keep => {
+                for &i in indices.iter().rev() {
+                    self.pending.remove(i);
+                }
+                Ok(())
+            }
+            Ok(()) | Err(shop_domain::StepError::NotYet(_)) => Ok(()),
+            Err(shop_domain::StepError::Refused(reason)) => {
+                Err(format!("{to:?} refused {events:?}: {reason}"))
+            }
+        }
+    }
+
+    /// The pending events that `pick` and `size` choose: one, and up to
+    /// `size - 1` more for the same consumer of the same type.
+    pub(crate) fn batch(&self, pick: usize, size: usize) -> Vec<usize> {
+        let first = pick % self.pending.len();
+        let kind = |d: &Delivery| (d.to, d.event.key().0);
+        let wanted = kind(&self.pending[first]);
+        let mut indices = vec![first];
+        indices.extend(
+            (0..self.pending.len())
+                .filter(|&i| i != first && kind(&self.pending[i]) == wanted)
+                .take(size - 1),
+        );
+        indices
+    }
+}
