@@ -80,6 +80,19 @@ impl Failure {
     }
 }
 
+/// An error and its causes on one line, `: `-separated: how a failure
+/// (a statement's, a pool's, a batch's) is logged or stored as a reason.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

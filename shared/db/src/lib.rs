@@ -21,7 +21,7 @@ mod failure;
 mod messages;
 mod prepared;
 
-pub use failure::Failure;
+pub use failure::{Failure, error_chain};
 pub use messages::english_messages;
 pub use prepared::KeepPrepared;
 

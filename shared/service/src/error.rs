@@ -81,7 +81,7 @@ fn database_status(error: &DieselError) -> tonic::Status {
 /// INTERNAL, its detail logged here with its causes and kept from the
 /// caller.
 fn internal(error: &(dyn std::error::Error + 'static)) -> tonic::Status {
-    let causes = shop_messaging::consumer::error_chain(error);
+    let causes = shop_db::error_chain(error);
     tracing::error!(error = %causes, "internal error");
     tonic::Status::internal("internal error")
 }

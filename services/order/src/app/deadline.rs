@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use diesel_async::{AsyncConnection as _, AsyncPgConnection};
-use shop_messaging::consumer::error_chain;
+use shop_db::error_chain;
 use shop_messaging::{Outbox, OutgoingEvent, Written};
 use shop_proto::order::v1::OrderCancelled;
 use shop_service::ApiError;

@@ -10,6 +10,8 @@
 
 use std::any::Any;
 
+use shop_db::error_chain;
+
 use super::handler::HandlerError;
 
 /// Why a batch's transaction failed as a whole; nothing was applied.
@@ -71,19 +73,6 @@ impl From<HandlerError> for Failure {
             HandlerError::Permanent(reason) => Self::Permanent(reason),
         }
     }
-}
-
-/// An error and its causes on one line, `: `-separated: how a failure is
-/// logged or stored as a reason.
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 pub(super) fn panic_message(panic: &(dyn Any + Send)) -> String {

@@ -69,7 +69,6 @@ mod locks;
 mod router;
 mod settle;
 
-pub use failure::error_chain;
 pub use handler::{Batch, Context, HandlerError, uuid_field};
 pub use router::{BatchHandler, Contract, Handler, LockNames, Route, Router, contract_router};
 pub use settle::dead_letter_headers;
