@@ -172,6 +172,23 @@ impl<S: Send + Sync + 'static, E: Event> Route<S, E> {
     /// types: the route's events must not depend on the order in which they
     /// and events of other types apply within a batch (saga steps, which
     /// must bear reordering anyway, do not).
+    ///
+    /// A state that handles the type only one at a time cannot take a
+    /// batched route:
+    ///
+    /// ```compile_fail,E0277
+    /// # use shop_messaging::{Context, Handler, HandlerError, Route, Router};
+    /// # use shop_proto::user::v1::UserCreated;
+    /// struct OneAtATime;
+    ///
+    /// impl Handler<UserCreated> for OneAtATime {
+    ///     async fn handle(&self, _: &mut Context<'_>, _: UserCreated) -> Result<(), HandlerError> {
+    ///         Ok(())
+    ///     }
+    /// }
+    ///
+    /// let router: Router<OneAtATime> = Router::new().on::<UserCreated>(Route::batched());
+    /// ```
     pub fn batched() -> Self
     where
         S: BatchHandler<E>,
