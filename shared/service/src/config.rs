@@ -119,6 +119,7 @@ impl ServiceConfig {
     /// A configuration for `database_url` and `nats_url` with both servers on
     /// free ports of 127.0.0.1, trusting the tokens `auth` describes, and
     /// the defaults otherwise: for tests and local runs.
+    #[cfg(feature = "local")]
     pub fn local(
         database_url: impl Into<String>,
         nats_url: impl Into<String>,

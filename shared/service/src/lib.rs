@@ -26,8 +26,8 @@
 //!   over OTLP ([`Telemetry`]).
 //! - `error`: [`ApiError`], the one mapping from a use case's failure to a
 //!   gRPC status, and the field parsers that produce it.
-//! - `running`: [`Running`], a server on a task of its own, for tests and
-//!   `shopctl up`.
+//! - `running` (feature `local`): `Running`, a server on a task of its
+//!   own, for tests and `shopctl up`.
 //! - here: [`shutdown_on_signal`], [`init_logs`] and [`timestamp`].
 
 mod config;
@@ -37,6 +37,7 @@ mod infra;
 mod lifecycle;
 mod observe;
 mod probes;
+#[cfg(feature = "local")]
 mod running;
 mod server;
 mod telemetry;
@@ -53,6 +54,7 @@ pub use observe::GrpcMetrics;
 pub use probes::{
     LIVENESS, METRICS_CONCURRENCY, PROBE_CONCURRENCY, READY_FRESH, Readiness, SAMPLE_EVERY,
 };
+#[cfg(feature = "local")]
 pub use running::Running;
 pub use server::{Ports, Server, Task};
 pub use shop_auth::{AuthConfig, Caller, caller_of, roles};
