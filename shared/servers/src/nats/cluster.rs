@@ -38,20 +38,29 @@ impl NatsCluster {
 
     /// Starts `size` nodes, or says why they could not be.
     pub async fn try_start(size: usize) -> Result<Self, ServerError> {
-        let mut nodes = Vec::with_capacity(size);
-        for index in 0..size {
-            let dir = Workdir::Temporary(
-                tempfile::Builder::new()
-                    .prefix(&format!("shop-test-nats-n{}-", index + 1))
-                    .tempdir()
-                    .map_err(|source| ServerError::Io {
-                        context: "cannot create a NATS store".into(),
-                        source,
-                    })?,
-            );
-            nodes.push((free_port()?, dir));
+        let mut last_error = None;
+        // A free port can be taken between probing and binding (by another
+        // test's server, say): try a few times, each on new ports and stores.
+        for _ in 0..3 {
+            let mut nodes = Vec::with_capacity(size);
+            for index in 0..size {
+                let dir = Workdir::Temporary(
+                    tempfile::Builder::new()
+                        .prefix(&format!("shop-test-nats-n{}-", index + 1))
+                        .tempdir()
+                        .map_err(|source| ServerError::Io {
+                            context: "cannot create a NATS store".into(),
+                            source,
+                        })?,
+                );
+                nodes.push((free_port()?, dir));
+            }
+            match Self::launch_all(nodes, None).await {
+                Ok(cluster) => return Ok(cluster),
+                Err(error) => last_error = Some(error),
+            }
         }
-        Self::launch_all(nodes, None).await
+        Err(last_error.expect("at least one attempt"))
     }
 
     /// Starts `size` nodes whose stores live in `dir/n1`, `dir/n2`, …, kept
