@@ -13,14 +13,13 @@ use async_nats::jetstream::{self, AckKind};
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl};
 use futures::FutureExt as _;
-use shop_db::KeepPrepared;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use super::Inner;
 use super::failure::{BatchFailed, Failure, panic_message, split_retry_in_place};
 use super::handler::{AfterCommit, Batch, Context, HandlerError};
-use super::locks::take_locks;
+use super::locks::record_in_inbox;
 use super::router::{Entry, Handle};
 use crate::envelope::{Envelope, OutgoingEvent};
 use crate::metrics::ConsumerLabels;
@@ -276,28 +275,13 @@ impl<S: Send + Sync + 'static> Inner<S> {
                 let mut after_commit = Vec::new();
                 let mut written = Written::default();
                 let mut unique = HashSet::new();
-                let rows: Vec<_> = prepared
+                let ids: Vec<uuid::Uuid> = prepared
                     .iter()
                     .map(|(_, ready)| ready.envelope.id)
                     .filter(|id| unique.insert(*id))
-                    .map(|id| (inbox::consumer.eq(&self.name), inbox::event_id.eq(id)))
                     .collect();
-                // Every lock before any inbox row, so that no batch waits on
-                // another's uncommitted inbox row while holding a lock that
-                // one needs: a batch holding its inbox rows holds all its
-                // locks already. Sent together, the two statements cost one
-                // round trip.
                 let keys = self.lock_keys(conn, prepared).await?;
-                let shared: &AsyncPgConnection = conn;
-                let locking = take_locks(shared, keys);
-                let inserting = KeepPrepared(
-                    diesel::insert_into(inbox::table)
-                        .values(&rows)
-                        .on_conflict_do_nothing()
-                        .returning(inbox::event_id),
-                )
-                .get_results::<uuid::Uuid>(&mut &*shared);
-                let (_, fresh) = futures::future::try_join(locking, inserting).await?;
+                let fresh = record_in_inbox(conn, &self.name, &ids, &keys).await?;
                 let fresh: HashSet<uuid::Uuid> = fresh.into_iter().collect();
                 // Already in the inbox, or a second copy within this batch.
                 let mut unique = HashSet::new();

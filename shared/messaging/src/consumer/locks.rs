@@ -1,12 +1,15 @@
 //! The advisory locks a batch takes before its inbox rows and any handler:
 //! on the names its routes give ([`Route::locking`](super::Route::locking)),
 //! in one order, so that batches on several replicas queue instead of
-//! deadlocking.
+//! deadlocking; and the inbox rows, written in the same statement.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use diesel::QueryResult;
+use diesel::prelude::QueryableByName;
+use diesel::sql_types::{Array, BigInt, Text, Uuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use shop_db::KeepPrepared;
 
 use super::Inner;
 use super::batch::Prepared;
@@ -74,13 +77,69 @@ impl<S: Send + Sync + 'static> Inner<S> {
 }
 
 /// Takes an advisory lock on each key, in the order given, in one
-/// statement; on a shared connection, so that a caller can send another
-/// statement with it in the same round trip.
-pub(super) async fn take_locks(mut conn: &AsyncPgConnection, keys: Vec<i64>) -> QueryResult<()> {
+/// statement.
+async fn take_locks(conn: &mut AsyncPgConnection, keys: Vec<i64>) -> QueryResult<()> {
     if !keys.is_empty() {
         diesel::select(consumer_lock_keys(keys))
-            .execute(&mut conn)
+            .execute(conn)
             .await?;
     }
     Ok(())
+}
+
+/// A batch's inbox rows: `$1` the consumer, `$2` the events' ids (each
+/// once); returns the ids that were not there before.
+const RECORD: &str = "\
+INSERT INTO inbox (consumer, event_id)
+SELECT $1, id FROM unnest($2::uuid[]) AS id
+ON CONFLICT DO NOTHING
+RETURNING event_id";
+
+/// [`RECORD`] after the batch's advisory locks (`$3`, ascending), in one
+/// statement: the rows are selected from the locks' result, so that none is
+/// written before every lock is held.
+const LOCK_AND_RECORD: &str = "\
+WITH locked AS (SELECT consumer_lock_keys($3::int8[]))
+INSERT INTO inbox (consumer, event_id)
+SELECT $1, id FROM locked, unnest($2::uuid[]) AS id
+ON CONFLICT DO NOTHING
+RETURNING event_id";
+
+#[derive(QueryableByName)]
+struct Recorded {
+    #[diesel(sql_type = Uuid)]
+    event_id: uuid::Uuid,
+}
+
+/// Takes the advisory locks `keys` (ascending), then writes the inbox rows
+/// of `ids` for `consumer`, in one statement, and returns the ids that were
+/// not there before (the others are redeliveries). Every lock comes before
+/// any inbox row, so that no batch waits on another's uncommitted inbox row
+/// while holding a lock that one needs: a batch holding its inbox rows
+/// holds all its locks already.
+pub(super) async fn record_in_inbox(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+    ids: &[uuid::Uuid],
+    keys: &[i64],
+) -> QueryResult<HashSet<uuid::Uuid>> {
+    let recorded: Vec<Recorded> = if keys.is_empty() {
+        KeepPrepared(
+            diesel::sql_query(RECORD)
+                .bind::<Text, _>(consumer)
+                .bind::<Array<Uuid>, _>(ids),
+        )
+        .load(conn)
+        .await?
+    } else {
+        KeepPrepared(
+            diesel::sql_query(LOCK_AND_RECORD)
+                .bind::<Text, _>(consumer)
+                .bind::<Array<Uuid>, _>(ids)
+                .bind::<Array<BigInt>, _>(keys),
+        )
+        .load(conn)
+        .await?
+    };
+    Ok(recorded.into_iter().map(|row| row.event_id).collect())
 }

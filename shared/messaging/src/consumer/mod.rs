@@ -28,8 +28,8 @@
 //! in JetStream. A batch whose events could not be published acks nothing:
 //! its redelivery publishes them. A batch route ([`Route::batched`]) takes
 //! all of a batch's new events of its type in one call, so that a batch
-//! costs a few statements rather than a few per event. The fast path sends
-//! the batch's locks and its inbox rows together (one round trip) and uses
+//! costs a few statements rather than a few per event. The fast path takes
+//! the batch's locks and writes its inbox rows in one statement and uses
 //! no savepoints; if any handler fails, the batch is rolled back and redone
 //! with a savepoint per message (a batch route's handler called with one
 //! event at a time), so that a failure undoes only its own message (a batch
