@@ -88,10 +88,14 @@ async fn take_locks(conn: &mut AsyncPgConnection, keys: Vec<i64>) -> QueryResult
 }
 
 /// A batch's inbox rows: `$1` the consumer, `$2` the events' ids (each
-/// once); returns the ids that were not there before.
+/// once); returns the ids that were not there before. The rows go in in
+/// the ids' order, so that two batches holding copies of the same events
+/// (redeliveries on two replicas) never wait on each other's rows
+/// crosswise.
 const RECORD: &str = "\
 INSERT INTO inbox (consumer, event_id)
 SELECT $1, id FROM unnest($2::uuid[]) AS id
+ORDER BY id
 ON CONFLICT DO NOTHING
 RETURNING event_id";
 
@@ -102,6 +106,7 @@ const LOCK_AND_RECORD: &str = "\
 WITH locked AS (SELECT consumer_lock_keys($3::int8[]))
 INSERT INTO inbox (consumer, event_id)
 SELECT $1, id FROM locked, unnest($2::uuid[]) AS id
+ORDER BY id
 ON CONFLICT DO NOTHING
 RETURNING event_id";
 
