@@ -148,3 +148,76 @@ pub(super) async fn record_in_inbox(
     };
     Ok(recorded.into_iter().map(|row| row.event_id).collect())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::Duration;
+
+    use diesel_async::{AsyncConnection as _, SimpleAsyncConnection as _};
+
+    use super::*;
+
+    async fn record(conn: &mut AsyncPgConnection, ids: &[uuid::Uuid]) -> QueryResult<usize> {
+        Ok(record_in_inbox(conn, "inventory", ids, &[]).await?.len())
+    }
+
+    /// A batch that holds one event's inbox row and then writes another's
+    /// is not deadlocked by a second batch given both events in the other
+    /// order (copies redelivered to another replica): the second writes in
+    /// id order, so it waits on the first row without holding the other.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn batches_given_the_same_events_in_opposite_orders_do_not_deadlock() {
+        let postgres = shop_test_support::TestPostgres::start().await;
+        let url = postgres.create_database("inbox").await;
+        shop_db::migrate(&url, vec![crate::MIGRATIONS])
+            .await
+            .unwrap();
+        let (low, high) = (uuid::Uuid::from_u128(1), uuid::Uuid::from_u128(2));
+
+        let mut first = AsyncPgConnection::establish(&url).await.unwrap();
+        first.batch_execute("BEGIN").await.unwrap();
+        assert_eq!(record(&mut first, &[low]).await.unwrap(), 1);
+
+        // The second batch, given `high` then `low`, waits for the first.
+        let second = tokio::spawn({
+            let url = url.clone();
+            async move {
+                let mut second = AsyncPgConnection::establish(&url).await.unwrap();
+                second.batch_execute("BEGIN").await.unwrap();
+                let fresh = record(&mut second, &[high, low]).await;
+                second.batch_execute("COMMIT").await.map(|()| fresh)
+            }
+        });
+        let mut watcher = AsyncPgConnection::establish(&url).await.unwrap();
+        let started = std::time::Instant::now();
+        loop {
+            let waiting: i64 = diesel::select(diesel::dsl::sql::<BigInt>(
+                "(SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock')",
+            ))
+            .get_result(&mut watcher)
+            .await
+            .unwrap();
+            if waiting == 1 {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the second batch never waited"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        // In delivery order the second would hold `high` now, and this
+        // would wait on it while it waits on `low`: a deadlock.
+        assert_eq!(record(&mut first, &[high]).await.unwrap(), 1);
+        first.batch_execute("COMMIT").await.unwrap();
+        let second = second.await.unwrap();
+        assert_eq!(
+            second.unwrap().unwrap(),
+            0,
+            "both rows were the first batch's"
+        );
+    }
+}
