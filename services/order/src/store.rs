@@ -50,7 +50,8 @@ pub(crate) const PLACED: &str = "order.placed";
 ///
 /// `$1` user, `$2` order, `$3` idempotency key (or NULL), `$4` deadline,
 /// `$5` now, `$6` and `$7` the lines' SKUs and quantities, `$8` the events
-/// (`OutboxWrite::json`).
+/// (`OutboxWrite::json`). The last column is what makes PostgreSQL run
+/// `events` (a `SELECT`, unlike the `INSERT`s, runs only when read).
 pub(crate) const PLACE_ORDER: &str = "\
 WITH known AS (SELECT user_id FROM known_users WHERE user_id = $1),
 placed AS (

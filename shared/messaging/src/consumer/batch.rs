@@ -1,7 +1,7 @@
 //! One batch: parse and decode each message, apply the batch in one
 //! transaction (the fast path, then, if a handler failed, the careful path
-//! with a savepoint per message), take the locks its routes name in one
-//! order, try again in place when the transaction failed for reasons that
+//! with a savepoint per message) after the locks its routes name
+//! (`locks`), try again in place when the transaction failed for reasons that
 //! are not the messages', then settle each message.
 
 use std::collections::HashSet;
@@ -262,8 +262,8 @@ impl<S: Send + Sync + 'static> Inner<S> {
         Ok((results, written))
     }
 
-    /// The fast path: the batch's locks and its inbox rows in one round
-    /// trip, and no savepoints. Abandoned (rolled back) as soon as any
+    /// The fast path: the batch's locks and its inbox rows in one
+    /// statement, and no savepoints. Abandoned (rolled back) as soon as any
     /// handler fails.
     async fn apply_together(
         &self,
