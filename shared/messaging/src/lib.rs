@@ -35,8 +35,8 @@ pub mod trace;
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 
 pub use consumer::{
-    Batch, BatchHandler, Context, EventConsumer, Handler, HandlerError, LockNames, Processed,
-    ProcessedHook, RetryPolicy, Route, Router,
+    Batch, BatchHandler, Carried, Context, EventConsumer, Handler, HandlerError, LockNames,
+    Processed, ProcessedHook, RetryPolicy, Route, Router, Statement, StatementHandler,
 };
 pub use dead_letters::{DeadLetter, DeadLetterError, DeadLetterPage, DeadLetters};
 pub use envelope::{Envelope, EnvelopeError, OutgoingEvent};

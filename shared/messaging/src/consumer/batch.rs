@@ -87,6 +87,8 @@ impl<S: Send + Sync + 'static> Inner<S> {
         }
         self.set_aside_unsettled(&batch, &mut prepared, &mut outcomes)
             .await;
+        // Routes in one statement first (see `apply`), each kept in order.
+        prepared.sort_by_key(|(_, ready)| !in_one_statement(ready));
         if !prepared.is_empty() {
             let mut attempts = 0u32;
             let applied = loop {
@@ -195,27 +197,28 @@ impl<S: Send + Sync + 'static> Inner<S> {
         Ok(Some(Prepared { envelope, route }))
     }
 
-    /// Runs the prepared messages' handlers in one transaction; returns
-    /// their outcomes and the events to publish before they are
-    /// acknowledged: those the handlers emitted, and those that earlier
-    /// deliveries of the duplicates emitted and nobody has confirmed. `Err`
-    /// when the transaction itself failed: nothing was applied.
+    /// Runs the prepared messages' handlers: those of routes in one
+    /// statement first, each route's in a statement of its own
+    /// (`statement`), then the others in one transaction; returns their
+    /// outcomes, in `prepared`'s order, and the events to publish before
+    /// they are acknowledged: those the handlers emitted, and those that
+    /// earlier deliveries of the duplicates emitted and nobody has
+    /// confirmed. `Err` when a statement or the transaction failed for a
+    /// reason that says nothing about the messages: the transaction's
+    /// messages were not applied, and those applied in statements before are
+    /// recognised as redeliveries when the batch is tried again.
     async fn apply(
         &self,
         prepared: &[(usize, Prepared<'_, S>)],
     ) -> Result<(Vec<Result<Outcome, Failure>>, Written), BatchFailed> {
         let mut conn = self.pool.get().await.map_err(BatchFailed::NoConnection)?;
-        let (results, mut written) = match self.apply_together(&mut conn, prepared).await {
-            Ok(applied) => applied,
-            // A lone message's failure is all there is to know: rolled back
-            // whole, as a savepoint would have rolled it back.
-            Err(Abandoned::HandlerFailed(error)) if prepared.len() == 1 => {
-                return Ok((vec![Err(Failure::from(error))], Written::default()));
-            }
-            // Someone failed: the careful path below finds out who.
-            Err(Abandoned::HandlerFailed(_)) => self.apply_one_by_one(&mut conn, prepared).await?,
-            Err(Abandoned::Database(error)) => return Err(BatchFailed::from(error)),
-        };
+        let split = prepared.partition_point(|(_, ready)| in_one_statement(ready));
+        let (in_statements, in_transaction) = prepared.split_at(split);
+        let (mut results, mut written) = self.apply_in_statements(&mut conn, in_statements).await?;
+        let (in_transaction_results, in_transaction_written) =
+            self.apply_in_transaction(&mut conn, in_transaction).await?;
+        results.extend(in_transaction_results);
+        written.extend(in_transaction_written);
         let duplicates: Vec<uuid::Uuid> = prepared
             .iter()
             .zip(&results)
@@ -229,6 +232,29 @@ impl<S: Send + Sync + 'static> Inner<S> {
                 .await
                 .map_err(BatchFailed::from)?,
         );
+        Ok((results, written))
+    }
+
+    /// The messages of routes in the batch's transaction.
+    async fn apply_in_transaction(
+        &self,
+        conn: &mut AsyncPgConnection,
+        prepared: &[(usize, Prepared<'_, S>)],
+    ) -> Result<(Vec<Result<Outcome, Failure>>, Written), BatchFailed> {
+        if prepared.is_empty() {
+            return Ok((Vec::new(), Written::default()));
+        }
+        let (results, written) = match self.apply_together(conn, prepared).await {
+            Ok(applied) => applied,
+            // A lone message's failure is all there is to know: rolled back
+            // whole, as a savepoint would have rolled it back.
+            Err(Abandoned::HandlerFailed(error)) if prepared.len() == 1 => {
+                return Ok((vec![Err(Failure::from(error))], Written::default()));
+            }
+            // Someone failed: the careful path below finds out who.
+            Err(Abandoned::HandlerFailed(_)) => self.apply_one_by_one(conn, prepared).await?,
+            Err(Abandoned::Database(error)) => return Err(BatchFailed::from(error)),
+        };
         Ok((results, written))
     }
 
@@ -302,7 +328,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
                     // type along.
                     let members: Vec<usize> = match route.handle {
                         Handle::One(_) => vec![first],
-                        Handle::Batch(_) => (first..prepared.len())
+                        Handle::Batch(_) | Handle::Statement(_) => (first..prepared.len())
                             .filter(|&index| {
                                 results[index].is_none()
                                     && prepared[index].1.envelope.event_type
@@ -398,6 +424,11 @@ impl<S: Send + Sync + 'static> Inner<S> {
             _ => tracing::Span::none(),
         };
         let (result, emitted, after_commit) = match &route.handle {
+            Handle::Statement(_) => {
+                return Err(HandlerError::permanent(
+                    "internal: a route in one statement reached a transaction",
+                ));
+            }
             Handle::One(handle) => {
                 let [envelope] = envelopes.as_slice() else {
                     return Err(HandlerError::permanent(
@@ -450,8 +481,13 @@ impl<S: Send + Sync + 'static> Inner<S> {
     }
 }
 
+/// Whether the message's route applies it in a statement of its own.
+fn in_one_statement<S>(ready: &Prepared<'_, S>) -> bool {
+    matches!(ready.route.handle, Handle::Statement(_))
+}
+
 /// The consumer-kind span of one message, a child of the producer's span.
-fn consumer_span(consumer: &str, envelope: &Envelope) -> tracing::Span {
+pub(super) fn consumer_span(consumer: &str, envelope: &Envelope) -> tracing::Span {
     let span = tracing::info_span!(
         "process",
         otel.name = format!("{} process", envelope.subject),

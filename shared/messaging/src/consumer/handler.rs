@@ -142,3 +142,128 @@ impl Batch<'_> {
         self.emitted[index].push(outgoing);
     }
 }
+
+/// What a handler that applies a batch in one statement of its own works
+/// with (see [`Route::in_one_statement`](super::Route::in_one_statement)):
+/// a connection outside any transaction, so that each statement commits by
+/// itself, the envelopes of the events it handles, indexed like the events
+/// it is given, and what its one writing statement must carry
+/// ([`Statement::carry`]).
+pub struct Statement<'c> {
+    pub(super) conn: &'c mut AsyncPgConnection,
+    pub(super) envelopes: Vec<&'c Envelope>,
+    pub(super) emitted: Vec<Vec<OutgoingEvent>>,
+    pub(super) after_commit: Vec<AfterCommit>,
+    pub(super) consumer: &'c str,
+    pub(super) outbox: &'c crate::outbox::Outbox,
+    /// The events' spans, indexed like them.
+    pub(super) spans: &'c [tracing::Span],
+    /// What [`Statement::carry`] handed out, if it was called.
+    pub(super) carried: Option<crate::outbox::Written>,
+    pub(super) emitted_after_carry: bool,
+}
+
+impl std::fmt::Debug for Statement<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Statement")
+            .field("envelopes", &self.envelopes)
+            .field("emitted", &self.emitted)
+            .field("carried", &self.carried.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Statement<'_> {
+    /// A connection outside any transaction: every statement on it commits
+    /// by itself. Read with it (without locks), then write once, carrying
+    /// [`Statement::carry`].
+    pub fn conn(&mut self) -> &mut AsyncPgConnection {
+        self.conn
+    }
+
+    /// The envelope of the `index`-th event.
+    ///
+    /// # Panics
+    /// If there is no such event.
+    pub fn envelope(&self, index: usize) -> &Envelope {
+        self.envelopes[index]
+    }
+
+    /// Runs `work` once the handler's statement has committed (see
+    /// [`Context::after_commit`]).
+    pub fn after_commit(&mut self, work: impl FnOnce() + Send + 'static) {
+        self.after_commit.push(Box::new(work));
+    }
+
+    /// Emits `event` as caused by the `index`-th event (see
+    /// [`Batch::emit`]); written by the statement that carries
+    /// [`Statement::carry`], so emit everything before calling it.
+    ///
+    /// # Panics
+    /// If there is no such event.
+    pub fn emit<E: Event>(&mut self, index: usize, event: &E) {
+        let cause = self.envelopes[index];
+        let mut outgoing = OutgoingEvent::new(event).caused_by(cause.id);
+        outgoing.correlation_id = cause.correlation_id.clone();
+        if self.carried.is_some() {
+            self.emitted_after_carry = true;
+        }
+        self.emitted[index].push(outgoing);
+    }
+
+    /// What the handler's one writing statement must carry, for the events
+    /// emitted so far: the events' inbox rows (`inbox_write(consumer,
+    /// ids)`) and the emitted events (`outbox_write(events)`), both
+    /// functions of the messaging migrations, called in the same statement
+    /// as the change, so that all of it commits or none. A handler that
+    /// changes nothing does not call it: the consumer then records the
+    /// inbox rows, and writes what was emitted, in a statement of its own.
+    pub fn carry(&mut self) -> Carried {
+        let emitted = self
+            .spans
+            .iter()
+            .zip(self.emitted.iter_mut().map(std::mem::take))
+            .collect();
+        let rows = self.outbox.rows_each(emitted);
+        let carried = Carried {
+            consumer: self.consumer.to_owned(),
+            ids: self.envelopes.iter().map(|envelope| envelope.id).collect(),
+            events: rows.json(),
+        };
+        self.carried = Some(rows);
+        carried
+    }
+}
+
+/// What a one-statement handler's writing statement binds (see
+/// [`Statement::carry`]):
+///
+/// ```sql
+/// WITH moved AS (UPDATE ... WHERE <what was read still holds> RETURNING ...),
+///      checked AS (SELECT stale_unless((SELECT count(*) FROM moved) = $2, 'orders')),
+///      carried AS (SELECT inbox_write($7, $8::uuid[]), outbox_write($9::jsonb) FROM checked)
+/// SELECT count(*) FROM carried
+/// ```
+#[derive(Debug)]
+pub struct Carried {
+    pub(super) consumer: String,
+    pub(super) ids: Vec<uuid::Uuid>,
+    pub(super) events: String,
+}
+
+impl Carried {
+    /// `inbox_write`'s first argument.
+    pub fn consumer(&self) -> &str {
+        &self.consumer
+    }
+
+    /// `inbox_write`'s second argument: the ids of the events handled.
+    pub fn event_ids(&self) -> &[uuid::Uuid] {
+        &self.ids
+    }
+
+    /// `outbox_write`'s argument: the events emitted.
+    pub fn events_json(&self) -> &str {
+        &self.events
+    }
+}

@@ -68,9 +68,12 @@ mod handler;
 mod locks;
 mod router;
 mod settle;
+mod statement;
 
-pub use handler::{Batch, Context, HandlerError, uuid_field};
-pub use router::{BatchHandler, Contract, Handler, LockNames, Route, Router, contract_router};
+pub use handler::{Batch, Carried, Context, HandlerError, Statement, uuid_field};
+pub use router::{
+    BatchHandler, Contract, Handler, LockNames, Route, Router, StatementHandler, contract_router,
+};
 pub use settle::dead_letter_headers;
 
 use std::sync::Arc;

@@ -9,7 +9,7 @@ use diesel::QueryResult;
 use diesel_async::AsyncPgConnection;
 use shop_proto::Event;
 
-use super::handler::{Batch, Context, HandlerError};
+use super::handler::{Batch, Context, HandlerError, Statement};
 use crate::BoxFuture;
 use crate::envelope::Envelope;
 
@@ -56,6 +56,23 @@ pub trait BatchHandler<E: Event>: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
 }
 
+/// Handles all of a batch's new events of type `E` in one call, without a
+/// transaction ([`Route::in_one_statement`]): it reads what it decides on
+/// without locks, decides, and writes once, in one statement that commits
+/// by itself and carries [`Statement::carry`] — the events' inbox rows and
+/// what it emits — and writes only if what it read still holds (else
+/// `stale_unless` undoes the statement and the batch is read and decided
+/// again). Two statements per batch, and no `BEGIN` or `COMMIT`.
+pub trait StatementHandler<E: Event>: Send + Sync + 'static {
+    /// Applies `events`, in the order they arrived, as
+    /// [`BatchHandler::handle_batch`] would, with `step`'s connection.
+    fn handle_in_statement(
+        &self,
+        step: &mut Statement<'_>,
+        events: Vec<E>,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}
+
 /// Names what the handler of events of type `E` will lock
 /// ([`Route::locking`]).
 pub trait LockNames<E: Event>: Send + Sync + 'static {
@@ -90,6 +107,16 @@ impl<E: Event, S: BatchHandler<E>> BatchHandler<E> for std::sync::Arc<S> {
     }
 }
 
+impl<E: Event, S: StatementHandler<E>> StatementHandler<E> for std::sync::Arc<S> {
+    fn handle_in_statement(
+        &self,
+        step: &mut Statement<'_>,
+        events: Vec<E>,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        S::handle_in_statement(self, step, events)
+    }
+}
+
 impl<E: Event, S: LockNames<E>> LockNames<E> for std::sync::Arc<S> {
     fn lock_names(
         &self,
@@ -107,6 +134,11 @@ type HandleBatch<S> = for<'a, 'c> fn(
     &'a mut Batch<'c>,
     Vec<&'a [u8]>,
 ) -> BoxFuture<'a, Result<(), HandlerError>>;
+type HandleStatement<S> = for<'a, 'c> fn(
+    &'a S,
+    &'a mut Statement<'c>,
+    Vec<&'a [u8]>,
+) -> BoxFuture<'a, Result<(), HandlerError>>;
 pub(super) type Locks<S> = for<'a> fn(
     &'a S,
     &'a mut AsyncPgConnection,
@@ -114,10 +146,12 @@ pub(super) type Locks<S> = for<'a> fn(
 ) -> BoxFuture<'a, QueryResult<Vec<String>>>;
 
 /// A route's handler: for one event at a time, or for all of a batch's
-/// events of its type at once.
+/// events of its type at once, in the batch's transaction or in one
+/// statement of its own.
 pub(super) enum Handle<S> {
     One(HandleOne<S>),
     Batch(HandleBatch<S>),
+    Statement(HandleStatement<S>),
 }
 
 /// How events of type `E` are handled by a state `S`: declared once, with
@@ -131,7 +165,11 @@ pub struct Route<S, E> {
 impl<S, E> std::fmt::Debug for Route<S, E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Route")
-            .field("batched", &matches!(self.handle, Handle::Batch(_)))
+            .field("batched", &!matches!(self.handle, Handle::One(_)))
+            .field(
+                "in_one_statement",
+                &matches!(self.handle, Handle::Statement(_)),
+            )
             .field("locking", &self.locks.is_some())
             .finish()
     }
@@ -210,6 +248,33 @@ impl<S: Send + Sync + 'static, E: Event> Route<S, E> {
         }
     }
 
+    /// All of a batch's new events of type `E` at once, in one statement
+    /// of the handler's own, by `S`'s [`StatementHandler<E>`]: no
+    /// transaction, no locks. The batch's events of this type are applied
+    /// apart from its events of other types, before them, each route's in
+    /// a statement of its own; if the handler fails, each event is tried on
+    /// its own, as with [`Route::batched`].
+    pub fn in_one_statement() -> Self
+    where
+        S: StatementHandler<E>,
+    {
+        fn handle<'a, S: StatementHandler<E>, E: Event>(
+            state: &'a S,
+            step: &'a mut Statement<'_>,
+            bodies: Vec<&'a [u8]>,
+        ) -> BoxFuture<'a, Result<(), HandlerError>> {
+            match bodies.into_iter().map(E::decode).collect() {
+                Ok(events) => Box::pin(state.handle_in_statement(step, events)),
+                Err(error) => Box::pin(std::future::ready(Err(undecodable::<E>(&error)))),
+            }
+        }
+        Self {
+            handle: Handle::Statement(handle::<S, E>),
+            locks: None,
+            event: PhantomData,
+        }
+    }
+
     /// Names what the handler will lock, by `S`'s [`LockNames<E>`]. Before
     /// any handler of a batch runs, the batch takes a transaction-level
     /// advisory lock on every name its events give, all in one global
@@ -217,11 +282,19 @@ impl<S: Send + Sync + 'static, E: Event> Route<S, E> {
     /// another replica or on another consumer of the same database — then
     /// wait for each other instead of each holding a row the other needs (a
     /// deadlock, which PostgreSQL breaks only after a second).
+    ///
+    /// # Panics
+    /// On a route [`in_one_statement`](Self::in_one_statement), which
+    /// holds no lock past its statement.
     #[must_use]
     pub fn locking(mut self) -> Self
     where
         S: LockNames<E>,
     {
+        assert!(
+            !matches!(self.handle, Handle::Statement(_)),
+            "a route in one statement takes no locks"
+        );
         fn names<'a, S: LockNames<E>, E: Event>(
             state: &'a S,
             conn: &'a mut AsyncPgConnection,

@@ -166,6 +166,21 @@ impl Outbox {
         conn: &mut AsyncPgConnection,
         emitted: Vec<(&tracing::Span, Vec<OutgoingEvent>)>,
     ) -> QueryResult<Written> {
+        let written = self.rows_each(emitted);
+        if written.rows.is_empty() {
+            return Ok(written);
+        }
+        KeepPrepared(diesel::insert_into(outbox::table).values(&written.rows))
+            .execute(conn)
+            .await?;
+        Ok(written)
+    }
+
+    /// The rows of the events that several handled messages emitted, each
+    /// message's with the context of a write span of its own, a child of
+    /// that message's span (see [`Outbox::append_each`]), for a statement
+    /// to write.
+    pub(crate) fn rows_each(&self, emitted: Vec<(&tracing::Span, Vec<OutgoingEvent>)>) -> Written {
         let mut rows = Vec::new();
         for (parent, events) in emitted {
             if events.is_empty() {
@@ -175,13 +190,7 @@ impl Outbox {
             let context = span.in_scope(trace::current);
             rows.extend(self.rows(events, &context));
         }
-        if rows.is_empty() {
-            return Ok(Written::default());
-        }
-        KeepPrepared(diesel::insert_into(outbox::table).values(&rows))
-            .execute(conn)
-            .await?;
-        Ok(Written { rows })
+        Written { rows }
     }
 
     fn rows(&self, events: Vec<OutgoingEvent>, context: &TraceContext) -> Vec<Row> {
@@ -332,26 +341,37 @@ impl OutboxWrite {
     /// The rows as the `outbox_write` function takes them: a JSON array of
     /// objects, one per event in the order written, the payload in hex.
     pub fn json(&self) -> String {
-        let rows: Vec<serde_json::Value> = self
-            .rows
-            .iter()
-            .map(|row| {
-                serde_json::json!({
-                    "event_id": row.event_id.to_string(),
-                    "subject": row.subject,
-                    "event_type": row.event_type,
-                    "source": row.source,
-                    "payload": hex(&row.payload),
-                    "correlation_id": row.correlation_id,
-                    "causation_id": row.causation_id.map(|id| id.to_string()),
-                    "traceparent": row.traceparent,
-                    "tracestate": row.tracestate,
-                    "created_at": row.created_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-                })
-            })
-            .collect();
-        serde_json::Value::Array(rows).to_string()
+        json(&self.rows)
     }
+}
+
+impl Written {
+    /// The rows as the `outbox_write` function takes them (see
+    /// [`OutboxWrite::json`]).
+    pub(crate) fn json(&self) -> String {
+        json(&self.rows)
+    }
+}
+
+fn json(rows: &[Row]) -> String {
+    let rows: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|row| {
+            serde_json::json!({
+                "event_id": row.event_id.to_string(),
+                "subject": row.subject,
+                "event_type": row.event_type,
+                "source": row.source,
+                "payload": hex(&row.payload),
+                "correlation_id": row.correlation_id,
+                "causation_id": row.causation_id.map(|id| id.to_string()),
+                "traceparent": row.traceparent,
+                "tracestate": row.tracestate,
+                "created_at": row.created_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            })
+        })
+        .collect();
+    serde_json::Value::Array(rows).to_string()
 }
 
 fn hex(bytes: &[u8]) -> String {

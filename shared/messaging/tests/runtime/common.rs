@@ -87,6 +87,9 @@ pub struct Behaviour {
     pub batch_sizes: Mutex<Vec<usize>>,
     /// Order ids at which the batch handler waits for a permit.
     pub gates: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    /// Times another writer takes a unit of stock between the one-statement
+    /// handler's read and its write.
+    pub interlopers: Mutex<u32>,
 }
 
 impl Behaviour {
@@ -99,6 +102,31 @@ impl Behaviour {
             .unwrap()
             .insert(order_id.to_owned(), Arc::clone(&gate));
         gate
+    }
+
+    /// Waits at the events' gates, if any.
+    pub async fn pass_gates(&self, events: &[OrderPlaced]) {
+        for event in events {
+            let gate = self.gates.lock().unwrap().get(&event.order_id).cloned();
+            if let Some(gate) = gate {
+                gate.acquire().await.unwrap().forget();
+            }
+        }
+    }
+
+    /// A permanent failure if any of `events` is in `permanent`.
+    pub fn refuse(&self, events: &[OrderPlaced]) -> Result<(), HandlerError> {
+        let permanent = self.permanent.lock().unwrap().clone();
+        match events
+            .iter()
+            .find(|event| permanent.contains(&event.order_id))
+        {
+            Some(bad) => Err(HandlerError::permanent(format!(
+                "order {} is not acceptable",
+                bad.order_id
+            ))),
+            None => Ok(()),
+        }
     }
 
     fn take(map: &Mutex<HashMap<String, u32>>, order_id: &str) -> bool {
@@ -164,29 +192,9 @@ impl BatchHandler<OrderPlaced> for Behaviour {
         batch: &mut Batch<'_>,
         events: Vec<OrderPlaced>,
     ) -> Result<(), HandlerError> {
-        let behaviour = self;
-        behaviour.batch_sizes.lock().unwrap().push(events.len());
-        for event in &events {
-            let gate = behaviour
-                .gates
-                .lock()
-                .unwrap()
-                .get(&event.order_id)
-                .cloned();
-            if let Some(gate) = gate {
-                gate.acquire().await.unwrap().forget();
-            }
-        }
-        let permanent = behaviour.permanent.lock().unwrap().clone();
-        if let Some(bad) = events
-            .iter()
-            .find(|event| permanent.contains(&event.order_id))
-        {
-            return Err(HandlerError::permanent(format!(
-                "order {} is not acceptable",
-                bad.order_id
-            )));
-        }
+        self.batch_sizes.lock().unwrap().push(events.len());
+        self.pass_gates(&events).await;
+        self.refuse(&events)?;
         for (index, event) in events.iter().enumerate() {
             diesel::sql_query("INSERT INTO effects (event_id, order_id) VALUES ($1, $2)")
                 .bind::<SqlUuid, _>(batch.envelope(index).id)

@@ -16,4 +16,5 @@ mod publish;
 mod redeliveries;
 mod relay;
 mod stalls;
+mod statement;
 mod trace;

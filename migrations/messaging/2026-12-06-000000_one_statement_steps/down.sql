@@ -1,0 +1,2 @@
+DROP FUNCTION stale_unless(boolean, text);
+DROP FUNCTION inbox_write(text, uuid[]);
