@@ -2,12 +2,10 @@
 //! (events), deciding with [`crate::domain`] and storing with
 //! [`crate::store`].
 
-use std::collections::HashMap;
-
 use diesel_async::{AsyncConnection as _, AsyncPgConnection};
 use shop_db::PgPool;
 use shop_domain::UserId;
-use shop_messaging::HandlerError;
+use shop_messaging::{Carried, HandlerError};
 use shop_service::{
     ApiError, Caller, is_unique_violation, limits, roles, step_failed, unknown_stored,
 };
@@ -174,24 +172,42 @@ pub(crate) async fn open_wallet(
     Ok(())
 }
 
+/// Step 3 for several reserved orders, decided: what [`debit`] found and
+/// what it writes.
+#[derive(Debug)]
+pub(crate) struct Debits {
+    /// One per charge, in the order given.
+    pub(crate) decisions: Vec<Debit>,
+    debited: store::Debited,
+    payments: NewPayments,
+}
+
+impl Debits {
+    /// Whether the decisions change anything.
+    pub(crate) fn change(&self) -> bool {
+        !self.payments.order_ids.is_empty()
+    }
+}
+
 /// Step 3 for several reserved orders, one after another in the order
-/// given, as [`domain::debit_in_turn`] decides. A few statements whatever
-/// the number of orders.
+/// given, as [`domain::debit_in_turn`] decides on the wallets and payments
+/// as read (without locks): [`write_debits`] writes it only if they are
+/// still as read.
 pub(crate) async fn debit(
     conn: &mut AsyncPgConnection,
     charges: &[Charge],
-) -> Result<Vec<Debit>, HandlerError> {
+) -> Result<Debits, HandlerError> {
     let order_ids: Vec<Uuid> = charges.iter().map(|charge| charge.order_id.get()).collect();
-    let mut decided = store::lock_decided(conn, &order_ids).await?;
+    let mut decided = store::decided(conn, &order_ids).await?;
     let mut user_ids: Vec<Uuid> = charges.iter().map(|charge| charge.user_id.get()).collect();
     user_ids.sort_unstable();
     user_ids.dedup();
-    let mut balances = store::lock_balances(conn, &user_ids).await?;
-    let debits =
+    let read = store::balances(conn, &user_ids).await?;
+    let mut balances = read.clone();
+    let decisions =
         domain::debit_in_turn(charges, &mut decided, &mut balances).map_err(step_failed)?;
-    let mut debited: HashMap<UserId, i64> = HashMap::new();
-    let mut rows = NewPayments::default();
-    for (charge, debit) in charges.iter().zip(&debits) {
+    let mut payments = NewPayments::default();
+    for (charge, debit) in charges.iter().zip(&decisions) {
         let Some(status) = debit.status() else {
             continue;
         };
@@ -199,19 +215,41 @@ pub(crate) async fn debit(
             Debit::Declined(reason) => reason.clone(),
             _ => String::new(),
         };
-        if status == PaymentStatus::Captured {
-            *debited.entry(charge.user_id).or_default() += charge.amount_cents;
+        payments.order_ids.push(charge.order_id.get());
+        payments.user_ids.push(charge.user_id.get());
+        payments.amounts.push(charge.amount_cents);
+        payments.statuses.push(status.as_str());
+        payments.reasons.push(reason);
+    }
+    // In user order, the order every writer takes the wallets in.
+    let mut debited = store::Debited::default();
+    for user_id in user_ids {
+        let user = UserId::from(user_id);
+        if let (Some(&was), Some(&is)) = (read.get(&user), balances.get(&user))
+            && was != is
+        {
+            debited.user_ids.push(user_id);
+            debited.read.push(was);
+            debited.balances.push(is);
         }
-        rows.order_ids.push(charge.order_id.get());
-        rows.user_ids.push(charge.user_id.get());
-        rows.amounts.push(charge.amount_cents);
-        rows.statuses.push(status.as_str());
-        rows.reasons.push(reason);
     }
-    if !rows.order_ids.is_empty() {
-        store::write_debits(conn, &debited, &rows).await?;
-    }
-    Ok(debits)
+    Ok(Debits {
+        decisions,
+        debited,
+        payments,
+    })
+}
+
+/// Writes what [`debit`] decided, with what the step carries, in one
+/// statement; a serialization failure if a wallet or a payment changed since
+/// it was read.
+pub(crate) async fn write_debits(
+    conn: &mut AsyncPgConnection,
+    debits: &Debits,
+    carried: &Carried,
+) -> Result<(), HandlerError> {
+    store::write_debits(conn, &debits.debited, &debits.payments, carried).await?;
+    Ok(())
 }
 
 /// Compensation c3: refund a cancelled order's capture, as
@@ -269,6 +307,18 @@ mod tests {
     use super::*;
     use crate::schema::{accounts, payments};
 
+    /// Step 3 as its handler runs it, carrying nothing.
+    async fn debit_and_write(
+        conn: &mut AsyncPgConnection,
+        charges: &[Charge],
+    ) -> Result<Vec<Debit>, HandlerError> {
+        let debits = debit(conn, charges).await?;
+        if debits.change() {
+            write_debits(conn, &debits, &Carried::nothing()).await?;
+        }
+        Ok(debits.decisions)
+    }
+
     /// A fresh, migrated payment database and a connection to it.
     async fn migrated() -> (TestPostgres, AsyncPgConnection) {
         let postgres = TestPostgres::start().await;
@@ -295,7 +345,7 @@ mod tests {
             amount_cents: 100,
         };
         assert!(matches!(
-            debit(&mut conn, &[charge]).await.unwrap()[..],
+            debit_and_write(&mut conn, &[charge]).await.unwrap()[..],
             [Debit::Captured]
         ));
         diesel::update(accounts::table.find(ann))
@@ -326,6 +376,86 @@ mod tests {
         assert_eq!(balance, i64::MAX - 10);
     }
 
+    fn is_stale(error: &HandlerError) -> bool {
+        matches!(
+            error,
+            HandlerError::Retryable(source) if matches!(
+                source.downcast_ref::<diesel::result::Error>(),
+                Some(diesel::result::Error::DatabaseError(
+                    diesel::result::DatabaseErrorKind::SerializationFailure,
+                    _
+                ))
+            )
+        )
+    }
+
+    /// Step 3 reads without locks: a decision whose wallet or payment
+    /// changed before its statement ran is refused whole, as a
+    /// serialization failure (the consumer reads and decides again).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_debit_decided_on_what_changed_since_writes_nothing() {
+        let (_postgres, mut conn) = migrated().await;
+        let ann = Uuid::now_v7();
+        open_wallet(&mut conn, ann, 100).await.unwrap();
+        let charge = Charge {
+            order_id: Uuid::now_v7().into(),
+            user_id: ann.into(),
+            amount_cents: 60,
+        };
+        async fn balance(conn: &mut AsyncPgConnection, user_id: Uuid) -> QueryResult<i64> {
+            accounts::table
+                .find(user_id)
+                .select(accounts::balance_cents)
+                .first(conn)
+                .await
+        }
+        async fn payments(conn: &mut AsyncPgConnection) -> QueryResult<i64> {
+            payments::table.count().get_result(conn).await
+        }
+
+        // The wallet changed (a refund, a deposit) since it was read.
+        let debits = debit(&mut conn, std::slice::from_ref(&charge))
+            .await
+            .unwrap();
+        diesel::update(accounts::table.find(ann))
+            .set(accounts::balance_cents.eq(70))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let error = write_debits(&mut conn, &debits, &Carried::nothing())
+            .await
+            .unwrap_err();
+        assert!(is_stale(&error), "{error}");
+        assert_eq!(balance(&mut conn, ann).await.unwrap(), 70);
+        assert_eq!(payments(&mut conn).await.unwrap(), 0);
+
+        // The payment was decided meanwhile (by another replica).
+        let debits = debit(&mut conn, std::slice::from_ref(&charge))
+            .await
+            .unwrap();
+        diesel::insert_into(payments::table)
+            .values((
+                payments::order_id.eq(charge.order_id.get()),
+                payments::user_id.eq(ann),
+                payments::amount_cents.eq(60),
+                payments::status.eq(PaymentStatus::Captured.as_str()),
+                payments::reason.eq(""),
+            ))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let error = write_debits(&mut conn, &debits, &Carried::nothing())
+            .await
+            .unwrap_err();
+        assert!(is_stale(&error), "{error}");
+        assert_eq!(balance(&mut conn, ann).await.unwrap(), 70);
+        assert_eq!(payments(&mut conn).await.unwrap(), 1);
+
+        // Read again: decided already, nothing to write.
+        let debits = debit(&mut conn, &[charge]).await.unwrap();
+        assert!(!debits.change());
+    }
+
     /// Several charges in one call decide as they would one after another:
     /// each sees the balance the ones before it left.
     #[tokio::test(flavor = "multi_thread")]
@@ -352,7 +482,7 @@ mod tests {
             charge(ann, 40),
             again,
         ];
-        let decisions = debit(&mut conn, &charges).await.unwrap();
+        let decisions = debit_and_write(&mut conn, &charges).await.unwrap();
         let summary: Vec<String> = decisions
             .iter()
             .map(|decision| match decision {
@@ -380,7 +510,7 @@ mod tests {
             .unwrap();
         assert_eq!(balances, [0, 0]);
         // A redelivery of the whole batch changes nothing.
-        let decisions = debit(&mut conn, &charges).await.unwrap();
+        let decisions = debit_and_write(&mut conn, &charges).await.unwrap();
         assert!(
             decisions
                 .iter()
@@ -388,7 +518,7 @@ mod tests {
         );
         // A wallet not opened yet: the call fails to be retried, and
         // records nothing.
-        let error = debit(&mut conn, &[charge(Uuid::now_v7(), 1)])
+        let error = debit_and_write(&mut conn, &[charge(Uuid::now_v7(), 1)])
             .await
             .unwrap_err();
         assert!(matches!(error, HandlerError::Retryable(_)), "{error}");

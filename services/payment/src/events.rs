@@ -10,7 +10,7 @@ use diesel::QueryResult;
 use diesel_async::AsyncPgConnection;
 use shop_messaging::consumer::uuid_field as id;
 use shop_messaging::{
-    Batch, BatchHandler, Context, Handler, HandlerError, LockNames, Route, Router,
+    Context, Handler, HandlerError, LockNames, Route, Router, Statement, StatementHandler,
 };
 use shop_proto::Event;
 use shop_proto::inventory::v1::InventoryReserved;
@@ -32,12 +32,13 @@ pub(crate) fn user_events() -> Router<HandlerState> {
     Router::new().on::<UserCreated>(Route::single())
 }
 
-/// Debits and refunds each change one wallet, and name it, so that batches
-/// lock wallets in one order (see [`Route::locking`]).
+/// Debits read the wallets and write them once, if unchanged.
 pub(crate) fn inventory_events() -> Router<HandlerState> {
-    Router::new().on::<InventoryReserved>(Route::batched().locking())
+    Router::new().on::<InventoryReserved>(Route::in_one_statement())
 }
 
+/// A refund changes one wallet and names it, so that refunds lock wallets
+/// in one order (see [`Route::locking`]).
 pub(crate) fn order_events() -> Router<HandlerState> {
     Router::new().on::<OrderCancelled>(Route::single().locking())
 }
@@ -45,12 +46,6 @@ pub(crate) fn order_events() -> Router<HandlerState> {
 /// The events that name the wallet they change.
 trait HasUser {
     fn user_id(&self) -> &str;
-}
-
-impl HasUser for InventoryReserved {
-    fn user_id(&self) -> &str {
-        &self.user_id
-    }
 }
 
 impl HasUser for OrderCancelled {
@@ -85,11 +80,11 @@ impl Handler<UserCreated> for HandlerState {
     }
 }
 
-/// Debits each reserved order's wallet, or declines.
-impl BatchHandler<InventoryReserved> for HandlerState {
-    async fn handle_batch(
+/// Debits each reserved order's wallet, or declines, in one statement.
+impl StatementHandler<InventoryReserved> for HandlerState {
+    async fn handle_in_statement(
         &self,
-        batch: &mut Batch<'_>,
+        step: &mut Statement<'_>,
         events: Vec<InventoryReserved>,
     ) -> Result<(), HandlerError> {
         let charges = events
@@ -102,10 +97,13 @@ impl BatchHandler<InventoryReserved> for HandlerState {
                 })
             })
             .collect::<Result<Vec<_>, HandlerError>>()?;
-        let decisions = app::debit(batch.conn(), &charges).await?;
-        for (index, (event, decision)) in events.into_iter().zip(decisions).enumerate() {
+        let debits = app::debit(step.conn(), &charges).await?;
+        if !debits.change() {
+            return Ok(());
+        }
+        for (index, (event, decision)) in events.into_iter().zip(&debits.decisions).enumerate() {
             match decision {
-                Debit::Captured => batch.emit(
+                Debit::Captured => step.emit(
                     index,
                     &PaymentCompleted {
                         order_id: event.order_id,
@@ -113,19 +111,20 @@ impl BatchHandler<InventoryReserved> for HandlerState {
                         amount_cents: event.total_cents,
                     },
                 ),
-                Debit::Declined(reason) => batch.emit(
+                Debit::Declined(reason) => step.emit(
                     index,
                     &PaymentFailed {
                         order_id: event.order_id,
                         user_id: event.user_id,
                         amount_cents: event.total_cents,
-                        reason,
+                        reason: reason.clone(),
                     },
                 ),
                 Debit::AlreadyDecided => {}
             }
         }
-        Ok(())
+        let carried = step.carry();
+        app::write_debits(step.conn(), &debits, &carried).await
     }
 }
 

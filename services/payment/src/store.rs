@@ -7,6 +7,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use shop_db::KeepPrepared;
+use shop_messaging::Carried;
 use uuid::Uuid;
 
 use shop_domain::{OrderId, UserId};
@@ -130,42 +131,36 @@ pub(crate) async fn open_wallet(
         .await
 }
 
-/// Which of these orders have a payment row, locked.
-pub(crate) async fn lock_decided(
+/// Which of these orders have a payment row (read without a lock: the
+/// step's statement checks it still holds, see [`WRITE_DEBITS`]).
+pub(crate) async fn decided(
     conn: &mut AsyncPgConnection,
     order_ids: &[Uuid],
 ) -> QueryResult<HashSet<OrderId>> {
-    Ok(KeepPrepared(
-        payments::table
-            .filter(payments::order_id.eq_any(order_ids))
-            .select(payments::order_id)
-            .for_update(),
-    )
-    .load::<Uuid>(conn)
-    .await?
-    .into_iter()
-    .map(OrderId::from)
-    .collect())
+    Ok(payments::table
+        .filter(payments::order_id.eq_any(order_ids))
+        .select(payments::order_id)
+        .load::<Uuid>(conn)
+        .await?
+        .into_iter()
+        .map(OrderId::from)
+        .collect())
 }
 
-/// The balances of these wallets, locked in id order, so that concurrent
-/// transactions never deadlock.
-pub(crate) async fn lock_balances(
+/// The balances of these wallets (read without a lock, see
+/// [`WRITE_DEBITS`]).
+pub(crate) async fn balances(
     conn: &mut AsyncPgConnection,
     user_ids: &[Uuid],
 ) -> QueryResult<HashMap<UserId, i64>> {
-    Ok(KeepPrepared(
-        accounts::table
-            .filter(accounts::user_id.eq_any(user_ids))
-            .order(accounts::user_id)
-            .select((accounts::user_id, accounts::balance_cents))
-            .for_update(),
-    )
-    .load::<(Uuid, i64)>(conn)
-    .await?
-    .into_iter()
-    .map(|(user_id, balance)| (UserId::from(user_id), balance))
-    .collect())
+    Ok(accounts::table
+        .filter(accounts::user_id.eq_any(user_ids))
+        .select((accounts::user_id, accounts::balance_cents))
+        .load::<(Uuid, i64)>(conn)
+        .await?
+        .into_iter()
+        .map(|(user_id, balance)| (UserId::from(user_id), balance))
+        .collect())
 }
 
 /// Payments to insert, column by column.
@@ -178,34 +173,59 @@ pub(crate) struct NewPayments {
     pub(crate) reasons: Vec<String>,
 }
 
-/// Wallets debited (`$1`, `$2`: user, amount) and the payments decided
-/// (`$3`..`$7`: order, user, amount, status, reason).
+/// Wallets debited, column by column, in user order: each one's balance as
+/// it was read and as it is to be.
+#[derive(Debug, Default)]
+pub(crate) struct Debited {
+    pub(crate) user_ids: Vec<Uuid>,
+    pub(crate) read: Vec<i64>,
+    pub(crate) balances: Vec<i64>,
+}
+
+/// Step 3's one statement, which commits by itself: the wallets debited
+/// (`$1`..`$3`: user, balance read, new balance) if their balances are
+/// still those read, the payments decided (`$4`..`$8`: order, user, amount,
+/// status, reason) if none was decided meanwhile, else a serialization
+/// failure and nothing written; with the events' inbox rows (`$9`, `$10`)
+/// and the events they emit (`$11`).
 pub(crate) const WRITE_DEBITS: &str = "\
 WITH debited AS (
-    UPDATE accounts SET balance_cents = balance_cents - debit.amount
-    FROM unnest($1::uuid[], $2::bigint[]) AS debit (user_id, amount)
-    WHERE accounts.user_id = debit.user_id)
-INSERT INTO payments (order_id, user_id, amount_cents, status, reason)
-SELECT * FROM unnest($3::uuid[], $4::uuid[], $5::bigint[], $6::text[], $7::text[])";
+    UPDATE accounts SET balance_cents = debit.balance
+    FROM unnest($1::uuid[], $2::bigint[], $3::bigint[]) AS debit (user_id, read, balance)
+    WHERE accounts.user_id = debit.user_id AND accounts.balance_cents = debit.read
+    RETURNING 1),
+decided AS (
+    INSERT INTO payments (order_id, user_id, amount_cents, status, reason)
+    SELECT * FROM unnest($4::uuid[], $5::uuid[], $6::bigint[], $7::text[], $8::text[])
+    ON CONFLICT (order_id) DO NOTHING
+    RETURNING 1),
+checked AS (
+    SELECT stale_unless(
+        (SELECT count(*) FROM debited) = cardinality($1::uuid[])
+        AND (SELECT count(*) FROM decided) = cardinality($4::uuid[]),
+        'wallets or payments changed since they were read'))
+SELECT count(*) FROM checked, inbox_write($9, $10::uuid[]), outbox_write($11::jsonb)";
 
-/// Debits the wallets (`debited`: amount by user) and inserts the payments,
-/// in one statement.
+/// Writes step 3's decisions in [`WRITE_DEBITS`], carrying `carried`.
 pub(crate) async fn write_debits(
     conn: &mut AsyncPgConnection,
-    debited: &HashMap<UserId, i64>,
+    debited: &Debited,
     payments: &NewPayments,
+    carried: &Carried,
 ) -> QueryResult<usize> {
-    let (users, amounts): (Vec<Uuid>, Vec<i64>) =
-        debited.iter().map(|(u, a)| (u.get(), *a)).unzip();
     KeepPrepared(
         diesel::sql_query(WRITE_DEBITS)
-            .bind::<Array<SqlUuid>, _>(&users)
-            .bind::<Array<BigInt>, _>(&amounts)
+            .bind::<Array<SqlUuid>, _>(&debited.user_ids)
+            .bind::<Array<BigInt>, _>(&debited.read)
+            .bind::<Array<BigInt>, _>(&debited.balances)
             .bind::<Array<SqlUuid>, _>(&payments.order_ids)
             .bind::<Array<SqlUuid>, _>(&payments.user_ids)
             .bind::<Array<BigInt>, _>(&payments.amounts)
             .bind::<Array<Text>, _>(&payments.statuses)
-            .bind::<Array<Text>, _>(&payments.reasons),
+            .bind::<Array<Text>, _>(&payments.reasons)
+            .bind::<Text, _>(carried.consumer())
+            .bind::<Array<SqlUuid>, _>(carried.event_ids())
+            .bind::<Text, _>(carried.events_json()),
     )
     .execute(conn)
     .await

@@ -252,6 +252,16 @@ pub struct Carried {
 }
 
 impl Carried {
+    /// Nothing to carry: no inbox row, no event. For a one-statement
+    /// handler's write run outside a consumer (a test of the step, a tool).
+    pub fn nothing() -> Self {
+        Self {
+            consumer: String::new(),
+            ids: Vec::new(),
+            events: "[]".into(),
+        }
+    }
+
     /// `inbox_write`'s first argument.
     pub fn consumer(&self) -> &str {
         &self.consumer
