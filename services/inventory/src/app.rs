@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use diesel_async::AsyncPgConnection;
 use shop_db::PgPool;
-use shop_messaging::HandlerError;
+use shop_messaging::{Carried, HandlerError};
 use shop_service::{ApiError, Caller, is_unique_violation, limits, step_failed, unknown_stored};
 use uuid::Uuid;
 
@@ -106,15 +106,34 @@ impl Catalogue {
     }
 }
 
+/// Saga step 2 for several orders, decided: what [`reserve`] found and
+/// what [`write_reservations`] writes.
+#[derive(Debug)]
+pub(crate) struct Reservations {
+    /// One per order, in the order given.
+    pub(crate) decisions: Vec<Reservation>,
+    taken: store::Taken,
+    reservations: NewReservations,
+    lines: NewLines,
+}
+
+impl Reservations {
+    /// Whether the decisions change anything.
+    pub(crate) fn change(&self) -> bool {
+        !self.reservations.order_ids.is_empty()
+    }
+}
+
 /// Saga step 2 for several orders, one after another in the order given,
-/// as [`domain::reserve_in_turn`] decides. A few statements whatever the
-/// number of orders.
+/// as [`domain::reserve_in_turn`] decides on the products and reservations
+/// as read (without locks): [`write_reservations`] writes it only if they
+/// are still as read.
 pub(crate) async fn reserve(
     conn: &mut AsyncPgConnection,
     orders: &[Placed],
-) -> Result<Vec<Reservation>, HandlerError> {
+) -> Result<Reservations, HandlerError> {
     let order_ids: Vec<Uuid> = orders.iter().map(|order| order.order_id.get()).collect();
-    let mut decided = store::lock_decided(conn, &order_ids).await?;
+    let mut decided = store::decided(conn, &order_ids).await?;
     let mut skus: Vec<&str> = orders
         .iter()
         .flat_map(|order| &order.items)
@@ -122,7 +141,11 @@ pub(crate) async fn reserve(
         .collect();
     skus.sort_unstable();
     skus.dedup();
-    let mut stock = store::lock_stock(conn, &skus).await?;
+    let mut stock = store::stock(conn, &skus).await?;
+    let read: BTreeMap<String, i64> = stock
+        .iter()
+        .map(|(sku, product)| (sku.clone(), product.available))
+        .collect();
     let decisions = domain::reserve_in_turn(orders, &mut decided, &mut stock);
     let mut taken: BTreeMap<String, i64> = BTreeMap::new();
     let mut reservations = NewReservations::default();
@@ -158,20 +181,49 @@ pub(crate) async fn reserve(
             Reservation::AlreadyDecided => {}
         }
     }
-    if !reservations.order_ids.is_empty() {
-        store::write_reservations(conn, &taken, &reservations, &lines).await?;
+    // In SKU order, the order every writer takes the products in.
+    let mut moved = store::Taken::default();
+    for (sku, quantity) in taken {
+        let was = read.get(&sku).copied().unwrap_or_default();
+        moved.skus.push(sku);
+        moved.quantities.push(quantity);
+        moved.read.push(was);
     }
-    Ok(decisions)
+    Ok(Reservations {
+        decisions,
+        taken: moved,
+        reservations,
+        lines,
+    })
 }
 
-/// Saga step 5 for several confirmed orders: their reserved units become
-/// sold, as [`domain::sell`] decides, in a few statements whatever their
-/// number.
+/// Writes what [`reserve`] decided, with what the step carries, in one
+/// statement; a serialization failure if a product or a reservation changed
+/// since it was read.
+pub(crate) async fn write_reservations(
+    conn: &mut AsyncPgConnection,
+    decided: &Reservations,
+    carried: &Carried,
+) -> Result<(), HandlerError> {
+    store::write_reservations(
+        conn,
+        &decided.taken,
+        &decided.reservations,
+        &decided.lines,
+        carried,
+    )
+    .await?;
+    Ok(())
+}
+
+/// Saga step 5 for several confirmed orders, decided on their reservations
+/// as read (without locks): the orders whose reserved units become sold,
+/// each once, as [`domain::sell`] decides; [`write_sales`] writes it.
 pub(crate) async fn sell(
     conn: &mut AsyncPgConnection,
     order_ids: &[Uuid],
-) -> Result<(), HandlerError> {
-    let statuses = store::lock_statuses(conn, order_ids).await?;
+) -> Result<Vec<Uuid>, HandlerError> {
+    let statuses = store::statuses(conn, order_ids).await?;
     let mut to_sell = Vec::new();
     for &order_id in order_ids {
         let status = statuses
@@ -185,9 +237,17 @@ pub(crate) async fn sell(
             to_sell.push(order_id);
         }
     }
-    if !to_sell.is_empty() {
-        store::sell(conn, &to_sell).await?;
-    }
+    Ok(to_sell)
+}
+
+/// Writes what [`sell`] decided, with what the step carries, in one
+/// statement; a serialization failure if a reservation is no longer held.
+pub(crate) async fn write_sales(
+    conn: &mut AsyncPgConnection,
+    to_sell: &[Uuid],
+    carried: &Carried,
+) -> Result<(), HandlerError> {
+    store::sell(conn, to_sell, carried).await?;
     Ok(())
 }
 
@@ -242,6 +302,30 @@ mod tests {
 
     use crate::schema::{products, reservations};
 
+    /// Step 2 as its handler runs it, carrying nothing.
+    async fn reserve_and_write(
+        conn: &mut AsyncPgConnection,
+        orders: &[Placed],
+    ) -> Result<Vec<Reservation>, HandlerError> {
+        let decided = reserve(conn, orders).await?;
+        if decided.change() {
+            write_reservations(conn, &decided, &Carried::nothing()).await?;
+        }
+        Ok(decided.decisions)
+    }
+
+    /// Step 5 as its handler runs it, carrying nothing.
+    async fn sell_and_write(
+        conn: &mut AsyncPgConnection,
+        order_ids: &[Uuid],
+    ) -> Result<(), HandlerError> {
+        let to_sell = sell(conn, order_ids).await?;
+        if !to_sell.is_empty() {
+            write_sales(conn, &to_sell, &Carried::nothing()).await?;
+        }
+        Ok(())
+    }
+
     fn order(sku: &str, quantity: i64) -> Placed {
         Placed {
             order_id: Uuid::now_v7().into(),
@@ -257,6 +341,89 @@ mod tests {
             .get_result(conn)
             .await
             .unwrap()
+    }
+
+    fn is_stale(error: &HandlerError) -> bool {
+        matches!(
+            error,
+            HandlerError::Retryable(source) if matches!(
+                source.downcast_ref::<diesel::result::Error>(),
+                Some(diesel::result::Error::DatabaseError(
+                    diesel::result::DatabaseErrorKind::SerializationFailure,
+                    _
+                ))
+            )
+        )
+    }
+
+    /// Steps 2 and 5 read without locks: a decision whose products or
+    /// reservations changed before its statement ran is refused whole, as a
+    /// serialization failure (the consumer reads and decides again).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_step_decided_on_what_changed_since_writes_nothing() {
+        let postgres = TestPostgres::start().await;
+        let url = postgres.create_database("inventory").await;
+        shop_db::migrate(&url, vec![shop_messaging::MIGRATIONS, crate::MIGRATIONS])
+            .await
+            .unwrap();
+        let mut conn = AsyncPgConnection::establish(&url).await.unwrap();
+        let admin = Caller::new("admin", vec![shop_service::roles::ADMIN.into()]);
+        let catalogue = Catalogue::new(shop_db::pool(&url, 1).unwrap());
+        catalogue
+            .create_product(&admin, "LAMP", "Lamp", 1999, 3)
+            .await
+            .unwrap();
+        let reservation_count = async |conn: &mut AsyncPgConnection| -> i64 {
+            reservations::table.count().get_result(conn).await.unwrap()
+        };
+
+        // Stock came in between the read and the write.
+        let placed = order("LAMP", 2);
+        let decided = reserve(&mut conn, std::slice::from_ref(&placed))
+            .await
+            .unwrap();
+        catalogue.add_stock(&admin, "LAMP", 1).await.unwrap();
+        let error = write_reservations(&mut conn, &decided, &Carried::nothing())
+            .await
+            .unwrap_err();
+        assert!(is_stale(&error), "{error}");
+        assert_eq!(lamp(&mut conn).await, (4, 0, 0));
+        assert_eq!(reservation_count(&mut conn).await, 0);
+
+        // The order was decided meanwhile (a tombstone, another replica).
+        let decided = reserve(&mut conn, std::slice::from_ref(&placed))
+            .await
+            .unwrap();
+        store::insert_reservation(
+            &mut conn,
+            placed.order_id.get(),
+            placed.user_id.get(),
+            Status::Cancelled,
+            "cancelled before it was seen",
+        )
+        .await
+        .unwrap();
+        let error = write_reservations(&mut conn, &decided, &Carried::nothing())
+            .await
+            .unwrap_err();
+        assert!(is_stale(&error), "{error}");
+        assert_eq!(lamp(&mut conn).await, (4, 0, 0));
+        assert_eq!(reservation_count(&mut conn).await, 1);
+
+        // A sale whose reservation was released meanwhile.
+        let held = order("LAMP", 1);
+        reserve_and_write(&mut conn, std::slice::from_ref(&held))
+            .await
+            .unwrap();
+        let to_sell = sell(&mut conn, &[held.order_id.get()]).await.unwrap();
+        release(&mut conn, held.order_id.get(), held.user_id.get())
+            .await
+            .unwrap();
+        let error = write_sales(&mut conn, &to_sell, &Carried::nothing())
+            .await
+            .unwrap_err();
+        assert!(is_stale(&error), "{error}");
+        assert_eq!(lamp(&mut conn).await, (4, 0, 0));
     }
 
     /// Several orders in one call decide as they would one after another:
@@ -289,7 +456,7 @@ mod tests {
         };
         let unknown = order("NOPE", 1);
         let orders = [first, too_many, last, again, unknown];
-        let decisions = reserve(&mut conn, &orders).await.unwrap();
+        let decisions = reserve_and_write(&mut conn, &orders).await.unwrap();
         let summary: Vec<String> = decisions
             .iter()
             .map(|decision| match decision {
@@ -310,7 +477,7 @@ mod tests {
         );
         assert_eq!(lamp(&mut conn).await, (0, 3, 0));
         // A redelivery of the whole batch decides nothing new.
-        let decisions = reserve(&mut conn, &orders).await.unwrap();
+        let decisions = reserve_and_write(&mut conn, &orders).await.unwrap();
         assert!(
             decisions
                 .iter()
@@ -318,13 +485,13 @@ mod tests {
         );
 
         let sold = [orders[0].order_id, orders[2].order_id, orders[0].order_id].map(OrderId::get);
-        sell(&mut conn, &sold).await.unwrap();
+        sell_and_write(&mut conn, &sold).await.unwrap();
         assert_eq!(lamp(&mut conn).await, (0, 0, 3));
         // Sold already: nothing moves again.
-        sell(&mut conn, &sold).await.unwrap();
+        sell_and_write(&mut conn, &sold).await.unwrap();
         assert_eq!(lamp(&mut conn).await, (0, 0, 3));
         // A rejected order cannot be sold, and the call changes nothing.
-        let error = sell(&mut conn, &[orders[1].order_id.get()])
+        let error = sell_and_write(&mut conn, &[orders[1].order_id.get()])
             .await
             .unwrap_err();
         assert!(

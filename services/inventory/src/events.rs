@@ -10,7 +10,7 @@ use diesel::QueryResult;
 use diesel_async::AsyncPgConnection;
 use shop_messaging::consumer::uuid_field as id;
 use shop_messaging::{
-    Batch, BatchHandler, Context, Handler, HandlerError, LockNames, Route, Router,
+    Context, Handler, HandlerError, LockNames, Route, Router, Statement, StatementHandler,
 };
 use shop_proto::Event;
 use shop_proto::inventory::v1::{
@@ -28,13 +28,14 @@ pub(crate) struct HandlerState;
 
 /// The routes for events on the `ORDER` stream.
 ///
-/// Every step changes the counts of the products it touches; each names
-/// those products, so that batches lock them in one order (see
-/// [`Route::locking`]).
+/// Reservations and sales read the products and reservations without
+/// locks and write them once, if unchanged (see
+/// [`Route::in_one_statement`]). Releases name the products they give
+/// back, so that they lock them in one order (see [`Route::locking`]).
 pub(crate) fn order_events() -> Router<HandlerState> {
     Router::new()
-        .on::<OrderPlaced>(Route::batched().locking())
-        .on::<OrderConfirmed>(Route::batched().locking())
+        .on::<OrderPlaced>(Route::in_one_statement())
+        .on::<OrderConfirmed>(Route::in_one_statement())
         .on::<OrderCancelled>(Route::single().locking())
 }
 
@@ -47,30 +48,9 @@ fn product_lock(sku: &str) -> String {
     format!("product:{sku}")
 }
 
-/// The products an order asks for.
-impl LockNames<OrderPlaced> for HandlerState {
-    async fn lock_names(
-        &self,
-        _: &mut AsyncPgConnection,
-        events: Vec<&OrderPlaced>,
-    ) -> QueryResult<Vec<String>> {
-        Ok(events
-            .iter()
-            .flat_map(|event| &event.items)
-            .map(|item| product_lock(&item.sku))
-            .collect())
-    }
-}
-
 /// The events that end a reservation, named by its order.
 trait EndsReservation {
     fn order_id(&self) -> &str;
-}
-
-impl EndsReservation for OrderConfirmed {
-    fn order_id(&self) -> &str {
-        &self.order_id
-    }
 }
 
 impl EndsReservation for OrderCancelled {
@@ -113,11 +93,11 @@ fn to_proto(lines: &[Line]) -> Vec<ReservedLine> {
         .collect()
 }
 
-/// Reserves all of each order's lines, or none.
-impl BatchHandler<OrderPlaced> for HandlerState {
-    async fn handle_batch(
+/// Reserves all of each order's lines, or none, in one statement.
+impl StatementHandler<OrderPlaced> for HandlerState {
+    async fn handle_in_statement(
         &self,
-        batch: &mut Batch<'_>,
+        step: &mut Statement<'_>,
         events: Vec<OrderPlaced>,
     ) -> Result<(), HandlerError> {
         let orders = events
@@ -134,46 +114,55 @@ impl BatchHandler<OrderPlaced> for HandlerState {
                 })
             })
             .collect::<Result<Vec<_>, HandlerError>>()?;
-        let decisions = app::reserve(batch.conn(), &orders).await?;
-        for (index, (event, decision)) in events.into_iter().zip(decisions).enumerate() {
+        let decided = app::reserve(step.conn(), &orders).await?;
+        if !decided.change() {
+            return Ok(());
+        }
+        for (index, (event, decision)) in events.into_iter().zip(&decided.decisions).enumerate() {
             match decision {
-                Reservation::Reserved { lines, total_cents } => batch.emit(
+                Reservation::Reserved { lines, total_cents } => step.emit(
                     index,
                     &InventoryReserved {
                         order_id: event.order_id,
                         user_id: event.user_id,
-                        total_cents,
-                        lines: to_proto(&lines),
+                        total_cents: *total_cents,
+                        lines: to_proto(lines),
                     },
                 ),
-                Reservation::Rejected { sku, reason } => batch.emit(
+                Reservation::Rejected { sku, reason } => step.emit(
                     index,
                     &InventoryRejected {
                         order_id: event.order_id,
                         user_id: event.user_id,
-                        reason,
-                        sku,
+                        reason: reason.clone(),
+                        sku: sku.clone(),
                     },
                 ),
                 Reservation::AlreadyDecided => {}
             }
         }
-        Ok(())
+        let carried = step.carry();
+        app::write_reservations(step.conn(), &decided, &carried).await
     }
 }
 
-/// Reserved -> sold.
-impl BatchHandler<OrderConfirmed> for HandlerState {
-    async fn handle_batch(
+/// Reserved -> sold, in one statement.
+impl StatementHandler<OrderConfirmed> for HandlerState {
+    async fn handle_in_statement(
         &self,
-        batch: &mut Batch<'_>,
+        step: &mut Statement<'_>,
         events: Vec<OrderConfirmed>,
     ) -> Result<(), HandlerError> {
         let order_ids = events
             .iter()
             .map(|event| id("order_id", &event.order_id))
             .collect::<Result<Vec<_>, _>>()?;
-        app::sell(batch.conn(), &order_ids).await
+        let to_sell = app::sell(step.conn(), &order_ids).await?;
+        if to_sell.is_empty() {
+            return Ok(());
+        }
+        let carried = step.carry();
+        app::write_sales(step.conn(), &to_sell, &carried).await
     }
 }
 

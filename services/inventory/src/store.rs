@@ -9,6 +9,7 @@ use diesel::sql_types::{Array, BigInt, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use shop_db::KeepPrepared;
 use shop_domain::{OrderId, limits};
+use shop_messaging::Carried;
 use uuid::Uuid;
 
 use crate::domain::{Line, NewProduct, Status, Stock};
@@ -107,50 +108,44 @@ pub(crate) async fn products_after(
     query.load(conn).await
 }
 
-/// Which of these orders have a reservation row, locked.
-pub(crate) async fn lock_decided(
+/// Which of these orders have a reservation row (read without a lock: the
+/// step's statement checks it still holds, see [`WRITE_RESERVATIONS`]).
+pub(crate) async fn decided(
     conn: &mut AsyncPgConnection,
     order_ids: &[Uuid],
 ) -> QueryResult<HashSet<OrderId>> {
-    Ok(KeepPrepared(
-        reservations::table
-            .filter(reservations::order_id.eq_any(order_ids))
-            .select(reservations::order_id)
-            .for_update(),
-    )
-    .load::<Uuid>(conn)
-    .await?
-    .into_iter()
-    .map(OrderId::from)
-    .collect())
+    Ok(reservations::table
+        .filter(reservations::order_id.eq_any(order_ids))
+        .select(reservations::order_id)
+        .load::<Uuid>(conn)
+        .await?
+        .into_iter()
+        .map(OrderId::from)
+        .collect())
 }
 
-/// The price and units available of these products, locked in SKU order,
-/// so that concurrent transactions never deadlock.
-pub(crate) async fn lock_stock(
+/// The price and units available of these products (read without a lock,
+/// see [`WRITE_RESERVATIONS`]).
+pub(crate) async fn stock(
     conn: &mut AsyncPgConnection,
     skus: &[&str],
 ) -> QueryResult<HashMap<String, Stock>> {
-    Ok(KeepPrepared(
-        products::table
-            .filter(products::sku.eq_any(skus))
-            .order(products::sku)
-            .select((products::sku, products::price_cents, products::available))
-            .for_update(),
-    )
-    .load::<(String, i64, i64)>(conn)
-    .await?
-    .into_iter()
-    .map(|(sku, price_cents, available)| {
-        (
-            sku,
-            Stock {
-                price_cents,
-                available,
-            },
-        )
-    })
-    .collect())
+    Ok(products::table
+        .filter(products::sku.eq_any(skus))
+        .select((products::sku, products::price_cents, products::available))
+        .load::<(String, i64, i64)>(conn)
+        .await?
+        .into_iter()
+        .map(|(sku, price_cents, available)| {
+            (
+                sku,
+                Stock {
+                    price_cents,
+                    available,
+                },
+            )
+        })
+        .collect())
 }
 
 /// Reservations to insert, column by column.
@@ -196,31 +191,54 @@ pub(crate) const WRITE_RESERVATIONS: &str = "\
 WITH moved AS (
     UPDATE products SET available = available - moved.quantity,
                         reserved = reserved + moved.quantity
-    FROM unnest($1::text[], $2::bigint[]) AS moved (sku, quantity)
-    WHERE products.sku = moved.sku),
+    FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS moved (sku, quantity, read)
+    WHERE products.sku = moved.sku AND products.available = moved.read
+    RETURNING 1),
 decided AS (
     INSERT INTO reservations (order_id, user_id, status, total_cents, reason)
-    SELECT * FROM unnest($3::uuid[], $4::uuid[], $5::text[], $6::bigint[], $7::text[]))
-INSERT INTO reservation_lines (order_id, sku, quantity, unit_price_cents)
-SELECT * FROM unnest($8::uuid[], $9::text[], $10::bigint[], $11::bigint[])";
+    SELECT * FROM unnest($4::uuid[], $5::uuid[], $6::text[], $7::bigint[], $8::text[])
+    ON CONFLICT (order_id) DO NOTHING
+    RETURNING order_id),
+lines AS (
+    INSERT INTO reservation_lines (order_id, sku, quantity, unit_price_cents)
+    SELECT line.* FROM unnest($9::uuid[], $10::text[], $11::bigint[], $12::bigint[])
+        AS line (order_id, sku, quantity, unit_price_cents)
+    JOIN decided USING (order_id)
+    RETURNING 1),
+checked AS (
+    SELECT stale_unless(
+        (SELECT count(*) FROM moved) = cardinality($1::text[])
+        AND (SELECT count(*) FROM decided) = cardinality($4::uuid[]),
+        'products or reservations changed since they were read'))
+SELECT count(*) FROM checked, (SELECT count(*) FROM lines) AS lines,
+    inbox_write($13, $14::uuid[]), outbox_write($15::jsonb)";
 
-/// Moves `taken` (units by SKU) from available to reserved and inserts the
-/// reservations and their lines, in one statement (the lines' reference to
-/// their reservation is checked at its end).
+/// Units taken by SKU, in SKU order: how many, and how many were available
+/// when read.
+#[derive(Debug, Default)]
+pub(crate) struct Taken {
+    pub(crate) skus: Vec<String>,
+    pub(crate) quantities: Vec<i64>,
+    pub(crate) read: Vec<i64>,
+}
+
+/// Step 2's one statement, which commits by itself: moves `taken` from
+/// available to reserved if the products still have the units read, and
+/// inserts the reservations, if none was decided meanwhile, and their lines
+/// (whose reference to their reservation is checked at its end); else a
+/// serialization failure and nothing written. Carries `carried`.
 pub(crate) async fn write_reservations(
     conn: &mut AsyncPgConnection,
-    taken: &BTreeMap<String, i64>,
+    taken: &Taken,
     reservations: &NewReservations,
     lines: &NewLines,
+    carried: &Carried,
 ) -> QueryResult<usize> {
-    let (skus, units): (Vec<&str>, Vec<i64>) = taken
-        .iter()
-        .map(|(sku, units)| (sku.as_str(), *units))
-        .unzip();
     KeepPrepared(
         diesel::sql_query(WRITE_RESERVATIONS)
-            .bind::<Array<Text>, _>(&skus)
-            .bind::<Array<BigInt>, _>(&units)
+            .bind::<Array<Text>, _>(&taken.skus)
+            .bind::<Array<BigInt>, _>(&taken.quantities)
+            .bind::<Array<BigInt>, _>(&taken.read)
             .bind::<Array<SqlUuid>, _>(&reservations.order_ids)
             .bind::<Array<SqlUuid>, _>(&reservations.user_ids)
             .bind::<Array<Text>, _>(&reservations.statuses)
@@ -229,7 +247,10 @@ pub(crate) async fn write_reservations(
             .bind::<Array<SqlUuid>, _>(&lines.order_ids)
             .bind::<Array<Text>, _>(&lines.skus)
             .bind::<Array<BigInt>, _>(&lines.quantities)
-            .bind::<Array<BigInt>, _>(&lines.unit_prices),
+            .bind::<Array<BigInt>, _>(&lines.unit_prices)
+            .bind::<Text, _>(carried.consumer())
+            .bind::<Array<SqlUuid>, _>(carried.event_ids())
+            .bind::<Text, _>(carried.events_json()),
     )
     .execute(conn)
     .await
@@ -296,21 +317,19 @@ pub(crate) async fn lock_status(
         .optional()
 }
 
-/// The reservation statuses of these orders as stored, locked.
-pub(crate) async fn lock_statuses(
+/// The reservation statuses of these orders as stored (read without a
+/// lock, see [`SELL`]).
+pub(crate) async fn statuses(
     conn: &mut AsyncPgConnection,
     order_ids: &[Uuid],
 ) -> QueryResult<HashMap<Uuid, String>> {
-    Ok(KeepPrepared(
-        reservations::table
-            .filter(reservations::order_id.eq_any(order_ids))
-            .select((reservations::order_id, reservations::status))
-            .for_update(),
-    )
-    .load::<(Uuid, String)>(conn)
-    .await?
-    .into_iter()
-    .collect())
+    Ok(reservations::table
+        .filter(reservations::order_id.eq_any(order_ids))
+        .select((reservations::order_id, reservations::status))
+        .load::<(Uuid, String)>(conn)
+        .await?
+        .into_iter()
+        .collect())
 }
 
 /// The SKUs of the orders' reservation lines, read without locking.
@@ -372,24 +391,41 @@ pub(crate) async fn set_status(
 pub(crate) const SELL: &str = "\
 WITH sold_orders AS (
     UPDATE reservations SET status = $2, updated_at = now()
-    WHERE order_id = ANY($1)
+    WHERE order_id = ANY($1) AND status = $3
     RETURNING order_id),
 moved AS (
     SELECT line.sku, sum(line.quantity)::bigint AS quantity
     FROM reservation_lines AS line JOIN sold_orders USING (order_id)
-    GROUP BY line.sku)
-UPDATE products SET reserved = reserved - moved.quantity,
-                    sold = sold + moved.quantity
-FROM moved
-WHERE products.sku = moved.sku";
+    GROUP BY line.sku),
+sold AS (
+    UPDATE products SET reserved = reserved - moved.quantity,
+                        sold = sold + moved.quantity
+    FROM moved
+    WHERE products.sku = moved.sku
+    RETURNING 1),
+checked AS (
+    SELECT stale_unless((SELECT count(*) FROM sold_orders) = cardinality($1::uuid[]),
+                        'reservations changed since they were read'))
+SELECT count(*) FROM checked, (SELECT count(*) FROM sold) AS sold,
+    inbox_write($4, $5::uuid[]), outbox_write($6::jsonb)";
 
-/// Marks these reservations sold and moves their lines' units from
-/// reserved to sold, in one statement.
-pub(crate) async fn sell(conn: &mut AsyncPgConnection, order_ids: &[Uuid]) -> QueryResult<usize> {
+/// Step 5's one statement, which commits by itself: marks these
+/// reservations (each once) sold if they are all still held, and moves
+/// their lines' units from reserved to sold; else a serialization failure
+/// and nothing written. Carries `carried`.
+pub(crate) async fn sell(
+    conn: &mut AsyncPgConnection,
+    order_ids: &[Uuid],
+    carried: &Carried,
+) -> QueryResult<usize> {
     KeepPrepared(
         diesel::sql_query(SELL)
             .bind::<Array<SqlUuid>, _>(order_ids)
-            .bind::<Text, _>(Status::Sold.as_str()),
+            .bind::<Text, _>(Status::Sold.as_str())
+            .bind::<Text, _>(Status::Reserved.as_str())
+            .bind::<Text, _>(carried.consumer())
+            .bind::<Array<SqlUuid>, _>(carried.event_ids())
+            .bind::<Text, _>(carried.events_json()),
     )
     .execute(conn)
     .await
