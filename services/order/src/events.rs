@@ -8,7 +8,7 @@
 //! | `inventory.rejected`, `payment.failed` | CANCELLED with the reason | `order.cancelled` |
 
 use shop_messaging::consumer::uuid_field as id;
-use shop_messaging::{Batch, BatchHandler, Context, Handler, HandlerError, Route, Router};
+use shop_messaging::{Context, Handler, HandlerError, Route, Router, Statement, StatementHandler};
 use shop_proto::Event;
 use shop_proto::inventory::v1::{InventoryRejected, InventoryReserved};
 use shop_proto::payment::v1::{PaymentCompleted, PaymentFailed};
@@ -28,16 +28,18 @@ pub(crate) fn user_events() -> Router<HandlerState> {
     Router::new().on::<UserCreated>(Route::single())
 }
 
+/// The saga's steps read their orders without locks and write them once,
+/// if unchanged (see [`Route::in_one_statement`]).
 pub(crate) fn inventory_events() -> Router<HandlerState> {
     Router::new()
-        .on::<InventoryReserved>(Route::batched())
-        .on::<InventoryRejected>(Route::batched())
+        .on::<InventoryReserved>(Route::in_one_statement())
+        .on::<InventoryRejected>(Route::in_one_statement())
 }
 
 pub(crate) fn payment_events() -> Router<HandlerState> {
     Router::new()
-        .on::<PaymentCompleted>(Route::batched())
-        .on::<PaymentFailed>(Route::batched())
+        .on::<PaymentCompleted>(Route::in_one_statement())
+        .on::<PaymentFailed>(Route::in_one_statement())
 }
 
 /// Remembers the user, so that orders can be checked against it.
@@ -81,26 +83,22 @@ impl SagaStep for PaymentFailed {
     }
 }
 
-impl<E: Event + SagaStep> BatchHandler<E> for HandlerState {
-    async fn handle_batch(
+impl<E: Event + SagaStep> StatementHandler<E> for HandlerState {
+    async fn handle_in_statement(
         &self,
-        batch: &mut Batch<'_>,
+        step: &mut Statement<'_>,
         events: Vec<E>,
     ) -> Result<(), HandlerError> {
-        advance(
-            self,
-            batch,
-            events.into_iter().map(SagaStep::step).collect(),
-        )
-        .await
+        advance(self, step, events.into_iter().map(SagaStep::step).collect()).await
     }
 }
 
 /// Moves the batch's orders by its events (order id, saga event, total),
-/// emits what the moves emit, and counts the sagas that ended.
+/// emits what the moves emit, and counts the sagas that ended, in one
+/// statement.
 async fn advance(
     h: &HandlerState,
-    batch: &mut Batch<'_>,
+    step: &mut Statement<'_>,
     events: Vec<(String, SagaEvent, Option<i64>)>,
 ) -> Result<(), HandlerError> {
     let progress = events
@@ -111,21 +109,26 @@ async fn advance(
                 order_id: id("order_id", &order_id)?,
                 event,
                 total_cents,
-                subject: batch.envelope(index).subject.clone(),
+                subject: step.envelope(index).subject.clone(),
             })
         })
         .collect::<Result<Vec<_>, HandlerError>>()?;
-    let advanced = app::advance(batch.conn(), &progress).await?;
-    for (index, StepOutcome { emit, end }) in advanced.into_iter().enumerate() {
+    let mut advanced = app::advance(step.conn(), &progress).await?;
+    if !advanced.change() {
+        return Ok(());
+    }
+    let outcomes = std::mem::take(&mut advanced.outcomes);
+    for (index, StepOutcome { emit, end }) in outcomes.into_iter().enumerate() {
         match emit {
-            Some(EndEvent::Confirmed(event)) => batch.emit(index, &event),
-            Some(EndEvent::Cancelled(event)) => batch.emit(index, &event),
+            Some(EndEvent::Confirmed(event)) => step.emit(index, &event),
+            Some(EndEvent::Cancelled(event)) => step.emit(index, &event),
             None => {}
         }
         if let Some(end) = end {
             let metrics = h.metrics.clone();
-            batch.after_commit(move || metrics.ended(&end));
+            step.after_commit(move || metrics.ended(&end));
         }
     }
-    Ok(())
+    let carried = step.carry();
+    app::write_advance(step.conn(), &advanced, &carried).await
 }

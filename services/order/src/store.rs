@@ -11,6 +11,7 @@ use diesel::sql_types::{
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use shop_db::KeepPrepared;
+use shop_messaging::Carried;
 use shop_messaging::OutboxWrite;
 use uuid::Uuid;
 
@@ -352,47 +353,47 @@ pub(crate) struct SagaRow {
     pub(crate) placed_at: DateTime<Utc>,
 }
 
-/// These orders as their saga events need them, locked in id order
-/// (`order_ids` sorted), so that concurrent transactions never deadlock.
-pub(crate) async fn lock_orders(
+/// These orders as their saga events need them (read without a lock: the
+/// step's statement checks that what it changes is as read, see
+/// [`WRITE_MOVES`]).
+pub(crate) async fn saga_orders(
     conn: &mut AsyncPgConnection,
     order_ids: &[Uuid],
 ) -> QueryResult<Vec<SagaRow>> {
-    KeepPrepared(
-        orders::table
-            .filter(orders::order_id.eq_any(order_ids))
-            .order(orders::order_id)
-            .select((
-                orders::order_id,
-                orders::status,
-                orders::user_id,
-                orders::deadline,
-                orders::total_cents,
-                orders::created_at,
-            ))
-            .for_update(),
-    )
-    .load(conn)
-    .await
+    orders::table
+        .filter(orders::order_id.eq_any(order_ids))
+        .select((
+            orders::order_id,
+            orders::status,
+            orders::user_id,
+            orders::deadline,
+            orders::total_cents,
+            orders::created_at,
+        ))
+        .load(conn)
+        .await
 }
 
-/// The orders a batch of saga events changed, column by column.
+/// The orders a batch of saga events changed, column by column, in id
+/// order: each one's status and total as they are to be, and as read.
 #[derive(Debug, Default)]
-pub(crate) struct MovedOrders<'a> {
+pub(crate) struct MovedOrders {
     pub(crate) order_ids: Vec<Uuid>,
     pub(crate) statuses: Vec<&'static str>,
     pub(crate) totals: Vec<i64>,
-    pub(crate) cancel_reasons: Vec<Option<&'a str>>,
+    pub(crate) cancel_reasons: Vec<Option<String>>,
     /// Whether the status changed (and `updated_at` with it).
     pub(crate) moved: Vec<bool>,
+    pub(crate) read_statuses: Vec<&'static str>,
+    pub(crate) read_totals: Vec<i64>,
 }
 
 /// The steps a batch recorded, column by column, in the order recorded.
 #[derive(Debug, Default)]
-pub(crate) struct NewSteps<'a> {
+pub(crate) struct NewSteps {
     pub(crate) order_ids: Vec<Uuid>,
-    pub(crate) names: Vec<&'a str>,
-    pub(crate) details: Vec<&'a str>,
+    pub(crate) names: Vec<String>,
+    pub(crate) details: Vec<String>,
 }
 
 /// The orders a batch changed (`$1`..`$5`: id, status, total, cancel
@@ -404,21 +405,34 @@ WITH moved_orders AS (
                       total_cents = moved.total_cents,
                       cancel_reason = coalesce(moved.cancel_reason, orders.cancel_reason),
                       updated_at = CASE WHEN moved.moved THEN now() ELSE orders.updated_at END
-    FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::bool[])
-         AS moved (order_id, status, total_cents, cancel_reason, moved)
-    WHERE orders.order_id = moved.order_id)
-INSERT INTO order_steps (order_id, name, detail)
-SELECT step.order_id, step.name, step.detail
-FROM unnest($6::uuid[], $7::text[], $8::text[]) WITH ORDINALITY
-     AS step (order_id, name, detail, position)
-ORDER BY step.position";
+    FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::bool[],
+                $6::text[], $7::bigint[])
+         AS moved (order_id, status, total_cents, cancel_reason, moved, read_status, read_total)
+    WHERE orders.order_id = moved.order_id
+      AND orders.status = moved.read_status AND orders.total_cents = moved.read_total
+    RETURNING 1),
+checked AS (
+    SELECT stale_unless((SELECT count(*) FROM moved_orders) = cardinality($1::uuid[]),
+                        'orders changed since they were read')),
+steps AS (
+    INSERT INTO order_steps (order_id, name, detail)
+    SELECT step.order_id, step.name, step.detail
+    FROM unnest($8::uuid[], $9::text[], $10::text[]) WITH ORDINALITY
+         AS step (order_id, name, detail, position)
+    ORDER BY step.position
+    RETURNING 1)
+SELECT count(*) FROM checked, (SELECT count(*) FROM steps) AS steps,
+    inbox_write($11, $12::uuid[]), outbox_write($13::jsonb)";
 
-/// Writes the orders a batch changed and the steps it recorded (in this
-/// order), in one statement.
+/// The saga step's one statement, which commits by itself: writes the
+/// orders a batch changed, if each is still as read, and the steps it
+/// recorded (in this order); else a serialization failure and nothing
+/// written. Carries `carried`.
 pub(crate) async fn write_moves(
     conn: &mut AsyncPgConnection,
-    moved: &MovedOrders<'_>,
-    steps: &NewSteps<'_>,
+    moved: &MovedOrders,
+    steps: &NewSteps,
+    carried: &Carried,
 ) -> QueryResult<usize> {
     KeepPrepared(
         diesel::sql_query(WRITE_MOVES)
@@ -427,9 +441,14 @@ pub(crate) async fn write_moves(
             .bind::<Array<BigInt>, _>(&moved.totals)
             .bind::<Array<Nullable<Text>>, _>(&moved.cancel_reasons)
             .bind::<Array<Bool>, _>(&moved.moved)
+            .bind::<Array<Text>, _>(&moved.read_statuses)
+            .bind::<Array<BigInt>, _>(&moved.read_totals)
             .bind::<Array<SqlUuid>, _>(&steps.order_ids)
             .bind::<Array<Text>, _>(&steps.names)
-            .bind::<Array<Text>, _>(&steps.details),
+            .bind::<Array<Text>, _>(&steps.details)
+            .bind::<Text, _>(carried.consumer())
+            .bind::<Array<SqlUuid>, _>(carried.event_ids())
+            .bind::<Text, _>(carried.events_json()),
     )
     .execute(conn)
     .await

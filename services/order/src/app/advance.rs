@@ -1,10 +1,10 @@
 //! Steps 0', 4 and c1: what the saga's events do to their orders.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use diesel_async::AsyncPgConnection;
-use shop_messaging::HandlerError;
+use shop_messaging::{Carried, HandlerError};
 use shop_proto::order::v1::{OrderCancelled, OrderConfirmed};
 use shop_service::unknown_stored;
 use uuid::Uuid;
@@ -34,19 +34,41 @@ pub(crate) struct StepEvent {
 
 /// What an event did to its order: the event to emit and how the saga
 /// ended, if it ended.
+#[derive(Debug)]
 pub(crate) struct StepOutcome {
     pub(crate) emit: Option<EndEvent>,
     pub(crate) end: Option<SagaEnd>,
 }
 
 /// The event an order's move emits.
+#[derive(Debug)]
 pub(crate) enum EndEvent {
     Confirmed(OrderConfirmed),
     Cancelled(OrderCancelled),
 }
 
+/// What a batch of saga events decided: each event's outcome, and what
+/// [`write_advance`] writes.
+#[derive(Debug)]
+pub(crate) struct Advanced {
+    /// One per event, in the order given.
+    pub(crate) outcomes: Vec<StepOutcome>,
+    moved: MovedOrders,
+    steps: NewSteps,
+}
+
+impl Advanced {
+    /// Whether the decisions change anything.
+    pub(crate) fn change(&self) -> bool {
+        !self.moved.order_ids.is_empty() || !self.steps.order_ids.is_empty()
+    }
+}
+
 /// An order as a batch of events moves it.
 struct OrderState {
+    /// As read.
+    read_status: Status,
+    read_total: i64,
     status: Status,
     user_id: Uuid,
     deadline: DateTime<Utc>,
@@ -59,22 +81,26 @@ struct OrderState {
 }
 
 /// Steps 4, c1 and the bookkeeping of the others, for several events one
-/// after another in the order given: moves each order as
-/// [`domain::decide`] says and records the steps. A few statements whatever
-/// the number of events.
+/// after another in the order given, decided on the orders as read (without
+/// locks): moves each order as [`domain::decide`] says and records the
+/// steps; [`write_advance`] writes it only if the orders it changes are
+/// still as read.
 pub(crate) async fn advance(
     conn: &mut AsyncPgConnection,
     events: &[StepEvent],
-) -> Result<Vec<StepOutcome>, HandlerError> {
+) -> Result<Advanced, HandlerError> {
     let mut order_ids: Vec<Uuid> = events.iter().map(|event| event.order_id).collect();
     order_ids.sort_unstable();
     order_ids.dedup();
-    let mut orders = HashMap::new();
-    for row in store::lock_orders(conn, &order_ids).await? {
+    let mut orders = BTreeMap::new();
+    for row in store::saga_orders(conn, &order_ids).await? {
+        let status = Status::parse(&row.status).map_err(unknown_stored)?;
         orders.insert(
             row.order_id,
             OrderState {
-                status: Status::parse(&row.status).map_err(unknown_stored)?,
+                read_status: status,
+                read_total: row.total_cents,
+                status,
                 user_id: row.user_id,
                 deadline: row.deadline,
                 total_cents: row.total_cents,
@@ -86,7 +112,12 @@ pub(crate) async fn advance(
         );
     }
     let now = Utc::now();
-    let mut steps: Vec<(Uuid, String, String)> = Vec::new();
+    let mut new_steps = NewSteps::default();
+    let mut step = |order_id: Uuid, name: String, detail: String| {
+        new_steps.order_ids.push(order_id);
+        new_steps.names.push(name);
+        new_steps.details.push(detail);
+    };
     let mut advanced = Vec::with_capacity(events.len());
     for event in events {
         let order_id = event.order_id;
@@ -99,7 +130,7 @@ pub(crate) async fn advance(
             SagaEvent::Rejected(reason) | SagaEvent::PaymentFailed(reason) => reason.clone(),
             _ => String::new(),
         };
-        steps.push((order_id, event.subject.clone(), detail));
+        step(order_id, event.subject.clone(), detail);
         // The payment's amount, or the reservation's total, while it can
         // change.
         if let Some(total) = event
@@ -113,7 +144,7 @@ pub(crate) async fn advance(
             Decision::Record => (None, None),
             Decision::Confirm => {
                 order.status = Status::Confirmed;
-                steps.push((order_id, "order.confirmed".into(), String::new()));
+                step(order_id, "order.confirmed".into(), String::new());
                 let confirmed = OrderConfirmed {
                     order_id: order_id.to_string(),
                     user_id: order.user_id.to_string(),
@@ -129,7 +160,7 @@ pub(crate) async fn advance(
             Decision::Cancel(reason) => {
                 order.status = Status::Cancelled;
                 order.cancel_reason = Some(reason.clone());
-                steps.push((order_id, "order.cancelled".into(), reason.clone()));
+                step(order_id, "order.cancelled".into(), reason.clone());
                 let cancelled = OrderCancelled {
                     order_id: order_id.to_string(),
                     user_id: order.user_id.to_string(),
@@ -149,24 +180,32 @@ pub(crate) async fn advance(
         }
         advanced.push(StepOutcome { emit, end });
     }
-    let changed = orders.iter().filter(|(_, order)| order.changed);
+    // In id order, the order every writer takes the orders in.
     let mut moved = MovedOrders::default();
-    for (order_id, order) in changed {
-        moved.order_ids.push(*order_id);
+    for (order_id, order) in orders.into_iter().filter(|(_, order)| order.changed) {
+        moved.order_ids.push(order_id);
         moved.statuses.push(order.status.as_str());
         moved.totals.push(order.total_cents);
-        moved.cancel_reasons.push(order.cancel_reason.as_deref());
+        moved.cancel_reasons.push(order.cancel_reason);
         moved.moved.push(order.status_changed);
+        moved.read_statuses.push(order.read_status.as_str());
+        moved.read_totals.push(order.read_total);
     }
-    if moved.order_ids.is_empty() && steps.is_empty() {
-        return Ok(advanced);
-    }
-    let mut new_steps = NewSteps::default();
-    for (order_id, name, detail) in &steps {
-        new_steps.order_ids.push(*order_id);
-        new_steps.names.push(name);
-        new_steps.details.push(detail);
-    }
-    store::write_moves(conn, &moved, &new_steps).await?;
-    Ok(advanced)
+    Ok(Advanced {
+        outcomes: advanced,
+        moved,
+        steps: new_steps,
+    })
+}
+
+/// Writes what [`advance`] decided, with what the step carries, in one
+/// statement; a serialization failure if an order it changes changed since
+/// it was read.
+pub(crate) async fn write_advance(
+    conn: &mut AsyncPgConnection,
+    advanced: &Advanced,
+    carried: &Carried,
+) -> Result<(), HandlerError> {
+    store::write_moves(conn, &advanced.moved, &advanced.steps, carried).await?;
+    Ok(())
 }

@@ -23,7 +23,9 @@ use shop_messaging::Outbox;
 use shop_service::ApiError;
 use uuid::Uuid;
 
-pub(crate) use self::advance::{EndEvent, StepEvent, StepOutcome, advance, learn_user};
+pub(crate) use self::advance::{
+    EndEvent, StepEvent, StepOutcome, advance, learn_user, write_advance,
+};
 use crate::domain::Status;
 use crate::metrics::SagaMetrics;
 use crate::store::{OrderRow, Step};

@@ -8,7 +8,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{Nullable, Text};
 use diesel_async::RunQueryDsl;
 use shop_db::PgPool;
-use shop_messaging::{HandlerError, Outbox};
+use shop_messaging::{Carried, HandlerError, Outbox};
 use shop_service::{ApiError, Caller};
 use shop_test_support::TestPostgres;
 use uuid::Uuid;
@@ -36,6 +36,18 @@ fn step_event(order_id: Uuid, event: SagaEvent, total_cents: Option<i64>) -> Ste
         total_cents,
         subject: subject.into(),
     }
+}
+
+/// The saga step as its handler runs it, carrying nothing.
+async fn advance_and_write(
+    conn: &mut diesel_async::AsyncPgConnection,
+    events: &[StepEvent],
+) -> Result<Vec<StepOutcome>, HandlerError> {
+    let mut advanced = advance(conn, events).await?;
+    if advanced.change() {
+        write_advance(conn, &advanced, &Carried::nothing()).await?;
+    }
+    Ok(std::mem::take(&mut advanced.outcomes))
 }
 
 /// A migrated order database, its pool and the use cases on it.
@@ -82,7 +94,7 @@ async fn events_advanced_together_move_each_order_in_turn() {
         // Too late: the order is confirmed already.
         step_event(ann, SagaEvent::PaymentFailed("late".into()), None),
     ];
-    let advanced = advance(&mut conn, &events).await.unwrap();
+    let advanced = advance_and_write(&mut conn, &events).await.unwrap();
     let summary: Vec<String> = advanced
         .iter()
         .map(|advanced| match (&advanced.emit, &advanced.end) {
@@ -150,7 +162,7 @@ async fn events_advanced_together_move_each_order_in_turn() {
         ]
     );
     // An event for an order that does not exist fails the call.
-    let error = advance(
+    let error = advance_and_write(
         &mut conn,
         &[step_event(Uuid::now_v7(), SagaEvent::Reserved, None)],
     )
@@ -158,6 +170,57 @@ async fn events_advanced_together_move_each_order_in_turn() {
     .err()
     .unwrap();
     assert!(matches!(error, HandlerError::Permanent(_)), "{error}");
+}
+
+/// The saga step reads its orders without locks: a move whose order
+/// changed before its statement ran (the deadline, a cancellation) is
+/// refused whole, as a serialization failure (the consumer reads and
+/// decides again), and records no step.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_move_decided_on_an_order_changed_since_writes_nothing() {
+    let (_postgres, pool, orders) = order_database().await;
+    let mut conn = pool.get().await.unwrap();
+    let user_id = Uuid::now_v7();
+    learn_user(&mut conn, user_id).await.unwrap();
+    let placed = orders
+        .place_order(&admin(), user_id, &[("LAMP".to_owned(), 1)], "")
+        .await
+        .unwrap();
+    let decided = advance(
+        &mut conn,
+        &[step_event(
+            placed.order_id,
+            SagaEvent::PaymentCompleted,
+            Some(1999),
+        )],
+    )
+    .await
+    .unwrap();
+    diesel::update(orders::table.find(placed.order_id))
+        .set(orders::status.eq(Status::Cancelled.as_str()))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let error = write_advance(&mut conn, &decided, &Carried::nothing())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &error,
+            HandlerError::Retryable(source) if matches!(
+                source.downcast_ref::<diesel::result::Error>(),
+                Some(diesel::result::Error::DatabaseError(
+                    diesel::result::DatabaseErrorKind::SerializationFailure,
+                    _
+                ))
+            )
+        ),
+        "{error}"
+    );
+    let order = orders.load_order(placed.order_id).await.unwrap();
+    assert_eq!(order.status.as_str(), "CANCELLED");
+    let steps: Vec<&str> = order.steps.iter().map(|step| step.name.as_str()).collect();
+    assert_eq!(steps, ["order.placed"]);
 }
 
 /// PlaceOrder's one statement writes the order, its lines, its first
