@@ -237,6 +237,8 @@ pub(crate) async fn sell(
             to_sell.push(order_id);
         }
     }
+    // In id order, the order every writer takes the reservations in.
+    to_sell.sort_unstable();
     Ok(to_sell)
 }
 

@@ -396,7 +396,8 @@ WITH sold_orders AS (
 moved AS (
     SELECT line.sku, sum(line.quantity)::bigint AS quantity
     FROM reservation_lines AS line JOIN sold_orders USING (order_id)
-    GROUP BY line.sku),
+    GROUP BY line.sku
+    ORDER BY line.sku),
 sold AS (
     UPDATE products SET reserved = reserved - moved.quantity,
                         sold = sold + moved.quantity
