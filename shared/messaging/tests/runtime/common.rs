@@ -50,9 +50,13 @@ pub async fn setup_with(settings: &[String]) -> Setup {
         .await
         .unwrap();
     let mut conn = AsyncPgConnection::establish(&url).await.unwrap();
-    conn.batch_execute("CREATE TABLE effects (event_id UUID NOT NULL, order_id TEXT NOT NULL)")
-        .await
-        .unwrap();
+    conn.batch_execute(
+        "CREATE TABLE effects (event_id UUID NOT NULL, order_id TEXT NOT NULL); \
+         CREATE TABLE stock (sku TEXT PRIMARY KEY, available BIGINT NOT NULL); \
+         INSERT INTO stock VALUES ('LAMP', 1000)",
+    )
+    .await
+    .unwrap();
     let pool = shop_db::pool(&url, 16).unwrap();
     let js = jetstream::new(infra.nats.client().await);
     StreamSpec::new("ORDER", "order")

@@ -145,6 +145,29 @@ async fn events_committed_while_nats_is_down_wait_and_go_out_through_the_next_sw
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_consumer_whose_events_did_not_go_out_acks_nothing_and_its_redelivery_publishes_them() {
+    events_not_out_are_published_by_the_redelivery(|| {
+        shop_messaging::Router::new().on::<OrderPlaced>(shop_messaging::Route::batched())
+    })
+    .await;
+}
+
+/// The same, for a route in one statement, whose redelivery is refused by
+/// `inbox_write` before it is known to be one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_route_in_one_statement_whose_events_did_not_go_out_has_them_published_by_its_redelivery()
+{
+    events_not_out_are_published_by_the_redelivery(|| {
+        shop_messaging::Router::new().on::<OrderPlaced>(shop_messaging::Route::in_one_statement())
+    })
+    .await;
+}
+
+/// A consumer commits an event's effect and its `order.confirmed`, then
+/// cannot publish; its redelivery, to the next process, publishes the
+/// stored event.
+async fn events_not_out_are_published_by_the_redelivery(
+    router: impl Fn() -> shop_messaging::Router<Arc<Behaviour>>,
+) {
     let setup = setup().await;
     append(&setup, &[placed("o-1")]).await;
     relay(&setup).sweep_once().await.unwrap();
@@ -158,7 +181,7 @@ async fn a_consumer_whose_events_did_not_go_out_acks_nothing_and_its_redelivery_
                 ack_wait: Duration::from_secs(2),
                 ..ConsumerSpec::new("inventory", "ORDER", &["order.placed"])
             },
-            shop_messaging::Router::new().on::<OrderPlaced>(shop_messaging::Route::batched()),
+            router(),
             Arc::clone(&behaviour),
         )
     };

@@ -103,8 +103,7 @@ impl StatementHandler<OrderPlaced> for Behaviour {
 async fn stock(setup: &Setup, lamps: i64) {
     let mut conn = AsyncPgConnection::establish(&setup.url).await.unwrap();
     conn.batch_execute(&format!(
-        "CREATE TABLE stock (sku TEXT PRIMARY KEY, available BIGINT NOT NULL); \
-         INSERT INTO stock VALUES ('LAMP', {lamps})"
+        "UPDATE stock SET available = {lamps} WHERE sku = 'LAMP'"
     ))
     .await
     .unwrap();
