@@ -22,7 +22,8 @@ use shop_proto::payment::v1::PaymentFailed;
 use crate::domain::{Line, Placed, Reservation};
 use crate::{app, store};
 
-/// What the handlers share; the database comes with each event's transaction.
+/// What the handlers share; the database comes with each event (its
+/// transaction, or its statement's connection).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct HandlerState;
 

@@ -1,8 +1,9 @@
-//! One batch: parse and decode each message, apply the batch in one
-//! transaction (the fast path, then, if a handler failed, the careful path
-//! with a savepoint per message) after the locks its routes name
-//! (`locks`), try again in place when the transaction failed for reasons that
-//! are not the messages', then settle each message.
+//! One batch: parse and decode each message, apply the events of routes in
+//! one statement (`statement`), then the others in one transaction (the
+//! fast path, then, if a handler failed, the careful path with a savepoint
+//! per message) after the locks their routes name (`locks`), try again in
+//! place when a statement or the transaction failed for reasons that are
+//! not the messages', then settle each message.
 
 use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;

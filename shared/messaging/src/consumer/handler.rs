@@ -218,7 +218,14 @@ impl Statement<'_> {
     /// as the change, so that all of it commits or none. A handler that
     /// changes nothing does not call it: the consumer then records the
     /// inbox rows, and writes what was emitted, in a statement of its own.
+    ///
+    /// # Panics
+    /// If called twice: a handler writes once.
     pub fn carry(&mut self) -> Carried {
+        assert!(
+            self.carried.is_none(),
+            "Statement::carry is for the handler's one write"
+        );
         let emitted = self
             .spans
             .iter()

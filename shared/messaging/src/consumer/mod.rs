@@ -3,14 +3,17 @@
 //! A map of the folder:
 //! - this file: [`EventConsumer`] and its settings, [`RetryPolicy`], the
 //!   counters and the hook;
-//! - `handler`: what a handler sees ([`Context`], [`Batch`]) and how it fails
-//!   ([`HandlerError`]);
+//! - `handler`: what a handler sees ([`Context`], [`Batch`], [`Statement`])
+//!   and how it fails ([`HandlerError`]);
 //! - `router`: the table from `ce-type` to handler ([`Router`]) and what a
 //!   consumer makes of a message before any handler runs;
 //! - `fetch`: the pull loop, batches of what has arrived, leases (progress
 //!   acks) and what goes back on shutdown;
-//! - `batch`: one batch in one transaction, fast path then careful path,
-//!   trying again in place;
+//! - `batch`: one batch: its routes in one statement (`statement`), the
+//!   others in one transaction, fast path then careful path, trying again
+//!   in place;
+//! - `statement`: routes in one statement: a stale read decided again, a
+//!   redelivery refused by the inbox, a failure settled alone;
 //! - `locks`: the advisory locks a batch takes, in one order;
 //! - `attempts`: failed attempts counted per event, and messages delivered
 //!   too often set aside;
@@ -35,6 +38,14 @@
 //! event at a time), so that a failure undoes only its own message (a batch
 //! of one needs no redo: its rollback was the message's). Handlers must therefore
 //! keep their effects inside the transaction they are given.
+//!
+//! A route in one statement ([`Route::in_one_statement`]) takes no part in
+//! the transaction: its handler reads without locks, decides, and writes
+//! once, in a statement that commits by itself and carries the events'
+//! inbox rows and what they emitted ([`Statement::carry`]), or raises a
+//! serialization failure when what it read has changed; the events are then
+//! read and decided again. A batch applies those routes first, each
+//! route's events in a statement of its own.
 //!
 //! A handler fails with a [`HandlerError`]: a retryable failure is retried
 //! by a nak with an exponentially growing delay ([`RetryPolicy`]) and

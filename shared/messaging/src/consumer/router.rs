@@ -332,7 +332,7 @@ pub(super) struct Entry<S> {
 ///
 /// ```text
 /// Router::new()
-///     .on::<OrderPlaced>(Route::batched().locking())
+///     .on::<OrderPlaced>(Route::in_one_statement())
 ///     .on::<OrderCancelled>(Route::single().locking())
 /// ```
 pub struct Router<S> {

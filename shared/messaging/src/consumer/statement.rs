@@ -137,7 +137,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
                     if recorded.is_empty() {
                         // Refused, then not found: a copy's statement
                         // committed and its rows went away (pruned) since.
-                        // Nothing is known; the batch is tried again.
+                        // Nothing is known: the messages are retried.
                         return Err(BatchFailed::Transaction(DbError::RollbackTransaction));
                     }
                     pending.retain(|&member| {

@@ -145,9 +145,9 @@ async fn events_committed_while_nats_is_down_wait_and_go_out_through_the_next_sw
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_consumer_whose_events_did_not_go_out_acks_nothing_and_its_redelivery_publishes_them() {
-    events_not_out_are_published_by_the_redelivery(|| {
+    Box::pin(events_not_out_are_published_by_the_redelivery(|| {
         shop_messaging::Router::new().on::<OrderPlaced>(shop_messaging::Route::batched())
-    })
+    }))
     .await;
 }
 
@@ -156,9 +156,9 @@ async fn a_consumer_whose_events_did_not_go_out_acks_nothing_and_its_redelivery_
 #[tokio::test(flavor = "multi_thread")]
 async fn a_route_in_one_statement_whose_events_did_not_go_out_has_them_published_by_its_redelivery()
 {
-    events_not_out_are_published_by_the_redelivery(|| {
+    Box::pin(events_not_out_are_published_by_the_redelivery(|| {
         shop_messaging::Router::new().on::<OrderPlaced>(shop_messaging::Route::in_one_statement())
-    })
+    }))
     .await;
 }
 
