@@ -345,19 +345,6 @@ mod tests {
             .unwrap()
     }
 
-    fn is_stale(error: &HandlerError) -> bool {
-        matches!(
-            error,
-            HandlerError::Retryable(source) if matches!(
-                source.downcast_ref::<diesel::result::Error>(),
-                Some(diesel::result::Error::DatabaseError(
-                    diesel::result::DatabaseErrorKind::SerializationFailure,
-                    _
-                ))
-            )
-        )
-    }
-
     /// Steps 2 and 5 read without locks: a decision whose products or
     /// reservations changed before its statement ran is refused whole, as a
     /// serialization failure (the consumer reads and decides again).
@@ -388,7 +375,7 @@ mod tests {
         let error = write_reservations(&mut conn, &decided, &Carried::nothing())
             .await
             .unwrap_err();
-        assert!(is_stale(&error), "{error}");
+        assert!(error.is_stale(), "{error}");
         assert_eq!(lamp(&mut conn).await, (4, 0, 0));
         assert_eq!(reservation_count(&mut conn).await, 0);
 
@@ -408,7 +395,7 @@ mod tests {
         let error = write_reservations(&mut conn, &decided, &Carried::nothing())
             .await
             .unwrap_err();
-        assert!(is_stale(&error), "{error}");
+        assert!(error.is_stale(), "{error}");
         assert_eq!(lamp(&mut conn).await, (4, 0, 0));
         assert_eq!(reservation_count(&mut conn).await, 1);
 
@@ -424,7 +411,7 @@ mod tests {
         let error = write_sales(&mut conn, &to_sell, &Carried::nothing())
             .await
             .unwrap_err();
-        assert!(is_stale(&error), "{error}");
+        assert!(error.is_stale(), "{error}");
         assert_eq!(lamp(&mut conn).await, (4, 0, 0));
     }
 

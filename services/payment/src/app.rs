@@ -376,19 +376,6 @@ mod tests {
         assert_eq!(balance, i64::MAX - 10);
     }
 
-    fn is_stale(error: &HandlerError) -> bool {
-        matches!(
-            error,
-            HandlerError::Retryable(source) if matches!(
-                source.downcast_ref::<diesel::result::Error>(),
-                Some(diesel::result::Error::DatabaseError(
-                    diesel::result::DatabaseErrorKind::SerializationFailure,
-                    _
-                ))
-            )
-        )
-    }
-
     /// Step 3 reads without locks: a decision whose wallet or payment
     /// changed before its statement ran is refused whole, as a
     /// serialization failure (the consumer reads and decides again).
@@ -425,7 +412,7 @@ mod tests {
         let error = write_debits(&mut conn, &debits, &Carried::nothing())
             .await
             .unwrap_err();
-        assert!(is_stale(&error), "{error}");
+        assert!(error.is_stale(), "{error}");
         assert_eq!(balance(&mut conn, ann).await.unwrap(), 70);
         assert_eq!(payments(&mut conn).await.unwrap(), 0);
 
@@ -447,7 +434,7 @@ mod tests {
         let error = write_debits(&mut conn, &debits, &Carried::nothing())
             .await
             .unwrap_err();
-        assert!(is_stale(&error), "{error}");
+        assert!(error.is_stale(), "{error}");
         assert_eq!(balance(&mut conn, ann).await.unwrap(), 70);
         assert_eq!(payments(&mut conn).await.unwrap(), 1);
 

@@ -204,19 +204,7 @@ async fn a_move_decided_on_an_order_changed_since_writes_nothing() {
     let error = write_advance(&mut conn, &decided, &Carried::nothing())
         .await
         .unwrap_err();
-    assert!(
-        matches!(
-            &error,
-            HandlerError::Retryable(source) if matches!(
-                source.downcast_ref::<diesel::result::Error>(),
-                Some(diesel::result::Error::DatabaseError(
-                    diesel::result::DatabaseErrorKind::SerializationFailure,
-                    _
-                ))
-            )
-        ),
-        "{error}"
-    );
+    assert!(error.is_stale(), "{error}");
     let order = orders.load_order(placed.order_id).await.unwrap();
     assert_eq!(order.status.as_str(), "CANCELLED");
     let steps: Vec<&str> = order.steps.iter().map(|step| step.name.as_str()).collect();

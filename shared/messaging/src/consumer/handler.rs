@@ -28,6 +28,30 @@ impl HandlerError {
     pub fn permanent(reason: impl Into<String>) -> Self {
         Self::Permanent(reason.into())
     }
+
+    /// Whether this is a serialization failure: what a step in one
+    /// statement read changed before its write (see `stale_unless`), so
+    /// that nothing was written and the step is to be read and decided
+    /// again.
+    pub fn is_stale(&self) -> bool {
+        matches!(
+            self,
+            Self::Retryable(source) if matches!(
+                source.downcast_ref::<diesel::result::Error>(),
+                Some(diesel::result::Error::DatabaseError(
+                    diesel::result::DatabaseErrorKind::SerializationFailure,
+                    _
+                ))
+            )
+        )
+    }
+}
+
+/// `event`, correlated like `cause` and caused by it.
+fn caused_by<E: Event>(cause: &Envelope, event: &E) -> OutgoingEvent {
+    let mut outgoing = OutgoingEvent::new(event).caused_by(cause.id);
+    outgoing.correlation_id = cause.correlation_id.clone();
+    outgoing
 }
 
 /// Parses an event's UUID field; a malformed one is a permanent failure.
@@ -85,9 +109,7 @@ impl Context<'_> {
     /// Emits `event`, correlated like the event being handled and caused by
     /// it; it is published only if the transaction commits.
     pub fn emit<E: Event>(&mut self, event: &E) {
-        let mut outgoing = OutgoingEvent::new(event).caused_by(self.envelope.id);
-        outgoing.correlation_id = self.envelope.correlation_id.clone();
-        self.emitted.push(outgoing);
+        self.emitted.push(caused_by(self.envelope, event));
     }
 }
 
@@ -136,10 +158,7 @@ impl Batch<'_> {
     /// # Panics
     /// If there is no such event.
     pub fn emit<E: Event>(&mut self, index: usize, event: &E) {
-        let cause = self.envelopes[index];
-        let mut outgoing = OutgoingEvent::new(event).caused_by(cause.id);
-        outgoing.correlation_id = cause.correlation_id.clone();
-        self.emitted[index].push(outgoing);
+        self.emitted[index].push(caused_by(self.envelopes[index], event));
     }
 }
 
@@ -202,13 +221,10 @@ impl Statement<'_> {
     /// # Panics
     /// If there is no such event.
     pub fn emit<E: Event>(&mut self, index: usize, event: &E) {
-        let cause = self.envelopes[index];
-        let mut outgoing = OutgoingEvent::new(event).caused_by(cause.id);
-        outgoing.correlation_id = cause.correlation_id.clone();
         if self.carried.is_some() {
             self.emitted_after_carry = true;
         }
-        self.emitted[index].push(outgoing);
+        self.emitted[index].push(caused_by(self.envelopes[index], event));
     }
 
     /// What the handler's one writing statement must carry, for the events
