@@ -345,17 +345,23 @@ mod tests {
             .unwrap()
     }
 
-    /// Steps 2 and 5 read without locks: a decision whose products or
-    /// reservations changed before its statement ran is refused whole, as a
-    /// serialization failure (the consumer reads and decides again).
-    #[tokio::test(flavor = "multi_thread")]
-    async fn a_step_decided_on_what_changed_since_writes_nothing() {
+    /// A fresh, migrated inventory database, its URL and a connection to it.
+    async fn migrated() -> (TestPostgres, String, AsyncPgConnection) {
         let postgres = TestPostgres::start().await;
         let url = postgres.create_database("inventory").await;
         shop_db::migrate(&url, vec![shop_messaging::MIGRATIONS, crate::MIGRATIONS])
             .await
             .unwrap();
-        let mut conn = AsyncPgConnection::establish(&url).await.unwrap();
+        let conn = AsyncPgConnection::establish(&url).await.unwrap();
+        (postgres, url, conn)
+    }
+
+    /// Steps 2 and 5 read without locks: a decision whose products or
+    /// reservations changed before its statement ran is refused whole, as a
+    /// serialization failure (the consumer reads and decides again).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_step_decided_on_what_changed_since_writes_nothing() {
+        let (_postgres, url, mut conn) = migrated().await;
         let admin = Caller::new("admin", vec![shop_service::roles::ADMIN.into()]);
         let catalogue = Catalogue::new(shop_db::pool(&url, 1).unwrap());
         catalogue
@@ -419,12 +425,7 @@ mod tests {
     /// each sees the stock the ones before it left.
     #[tokio::test(flavor = "multi_thread")]
     async fn orders_reserved_together_take_the_stock_in_turn_and_sell_together() {
-        let postgres = TestPostgres::start().await;
-        let url = postgres.create_database("inventory").await;
-        shop_db::migrate(&url, vec![shop_messaging::MIGRATIONS, crate::MIGRATIONS])
-            .await
-            .unwrap();
-        let mut conn = AsyncPgConnection::establish(&url).await.unwrap();
+        let (_postgres, url, mut conn) = migrated().await;
         Catalogue::new(shop_db::pool(&url, 1).unwrap())
             .create_product(
                 &Caller::new("admin", vec![shop_service::roles::ADMIN.into()]),
