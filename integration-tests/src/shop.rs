@@ -255,6 +255,7 @@ impl Shop {
                 shop_payment::build(shop_payment::Config {
                     service: config,
                     starting_credit_cents: self.settings.starting_credit,
+                    provider: Default::default(),
                 })
                 .await
             }

@@ -11,7 +11,7 @@ use shop_service::{
 };
 use uuid::Uuid;
 
-use crate::domain::{self, Charge, Debit, Deposit, PaymentStatus, Refund};
+use crate::domain::{self, Charge, Debit, Deposit, PaymentStatus, ProviderCancel, Refund};
 use crate::store::{self, NewPayments};
 
 /// An order's payment, as the API shows it.
@@ -280,6 +280,59 @@ pub(crate) async fn refund(
             Ok(None)
         }
         _ => Ok(None),
+    }
+}
+
+/// Step 3 through a provider: the order's intent, PENDING, committed before
+/// any call (a redelivery, or an order cancelled first, records nothing).
+pub(crate) async fn record_intent(
+    conn: &mut AsyncPgConnection,
+    charge: &Charge,
+) -> Result<(), HandlerError> {
+    if charge.amount_cents < 1 {
+        return Err(HandlerError::permanent(format!(
+            "a provider charges a positive amount, not {}",
+            charge.amount_cents
+        )));
+    }
+    store::record_intents(
+        conn,
+        &[charge.order_id.get()],
+        &[charge.user_id.get()],
+        &[charge.amount_cents],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Compensation c3 through a provider, as [`domain::cancel_at_provider`]
+/// decides: `true` when a refund became due.
+pub(crate) async fn cancel_at_provider(
+    conn: &mut AsyncPgConnection,
+    order_id: Uuid,
+    user_id: Uuid,
+) -> Result<bool, HandlerError> {
+    let standing = store::lock_standing(conn, order_id).await?;
+    let status = standing
+        .as_ref()
+        .map(|standing| PaymentStatus::parse(&standing.status))
+        .transpose()
+        .map_err(unknown_stored)?;
+    match (domain::cancel_at_provider(status), standing) {
+        (ProviderCancel::Tombstone, _) => {
+            store::insert_tombstone(conn, order_id, user_id).await?;
+            Ok(false)
+        }
+        (ProviderCancel::RefundIfCaptured, _) => {
+            store::request_cancel(conn, order_id).await?;
+            Ok(false)
+        }
+        (ProviderCancel::Refund, Some(standing)) => {
+            let id = standing.provider_payment_id.as_deref();
+            store::settle(conn, order_id, PaymentStatus::Refunding, id, "").await?;
+            Ok(true)
+        }
+        _ => Ok(false),
     }
 }
 

@@ -14,6 +14,10 @@ shop_domain::labels! {
         /// A tombstone: the order was cancelled before any capture, so a
         /// late reservation must not debit the wallet.
         Cancelled = "CANCELLED",
+        /// Sent to the provider; the outcome is not known yet.
+        Pending = "PENDING",
+        /// Captured by the provider and owed back: the refund is due.
+        Refunding = "REFUNDING",
     }
 }
 
@@ -139,10 +143,77 @@ pub enum Refund {
 pub fn refund(status: Option<PaymentStatus>) -> Refund {
     match status {
         Some(PaymentStatus::Captured) => Refund::Refund,
-        Some(PaymentStatus::Declined | PaymentStatus::Refunded | PaymentStatus::Cancelled) => {
-            Refund::Nothing
-        }
+        Some(
+            PaymentStatus::Declined
+            | PaymentStatus::Refunded
+            | PaymentStatus::Cancelled
+            // A provider's (see `cancel_at_provider`).
+            | PaymentStatus::Pending
+            | PaymentStatus::Refunding,
+        ) => Refund::Nothing,
         None => Refund::Tombstone,
+    }
+}
+
+/// What compensation c3 does when payments go through a provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderCancel {
+    /// Not charged yet: a tombstone, as with the wallet.
+    Tombstone,
+    /// The charge is in flight: ask that it be refunded if it succeeds.
+    RefundIfCaptured,
+    /// Captured: REFUNDING, refunded through the provider
+    /// (`payment.refunded` once it has).
+    Refund,
+    /// Declined, refunded or being refunded already, or a tombstone.
+    Nothing,
+}
+
+/// Compensation c3 for a provider's payment standing at `status`.
+pub fn cancel_at_provider(status: Option<PaymentStatus>) -> ProviderCancel {
+    match status {
+        None => ProviderCancel::Tombstone,
+        Some(PaymentStatus::Pending) => ProviderCancel::RefundIfCaptured,
+        Some(PaymentStatus::Captured) => ProviderCancel::Refund,
+        Some(
+            PaymentStatus::Declined
+            | PaymentStatus::Refunded
+            | PaymentStatus::Refunding
+            | PaymentStatus::Cancelled,
+        ) => ProviderCancel::Nothing,
+    }
+}
+
+/// What the provider said of a charge, by its answer or by a webhook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Charged {
+    Succeeded,
+    /// With the provider's reason.
+    Declined(String),
+}
+
+/// What a charge's outcome does to its payment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settle {
+    /// CAPTURED, `payment.completed`.
+    Capture,
+    /// Captured for an order cancelled meanwhile: REFUNDING, no event
+    /// until the refund is made.
+    CaptureToRefund,
+    /// DECLINED, `payment.failed` with this reason.
+    Decline(String),
+    /// Settled before (by the other of answer and webhook, or another
+    /// replica): nothing.
+    Nothing,
+}
+
+/// The outcome `charged` of a payment standing at `status`.
+pub fn settle(status: PaymentStatus, cancel_requested: bool, charged: Charged) -> Settle {
+    match (status, charged) {
+        (PaymentStatus::Pending, Charged::Succeeded) if cancel_requested => Settle::CaptureToRefund,
+        (PaymentStatus::Pending, Charged::Succeeded) => Settle::Capture,
+        (PaymentStatus::Pending, Charged::Declined(reason)) => Settle::Decline(reason),
+        _ => Settle::Nothing,
     }
 }
 
@@ -203,6 +274,39 @@ mod tests {
         let nobody = UserId::from(uuid::Uuid::nil());
         assert!(refunded(nobody, i64::MAX - 1, 2).is_err());
         assert_eq!(refunded(nobody, 1, 2), Ok(3));
+    }
+
+    /// Whichever of the call's answer and the webhook comes first settles
+    /// the payment; the other finds it settled. A capture for an order
+    /// cancelled meanwhile is to be refunded, not confirmed.
+    #[test]
+    fn a_provider_outcome_settles_a_pending_payment_once() {
+        use PaymentStatus::*;
+        let declined = || Charged::Declined("card_declined".into());
+        assert_eq!(settle(Pending, false, Charged::Succeeded), Settle::Capture);
+        assert_eq!(
+            settle(Pending, true, Charged::Succeeded),
+            Settle::CaptureToRefund
+        );
+        assert_eq!(
+            settle(Pending, true, declined()),
+            Settle::Decline("card_declined".into())
+        );
+        for status in [Captured, Declined, Refunded, Refunding, Cancelled] {
+            assert_eq!(settle(status, false, Charged::Succeeded), Settle::Nothing);
+            assert_eq!(settle(status, true, declined()), Settle::Nothing);
+        }
+        assert_eq!(cancel_at_provider(None), ProviderCancel::Tombstone);
+        assert_eq!(
+            cancel_at_provider(Some(Pending)),
+            ProviderCancel::RefundIfCaptured
+        );
+        assert_eq!(cancel_at_provider(Some(Captured)), ProviderCancel::Refund);
+        for status in [Declined, Refunded, Refunding, Cancelled] {
+            assert_eq!(cancel_at_provider(Some(status)), ProviderCancel::Nothing);
+        }
+        // The wallet's compensation never meets a provider's states.
+        assert_eq!(refund(Some(Pending)), Refund::Nothing);
     }
 
     proptest! {

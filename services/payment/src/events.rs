@@ -5,6 +5,11 @@
 //! | `user.created` | open the wallet with the starting credit | - |
 //! | `inventory.reserved` | debit the wallet | `payment.completed` or `payment.failed` |
 //! | `order.cancelled` | refund a capture, or leave a tombstone | `payment.refunded` |
+//!
+//! With a payment provider, `inventory.reserved` records the intent and
+//! `order.cancelled` makes a capture due for its refund; the provider's
+//! worker emits the events once the provider has answered
+//! ([`crate::provider`]).
 
 use diesel::QueryResult;
 use diesel_async::AsyncPgConnection;
@@ -18,23 +23,34 @@ use shop_proto::order::v1::OrderCancelled;
 use shop_proto::payment::v1::{PaymentCompleted, PaymentFailed, PaymentRefunded};
 use shop_proto::user::v1::UserCreated;
 
+use std::sync::Arc;
+
 use crate::app;
 use crate::domain::{Charge, Debit};
+use crate::provider::http::HttpProvider;
+use crate::provider::steps::Steps;
 
 /// What the handlers share.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct HandlerState {
     /// The credit a new wallet opens with, in cents.
     pub(crate) starting_credit: i64,
+    /// The provider's steps, when payments go through one.
+    pub(crate) provider: Option<Arc<Steps<HttpProvider>>>,
 }
 
 pub(crate) fn user_events() -> Router<HandlerState> {
     Router::new().on::<UserCreated>(Route::single())
 }
 
-/// Debits read the wallets and write them once, if unchanged.
-pub(crate) fn inventory_events() -> Router<HandlerState> {
-    Router::new().on::<InventoryReserved>(Route::in_one_statement())
+/// Debits read the wallets and write them once, if unchanged; with a
+/// provider, each reservation records its intent.
+pub(crate) fn inventory_events(by_provider: bool) -> Router<HandlerState> {
+    if by_provider {
+        Router::new().on::<InventoryReserved>(Route::single())
+    } else {
+        Router::new().on::<InventoryReserved>(Route::in_one_statement())
+    }
 }
 
 /// A refund changes one wallet and names it, so that refunds lock wallets
@@ -128,13 +144,48 @@ impl StatementHandler<InventoryReserved> for HandlerState {
     }
 }
 
-/// Refunds a capture, or leaves a tombstone.
+/// With a provider: records the intent to charge, and wakes the worker
+/// once it is committed.
+impl Handler<InventoryReserved> for HandlerState {
+    async fn handle(
+        &self,
+        cx: &mut Context<'_>,
+        event: InventoryReserved,
+    ) -> Result<(), HandlerError> {
+        let steps = self.provider.clone().ok_or_else(|| {
+            HandlerError::permanent("inventory.reserved routed to a provider, and there is none")
+        })?;
+        let charge = Charge {
+            order_id: id("order_id", &event.order_id)?.into(),
+            user_id: id("user_id", &event.user_id)?.into(),
+            amount_cents: event.total_cents,
+        };
+        app::record_intent(cx.conn(), &charge).await?;
+        cx.after_commit(move || steps.wake());
+        Ok(())
+    }
+}
+
+/// Refunds a capture, or leaves a tombstone; with a provider, makes the
+/// refund due (the worker emits `payment.refunded` once it is made).
 impl Handler<OrderCancelled> for HandlerState {
     async fn handle(
         &self,
         cx: &mut Context<'_>,
         event: OrderCancelled,
     ) -> Result<(), HandlerError> {
+        if let Some(steps) = self.provider.clone() {
+            let due = app::cancel_at_provider(
+                cx.conn(),
+                id("order_id", &event.order_id)?,
+                id("user_id", &event.user_id)?,
+            )
+            .await?;
+            if due {
+                cx.after_commit(move || steps.wake());
+            }
+            return Ok(());
+        }
         let refunded = app::refund(
             cx.conn(),
             id("order_id", &event.order_id)?,

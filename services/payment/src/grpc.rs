@@ -33,6 +33,8 @@ impl TryFrom<Payment> for pb::Payment {
             PaymentStatus::Captured => pb::PaymentStatus::Captured,
             PaymentStatus::Declined => pb::PaymentStatus::Declined,
             PaymentStatus::Refunded => pb::PaymentStatus::Refunded,
+            PaymentStatus::Pending => pb::PaymentStatus::Pending,
+            PaymentStatus::Refunding => pb::PaymentStatus::Refunding,
             PaymentStatus::Cancelled => {
                 return Err(ApiError::Internal(format!(
                     "the tombstone of order {} reached the API",

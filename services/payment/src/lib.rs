@@ -14,6 +14,7 @@ mod app;
 pub mod domain;
 mod events;
 mod grpc;
+pub mod provider;
 mod schema;
 mod store;
 
@@ -45,29 +46,46 @@ pub struct Config {
     /// register and spend it.
     #[arg(long, env = "STARTING_CREDIT_CENTS", default_value_t = 0)]
     pub starting_credit_cents: i64,
+    /// How payments are taken.
+    #[command(flatten)]
+    pub provider: provider::ProviderConfig,
 }
 
 /// Starts the payment service's infrastructure and binds its servers.
 pub async fn build(config: Config) -> anyhow::Result<Server> {
     let infra = Infrastructure::start(&config.service, &SERVICE, MIGRATIONS).await?;
+    let steps = match config.provider.kind {
+        provider::ProviderKind::Wallet => None,
+        provider::ProviderKind::Http => Some(std::sync::Arc::new(provider_steps(&config, &infra)?)),
+    };
+    let by_provider = steps.is_some();
     let handlers = events::HandlerState {
         starting_credit: config.starting_credit_cents,
+        provider: steps.clone(),
     };
-    let consumer = |spec, router| infra.consumer(spec, router, handlers);
+    let consumer = |spec, router| infra.consumer(spec, router, handlers.clone());
     let on = |stream: &str| SERVICE.consumer_of(stream);
     let users = consumer(on("USER"), events::user_events());
-    let reservations = consumer(on("INVENTORY"), events::inventory_events());
+    let reservations = consumer(on("INVENTORY"), events::inventory_events(by_provider));
     let cancellations = consumer(on("ORDER"), events::order_events());
     // Dead letters that an operator replays come back to this service only.
     let replays = consumer(
         SERVICE.replays(),
         events::user_events()
-            .merge(events::inventory_events())
+            .merge(events::inventory_events(by_provider))
             .merge(events::order_events()),
     );
     let api = grpc::PaymentApi::new(app::Wallets::new(infra.pool.clone()));
-    Ok(Server::bind(&SERVICE, &config.service, infra)
-        .await?
+    let mut server = Server::bind(&SERVICE, &config.service, infra).await?;
+    if let (Some(steps), Some(secret)) = (steps, config.provider.provider_webhook_secret.clone()) {
+        server = server
+            .add_http_routes(provider::webhook::routes(
+                std::sync::Arc::clone(&steps),
+                secret,
+            ))
+            .add_task(Box::new(move |shutdown| Box::pin(steps.run(shutdown))));
+    }
+    Ok(server
         .add_service(api.into_server())
         .add_task(Box::new(move |shutdown| Box::pin(users.run(shutdown))))
         .add_task(Box::new(move |shutdown| {
@@ -77,4 +95,29 @@ pub async fn build(config: Config) -> anyhow::Result<Server> {
             Box::pin(cancellations.run(shutdown))
         }))
         .add_task(Box::new(move |shutdown| Box::pin(replays.run(shutdown)))))
+}
+
+/// The provider's steps, from `--payment-provider http` and its settings.
+fn provider_steps(
+    config: &Config,
+    infra: &Infrastructure,
+) -> anyhow::Result<provider::steps::Steps<provider::http::HttpProvider>> {
+    let settings = &config.provider;
+    let (Some(url), Some(key), Some(_)) = (
+        settings.provider_url.as_deref(),
+        settings.provider_api_key.clone(),
+        settings.provider_webhook_secret.as_ref(),
+    ) else {
+        anyhow::bail!(
+            "--payment-provider http needs --provider-url, --provider-api-key and --provider-webhook-secret"
+        );
+    };
+    let timeout = std::time::Duration::from_millis(settings.provider_timeout_ms);
+    let http = provider::http::HttpProvider::new(url, key, timeout, &settings.provider_currency)?;
+    Ok(provider::steps::Steps::new(
+        infra.pool.clone(),
+        infra.outbox.clone(),
+        http,
+        timeout,
+    ))
 }

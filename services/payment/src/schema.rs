@@ -17,6 +17,18 @@ diesel::table! {
         reason -> Text,
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
+        provider_payment_id -> Nullable<Text>,
+        cancel_requested -> Bool,
+        attempts -> Int4,
+        next_attempt_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    provider_webhooks (event_id) {
+        event_id -> Text,
+        kind -> Text,
+        received_at -> Timestamptz,
     }
 }
 

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use shop_domain::{OrderId, UserId};
 
 use crate::domain::PaymentStatus;
-use crate::schema::{accounts, deposits, payments};
+use crate::schema::{accounts, deposits, payments, provider_webhooks};
 
 /// A payment as stored.
 #[derive(Debug, Clone, Queryable, Selectable)]
@@ -272,6 +272,152 @@ pub(crate) async fn insert_tombstone(
             payments::status.eq(PaymentStatus::Cancelled.as_str()),
             payments::reason.eq("cancelled before payment"),
         ))
+        .execute(conn)
+        .await
+}
+
+/// Payments sent to a provider: each order's intent, PENDING and due at
+/// once, unless the order has a row already (a tombstone, a redelivery).
+pub(crate) async fn record_intents(
+    conn: &mut AsyncPgConnection,
+    order_ids: &[Uuid],
+    user_ids: &[Uuid],
+    amounts: &[i64],
+) -> QueryResult<usize> {
+    diesel::sql_query(
+        "INSERT INTO payments (order_id, user_id, amount_cents, status, next_attempt_at)
+         SELECT o, u, a, 'PENDING', now()
+         FROM unnest($1::uuid[], $2::uuid[], $3::bigint[]) AS i (o, u, a)
+         ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind::<Array<SqlUuid>, _>(order_ids)
+    .bind::<Array<SqlUuid>, _>(user_ids)
+    .bind::<Array<BigInt>, _>(amounts)
+    .execute(conn)
+    .await
+}
+
+/// A provider's payment claimed for a call.
+#[derive(Debug, Clone, QueryableByName)]
+pub(crate) struct Due {
+    #[diesel(sql_type = SqlUuid)]
+    pub(crate) order_id: Uuid,
+    #[diesel(sql_type = BigInt)]
+    pub(crate) amount_cents: i64,
+    #[diesel(sql_type = Text)]
+    pub(crate) status: String,
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    pub(crate) provider_payment_id: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    pub(crate) attempts: i32,
+}
+
+/// Claims up to `limit` payments whose call is due (PENDING: the charge;
+/// REFUNDING: the refund), skipping those another replica holds, and
+/// makes each due again only after `lease` seconds plus a backoff that
+/// doubles with its attempts (0.2 s to 30 s): a process that dies
+/// mid-call leaves the payment to be called again, under the same key.
+pub(crate) async fn claim_due(
+    conn: &mut AsyncPgConnection,
+    limit: i64,
+    lease: f64,
+) -> QueryResult<Vec<Due>> {
+    diesel::sql_query(
+        "UPDATE payments p
+         SET attempts = p.attempts + 1,
+             next_attempt_at = now() + make_interval(
+                 secs => $2 + least(30.0, 0.2 * power(2, least(p.attempts, 8))))
+         WHERE p.order_id IN (
+             SELECT order_id FROM payments
+             WHERE status IN ('PENDING', 'REFUNDING') AND next_attempt_at <= now()
+             ORDER BY next_attempt_at
+             LIMIT $1
+             FOR UPDATE SKIP LOCKED)
+         RETURNING p.order_id, p.amount_cents, p.status, p.provider_payment_id, p.attempts",
+    )
+    .bind::<BigInt, _>(limit)
+    .bind::<diesel::sql_types::Double, _>(lease)
+    .load(conn)
+    .await
+}
+
+/// A provider's payment as it stands, locked.
+#[derive(Debug, Clone, Queryable)]
+pub(crate) struct Standing {
+    pub(crate) status: String,
+    pub(crate) cancel_requested: bool,
+    pub(crate) user_id: Uuid,
+    pub(crate) amount_cents: i64,
+    pub(crate) provider_payment_id: Option<String>,
+}
+
+/// An order's payment as it stands, locked, if it has one.
+pub(crate) async fn lock_standing(
+    conn: &mut AsyncPgConnection,
+    order_id: Uuid,
+) -> QueryResult<Option<Standing>> {
+    payments::table
+        .find(order_id)
+        .select((
+            payments::status,
+            payments::cancel_requested,
+            payments::user_id,
+            payments::amount_cents,
+            payments::provider_payment_id,
+        ))
+        .for_update()
+        .first(conn)
+        .await
+        .optional()
+}
+
+/// Moves a provider's payment to `status`, with the provider's id of its
+/// charge: REFUNDING is due for its refund at once; any other state is
+/// done with calls.
+pub(crate) async fn settle(
+    conn: &mut AsyncPgConnection,
+    order_id: Uuid,
+    status: PaymentStatus,
+    provider_payment_id: Option<&str>,
+    reason: &str,
+) -> QueryResult<usize> {
+    let due = status == PaymentStatus::Refunding;
+    diesel::update(payments::table.find(order_id))
+        .set((
+            payments::status.eq(status.as_str()),
+            payments::provider_payment_id.eq(provider_payment_id),
+            payments::reason.eq(reason),
+            payments::attempts.eq(0),
+            payments::next_attempt_at.eq(due.then(chrono::Utc::now)),
+            payments::updated_at.eq(diesel::dsl::now),
+        ))
+        .execute(conn)
+        .await
+}
+
+/// Asks that a PENDING charge be refunded if it succeeds.
+pub(crate) async fn request_cancel(
+    conn: &mut AsyncPgConnection,
+    order_id: Uuid,
+) -> QueryResult<usize> {
+    diesel::update(payments::table.find(order_id))
+        .set(payments::cancel_requested.eq(true))
+        .execute(conn)
+        .await
+}
+
+/// Records a webhook event; 0 when it was recorded before (a duplicate).
+pub(crate) async fn record_webhook(
+    conn: &mut AsyncPgConnection,
+    event_id: &str,
+    kind: &str,
+) -> QueryResult<usize> {
+    diesel::insert_into(provider_webhooks::table)
+        .values((
+            provider_webhooks::event_id.eq(event_id),
+            provider_webhooks::kind.eq(kind),
+        ))
+        .on_conflict_do_nothing()
         .execute(conn)
         .await
 }

@@ -38,6 +38,7 @@ impl Payments {
         let config = shop_payment::Config {
             service: ServiceConfig::local(url, infra.nats.url(), infra.issuer.auth_config()),
             starting_credit_cents: 5000,
+            provider: Default::default(),
         };
         let js = jetstream::new(infra.nats.client().await);
         for (stream, prefix) in [

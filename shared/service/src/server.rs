@@ -32,6 +32,8 @@ pub struct Server {
     tasks: Vec<Task>,
     services: Vec<&'static str>,
     tls: Option<tls::ServerTls>,
+    /// Routes of the service's own on the HTTP port (a provider's webhooks).
+    http_routes: axum::Router,
 }
 
 impl std::fmt::Debug for Server {
@@ -101,6 +103,7 @@ impl Server {
             tasks: Vec::new(),
             services: Vec::new(),
             tls,
+            http_routes: axum::Router::new(),
         })
     }
 
@@ -122,6 +125,14 @@ impl Server {
     {
         self.routes = self.routes.add_service(service);
         self.services.push(S::NAME);
+        self
+    }
+
+    /// Adds routes of the service's own to the HTTP port, beside the probes
+    /// and the metrics.
+    #[must_use]
+    pub fn add_http_routes(mut self, routes: axum::Router) -> Self {
+        self.http_routes = self.http_routes.merge(routes);
         self
     }
 
@@ -162,6 +173,7 @@ impl Server {
             tasks,
             services,
             tls,
+            http_routes,
         } = self;
         let routes = with_reflection(routes, &services)?;
         let methods = observe::served_methods(&services);
@@ -192,7 +204,12 @@ impl Server {
         tracker.close();
 
         let verifier = infra.verifier.clone();
-        let http = serve_http(http, tls.as_ref(), probes::http_app(Arc::new(infra)), &stop)?;
+        let http = serve_http(
+            http,
+            tls.as_ref(),
+            probes::http_app(Arc::new(infra)).merge(http_routes),
+            &stop,
+        )?;
         tracing::info!(service = name, grpc = %grpc.local_addr()?, tls = tls.is_some(), "serving");
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = &tls {

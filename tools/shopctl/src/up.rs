@@ -287,6 +287,7 @@ async fn build(service: &str, config: ServiceConfig) -> anyhow::Result<Server> {
             shop_payment::build(shop_payment::Config {
                 service: config,
                 starting_credit_cents: 100_000,
+                provider: Default::default(),
             })
             .await
         }

@@ -1,0 +1,380 @@
+//! The payment service with a payment provider: the service on free ports
+//! against a fresh database and a real NATS server, and the provider
+//! simulator serving its HTTP API and sending its signed webhooks to the
+//! service's HTTP port. The events the service reacts to are published by
+//! the test.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::rt::TokioIo;
+use prost::Message as _;
+use shop_messaging::envelope::publish_direct;
+use shop_messaging::{OutgoingEvent, StreamSpec};
+use shop_payment::provider::{ProviderConfig, ProviderKind};
+use shop_proto::inventory::v1::InventoryReserved;
+use shop_proto::order::v1::OrderCancelled;
+use shop_proto::payment::v1::payment_service_client::PaymentServiceClient;
+use shop_proto::payment::v1::{
+    GetPaymentRequest, PaymentCompleted, PaymentFailed, PaymentRefunded, PaymentStatus,
+};
+use shop_provider_sim::{Faults, Simulator};
+use shop_service::{Running, ServiceConfig};
+use shop_test_support::TestInfra;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(20);
+const API_KEY: &str = "sk_test_shop";
+const SECRET: &str = "whsec_test_shop";
+
+struct Shop {
+    infra: TestInfra,
+    js: jetstream::Context,
+    client: PaymentServiceClient<shop_auth::BearerChannel>,
+    simulator: std::sync::Arc<Simulator>,
+    webhook_url: String,
+    user_id: String,
+    _stop: tokio_util::sync::DropGuard,
+    _running: Running,
+}
+
+impl Shop {
+    /// The service charging through the simulator with `faults`; webhooks
+    /// sent to the service when `webhooks`; calls given up after
+    /// `timeout_ms`.
+    async fn start(faults: Faults, webhooks: bool, timeout_ms: u64) -> Self {
+        let infra = TestInfra::start().await;
+        let url = infra.postgres.create_database("shop_payment").await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let config = shop_payment::Config {
+            service: ServiceConfig::local(url, infra.nats.url(), infra.issuer.auth_config()),
+            starting_credit_cents: 0,
+            provider: ProviderConfig {
+                kind: ProviderKind::Http,
+                provider_url: Some(format!("http://{}", listener.local_addr().unwrap())),
+                provider_api_key: Some(API_KEY.into()),
+                provider_webhook_secret: Some(SECRET.into()),
+                provider_timeout_ms: timeout_ms,
+                ..ProviderConfig::default()
+            },
+        };
+        let js = jetstream::new(infra.nats.client().await);
+        for (stream, prefix) in [
+            ("USER", "user"),
+            ("INVENTORY", "inventory"),
+            ("ORDER", "order"),
+        ] {
+            StreamSpec::new(stream, prefix)
+                .provision(&js)
+                .await
+                .unwrap();
+        }
+        let server = shop_payment::build(config).await.unwrap();
+        let webhook_url = format!(
+            "http://127.0.0.1:{}/webhooks/provider",
+            server.http_addr().port()
+        );
+        let stop = CancellationToken::new();
+        let simulator = Simulator::new(
+            shop_provider_sim::Config {
+                api_key: API_KEY.into(),
+                webhook_url: webhooks.then(|| webhook_url.clone()),
+                webhook_secret: SECRET.into(),
+                seed: 1,
+                faults,
+            },
+            stop.clone(),
+        )
+        .unwrap();
+        let router = simulator.router();
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stopped.cancelled_owned())
+                .await
+        });
+        let running = Running::spawn(server);
+        let client = PaymentServiceClient::new(shop_auth::with_token(
+            running.channel().await.unwrap(),
+            &infra.issuer.admin_token(),
+        ));
+        Self {
+            infra,
+            js,
+            client,
+            simulator,
+            webhook_url,
+            user_id: uuid::Uuid::now_v7().to_string(),
+            _stop: stop.drop_guard(),
+            _running: running,
+        }
+    }
+
+    async fn reserved(&self, order_id: &str, total_cents: i64) {
+        let event = InventoryReserved {
+            order_id: order_id.into(),
+            user_id: self.user_id.clone(),
+            total_cents,
+            lines: Vec::new(),
+        };
+        let event = OutgoingEvent::new(&event).correlated(order_id);
+        publish_direct(&self.js, &event, "shop/inventory")
+            .await
+            .unwrap();
+    }
+
+    async fn cancelled(&self, order_id: &str) {
+        let event = OrderCancelled {
+            order_id: order_id.into(),
+            user_id: self.user_id.clone(),
+            reason: "timeout".into(),
+        };
+        let event = OutgoingEvent::new(&event).correlated(order_id);
+        publish_direct(&self.js, &event, "shop/order")
+            .await
+            .unwrap();
+    }
+
+    /// The payment's status; none before the reservation is recorded.
+    async fn status(&mut self, order_id: &str) -> Option<PaymentStatus> {
+        let answer = self
+            .client
+            .get_payment(GetPaymentRequest {
+                order_id: order_id.into(),
+            })
+            .await;
+        match answer {
+            Ok(answer) => Some(answer.into_inner().payment.unwrap().status()),
+            Err(status) if status.code() == tonic::Code::NotFound => None,
+            Err(status) => panic!("{status}"),
+        }
+    }
+
+    async fn status_when(&mut self, order_id: &str, wanted: PaymentStatus) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let status = self.status(order_id).await;
+            if status == Some(wanted) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the payment stayed {status:?}, not {wanted:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The events the service published, by subject.
+    async fn published(&self) -> Vec<String> {
+        let stream = self.js.get_stream("PAYMENT").await.unwrap();
+        let last = stream.clone().info().await.unwrap().state.last_sequence;
+        let mut subjects = Vec::new();
+        for sequence in 1..=last {
+            if let Ok(message) = stream.get_raw_message(sequence).await {
+                subjects.push(message.subject.to_string());
+            }
+        }
+        subjects
+    }
+
+    /// Waits until the simulator has delivered every webhook it means to.
+    async fn webhooks_settled(&self) {
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+    }
+
+    /// POSTs a webhook body with a signature header; the answer's status.
+    async fn deliver(&self, signature: &str, body: &str) -> u16 {
+        let uri: hyper::Uri = self.webhook_url.parse().unwrap();
+        let tcp = tokio::net::TcpStream::connect(uri.authority().unwrap().as_str())
+            .await
+            .unwrap();
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let request = hyper::Request::post(uri.path())
+            .header("host", uri.authority().unwrap().as_str())
+            .header("content-type", "application/json")
+            .header("provider-signature", signature)
+            .body(Full::new(bytes::Bytes::from(body.to_owned())))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        let status = response.status().as_u16();
+        let _ = response.into_body().collect().await;
+        status
+    }
+}
+
+fn now() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+    )
+    .unwrap()
+}
+
+/// Webhooks duplicated, late, and first refused for a bad signature,
+/// racing the call's own answer: one capture, one refund, one event each.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_charge_is_captured_once_and_refunded_once_whatever_the_webhooks_do() {
+    let faults = Faults {
+        webhook_duplicate_rate: 1.0,
+        webhook_bad_signature_rate: 1.0,
+        webhook_delay_ms: 300,
+        ..Faults::default()
+    };
+    let mut shop = Shop::start(faults, true, 2_000).await;
+    let order_id = uuid::Uuid::now_v7().to_string();
+    shop.reserved(&order_id, 1200).await;
+    let message = shop
+        .infra
+        .nats
+        .last_message("PAYMENT", "payment.completed", WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        PaymentCompleted::decode(message.payload.as_ref())
+            .unwrap()
+            .amount_cents,
+        1200
+    );
+    assert_eq!(shop.status(&order_id).await, Some(PaymentStatus::Captured));
+
+    shop.cancelled(&order_id).await;
+    let message = shop
+        .infra
+        .nats
+        .last_message("PAYMENT", "payment.refunded", WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        PaymentRefunded::decode(message.payload.as_ref())
+            .unwrap()
+            .amount_cents,
+        1200
+    );
+    assert_eq!(shop.status(&order_id).await, Some(PaymentStatus::Refunded));
+
+    shop.webhooks_settled().await;
+    let payments = shop.simulator.payments();
+    assert_eq!(payments.len(), 1, "{payments:?}");
+    assert_eq!(payments[0].reference, order_id);
+    assert_eq!(payments[0].refunded_cents, 1200);
+    assert_eq!(
+        shop.published().await,
+        ["payment.completed", "payment.refunded"]
+    );
+}
+
+/// The provider charges, then its answer never comes in time, and no
+/// webhook tells: the payment stays PENDING until a call under the same
+/// key learns the outcome, charged once. A decline is a failed payment.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_lost_after_the_charge_is_learnt_under_the_same_key() {
+    let faults = Faults {
+        timeout_after_charge_rate: 1.0,
+        hang_ms: 3_000,
+        decline_above_cents: Some(5_000),
+        ..Faults::default()
+    };
+    let mut shop = Shop::start(faults, false, 300).await;
+    let order_id = uuid::Uuid::now_v7().to_string();
+    shop.reserved(&order_id, 1200).await;
+    shop.status_when(&order_id, PaymentStatus::Captured).await;
+    let payments = shop.simulator.payments();
+    assert_eq!(payments.len(), 1, "{payments:?}");
+
+    let declined = uuid::Uuid::now_v7().to_string();
+    shop.reserved(&declined, 6000).await;
+    let message = shop
+        .infra
+        .nats
+        .last_message("PAYMENT", "payment.failed", WAIT)
+        .await
+        .unwrap();
+    let failed = PaymentFailed::decode(message.payload.as_ref()).unwrap();
+    assert_eq!(failed.order_id, declined);
+    assert!(
+        failed.reason.contains("insufficient_funds"),
+        "{}",
+        failed.reason
+    );
+    assert_eq!(shop.simulator.payments().len(), 2);
+    assert_eq!(
+        shop.published().await,
+        ["payment.completed", "payment.failed"]
+    );
+}
+
+/// The order is cancelled (its deadline passed) while the charge is still
+/// on its way: the charge, once it succeeds, is refunded, and the order
+/// never sees `payment.completed`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancellation_while_the_charge_is_in_flight_refunds_the_charge() {
+    let faults = Faults {
+        latency_ms: 1_500,
+        ..Faults::default()
+    };
+    let mut shop = Shop::start(faults, true, 5_000).await;
+    let order_id = uuid::Uuid::now_v7().to_string();
+    shop.reserved(&order_id, 700).await;
+    shop.status_when(&order_id, PaymentStatus::Pending).await;
+    shop.cancelled(&order_id).await;
+    shop.infra
+        .nats
+        .last_message("PAYMENT", "payment.refunded", WAIT)
+        .await
+        .unwrap();
+    assert_eq!(shop.status(&order_id).await, Some(PaymentStatus::Refunded));
+    shop.webhooks_settled().await;
+    let payments = shop.simulator.payments();
+    assert_eq!(payments.len(), 1, "{payments:?}");
+    assert_eq!(payments[0].refunded_cents, 700);
+    assert_eq!(shop.published().await, ["payment.refunded"]);
+}
+
+/// A webhook that is not the provider's (signed with another secret), or
+/// is an old delivery replayed, is refused with 400 and settles nothing;
+/// a genuine one for an order the shop does not know is taken and does
+/// nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forged_or_replayed_webhook_is_refused_and_settles_nothing() {
+    let faults = Faults {
+        latency_ms: 3_000,
+        ..Faults::default()
+    };
+    let mut shop = Shop::start(faults, false, 10_000).await;
+    let order_id = uuid::Uuid::now_v7().to_string();
+    shop.reserved(&order_id, 900).await;
+    shop.status_when(&order_id, PaymentStatus::Pending).await;
+    let event = |reference: &str| {
+        serde_json::json!({
+            "id": format!("evt_{reference}"),
+            "type": "payment.succeeded",
+            "created": now(),
+            "data": {"id": "pay_1", "status": "succeeded", "amount_cents": 900,
+                     "reference": reference, "decline_code": "", "refunded_cents": 0},
+        })
+        .to_string()
+    };
+    let body = event(&order_id);
+    let sign = shop_provider_sim::signature::sign;
+    let forged = sign(b"not the secret", now(), body.as_bytes());
+    assert_eq!(shop.deliver(&forged, &body).await, 400);
+    let replayed = sign(SECRET.as_bytes(), now() - 3600, body.as_bytes());
+    assert_eq!(shop.deliver(&replayed, &body).await, 400);
+    assert_eq!(shop.deliver("", &body).await, 400);
+    assert_eq!(shop.status(&order_id).await, Some(PaymentStatus::Pending));
+
+    let stranger = event(&uuid::Uuid::now_v7().to_string());
+    let genuine = sign(SECRET.as_bytes(), now(), stranger.as_bytes());
+    assert_eq!(shop.deliver(&genuine, &stranger).await, 200);
+    assert_eq!(shop.status(&order_id).await, Some(PaymentStatus::Pending));
+    assert!(shop.published().await.is_empty());
+}
