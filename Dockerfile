@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# One image for the four services and shopctl:
+# One image for the four services, shopctl and the payment provider
+# simulator (provider-sim):
 #   docker build -t shop .
 #   docker run --rm shop order-svc --help
 # The dependencies are compiled in a layer of their own, rebuilt only when
@@ -9,7 +10,7 @@
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 ENV CARGO_TARGET_DIR=/src/target
-ARG PACKAGES="-p shop-user -p shop-order -p shop-inventory -p shop-payment -p shopctl"
+ARG PACKAGES="-p shop-user -p shop-order -p shop-inventory -p shop-payment -p shopctl -p shop-provider-sim"
 
 # Every manifest and the lock file, with empty targets: this layer holds
 # the compiled dependencies.
@@ -27,9 +28,10 @@ COPY services/user/Cargo.toml services/user/
 COPY services/order/Cargo.toml services/order/
 COPY services/inventory/Cargo.toml services/inventory/
 COPY services/payment/Cargo.toml services/payment/
+COPY tools/provider-sim/Cargo.toml tools/provider-sim/
 COPY tools/shopctl/Cargo.toml tools/shopctl/
 COPY integration-tests/Cargo.toml integration-tests/
-RUN for dir in shared/* services/* tools/shopctl integration-tests; do \
+RUN for dir in shared/* services/* tools/provider-sim tools/shopctl integration-tests; do \
       mkdir -p "$dir/src" && touch "$dir/src/lib.rs" && echo 'fn main() {}' > "$dir/src/main.rs"; \
     done
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
@@ -43,7 +45,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && cargo build --release --locked $PACKAGES \
  && mkdir -p /out \
  && cp target/release/user-svc target/release/order-svc target/release/inventory-svc \
-       target/release/payment-svc target/release/shopctl /out/
+       target/release/payment-svc target/release/shopctl target/release/provider-sim /out/
 
 FROM debian:bookworm-slim AS runtime
 RUN apt-get update \

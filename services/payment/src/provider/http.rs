@@ -160,12 +160,15 @@ impl HttpProvider {
                 // done is not known.
                 Err(error) => Outcome::Unknown(format!("unreadable answer: {error}")),
             },
-            // The same key still running, throttled, or a server error:
-            // nothing says whether it took effect.
-            Ok((status @ (409 | 429 | 500..), body)) => {
-                Outcome::Unknown(format!("answered {status}: {}", text(&body)))
+            // The request itself refused: asking again will not help.
+            Ok((status @ (400 | 402 | 422), body)) => {
+                Outcome::Refused(format!("answered {status}: {}", text(&body)))
             }
-            Ok((status, body)) => Outcome::Refused(format!("answered {status}: {}", text(&body))),
+            // Anything else says nothing of the request: the same key
+            // still running (409), throttled, a server error, or the shop
+            // misconfigured (a wrong key or URL: 401, 403, 404), which an
+            // operator mends while the calls go on under the same key.
+            Ok((status, body)) => Outcome::Unknown(format!("answered {status}: {}", text(&body))),
         }
     }
 }

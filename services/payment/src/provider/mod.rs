@@ -105,11 +105,13 @@ pub(crate) struct ProviderRefund {
 pub(crate) enum Outcome<T> {
     /// The provider answered.
     Done(T),
-    /// The provider refused the request (4xx): trying again will not help.
+    /// The provider refused the request (400, 402, 422): trying again
+    /// will not help.
     Refused(String),
     /// No answer, or one that does not say (a timeout, a 5xx, a lost
-    /// connection, a request under the same key still running): the call
-    /// may or may not have had its effect. Call again with the same key.
+    /// connection, a request under the same key still running, a key or
+    /// URL the provider does not take): the call may or may not have had
+    /// its effect. Call again with the same key.
     Unknown(String),
 }
 
