@@ -110,6 +110,7 @@ async fn each_service_publishes_only_its_own_events_and_the_saga_still_runs() {
         order_id: order_id.clone(),
         user_id: "u".into(),
         amount_cents: 1,
+        provider: None,
     });
     let js = async_nats::jetstream::new(order_client.clone());
     let published = match js.publish("payment.completed", forged.into()).await {

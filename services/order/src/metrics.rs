@@ -50,9 +50,10 @@ impl Default for SagaMetrics {
 /// The kind of a cancellation reason, for a label whose values stay few:
 /// the reasons name SKUs and amounts, the kinds do not.
 fn reason_kind(reason: &str) -> &'static str {
-    const KINDS: [(&str, &str); 6] = [
+    const KINDS: [(&str, &str); 7] = [
         ("out of stock", "out of stock"),
         ("insufficient funds", "insufficient funds"),
+        ("declined by the payment provider", "declined"),
         ("timeout", "timeout"),
         ("unknown SKU", "unknown sku"),
         ("quantity of", "invalid quantity"),
@@ -110,6 +111,10 @@ mod tests {
             "out of stock"
         );
         assert_eq!(reason_kind("timeout"), "timeout");
+        assert_eq!(
+            reason_kind("declined by the payment provider: card_declined"),
+            "declined"
+        );
         assert_eq!(reason_kind("unknown SKU NOPE"), "unknown sku");
         assert_eq!(reason_kind("something new"), "other");
         assert_eq!(reason_kind(""), "");

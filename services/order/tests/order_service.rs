@@ -215,6 +215,7 @@ async fn a_capture_after_the_deadline_cancels_instead_of_confirming() {
         order_id: order.order_id.clone(),
         user_id,
         amount_cents: 3998,
+        provider: None,
     };
     publish_direct(
         &orders.js,

@@ -125,6 +125,7 @@ impl StatementHandler<InventoryReserved> for HandlerState {
                         order_id: event.order_id,
                         user_id: event.user_id,
                         amount_cents: event.total_cents,
+                        provider: None,
                     },
                 ),
                 Debit::Declined(reason) => step.emit(
@@ -134,6 +135,7 @@ impl StatementHandler<InventoryReserved> for HandlerState {
                         user_id: event.user_id,
                         amount_cents: event.total_cents,
                         reason: reason.clone(),
+                        provider: None,
                     },
                 ),
                 Debit::AlreadyDecided => {}
@@ -197,6 +199,7 @@ impl Handler<OrderCancelled> for HandlerState {
                 order_id: event.order_id,
                 user_id: event.user_id,
                 amount_cents,
+                provider: None,
             });
         }
         Ok(())

@@ -54,9 +54,13 @@ pub struct Config {
 /// Starts the payment service's infrastructure and binds its servers.
 pub async fn build(config: Config) -> anyhow::Result<Server> {
     let infra = Infrastructure::start(&config.service, &SERVICE, MIGRATIONS).await?;
+    let metrics = provider::metrics::ProviderMetrics::default();
+    infra.register_metrics(|registry| metrics.register(registry));
     let steps = match config.provider.kind {
         provider::ProviderKind::Wallet => None,
-        provider::ProviderKind::Http => Some(std::sync::Arc::new(provider_steps(&config, &infra)?)),
+        provider::ProviderKind::Http => Some(std::sync::Arc::new(provider_steps(
+            &config, &infra, metrics,
+        )?)),
     };
     let by_provider = steps.is_some();
     let handlers = events::HandlerState {
@@ -101,6 +105,7 @@ pub async fn build(config: Config) -> anyhow::Result<Server> {
 fn provider_steps(
     config: &Config,
     infra: &Infrastructure,
+    metrics: provider::metrics::ProviderMetrics,
 ) -> anyhow::Result<provider::steps::Steps<provider::http::HttpProvider>> {
     let settings = &config.provider;
     let (Some(url), Some(key), Some(_)) = (
@@ -119,5 +124,6 @@ fn provider_steps(
         infra.outbox.clone(),
         http,
         timeout,
+        metrics,
     ))
 }

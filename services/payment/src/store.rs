@@ -349,6 +349,8 @@ pub(crate) struct Standing {
     pub(crate) user_id: Uuid,
     pub(crate) amount_cents: i64,
     pub(crate) provider_payment_id: Option<String>,
+    /// Calls made in this state.
+    pub(crate) attempts: i32,
 }
 
 /// An order's payment as it stands, locked, if it has one.
@@ -364,6 +366,7 @@ pub(crate) async fn lock_standing(
             payments::user_id,
             payments::amount_cents,
             payments::provider_payment_id,
+            payments::attempts,
         ))
         .for_update()
         .first(conn)
@@ -420,6 +423,34 @@ pub(crate) async fn record_webhook(
         .on_conflict_do_nothing()
         .execute(conn)
         .await
+}
+
+/// The provider's payments not settled, by state (PENDING, REFUNDING):
+/// how many, and the seconds since the oldest entered its state.
+pub(crate) async fn unsettled(
+    conn: &mut AsyncPgConnection,
+) -> QueryResult<Vec<(String, i64, f64)>> {
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = Text)]
+        status: String,
+        #[diesel(sql_type = BigInt)]
+        count: i64,
+        #[diesel(sql_type = diesel::sql_types::Double)]
+        age: f64,
+    }
+    let rows: Vec<Row> = diesel::sql_query(
+        "SELECT status, count(*) AS count,
+                extract(epoch FROM now() - min(updated_at))::float8 AS age
+         FROM payments WHERE status IN ('PENDING', 'REFUNDING')
+         GROUP BY status",
+    )
+    .load(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| (row.status, row.count, row.age))
+        .collect())
 }
 
 #[cfg(test)]

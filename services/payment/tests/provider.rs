@@ -186,6 +186,28 @@ impl Shop {
         tokio::time::sleep(Duration::from_millis(2000)).await;
     }
 
+    /// The value of one sample of the service's `/metrics`, 0 if absent.
+    async fn metric(&self, sample: &str) -> f64 {
+        let uri: hyper::Uri = self.webhook_url.parse().unwrap();
+        let tcp = tokio::net::TcpStream::connect(uri.authority().unwrap().as_str())
+            .await
+            .unwrap();
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let request = hyper::Request::get("/metrics")
+            .header("host", uri.authority().unwrap().as_str())
+            .body(Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8_lossy(&body)
+            .lines()
+            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
     /// POSTs a webhook body with a signature header; the answer's status.
     async fn deliver(&self, signature: &str, body: &str) -> u16 {
         let uri: hyper::Uri = self.webhook_url.parse().unwrap();
@@ -289,6 +311,14 @@ async fn an_answer_lost_after_the_charge_is_learnt_under_the_same_key() {
     shop.status_when(&order_id, PaymentStatus::Captured).await;
     let payments = shop.simulator.payments();
     assert_eq!(payments.len(), 1, "{payments:?}");
+    let unknown = shop
+        .metric(r#"shop_provider_calls_total{call="charge",outcome="unknown"}"#)
+        .await;
+    assert!(unknown >= 1.0, "{unknown} charges counted unknown");
+    let done = shop
+        .metric(r#"shop_provider_calls_total{call="charge",outcome="done"}"#)
+        .await;
+    assert!(done >= 1.0, "{done} charges counted done");
 
     let declined = uuid::Uuid::now_v7().to_string();
     shop.reserved(&declined, 6000).await;
@@ -300,11 +330,7 @@ async fn an_answer_lost_after_the_charge_is_learnt_under_the_same_key() {
         .unwrap();
     let failed = PaymentFailed::decode(message.payload.as_ref()).unwrap();
     assert_eq!(failed.order_id, declined);
-    assert!(
-        failed.reason.contains("insufficient_funds"),
-        "{}",
-        failed.reason
-    );
+    assert_eq!(failed.reason, "insufficient funds at the payment provider");
     assert_eq!(shop.simulator.payments().len(), 2);
     assert_eq!(
         shop.published().await,
@@ -370,6 +396,10 @@ async fn a_forged_or_replayed_webhook_is_refused_and_settles_nothing() {
     let replayed = sign(SECRET.as_bytes(), now() - 3600, body.as_bytes());
     assert_eq!(shop.deliver(&replayed, &body).await, 400);
     assert_eq!(shop.deliver("", &body).await, 400);
+    for reason in ["bad_signature", "stale", "unsigned"] {
+        let sample = format!(r#"shop_provider_webhooks_refused_total{{reason="{reason}"}}"#);
+        assert_eq!(shop.metric(&sample).await, 1.0, "{sample}");
+    }
     assert_eq!(shop.status(&order_id).await, Some(PaymentStatus::Pending));
 
     let stranger = event(&uuid::Uuid::now_v7().to_string());

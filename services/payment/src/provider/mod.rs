@@ -13,6 +13,7 @@
 //! the charge is in flight refunds it once it succeeds.
 
 pub(crate) mod http;
+pub(crate) mod metrics;
 pub(crate) mod steps;
 pub(crate) mod webhook;
 
@@ -113,6 +114,17 @@ pub(crate) enum Outcome<T> {
     /// URL the provider does not take): the call may or may not have had
     /// its effect. Call again with the same key.
     Unknown(String),
+}
+
+impl<T> Outcome<T> {
+    /// The outcome's name, for the metrics.
+    pub(crate) fn label(&self) -> &'static str {
+        match self {
+            Self::Done(_) => "done",
+            Self::Refused(_) => "refused",
+            Self::Unknown(_) => "unknown",
+        }
+    }
 }
 
 /// What the payment step needs of a provider.

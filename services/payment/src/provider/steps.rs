@@ -8,11 +8,12 @@ use std::time::Duration;
 use diesel_async::{AsyncConnection as _, AsyncPgConnection};
 use shop_db::PgPool;
 use shop_messaging::{Outbox, OutgoingEvent, Written};
-use shop_proto::payment::v1::{PaymentCompleted, PaymentFailed, PaymentRefunded};
+use shop_proto::payment::v1::{PaymentCompleted, PaymentFailed, PaymentRefunded, ProviderTrace};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::metrics::ProviderMetrics;
 use super::{Outcome, PaymentProvider, ProviderPayment, charge_key, refund_key};
 use crate::domain::{self, Charged, PaymentStatus, Settle};
 use crate::store;
@@ -22,6 +23,8 @@ const CLAIM: i64 = 32;
 /// How often the worker looks when nobody woke it: payments whose call
 /// failed come due again on their own.
 const LOOK_EVERY: Duration = Duration::from_millis(500);
+/// How often the unsettled payments are counted for the metrics.
+const COUNT_EVERY: Duration = Duration::from_secs(5);
 
 /// The provider's steps: the calls, and what their outcomes settle.
 pub(crate) struct Steps<P> {
@@ -31,6 +34,7 @@ pub(crate) struct Steps<P> {
     /// How long a call may take (the claim's lease covers it).
     timeout: Duration,
     wake: Notify,
+    metrics: ProviderMetrics,
 }
 
 impl<P> std::fmt::Debug for Steps<P> {
@@ -61,14 +65,25 @@ pub(crate) enum SettleError {
 }
 
 impl<P: PaymentProvider> Steps<P> {
-    pub(crate) fn new(pool: PgPool, outbox: Outbox, provider: P, timeout: Duration) -> Self {
+    pub(crate) fn new(
+        pool: PgPool,
+        outbox: Outbox,
+        provider: P,
+        timeout: Duration,
+        metrics: ProviderMetrics,
+    ) -> Self {
         Self {
             pool,
             outbox,
             provider,
             timeout,
             wake: Notify::new(),
+            metrics,
         }
+    }
+
+    pub(crate) fn metrics(&self) -> &ProviderMetrics {
+        &self.metrics
     }
 
     /// Tells the worker that a payment became due.
@@ -78,7 +93,12 @@ impl<P: PaymentProvider> Steps<P> {
 
     /// Makes the calls that are due, as they come due, until `shutdown`.
     pub(crate) async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut counted = tokio::time::Instant::now() - COUNT_EVERY;
         loop {
+            if counted.elapsed() >= COUNT_EVERY {
+                self.count_unsettled().await;
+                counted = tokio::time::Instant::now();
+            }
             loop {
                 let due = match self.claim().await {
                     Ok(due) => due,
@@ -97,6 +117,25 @@ impl<P: PaymentProvider> Steps<P> {
                 () = self.wake.notified() => {}
                 () = tokio::time::sleep(LOOK_EVERY) => {}
             }
+        }
+    }
+
+    async fn count_unsettled(&self) {
+        let counted = match self.connection().await {
+            Ok(mut conn) => store::unsettled(&mut conn).await.map_err(SettleError::from),
+            Err(error) => Err(error),
+        };
+        match counted {
+            Ok(rows) => {
+                for (state, status) in [("pending", "PENDING"), ("refunding", "REFUNDING")] {
+                    let (count, age) = rows
+                        .iter()
+                        .find(|(stored, _, _)| stored == status)
+                        .map_or((0, 0.0), |(_, count, age)| (*count, *age));
+                    self.metrics.set_unsettled(state, count, age);
+                }
+            }
+            Err(error) => tracing::debug!(%error, "cannot count the unsettled payments"),
         }
     }
 
@@ -122,11 +161,14 @@ impl<P: PaymentProvider> Steps<P> {
         let settled = match PaymentStatus::parse(&due.status) {
             Ok(PaymentStatus::Pending) => {
                 let key = charge_key(order_id);
-                match self
+                let started = tokio::time::Instant::now();
+                let outcome = self
                     .provider
                     .charge(&key, due.amount_cents, &order_id.to_string())
-                    .await
-                {
+                    .await;
+                self.metrics
+                    .call("charge", outcome.label(), started.elapsed().as_secs_f64());
+                match outcome {
                     Outcome::Done(payment) => self.settle_charge(&payment, None).await,
                     Outcome::Refused(why) => {
                         tracing::warn!(%order_id, %why, "the provider refused the charge");
@@ -184,13 +226,14 @@ impl<P: PaymentProvider> Steps<P> {
             .reference
             .parse()
             .map_err(|_| SettleError::Reference(payment.reference.clone()))?;
-        let charged = if payment.status == "succeeded" {
-            Charged::Succeeded
-        } else {
-            Charged::Declined(format!(
-                "declined by the payment provider: {}",
-                payment.decline_code
-            ))
+        let charged = match (payment.status.as_str(), payment.decline_code.as_str()) {
+            ("succeeded", _) => Charged::Succeeded,
+            // Worded as the wallet's refusal is, which the order service
+            // and its metrics know as a refusal for funds.
+            (_, "insufficient_funds") => {
+                Charged::Declined("insufficient funds at the payment provider".into())
+            }
+            (_, code) => Charged::Declined(format!("declined by the payment provider: {code}")),
         };
         self.settle(order_id, Some(&payment.id), charged, webhook)
             .await
@@ -219,6 +262,7 @@ impl<P: PaymentProvider> Steps<P> {
                 };
                 let status = parse(&standing.status)?;
                 let id = provider_payment_id.or(standing.provider_payment_id.as_deref());
+                let trace = trace(id, standing.attempts, webhook);
                 match domain::settle(status, standing.cancel_requested, charged) {
                     Settle::Capture => {
                         store::settle(conn, order_id, PaymentStatus::Captured, id, "").await?;
@@ -226,6 +270,7 @@ impl<P: PaymentProvider> Steps<P> {
                             order_id: order_id.to_string(),
                             user_id: standing.user_id.to_string(),
                             amount_cents: standing.amount_cents,
+                            provider: Some(trace),
                         };
                         Ok((append(outbox, conn, order_id, OutgoingEvent::new(&event)).await?, false))
                     }
@@ -240,6 +285,7 @@ impl<P: PaymentProvider> Steps<P> {
                             user_id: standing.user_id.to_string(),
                             amount_cents: standing.amount_cents,
                             reason,
+                            provider: Some(trace),
                         };
                         Ok((append(outbox, conn, order_id, OutgoingEvent::new(&event)).await?, false))
                     }
@@ -280,6 +326,7 @@ impl<P: PaymentProvider> Steps<P> {
                     order_id: order_id.to_string(),
                     user_id: standing.user_id.to_string(),
                     amount_cents: standing.amount_cents,
+                    provider: Some(trace(id, standing.attempts, webhook)),
                 };
                 append(outbox, conn, order_id, OutgoingEvent::new(&event)).await
             })
@@ -310,6 +357,20 @@ async fn first_time(
         Some(webhook) => {
             Ok(store::record_webhook(conn, webhook.event_id, webhook.kind).await? == 1)
         }
+    }
+}
+
+/// How the provider's outcome was reached, for the event.
+fn trace(payment_id: Option<&str>, calls: i32, webhook: Option<Webhook<'_>>) -> ProviderTrace {
+    ProviderTrace {
+        payment_id: payment_id.unwrap_or_default().to_owned(),
+        calls,
+        settled_by: if webhook.is_some() {
+            "webhook"
+        } else {
+            "answer"
+        }
+        .to_owned(),
     }
 }
 

@@ -126,11 +126,13 @@ async fn receive<P: PaymentProvider>(
         now,
     ) {
         tracing::warn!(reason = refusal.as_str(), "webhook refused");
+        receiver.steps.metrics().webhook_refused(refusal.as_str());
         return (
             StatusCode::BAD_REQUEST,
             format!("refused: {}", refusal.as_str()),
         );
     }
+    receiver.steps.metrics().webhook_taken();
     let event: Event = match serde_json::from_slice(&body) {
         Ok(event) => event,
         Err(error) => return (StatusCode::BAD_REQUEST, format!("not an event: {error}")),
