@@ -50,7 +50,94 @@ pub(crate) struct Up {
     /// let other machines in (`0.0.0.0`).
     #[arg(long, default_value = "127.0.0.1")]
     listen: std::net::IpAddr,
+    /// How the payment service takes payments: `wallet`, its own wallets;
+    /// `simulator`, through a payment provider simulator started here on
+    /// `--provider-port` (its ledger at `/_sim/ledger`), whose webhooks go
+    /// to the payment service. The simulator declines charges above
+    /// 100000 cents, as the wallets would.
+    #[arg(long, value_enum, default_value = "wallet")]
+    payment_provider: LocalProvider,
+    /// The provider simulator's port.
+    #[arg(long, default_value_t = 8099)]
+    provider_port: u16,
+    /// Faults for the provider simulator, as JSON (`provider-sim --help`
+    /// names them), e.g. `{"timeout_after_charge_rate": 0.2}`.
+    #[arg(long, default_value = "{}")]
+    provider_faults: String,
 }
+
+/// Where `shopctl up`'s payments go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LocalProvider {
+    Wallet,
+    Simulator,
+}
+
+/// The provider simulator `shopctl up --payment-provider simulator` runs,
+/// and what the payment service needs to use it.
+struct LocalSimulator {
+    settings: shop_payment::provider::ProviderConfig,
+    /// The key this run made for it (a throwaway, printed for `curl`).
+    api_key: String,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+impl Up {
+    /// Starts the provider simulator on `--provider-port`, with a fresh key
+    /// and webhook secret, its webhooks to the payment service's HTTP port.
+    async fn start_simulator(&self) -> anyhow::Result<LocalSimulator> {
+        let mut faults: shop_provider_sim::Faults =
+            serde_json::from_str(&self.provider_faults).context("--provider-faults")?;
+        faults.decline_above_cents.get_or_insert(STARTING_CREDIT);
+        let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, self.provider_port))
+            .await
+            .with_context(|| {
+                format!(
+                    "port {} (the provider simulator) is taken: stop whatever listens there, or give --provider-port",
+                    self.provider_port
+                )
+            })?;
+        let api_key = format!("sk_local_{}", uuid::Uuid::new_v4().simple());
+        let secret = format!("whsec_local_{}", uuid::Uuid::new_v4().simple());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let simulator = shop_provider_sim::Simulator::new(
+            shop_provider_sim::Config {
+                api_key: api_key.clone(),
+                webhook_url: Some(format!(
+                    "http://127.0.0.1:{}/webhooks/provider",
+                    shop_payment::SERVICE.ports.http
+                )),
+                webhook_secret: secret.clone(),
+                seed: 1,
+                faults,
+            },
+            stop.clone(),
+        )
+        .map_err(anyhow::Error::msg)
+        .context("--provider-faults")?;
+        let router = simulator.router();
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stopped.cancelled_owned())
+                .await
+        });
+        Ok(LocalSimulator {
+            settings: shop_payment::provider::ProviderConfig {
+                kind: shop_payment::provider::ProviderKind::Http,
+                provider_url: Some(format!("http://127.0.0.1:{}", self.provider_port)),
+                provider_api_key: Some(api_key.clone().into()),
+                provider_webhook_secret: Some(secret.into()),
+                ..shop_payment::provider::ProviderConfig::default()
+            },
+            api_key,
+            _stop: stop.drop_guard(),
+        })
+    }
+}
+
+/// The credit `shopctl up` opens every wallet with.
+const STARTING_CREDIT: i64 = 100_000;
 
 /// The services with their default ports, in start order.
 const SERVICES: [Identity; 4] = [
@@ -131,6 +218,15 @@ impl Up {
         auth.jwks = None;
         auth.jwks_file = Some(shop_auth::LocalIssuer::jwks_path(&auth_dir));
 
+        let simulator = match self.payment_provider {
+            LocalProvider::Wallet => None,
+            LocalProvider::Simulator => Some(self.start_simulator().await?),
+        };
+        let provider = simulator
+            .as_ref()
+            .map(|simulator| simulator.settings.clone())
+            .unwrap_or_default();
+
         let mut running = Vec::new();
         let mut databases = Vec::new();
         for (identity, (owner_url, url)) in SERVICES.into_iter().zip(urls) {
@@ -158,7 +254,9 @@ impl Up {
                     stream_replicas,
                     ..ServiceConfig::local(url.clone(), nats.url(), auth.clone())
                 };
-                let server = build(service, config).instrument(span(service)).await?;
+                let server = build(service, config, &provider)
+                    .instrument(span(service))
+                    .await?;
                 running.push((service, http, Running::spawn_in(server, span(service))));
             }
         }
@@ -171,6 +269,16 @@ impl Up {
             wait_ready(service, (host, *http).into()).await?;
         }
         print_banner(&nats.url(), postgres.port(), started.elapsed());
+        if let Some(simulator) = &simulator {
+            println!(
+                "Payments go through the provider simulator on http://127.0.0.1:{}; its ledger:",
+                self.provider_port
+            );
+            println!(
+                "  curl -H \"authorization: Bearer {}\" http://127.0.0.1:{}/_sim/ledger\n",
+                simulator.api_key, self.provider_port
+            );
+        }
         if self.cluster {
             println!("JetStream runs as a three-node cluster; every stream has three replicas.");
         }
@@ -210,6 +318,7 @@ impl Up {
         } else {
             tracing::warn!(left = %left.join(", "), "events left in the outboxes; the next start publishes them");
         }
+        drop(simulator);
         nats.stop();
         postgres.stop();
         Ok(())
@@ -272,7 +381,11 @@ fn migrations(service: &str) -> diesel_migrations::EmbeddedMigrations {
     }
 }
 
-async fn build(service: &str, config: ServiceConfig) -> anyhow::Result<Server> {
+async fn build(
+    service: &str,
+    config: ServiceConfig,
+    provider: &shop_payment::provider::ProviderConfig,
+) -> anyhow::Result<Server> {
     match service {
         "user" => shop_user::build(shop_user::Config { service: config }).await,
         "order" => {
@@ -286,8 +399,8 @@ async fn build(service: &str, config: ServiceConfig) -> anyhow::Result<Server> {
         _ => {
             shop_payment::build(shop_payment::Config {
                 service: config,
-                starting_credit_cents: 100_000,
-                provider: Default::default(),
+                starting_credit_cents: STARTING_CREDIT,
+                provider: provider.clone(),
             })
             .await
         }
