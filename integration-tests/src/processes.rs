@@ -10,8 +10,14 @@ use shop_proto::order::v1::order_service_client::OrderServiceClient;
 use shop_proto::order::v1::{GetOrderRequest, Order, OrderStatus, PlaceOrderRequest};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-/// The service binaries and where they are.
-pub const BINARIES: [&str; 4] = ["user-svc", "order-svc", "inventory-svc", "payment-svc"];
+/// The service binaries, and the payment provider simulator's.
+pub const BINARIES: [&str; 5] = [
+    "user-svc",
+    "order-svc",
+    "inventory-svc",
+    "payment-svc",
+    "provider-sim",
+];
 
 /// The directory holding the service binaries. `cargo nextest run
 /// --workspace` builds them with the tests; when one is missing or older
@@ -24,10 +30,17 @@ pub fn binaries() -> &'static Path {
         let exe = std::env::current_exe().unwrap();
         let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let newest_source = ["services", "shared", "migrations", "proto", "Cargo.lock"]
-            .iter()
-            .filter_map(|part| newest(&root.join(part)))
-            .max();
+        let newest_source = [
+            "services",
+            "shared",
+            "migrations",
+            "proto",
+            "tools/provider-sim",
+            "Cargo.lock",
+        ]
+        .iter()
+        .filter_map(|part| newest(&root.join(part)))
+        .max();
         let stale = BINARIES.iter().any(|binary| {
             let built = std::fs::metadata(dir.join(binary)).and_then(|m| m.modified());
             match (built, newest_source) {
@@ -46,6 +59,7 @@ pub fn binaries() -> &'static Path {
             let status = command
                 .args(["-p", "shop-user", "-p", "shop-order"])
                 .args(["-p", "shop-inventory", "-p", "shop-payment"])
+                .args(["-p", "shop-provider-sim"])
                 .current_dir(&root)
                 .status()
                 .expect("cargo runs");
@@ -263,10 +277,20 @@ fn spawn(
 /// A GET over plain HTTP/1.1: the status and the body, or `None` when
 /// nothing answers.
 pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    http_get_as(port, path, None).await
+}
+
+/// [`http_get`] with `Authorization: Bearer <token>`.
+pub async fn http_get_as(port: u16, path: &str, token: Option<&str>) -> Option<(u16, String)> {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let authorization = token
+        .map(|token| format!("Authorization: Bearer {token}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{authorization}Connection: close\r\n\r\n"
+    );
     stream.write_all(request.as_bytes()).await.ok()?;
     let mut response = String::new();
     tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))

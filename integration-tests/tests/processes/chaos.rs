@@ -16,6 +16,12 @@
 //! election timeouts, and restarts all three in turn. Once everything is
 //! quiet, the checker reads the four databases and the streams.
 //!
+//! Payments go through the payment provider simulator (a process of its
+//! own) with its faults: declines, 503s, answers lost after the charge or
+//! the refund was made, webhooks late, duplicated, out of order and badly
+//! signed; the checker also reads the simulator's ledger. One more run on
+//! one server takes payments from the wallets.
+//!
 //! Size and seed come from the environment: `CHAOS_SAGAS` (300),
 //! `CHAOS_RATE` (sagas placed per second, 10), `CHAOS_FAULTS` (10),
 //! `CHAOS_SEED` (a fixed one); the same seed replays the same schedule.
@@ -41,6 +47,11 @@ use shop_test_support::{TestNats, TestNatsCluster, TestPostgres};
 use tokio::sync::Mutex;
 
 const STARTING_CREDIT: i64 = 1_000_000_000;
+const PROVIDER_KEY: &str = "sk_test_chaos";
+const PROVIDER_SECRET: &str = "whsec_test_chaos";
+/// How long the payment service waits for the provider before the outcome
+/// is unknown; the simulator holds a lost answer for longer.
+const PROVIDER_TIMEOUT_MS: u64 = 500;
 const DEADLINE_MS: u64 = 8_000;
 const ACK_WAIT_MS: u64 = 5_000;
 const USERS: usize = 50;
@@ -239,15 +250,83 @@ enum Broker {
     Cluster(TestNatsCluster),
 }
 
+/// How a run takes payments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Payments {
+    Wallet,
+    Provider,
+}
+
+/// The payment provider simulator, as a process, with the faults above.
+struct Provider {
+    port: u16,
+    _child: tokio::process::Child,
+}
+
+impl Provider {
+    fn faults() -> String {
+        serde_json::json!({
+            "latency_ms": 5,
+            "decline_rate": 0.02,
+            "decline_above_cents": STARTING_CREDIT,
+            "error_rate": 0.05,
+            "timeout_after_charge_rate": 0.05,
+            "refund_timeout_rate": 0.1,
+            "hang_ms": 2_000,
+            "webhook_delay_ms": 800,
+            "webhook_duplicate_rate": 0.2,
+            "webhook_bad_signature_rate": 0.05,
+            "webhook_old_timestamp_rate": 0.05,
+        })
+        .to_string()
+    }
+
+    /// Starts it on `port`, its webhooks to `webhook_url`.
+    async fn start(port: u16, webhook_url: &str, seed: u64) -> Self {
+        let child = tokio::process::Command::new(processes::binaries().join("provider-sim"))
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--webhook-url", webhook_url])
+            .args(["--faults", &Self::faults()])
+            .args(["--seed", &seed.to_string()])
+            .env("PROVIDER_API_KEY", PROVIDER_KEY)
+            .env("PROVIDER_WEBHOOK_SECRET", PROVIDER_SECRET)
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("provider-sim starts");
+        let provider = Self {
+            port,
+            _child: child,
+        };
+        let started = Instant::now();
+        while provider.ledger().await.is_none() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "provider-sim never answered"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        provider
+    }
+
+    /// `GET /_sim/ledger`.
+    async fn ledger(&self) -> Option<serde_json::Value> {
+        let (status, body) =
+            processes::http_get_as(self.port, "/_sim/ledger", Some(PROVIDER_KEY)).await?;
+        (status == 200).then(|| serde_json::from_str(&body).unwrap())
+    }
+}
+
 struct System {
     shape: Shape,
     broker: Broker,
     postgres: TestPostgres,
     processes: HashMap<(&'static str, usize), ServiceProcess>,
+    provider: Option<Provider>,
 }
 
 impl System {
-    async fn start(shape: Shape) -> Self {
+    async fn start(shape: Shape, payments: Payments, seed: u64) -> Self {
         let broker = async {
             match shape {
                 Shape::Single => Broker::Single(Box::new(TestNats::start().await)),
@@ -262,17 +341,30 @@ impl System {
         for service in ["user", "order", "inventory", "payment"] {
             postgres.create_database(&format!("shop_{service}")).await;
         }
+        // The payment services call the simulator on a port chosen now; it
+        // starts once they listen, its webhooks to the first payment replica.
+        let provider_port = processes::free_port();
+        let provider_env = [
+            ("PAYMENT_PROVIDER", "http".to_owned()),
+            ("PROVIDER_URL", format!("http://127.0.0.1:{provider_port}")),
+            ("PROVIDER_API_KEY", PROVIDER_KEY.to_owned()),
+            ("PROVIDER_WEBHOOK_SECRET", PROVIDER_SECRET.to_owned()),
+            ("PROVIDER_TIMEOUT_MS", PROVIDER_TIMEOUT_MS.to_string()),
+        ];
         // Every replica at once, as a deployment starts them.
         let started = Instant::now();
         let processes =
             futures::future::join_all(shape.processes().iter().map(|&(name, replica)| {
                 let url = postgres.url(&format!("shop_{name}"));
-                let env = [
+                let mut env = vec![
                     ("SAGA_DEADLINE_MS", DEADLINE_MS.to_string()),
                     ("ACK_WAIT_MS", ACK_WAIT_MS.to_string()),
                     ("STARTING_CREDIT_CENTS", STARTING_CREDIT.to_string()),
                     ("STREAM_REPLICAS", shape.stream_replicas().to_string()),
                 ];
+                if name == "payment" && payments == Payments::Provider {
+                    env.extend(provider_env.iter().cloned());
+                }
                 let nats_url = nats_url.clone();
                 async move {
                     let process = ServiceProcess::start(name, &url, &nats_url, &env).await;
@@ -281,17 +373,28 @@ impl System {
             }))
             .await
             .into_iter()
-            .collect();
+            .collect::<HashMap<_, _>>();
         println!(
             "  ({} service processes ready in {:.1} s)",
             shape.processes().len(),
             started.elapsed().as_secs_f64()
         );
+        let provider = match payments {
+            Payments::Wallet => None,
+            Payments::Provider => {
+                let webhooks = format!(
+                    "http://127.0.0.1:{}/webhooks/provider",
+                    processes[&("payment", 0)].http
+                );
+                Some(Provider::start(provider_port, &webhooks, seed).await)
+            }
+        };
         Self {
             shape,
             broker,
             postgres,
             processes,
+            provider,
         }
     }
 
@@ -503,6 +606,14 @@ async fn quiet(system: &System, urls: &HashMap<&str, String>) -> Duration {
         )
         .await[0]
             .n;
+        // A provider's payment waiting for its charge's outcome or its refund.
+        let unsettled = rows(
+            &urls["payment"],
+            "SELECT '' AS key, '' AS detail, count(*) AS n FROM payments \
+             WHERE status IN ('PENDING', 'REFUNDING')",
+        )
+        .await[0]
+            .n;
         let mut unpublished = 0;
         for url in urls.values() {
             unpublished += rows(
@@ -549,12 +660,12 @@ async fn quiet(system: &System, urls: &HashMap<&str, String>) -> Duration {
                 undelivered += left;
             }
         }
-        if pending == 0 && unpublished == 0 && undelivered == 0 {
+        if pending == 0 && unsettled == 0 && unpublished == 0 && undelivered == 0 {
             return started.elapsed();
         }
         assert!(
             started.elapsed() < Duration::from_secs(120),
-            "not quiet after 120 s: {pending} orders pending, {unpublished} outbox rows unpublished, {undelivered} deliveries outstanding:\n  {}",
+            "not quiet after 120 s: {pending} orders pending, {unsettled} provider payments unsettled, {unpublished} outbox rows unpublished, {undelivered} deliveries outstanding:\n  {}",
             outstanding.join("\n  ")
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -669,12 +780,17 @@ async fn check(
         assert_eq!(sold, confirmed, "{}: sold vs confirmed units", row.key);
     }
 
-    // Per user: balance + captured = starting credit (no deposits here).
+    // Per user: balance + captured = starting credit (no deposits here);
+    // with a provider, the wallets are never touched.
     let balances = table(
         &urls["payment"],
-        "SELECT a.user_id::text AS key, '' AS detail, a.balance_cents + coalesce(( \
-           SELECT sum(p.amount_cents) FROM payments p \
-           WHERE p.user_id = a.user_id AND p.status = 'CAPTURED'), 0)::bigint AS n FROM accounts a",
+        if system.provider.is_some() {
+            "SELECT a.user_id::text AS key, '' AS detail, a.balance_cents AS n FROM accounts a"
+        } else {
+            "SELECT a.user_id::text AS key, '' AS detail, a.balance_cents + coalesce(( \
+               SELECT sum(p.amount_cents) FROM payments p \
+               WHERE p.user_id = a.user_id AND p.status = 'CAPTURED'), 0)::bigint AS n FROM accounts a"
+        },
     )
     .await;
     assert_eq!(balances.len(), users.len(), "one wallet per user");
@@ -696,6 +812,10 @@ async fn check(
         assert_eq!(unpublished, 0, "{service}: outbox rows never published");
     }
 
+    if let Some(provider) = &system.provider {
+        check_ledger(provider, &orders, &payments).await;
+    }
+
     // The streams: no event emitted twice, every order ended once.
     let order_ids: Vec<String> = orders.keys().map(|(id, _)| id.clone()).collect();
     let copies = check_streams(&js, &order_ids).await;
@@ -704,9 +824,92 @@ async fn check(
     (outcomes, copies)
 }
 
-async fn run(shape: Shape, sagas: usize, rate: f64, faults: Vec<(Duration, Fault, Duration)>) {
+/// The provider's ledger against the shop's view, per order: no order
+/// charged twice; what the provider kept (charges minus refunds) is what
+/// the shop captured and kept; a CONFIRMED order has exactly one charge,
+/// of its total; a cancelled one keeps none.
+async fn check_ledger(
+    provider: &Provider,
+    orders: &BTreeMap<(String, String), i64>,
+    payments: &BTreeMap<(String, String), i64>,
+) {
+    let ledger = provider.ledger().await.expect("the simulator's ledger");
+    let mut charges: HashMap<String, Vec<(i64, i64)>> = HashMap::new();
+    for payment in ledger["payments"].as_array().unwrap() {
+        if payment["status"] == "succeeded" {
+            charges
+                .entry(payment["reference"].as_str().unwrap().to_owned())
+                .or_default()
+                .push((
+                    payment["amount_cents"].as_i64().unwrap(),
+                    payment["refunded_cents"].as_i64().unwrap(),
+                ));
+        }
+    }
+    for ((order_id, state), total) in orders {
+        let charged = charges.remove(order_id).unwrap_or_default();
+        assert!(
+            charged.len() <= 1,
+            "order {order_id} charged twice: {charged:?}"
+        );
+        let kept: i64 = charged
+            .iter()
+            .map(|(amount, refunded)| amount - refunded)
+            .sum();
+        let shop = payments
+            .iter()
+            .find(|((id, _), _)| id == order_id)
+            .map(|((_, status), amount)| (status.as_str(), *amount));
+        let captured = match shop {
+            Some(("CAPTURED", amount)) => amount,
+            _ => 0,
+        };
+        assert_eq!(
+            kept, captured,
+            "order {order_id}: the provider kept {kept} cents, the shop captured {captured} ({shop:?})"
+        );
+        if state.starts_with("CONFIRMED") {
+            assert_eq!(
+                charged,
+                [(*total, 0)],
+                "confirmed order {order_id}: one charge of its total"
+            );
+        } else {
+            assert_eq!(kept, 0, "cancelled order {order_id} keeps a charge");
+        }
+    }
+    assert!(
+        charges.is_empty(),
+        "charges for orders the shop does not have: {charges:?}"
+    );
+    let refunds = ledger["refunds"].as_array().unwrap().len();
+    let webhooks = &ledger["webhooks"];
+    println!(
+        "  provider: {} payments ({} succeeded), {refunds} refunds; webhooks {} sent, {} taken, {} refused, {} abandoned",
+        ledger["payments"].as_array().unwrap().len(),
+        ledger["payments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["status"] == "succeeded")
+            .count(),
+        webhooks["attempts"],
+        webhooks["delivered"],
+        webhooks["refused"],
+        webhooks["abandoned"],
+    );
+}
+
+async fn run(
+    shape: Shape,
+    payments: Payments,
+    sagas: usize,
+    rate: f64,
+    faults: Vec<(Duration, Fault, Duration)>,
+) {
     let started = Instant::now();
-    let mut system = System::start(shape).await;
+    let seed = env_or("CHAOS_SEED", 0x5eed_2026_u64);
+    let mut system = System::start(shape, payments, seed).await;
     let urls: HashMap<&str, String> = ["user", "order", "inventory", "payment"]
         .into_iter()
         .map(|service| (service, system.postgres.url(&format!("shop_{service}"))))
@@ -793,10 +996,14 @@ async fn run(shape: Shape, sagas: usize, rate: f64, faults: Vec<(Duration, Fault
     let (counts, copies) = check(&system, &urls, &users).await;
 
     println!(
-        "chaos on {}: {sagas} sagas, {} faults",
+        "chaos on {}, payments {}: {sagas} sagas, {} faults",
         match shape {
             Shape::Single => "one nats-server",
             Shape::Cluster => "a three-node JetStream cluster",
+        },
+        match payments {
+            Payments::Wallet => "from the wallets",
+            Payments::Provider => "through the provider simulator",
         },
         faults.len()
     );
@@ -823,11 +1030,11 @@ async fn run(shape: Shape, sagas: usize, rate: f64, faults: Vec<(Duration, Fault
         "every placed order exists once"
     );
     assert_eq!(driven.placed.load(Ordering::Relaxed), sagas as u64);
-    for outcome in [
-        "confirmed",
-        "cancelled: out of stock",
-        "cancelled: insufficient funds",
-    ] {
+    let declined = match payments {
+        Payments::Wallet => "cancelled: insufficient funds",
+        Payments::Provider => "cancelled: insufficient funds at the payment provider",
+    };
+    for outcome in ["confirmed", "cancelled: out of stock", declined] {
         assert!(
             counts.contains_key(outcome),
             "no saga ended {outcome}: {counts:?}"
@@ -854,13 +1061,33 @@ fn chaos(shape: Shape) -> (usize, f64, Vec<(Duration, Fault, Duration)>) {
 #[tokio::test(flavor = "multi_thread")]
 async fn sagas_stay_correct_through_kills_restarts_and_pauses() {
     let (sagas, rate, schedule) = chaos(Shape::Single);
-    Box::pin(run(Shape::Single, sagas, rate, schedule)).await;
+    Box::pin(run(
+        Shape::Single,
+        Payments::Provider,
+        sagas,
+        rate,
+        schedule,
+    ))
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sagas_stay_correct_on_a_cluster_losing_nodes_with_every_service_replicated() {
     let (sagas, rate, schedule) = chaos(Shape::Cluster);
-    Box::pin(run(Shape::Cluster, sagas, rate, schedule)).await;
+    Box::pin(run(
+        Shape::Cluster,
+        Payments::Provider,
+        sagas,
+        rate,
+        schedule,
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wallet_sagas_stay_correct_through_kills_restarts_and_pauses() {
+    let (sagas, rate, schedule) = chaos(Shape::Single);
+    Box::pin(run(Shape::Single, Payments::Wallet, sagas, rate, schedule)).await;
 }
 
 #[test]
