@@ -49,7 +49,10 @@ fn play(scenario: &Scenario) -> Result<(), String> {
     let order_ids: Vec<OrderId> = (0..scenario.orders.len())
         .map(|i| Uuid::from_u128(0x2000 + i as u128).into())
         .collect();
-    let mut world = World::default();
+    let mut world = World {
+        provider: scenario.provider,
+        ..World::default()
+    };
     let mut stocked = HashMap::new();
     for (sku, &(price_cents, stock)) in ["A", "B"].iter().zip(&scenario.products) {
         world.stock.insert(
@@ -76,7 +79,11 @@ fn play(scenario: &Scenario) -> Result<(), String> {
                 world.late = true;
                 world.sweep();
             }
+            Move::Retry => {
+                world.retry();
+            }
             _ if world.pending.is_empty() => {}
+            Move::Lose(pick) => world.lose(pick),
             Move::Deliver(pick) => {
                 let index = pick % world.pending.len();
                 world.deliver(vec![index], false)?;
@@ -117,7 +124,9 @@ fn play(scenario: &Scenario) -> Result<(), String> {
         for index in 0..scenario.orders.len() {
             place(&mut world, index);
         }
-        if world.pending.is_empty() {
+        // Nothing on its way, yet a provider's outcome unknown: the
+        // worker's next call.
+        if world.pending.is_empty() && !world.retry() {
             break;
         }
         // The oldest event that can be decided goes next; one that cannot
@@ -181,6 +190,9 @@ fn check(world: &World, stocked: &HashMap<String, i64>) -> Result<(), String> {
             ));
         }
     }
+    if world.provider {
+        return check_provider(world);
+    }
     for (user, start) in &world.credit {
         let balance = world.balances.get(user).copied().unwrap_or_default();
         let kept: i64 = world
@@ -193,6 +205,62 @@ fn check(world: &World, stocked: &HashMap<String, i64>) -> Result<(), String> {
             return fail(format!(
                 "user {user}: balance {balance} + captured {kept} against a credit of {start}"
             ));
+        }
+    }
+    for (what, log) in [("effect", &world.effects), ("event", &world.published)] {
+        let mut seen = HashSet::new();
+        for key in log {
+            if !seen.insert(key) {
+                return fail(format!("{what} {key:?} happened twice"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Through a provider: the wallets untouched; per order, what the
+/// provider kept is what the shop captured, a confirmed order has exactly
+/// one charge of its total and a cancelled one keeps none; nothing left
+/// PENDING or REFUNDING; no event or effect twice.
+fn check_provider(world: &World) -> Result<(), String> {
+    let fail = |what: String| Err(format!("{what}\nworld: {world:#?}"));
+    for (user, start) in &world.credit {
+        let balance = world.balances.get(user).copied().unwrap_or_default();
+        if balance != *start {
+            return fail(format!(
+                "user {user}: the wallet moved to {balance} from {start}"
+            ));
+        }
+    }
+    for (id, (status, amount, _)) in &world.payments {
+        if matches!(status, PaymentStatus::Pending | PaymentStatus::Refunding) {
+            return fail(format!("payment of {id} left {status:?} ({amount})"));
+        }
+    }
+    for (id, row) in &world.orders {
+        let kept = world
+            .ledger
+            .get(id)
+            .filter(|(succeeded, ..)| *succeeded)
+            .map_or(0, |(_, amount, refunded, _)| amount - refunded);
+        let captured = match world.payments.get(id) {
+            Some((PaymentStatus::Captured, amount, _)) => *amount,
+            _ => 0,
+        };
+        if kept != captured {
+            return fail(format!(
+                "order {id}: the provider kept {kept}, the shop captured {captured}"
+            ));
+        }
+        if row.status == Status::Confirmed
+            && world.ledger.get(id).map(|(s, a, r, _)| (*s, *a, *r)) != Some((true, row.total, 0))
+        {
+            return fail(format!(
+                "confirmed order {id} has no single charge of its total"
+            ));
+        }
+        if row.status == Status::Cancelled && kept != 0 {
+            return fail(format!("cancelled order {id} keeps a charge of {kept}"));
         }
     }
     for (what, log) in [("effect", &world.effects), ("event", &world.published)] {
@@ -248,6 +316,7 @@ fn one_buyer(orders: usize, moves: Vec<Move>) -> Scenario {
         products: [(10, 5), (10, 0)],
         orders: vec![(0, vec![("A".into(), 1)]); orders],
         moves: script,
+        provider: false,
     }
 }
 
@@ -356,4 +425,81 @@ fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
         .ok()
         .and_then(|value| value.parse().ok())
         .unwrap_or(default)
+}
+
+/// [`one_buyer`] paying through the provider.
+fn through_provider(orders: usize, moves: Vec<Move>) -> Scenario {
+    Scenario {
+        provider: true,
+        ..one_buyer(orders, moves)
+    }
+}
+
+/// The charge's answer and its webhook arrive together and again (an ack
+/// lost): one capture, one `payment.completed`.
+#[test]
+fn a_charge_told_twice_by_answer_and_webhook_captures_once() {
+    use Consumer::*;
+    play(&through_provider(
+        1,
+        vec![
+            next(Inventory, "order.placed"),
+            next(Payment, "inventory.reserved"),
+            next(Provider, "provider charge call"),
+            Move::Next {
+                to: Payment,
+                kind: "provider charged",
+                count: 2,
+                keep: true,
+            },
+            Move::Next {
+                to: Payment,
+                kind: "provider charged",
+                count: 2,
+                keep: false,
+            },
+        ],
+    ))
+    .unwrap();
+}
+
+/// The deadline cancels the order while its charge is on its way: the
+/// charge, once made, is refunded, and the order is never confirmed.
+#[test]
+fn a_charge_in_flight_when_the_order_is_cancelled_is_refunded() {
+    use Consumer::*;
+    play(&through_provider(
+        1,
+        vec![
+            next(Inventory, "order.placed"),
+            next(Payment, "inventory.reserved"),
+            Move::DeadlinePasses,
+            next(Payment, "order.cancelled"),
+            next(Provider, "provider charge call"),
+            next(Payment, "provider charged"),
+            next(Provider, "provider refund call"),
+        ],
+    ))
+    .unwrap();
+}
+
+/// The answer and the webhook are both lost: the worker calls again under
+/// the same key and learns the outcome; the provider charged once.
+#[test]
+fn an_outcome_lost_is_learnt_by_calling_again_under_the_same_key() {
+    use Consumer::*;
+    play(&through_provider(
+        1,
+        vec![
+            next(Inventory, "order.placed"),
+            next(Payment, "inventory.reserved"),
+            next(Provider, "provider charge call"),
+            Move::Lose(0),
+            Move::Lose(0),
+            Move::Retry,
+            next(Provider, "provider charge call"),
+            next(Payment, "provider charged"),
+        ],
+    ))
+    .unwrap();
 }

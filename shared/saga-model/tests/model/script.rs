@@ -7,12 +7,23 @@ use proptest::prelude::*;
 use shop_domain::{OrderId, UserId};
 use uuid::Uuid;
 
-/// The consumers, one durable consumer each in the real system.
+/// The consumers, one durable consumer each in the real system, and the
+/// payment provider (the world outside the shop, reached over HTTP).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) enum Consumer {
     Order,
     Inventory,
     Payment,
+    Provider,
+}
+
+/// How the provider told the payment service an outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Via {
+    /// The call's own answer.
+    Answer,
+    /// A webhook.
+    Webhook,
 }
 
 /// The saga's events, with what their consumers read of them.
@@ -57,6 +68,27 @@ pub(crate) enum Event {
     Refunded {
         order: OrderId,
     },
+    /// The payment service's call to charge the provider (key: the order).
+    ChargeCall {
+        order: OrderId,
+        user: UserId,
+        amount: i64,
+    },
+    /// The provider's outcome of a charge, by answer or webhook.
+    Charged {
+        order: OrderId,
+        succeeded: bool,
+        via: Via,
+    },
+    /// The payment service's call to refund an order's charge.
+    RefundCall {
+        order: OrderId,
+    },
+    /// The provider's outcome of a refund.
+    RefundDone {
+        order: OrderId,
+        via: Via,
+    },
 }
 
 impl Event {
@@ -73,7 +105,24 @@ impl Event {
             Self::OrderCancelled { order, .. } => ("order.cancelled", order.get()),
             Self::Released { order } => ("inventory.released", order.get()),
             Self::Refunded { order } => ("payment.refunded", order.get()),
+            Self::ChargeCall { order, .. } => ("provider charge call", order.get()),
+            Self::Charged { order, .. } => ("provider charged", order.get()),
+            Self::RefundCall { order } => ("provider refund call", order.get()),
+            Self::RefundDone { order, .. } => ("provider refunded", order.get()),
         }
+    }
+
+    /// Traffic between the payment service and the provider (HTTP calls,
+    /// answers, webhooks), not events on the streams: a call is made again
+    /// on purpose, and the same key answers again.
+    pub(crate) fn at_provider(&self) -> bool {
+        matches!(
+            self,
+            Self::ChargeCall { .. }
+                | Self::Charged { .. }
+                | Self::RefundCall { .. }
+                | Self::RefundDone { .. }
+        )
     }
 
     /// Who consumes it, as in DESIGN.md's saga table.
@@ -87,6 +136,8 @@ impl Event {
             Self::PaymentFailed { .. } => &[Order, Inventory],
             Self::OrderCancelled { .. } => &[Inventory, Payment],
             Self::Released { .. } | Self::Refunded { .. } => &[],
+            Self::ChargeCall { .. } | Self::RefundCall { .. } => &[Provider],
+            Self::Charged { .. } | Self::RefundDone { .. } => &[Payment],
         }
     }
 }
@@ -106,6 +157,12 @@ pub(crate) enum Move {
     Batch(usize, usize),
     Place(usize),
     DeadlinePasses,
+    /// A pending call, answer or webhook of the provider's is lost (a
+    /// timeout, a connection dropped, a webhook given up).
+    Lose(usize),
+    /// The payment service's worker calls the provider again for every
+    /// payment whose outcome it does not know.
+    Retry,
     /// The first `count` pending events of this type to this consumer, as
     /// one batch, kept for a redelivery when `keep` (the regression cases
     /// below name their interleavings this way).
@@ -125,6 +182,8 @@ pub(crate) struct Scenario {
     /// Buyer (an index into the users) and lines of each order.
     pub(crate) orders: Vec<(usize, Vec<(String, i32)>)>,
     pub(crate) moves: Vec<Move>,
+    /// Payments through the provider instead of the wallets.
+    pub(crate) provider: bool,
 }
 
 pub(crate) fn scenario() -> impl Strategy<Value = Scenario> {
@@ -146,6 +205,8 @@ pub(crate) fn scenario() -> impl Strategy<Value = Scenario> {
             2 => (any::<usize>(), 2usize..4).prop_map(|(pick, size)| Move::Batch(pick, size)),
             2 => any::<usize>().prop_map(Move::Place),
             1 => Just(Move::DeadlinePasses),
+            1 => any::<usize>().prop_map(Move::Lose),
+            1 => Just(Move::Retry),
         ],
         0..60,
     );
@@ -154,8 +215,9 @@ pub(crate) fn scenario() -> impl Strategy<Value = Scenario> {
         [(1i64..1500, 0i64..6), (1i64..1500, 0i64..6)],
         prop::collection::vec((any::<usize>(), lines), 1..5),
         moves,
+        any::<bool>(),
     )
-        .prop_map(|(credits, products, orders, moves)| Scenario {
+        .prop_map(|(credits, products, orders, moves, provider)| Scenario {
             orders: orders
                 .into_iter()
                 .map(|(user, lines)| (user % credits.len(), lines))
@@ -163,5 +225,6 @@ pub(crate) fn scenario() -> impl Strategy<Value = Scenario> {
             credits,
             products,
             moves,
+            provider,
         })
 }

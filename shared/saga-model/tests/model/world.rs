@@ -10,7 +10,9 @@ use shop_inventory::domain::{
     self as inventory, Line, Placed, Release, Reservation, Status as Held, Stock,
 };
 use shop_order::domain::{self as order, Decision, OrderLines, SagaEvent, Status};
-use shop_payment::domain::{self as payment, Charge, Debit, PaymentStatus, Refund};
+use shop_payment::domain::{
+    self as payment, Charge, Charged, Debit, PaymentStatus, ProviderCancel, Refund, Settle,
+};
 use uuid::Uuid;
 
 /// What the order service keeps of an order.
@@ -37,6 +39,13 @@ pub(crate) struct World {
     pub(crate) credit: HashMap<UserId, i64>,
     pub(crate) balances: HashMap<UserId, i64>,
     pub(crate) payments: HashMap<OrderId, (PaymentStatus, i64, UserId)>,
+    /// Payments go through the provider.
+    pub(crate) provider: bool,
+    /// PENDING charges whose order was cancelled meanwhile.
+    pub(crate) cancel_requested: HashSet<OrderId>,
+    // The provider: one charge per key (the order): succeeded, amount,
+    // refunded, payer.
+    pub(crate) ledger: BTreeMap<OrderId, (bool, i64, i64, UserId)>,
     // The network: events published and not yet consumed.
     pub(crate) pending: Vec<Delivery>,
     // Everything that happened, to find what happened twice.
@@ -59,7 +68,9 @@ impl World {
     }
 
     pub(crate) fn publish(&mut self, event: Event) {
-        self.published.push(event.key());
+        if !event.at_provider() {
+            self.published.push(event.key());
+        }
         for &to in event.consumers() {
             self.pending.push(Delivery {
                 to,
@@ -172,13 +183,47 @@ impl World {
                 }
                 Ok(())
             }
+            (Consumer::Payment, Event::Reserved { .. }) if self.provider => {
+                self.record_intents(events);
+                Ok(())
+            }
             (Consumer::Payment, Event::Reserved { .. }) => self.debit(events),
+            (Consumer::Payment, Event::Charged { .. } | Event::RefundDone { .. }) => {
+                for event in events {
+                    match event {
+                        Event::Charged {
+                            order, succeeded, ..
+                        } => self.settle(*order, *succeeded),
+                        Event::RefundDone { order, .. } => self.settle_refund(*order),
+                        other => unreachable!("{other:?}"),
+                    }
+                }
+                Ok(())
+            }
             (Consumer::Payment, _) => {
                 for event in events {
                     let Event::OrderCancelled { order, user } = event else {
                         unreachable!("{event:?} to payment");
                     };
-                    self.refund(*order, *user)?;
+                    if self.provider {
+                        self.cancel_at_provider(*order, *user);
+                    } else {
+                        self.refund(*order, *user)?;
+                    }
+                }
+                Ok(())
+            }
+            (Consumer::Provider, _) => {
+                for event in events {
+                    match event {
+                        Event::ChargeCall {
+                            order,
+                            user,
+                            amount,
+                        } => self.provider_charges(*order, *user, *amount),
+                        Event::RefundCall { order } => self.provider_refunds(*order)?,
+                        other => unreachable!("{other:?} to the provider"),
+                    }
                 }
                 Ok(())
             }
@@ -386,6 +431,185 @@ impl World {
             }
         }
         Ok(())
+    }
+
+    /// Step 3 through a provider, as `payment::app::record_intent` does:
+    /// PENDING unless the order has a row, then the worker's call.
+    pub(crate) fn record_intents(&mut self, events: &[Event]) {
+        for event in events {
+            let Event::Reserved { order, user, total } = event else {
+                unreachable!("{event:?}");
+            };
+            if self.payments.contains_key(order) {
+                continue;
+            }
+            self.payments
+                .insert(*order, (PaymentStatus::Pending, *total, *user));
+            self.publish(Event::ChargeCall {
+                order: *order,
+                user: *user,
+                amount: *total,
+            });
+        }
+    }
+
+    /// The provider's charge under the order's key: made once, from the
+    /// payer's funds (their credit, less what the provider keeps of
+    /// theirs); the same key answers the same again, without a webhook.
+    pub(crate) fn provider_charges(&mut self, order: OrderId, user: UserId, amount: i64) {
+        if let Some(&(succeeded, ..)) = self.ledger.get(&order) {
+            self.publish(Event::Charged {
+                order,
+                succeeded,
+                via: Via::Answer,
+            });
+            return;
+        }
+        let kept: i64 = self
+            .ledger
+            .values()
+            .filter(|(succeeded, _, _, payer)| *succeeded && *payer == user)
+            .map(|(_, amount, refunded, _)| amount - refunded)
+            .sum();
+        let succeeded = self.credit[&user] - kept >= amount;
+        if succeeded {
+            self.effects.push(("provider charge", order.get()));
+        }
+        self.ledger.insert(order, (succeeded, amount, 0, user));
+        for via in [Via::Answer, Via::Webhook] {
+            self.publish(Event::Charged {
+                order,
+                succeeded,
+                via,
+            });
+        }
+    }
+
+    /// The provider's refund under the order's refund key: once.
+    pub(crate) fn provider_refunds(
+        &mut self,
+        order: OrderId,
+    ) -> Result<(), shop_domain::StepError> {
+        let Some((true, amount, refunded, _)) = self.ledger.get_mut(&order) else {
+            return Err(shop_domain::StepError::Refused(format!(
+                "a refund asked for {order}, which the provider never charged"
+            )));
+        };
+        if *refunded == 0 {
+            *refunded = *amount;
+            self.effects.push(("provider refund", order.get()));
+            for via in [Via::Answer, Via::Webhook] {
+                self.publish(Event::RefundDone { order, via });
+            }
+        } else {
+            self.publish(Event::RefundDone {
+                order,
+                via: Via::Answer,
+            });
+        }
+        Ok(())
+    }
+
+    /// A charge's outcome, by answer or webhook, as
+    /// `provider::steps::Steps::settle` does with `payment::settle`.
+    pub(crate) fn settle(&mut self, order: OrderId, succeeded: bool) {
+        let Some(&(status, amount, user)) = self.payments.get(&order) else {
+            return;
+        };
+        let charged = if succeeded {
+            Charged::Succeeded
+        } else {
+            Charged::Declined("insufficient funds at the payment provider".into())
+        };
+        let cancelled = self.cancel_requested.contains(&order);
+        match payment::settle(status, cancelled, charged) {
+            Settle::Capture => {
+                self.effects.push(("capture", order.get()));
+                self.payments
+                    .insert(order, (PaymentStatus::Captured, amount, user));
+                self.publish(Event::PaymentCompleted { order, amount });
+            }
+            Settle::CaptureToRefund => {
+                self.payments
+                    .insert(order, (PaymentStatus::Refunding, amount, user));
+                self.publish(Event::RefundCall { order });
+            }
+            Settle::Decline(reason) => {
+                self.payments
+                    .insert(order, (PaymentStatus::Declined, amount, user));
+                self.publish(Event::PaymentFailed {
+                    order,
+                    user,
+                    reason,
+                });
+            }
+            Settle::Nothing => {}
+        }
+    }
+
+    /// A refund's outcome: REFUNDING becomes REFUNDED, `payment.refunded`.
+    pub(crate) fn settle_refund(&mut self, order: OrderId) {
+        if let Some(&(PaymentStatus::Refunding, amount, user)) = self.payments.get(&order) {
+            self.effects.push(("refund", order.get()));
+            self.payments
+                .insert(order, (PaymentStatus::Refunded, amount, user));
+            self.publish(Event::Refunded { order });
+        }
+    }
+
+    /// Compensation c3 through a provider, as
+    /// `payment::app::cancel_at_provider` does.
+    pub(crate) fn cancel_at_provider(&mut self, order: OrderId, user: UserId) {
+        let payment = self.payments.get(&order).copied();
+        match payment::cancel_at_provider(payment.map(|(status, _, _)| status)) {
+            ProviderCancel::Tombstone => {
+                self.payments
+                    .insert(order, (PaymentStatus::Cancelled, 0, user));
+            }
+            ProviderCancel::RefundIfCaptured => {
+                self.cancel_requested.insert(order);
+            }
+            ProviderCancel::Refund => {
+                let (_, amount, payer) = payment.expect("captured");
+                self.payments
+                    .insert(order, (PaymentStatus::Refunding, amount, payer));
+                self.publish(Event::RefundCall { order });
+            }
+            ProviderCancel::Nothing => {}
+        }
+    }
+
+    /// The worker calls again for every payment whose outcome it does not
+    /// know: `true` if there was one.
+    pub(crate) fn retry(&mut self) -> bool {
+        let calls: Vec<Event> = self
+            .payments
+            .iter()
+            .filter_map(|(order, (status, amount, user))| match status {
+                PaymentStatus::Pending => Some(Event::ChargeCall {
+                    order: *order,
+                    user: *user,
+                    amount: *amount,
+                }),
+                PaymentStatus::Refunding => Some(Event::RefundCall { order: *order }),
+                _ => None,
+            })
+            .collect();
+        let any = !calls.is_empty();
+        for call in calls {
+            self.publish(call);
+        }
+        any
+    }
+
+    /// Loses the `pick`th pending call, answer or webhook of the provider's.
+    pub(crate) fn lose(&mut self, pick: usize) {
+        let at_provider: Vec<usize> = (0..self.pending.len())
+            .filter(|&i| self.pending[i].event.at_provider())
+            .collect();
+        if !at_provider.is_empty() {
+            self.pending.remove(at_provider[pick % at_provider.len()]);
+        }
     }
 
     /// Delivers the pending events at `indices` (one consumer, one type) as
