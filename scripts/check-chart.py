@@ -181,6 +181,26 @@ def main():
     demo = {**trust, "services": {"payment": {"env": {"STARTING_CREDIT_CENTS": "5000"}}}}
     assert service_env(render(chart_path, demo), "payment")["STARTING_CREDIT_CENTS"] == "5000"
     print("  starting credit: 0 by default, 5000 when set")
+    # Payments through a provider: its settings reach the payment service
+    # only, the key and the webhook secret from the Secret named.
+    assert "PAYMENT_PROVIDER" not in service_env(render(chart_path, trust), "payment")
+    provider = {**trust, "paymentProvider": {"enabled": True, "url": "https://api.psp.example",
+                                             "existingSecret": "psp"}}
+    manifests = render(chart_path, provider)
+    env = service_env(manifests, "payment")
+    assert env["PAYMENT_PROVIDER"] == "http" and env["PROVIDER_URL"] == "https://api.psp.example", env
+    assert env["PROVIDER_TIMEOUT_MS"] == "5000" and env["PROVIDER_CURRENCY"] == "EUR", env
+    docs = yaml.safe_load_all(manifests["shop/templates/services.yaml"])
+    payment = next(d for d in docs if d and d["kind"] == "Deployment"
+                   and d["metadata"]["name"].endswith("payment"))
+    secrets = {e["name"]: e["valueFrom"]["secretKeyRef"]
+               for e in payment["spec"]["template"]["spec"]["containers"][0]["env"]
+               if "valueFrom" in e}
+    assert secrets["PROVIDER_API_KEY"] == {"name": "psp", "key": "api-key"}, secrets
+    assert secrets["PROVIDER_WEBHOOK_SECRET"] == {"name": "psp", "key": "webhook-secret"}, secrets
+    assert "PAYMENT_PROVIDER" not in service_env(manifests, "order")
+    validate(manifests, "paymentProvider enabled")
+    print("  payment provider: off by default; on, its URL and the Secret's key and webhook secret")
     for path in value_files:
         values = yaml.safe_load(open(path))
         manifests = render(chart_path, values)
@@ -206,7 +226,11 @@ def main():
                   # 21 replicas x 18 connections, beyond 190.
                   {"services": {"order": {"replicas": 20}}},
                   {"nats": {"replicas": 1, "streamReplicas": 3}},
-                  {"nats": {"replicas": 2}}):
+                  {"nats": {"replicas": 2}},
+                  # The provider's API key over plain HTTP; no Secret named.
+                  {"paymentProvider": {"enabled": True, "url": "http://psp", "existingSecret": "psp"}},
+                  {"auth": {"issuer": "idp", "jwks": "{}"},
+                   "paymentProvider": {"enabled": True, "url": "https://psp"}}):
         try:
             render(chart_path, wrong)
         except helm_python.HelmError as error:
