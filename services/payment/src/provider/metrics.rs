@@ -58,8 +58,23 @@ impl Default for ProviderMetrics {
             unsettled: Family::default(),
             age: Family::default(),
         };
+        // Every series there can be, at zero: a family with none is not
+        // exported at all, and rates over it would find nothing.
         for state in ["pending", "refunding"] {
             metrics.set_unsettled(state, 0, 0.0);
+        }
+        for call in ["charge", "refund"] {
+            for outcome in ["done", "refused", "unknown"] {
+                drop(metrics.calls.get_or_create(&CallLabels { call, outcome }));
+            }
+            drop(metrics.duration.get_or_create(&CallKind { call }));
+        }
+        for reason in ["unsigned", "bad_signature", "stale"] {
+            drop(
+                metrics
+                    .webhooks_refused
+                    .get_or_create(&ReasonLabels { reason }),
+            );
         }
         metrics
     }
