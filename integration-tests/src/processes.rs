@@ -305,6 +305,68 @@ pub async fn http_get_as(port: u16, path: &str, token: Option<&str>) -> Option<(
     Some((status, body))
 }
 
+/// The API key and webhook secret of the provider simulators tests start.
+pub const PROVIDER_KEY: &str = "sk_test_processes";
+pub const PROVIDER_SECRET: &str = "whsec_test_processes";
+
+/// The payment provider simulator, `provider-sim`, as a process.
+#[derive(Debug)]
+pub struct ProviderProcess {
+    pub port: u16,
+    _child: tokio::process::Child,
+}
+
+impl ProviderProcess {
+    /// Starts it on `port` with `faults` (JSON) and `seed`, its webhooks
+    /// to `webhook_url`, and waits until it answers.
+    pub async fn start(port: u16, webhook_url: &str, faults: &str, seed: u64) -> Self {
+        let child = tokio::process::Command::new(binaries().join("provider-sim"))
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--webhook-url", webhook_url])
+            .args(["--faults", faults])
+            .args(["--seed", &seed.to_string()])
+            .env("PROVIDER_API_KEY", PROVIDER_KEY)
+            .env("PROVIDER_WEBHOOK_SECRET", PROVIDER_SECRET)
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("provider-sim starts");
+        let provider = Self {
+            port,
+            _child: child,
+        };
+        let started = Instant::now();
+        while provider.ledger().await.is_none() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "provider-sim never answered"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        provider
+    }
+
+    /// Its `GET /_sim/ledger`: every payment and refund, and the webhooks'
+    /// counts.
+    pub async fn ledger(&self) -> Option<serde_json::Value> {
+        let (status, body) = http_get_as(self.port, "/_sim/ledger", Some(PROVIDER_KEY)).await?;
+        (status == 200)
+            .then(|| serde_json::from_str(&body).ok())
+            .flatten()
+    }
+
+    /// The settings that make a payment service charge through it.
+    pub fn payment_env(port: u16, timeout_ms: u64) -> Vec<(&'static str, String)> {
+        vec![
+            ("PAYMENT_PROVIDER", "http".to_owned()),
+            ("PROVIDER_URL", format!("http://127.0.0.1:{port}")),
+            ("PROVIDER_API_KEY", PROVIDER_KEY.to_owned()),
+            ("PROVIDER_WEBHOOK_SECRET", PROVIDER_SECRET.to_owned()),
+            ("PROVIDER_TIMEOUT_MS", timeout_ms.to_string()),
+        ]
+    }
+}
+
 /// Registers a user through the user service at `endpoint`, as the
 /// administrator; returns the new user's id.
 pub async fn create_user(endpoint: String, email: &str) -> String {

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use diesel::sql_types::{BigInt, Text};
 use diesel_async::{AsyncConnection as _, AsyncPgConnection};
-use processes::{ServiceProcess, all_current, check_streams};
+use processes::{ProviderProcess, ServiceProcess, all_current, check_streams};
 use shop_proto::inventory::v1::CreateProductRequest;
 use shop_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use shop_proto::order::v1::order_service_client::OrderServiceClient;
@@ -47,8 +47,6 @@ use shop_test_support::{TestNats, TestNatsCluster, TestPostgres};
 use tokio::sync::Mutex;
 
 const STARTING_CREDIT: i64 = 1_000_000_000;
-const PROVIDER_KEY: &str = "sk_test_chaos";
-const PROVIDER_SECRET: &str = "whsec_test_chaos";
 /// How long the payment service waits for the provider before the outcome
 /// is unknown; the simulator holds a lost answer for longer.
 const PROVIDER_TIMEOUT_MS: u64 = 500;
@@ -257,64 +255,22 @@ enum Payments {
     Provider,
 }
 
-/// The payment provider simulator, as a process, with the faults above.
-struct Provider {
-    port: u16,
-    _child: tokio::process::Child,
-}
-
-impl Provider {
-    fn faults() -> String {
-        serde_json::json!({
-            "latency_ms": 5,
-            "decline_rate": 0.02,
-            "decline_above_cents": STARTING_CREDIT,
-            "error_rate": 0.05,
-            "timeout_after_charge_rate": 0.05,
-            "refund_timeout_rate": 0.1,
-            "hang_ms": 2_000,
-            "webhook_delay_ms": 800,
-            "webhook_duplicate_rate": 0.2,
-            "webhook_bad_signature_rate": 0.05,
-            "webhook_old_timestamp_rate": 0.05,
-        })
-        .to_string()
-    }
-
-    /// Starts it on `port`, its webhooks to `webhook_url`.
-    async fn start(port: u16, webhook_url: &str, seed: u64) -> Self {
-        let child = tokio::process::Command::new(processes::binaries().join("provider-sim"))
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--webhook-url", webhook_url])
-            .args(["--faults", &Self::faults()])
-            .args(["--seed", &seed.to_string()])
-            .env("PROVIDER_API_KEY", PROVIDER_KEY)
-            .env("PROVIDER_WEBHOOK_SECRET", PROVIDER_SECRET)
-            .stdout(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("provider-sim starts");
-        let provider = Self {
-            port,
-            _child: child,
-        };
-        let started = Instant::now();
-        while provider.ledger().await.is_none() {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "provider-sim never answered"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        provider
-    }
-
-    /// `GET /_sim/ledger`.
-    async fn ledger(&self) -> Option<serde_json::Value> {
-        let (status, body) =
-            processes::http_get_as(self.port, "/_sim/ledger", Some(PROVIDER_KEY)).await?;
-        (status == 200).then(|| serde_json::from_str(&body).unwrap())
-    }
+/// The faults of the provider simulator in these runs.
+fn provider_faults() -> String {
+    serde_json::json!({
+        "latency_ms": 5,
+        "decline_rate": 0.02,
+        "decline_above_cents": STARTING_CREDIT,
+        "error_rate": 0.05,
+        "timeout_after_charge_rate": 0.05,
+        "refund_timeout_rate": 0.1,
+        "hang_ms": 2_000,
+        "webhook_delay_ms": 800,
+        "webhook_duplicate_rate": 0.2,
+        "webhook_bad_signature_rate": 0.05,
+        "webhook_old_timestamp_rate": 0.05,
+    })
+    .to_string()
 }
 
 struct System {
@@ -322,7 +278,7 @@ struct System {
     broker: Broker,
     postgres: TestPostgres,
     processes: HashMap<(&'static str, usize), ServiceProcess>,
-    provider: Option<Provider>,
+    provider: Option<ProviderProcess>,
 }
 
 impl System {
@@ -344,13 +300,7 @@ impl System {
         // The payment services call the simulator on a port chosen now; it
         // starts once they listen, its webhooks to the first payment replica.
         let provider_port = processes::free_port();
-        let provider_env = [
-            ("PAYMENT_PROVIDER", "http".to_owned()),
-            ("PROVIDER_URL", format!("http://127.0.0.1:{provider_port}")),
-            ("PROVIDER_API_KEY", PROVIDER_KEY.to_owned()),
-            ("PROVIDER_WEBHOOK_SECRET", PROVIDER_SECRET.to_owned()),
-            ("PROVIDER_TIMEOUT_MS", PROVIDER_TIMEOUT_MS.to_string()),
-        ];
+        let provider_env = ProviderProcess::payment_env(provider_port, PROVIDER_TIMEOUT_MS);
         // Every replica at once, as a deployment starts them.
         let started = Instant::now();
         let processes =
@@ -386,7 +336,10 @@ impl System {
                     "http://127.0.0.1:{}/webhooks/provider",
                     processes[&("payment", 0)].http
                 );
-                Some(Provider::start(provider_port, &webhooks, seed).await)
+                Some(
+                    ProviderProcess::start(provider_port, &webhooks, &provider_faults(), seed)
+                        .await,
+                )
             }
         };
         Self {
@@ -829,7 +782,7 @@ async fn check(
 /// the shop captured and kept; a CONFIRMED order has exactly one charge,
 /// of its total; a cancelled one keeps none.
 async fn check_ledger(
-    provider: &Provider,
+    provider: &ProviderProcess,
     orders: &BTreeMap<(String, String), i64>,
     payments: &BTreeMap<(String, String), i64>,
 ) {

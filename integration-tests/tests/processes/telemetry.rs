@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use collector::{Collector, Span};
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
-use processes::{ServiceProcess, free_port, http_get, place_order, settled};
+use processes::{ProviderProcess, ServiceProcess, free_port, http_get, place_order, settled};
 use shop_proto::inventory::v1::CreateProductRequest;
 use shop_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use shop_proto::order::v1::order_service_client::OrderServiceClient;
@@ -227,6 +227,105 @@ async fn a_saga_is_one_trace_across_the_services_it_touches() {
         "{metrics}"
     );
 
+    for process in services.values_mut() {
+        assert!(process.terminate().await.success());
+    }
+    server.abort();
+}
+
+/// Through a payment provider the saga stays one trace: the worker's call
+/// and the events its outcome writes (by the answer or a webhook) continue
+/// the trace that the reservation carried to the payment service.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_saga_through_a_payment_provider_is_one_trace() {
+    let (collector, otlp_port, server) = Collector::start(free_port());
+    let infra = TestInfra::start().await;
+    let provider_port = free_port();
+    let otlp = [
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://127.0.0.1:{otlp_port}"),
+        ),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
+    ];
+    let mut services = HashMap::new();
+    for name in ["user", "order", "inventory", "payment"] {
+        let url = infra
+            .postgres
+            .create_database(&format!("shop_{name}"))
+            .await;
+        let mut env = otlp.to_vec();
+        if name == "payment" {
+            env.extend(ProviderProcess::payment_env(provider_port, 2_000));
+        }
+        let process = ServiceProcess::start(name, &url, &infra.nats.url(), &env).await;
+        services.insert(name, process);
+    }
+    let webhooks = format!(
+        "http://127.0.0.1:{}/webhooks/provider",
+        services["payment"].http
+    );
+    let provider = ProviderProcess::start(provider_port, &webhooks, "{}", 1).await;
+    let channel = |name: &str| processes::admin_channel(services[name].endpoint());
+    let user_id = UserServiceClient::new(channel("user"))
+        .create_user(CreateUserRequest {
+            email: "pia@example.com".into(),
+            name: "Pia".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap()
+        .user_id;
+    InventoryServiceClient::new(channel("inventory"))
+        .create_product(CreateProductRequest {
+            sku: "LAMP".into(),
+            name: "Lamp".into(),
+            price_cents: 1999,
+            stock: 5,
+        })
+        .await
+        .unwrap();
+    let mut orders = OrderServiceClient::new(channel("order"));
+    let trace = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let request = PlaceOrderRequest {
+        user_id,
+        items: vec![OrderItem {
+            sku: "LAMP".into(),
+            quantity: 1,
+        }],
+        idempotency_key: "lamp".into(),
+    };
+    let order = place_order(
+        &mut orders,
+        with_traceparent(request, trace, "c7ad6b7169203331"),
+    )
+    .await;
+    assert_eq!(
+        settled(&mut orders, &order.order_id).await.status(),
+        OrderStatus::Confirmed
+    );
+    let spans = collector
+        .wait_for(
+            trace,
+            &[
+                ("inventory", "order.placed"),
+                ("payment", "inventory.reserved"),
+                ("order", "payment.completed"),
+                ("inventory", "order.confirmed"),
+            ],
+        )
+        .await;
+    assert_consumers_follow_their_producers(&spans);
+    assert!(
+        spans
+            .iter()
+            .any(|s| s.service == "payment" && s.name == "provider call"),
+        "the provider call is in the saga's trace"
+    );
+    let ledger = provider.ledger().await.unwrap();
+    assert_eq!(ledger["payments"][0]["reference"], order.order_id);
     for process in services.values_mut() {
         assert!(process.terminate().await.success());
     }

@@ -300,6 +300,7 @@ pub(crate) async fn record_intent(
         &[charge.order_id.get()],
         &[charge.user_id.get()],
         &[charge.amount_cents],
+        shop_messaging::trace::current().traceparent.as_deref(),
     )
     .await?;
     Ok(())

@@ -21,6 +21,7 @@ diesel::table! {
         cancel_requested -> Bool,
         attempts -> Int4,
         next_attempt_at -> Nullable<Timestamptz>,
+        traceparent -> Nullable<Text>,
     }
 }
 

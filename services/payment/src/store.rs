@@ -283,16 +283,18 @@ pub(crate) async fn record_intents(
     order_ids: &[Uuid],
     user_ids: &[Uuid],
     amounts: &[i64],
+    traceparent: Option<&str>,
 ) -> QueryResult<usize> {
     diesel::sql_query(
-        "INSERT INTO payments (order_id, user_id, amount_cents, status, next_attempt_at)
-         SELECT o, u, a, 'PENDING', now()
+        "INSERT INTO payments (order_id, user_id, amount_cents, status, next_attempt_at, traceparent)
+         SELECT o, u, a, 'PENDING', now(), $4
          FROM unnest($1::uuid[], $2::uuid[], $3::bigint[]) AS i (o, u, a)
          ON CONFLICT (order_id) DO NOTHING",
     )
     .bind::<Array<SqlUuid>, _>(order_ids)
     .bind::<Array<SqlUuid>, _>(user_ids)
     .bind::<Array<BigInt>, _>(amounts)
+    .bind::<diesel::sql_types::Nullable<Text>, _>(traceparent)
     .execute(conn)
     .await
 }
@@ -310,6 +312,8 @@ pub(crate) struct Due {
     pub(crate) provider_payment_id: Option<String>,
     #[diesel(sql_type = diesel::sql_types::Integer)]
     pub(crate) attempts: i32,
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    pub(crate) traceparent: Option<String>,
 }
 
 /// Claims up to `limit` payments whose call is due (PENDING: the charge;
@@ -333,7 +337,8 @@ pub(crate) async fn claim_due(
              ORDER BY next_attempt_at
              LIMIT $1
              FOR UPDATE SKIP LOCKED)
-         RETURNING p.order_id, p.amount_cents, p.status, p.provider_payment_id, p.attempts",
+         RETURNING p.order_id, p.amount_cents, p.status, p.provider_payment_id, p.attempts,
+                   p.traceparent",
     )
     .bind::<BigInt, _>(limit)
     .bind::<diesel::sql_types::Double, _>(lease)
@@ -351,6 +356,8 @@ pub(crate) struct Standing {
     pub(crate) provider_payment_id: Option<String>,
     /// Calls made in this state.
     pub(crate) attempts: i32,
+    /// The saga's trace, where the intent was recorded.
+    pub(crate) traceparent: Option<String>,
 }
 
 /// An order's payment as it stands, locked, if it has one.
@@ -367,6 +374,7 @@ pub(crate) async fn lock_standing(
             payments::amount_cents,
             payments::provider_payment_id,
             payments::attempts,
+            payments::traceparent,
         ))
         .for_update()
         .first(conn)

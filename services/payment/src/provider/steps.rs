@@ -11,6 +11,7 @@ use shop_messaging::{Outbox, OutgoingEvent, Written};
 use shop_proto::payment::v1::{PaymentCompleted, PaymentFailed, PaymentRefunded, ProviderTrace};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use super::metrics::ProviderMetrics;
@@ -110,7 +111,13 @@ impl<P: PaymentProvider> Steps<P> {
                 if due.is_empty() {
                     break;
                 }
-                futures::future::join_all(due.into_iter().map(|due| self.call(due))).await;
+                futures::future::join_all(due.into_iter().map(|due| {
+                    // The call belongs to its saga's trace.
+                    let span = tracing::info_span!("provider call", order_id = %due.order_id);
+                    shop_messaging::trace::continue_from(&span, due.traceparent.as_deref(), None);
+                    self.call(due).instrument(span)
+                }))
+                .await;
             }
             tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -272,7 +279,7 @@ impl<P: PaymentProvider> Steps<P> {
                             amount_cents: standing.amount_cents,
                             provider: Some(trace),
                         };
-                        Ok((append(outbox, conn, order_id, OutgoingEvent::new(&event)).await?, false))
+                        Ok((append(outbox, conn, order_id, standing.traceparent.as_deref(), OutgoingEvent::new(&event)).await?, false))
                     }
                     Settle::CaptureToRefund => {
                         store::settle(conn, order_id, PaymentStatus::Refunding, id, "").await?;
@@ -287,7 +294,7 @@ impl<P: PaymentProvider> Steps<P> {
                             reason,
                             provider: Some(trace),
                         };
-                        Ok((append(outbox, conn, order_id, OutgoingEvent::new(&event)).await?, false))
+                        Ok((append(outbox, conn, order_id, standing.traceparent.as_deref(), OutgoingEvent::new(&event)).await?, false))
                     }
                     Settle::Nothing => Ok((Written::default(), false)),
                 }
@@ -328,7 +335,14 @@ impl<P: PaymentProvider> Steps<P> {
                     amount_cents: standing.amount_cents,
                     provider: Some(trace(id, standing.attempts, webhook)),
                 };
-                append(outbox, conn, order_id, OutgoingEvent::new(&event)).await
+                append(
+                    outbox,
+                    conn,
+                    order_id,
+                    standing.traceparent.as_deref(),
+                    OutgoingEvent::new(&event),
+                )
+                .await
             })
             .await?;
         drop(conn);
@@ -379,13 +393,19 @@ fn parse(status: &str) -> diesel::QueryResult<PaymentStatus> {
         .map_err(|error| diesel::result::Error::DeserializationError(Box::new(error)))
 }
 
+/// Writes `event` to the outbox in the saga's trace (`traceparent`, as the
+/// intent recorded it), whether the worker or a webhook settled it.
 async fn append(
     outbox: &Outbox,
     conn: &mut AsyncPgConnection,
     order_id: Uuid,
+    traceparent: Option<&str>,
     event: OutgoingEvent,
 ) -> diesel::QueryResult<Written> {
+    let span = tracing::info_span!("provider outcome", order_id = %order_id);
+    shop_messaging::trace::continue_from(&span, traceparent, None);
     outbox
         .append(conn, vec![event.correlated(order_id.to_string())])
+        .instrument(span)
         .await
 }
