@@ -288,6 +288,10 @@ async fn a_charge_is_captured_once_and_refunded_once_whatever_the_webhooks_do() 
     assert_eq!(payments.len(), 1, "{payments:?}");
     assert_eq!(payments[0].reference, order_id);
     assert_eq!(payments[0].refunded_cents, 1200);
+    for call in ["charge", "refund"] {
+        let sample = format!(r#"shop_provider_calls_total{{call="{call}",outcome="done"}}"#);
+        assert_eq!(shop.metric(&sample).await, 1.0, "{sample}");
+    }
     assert_eq!(
         shop.published().await,
         ["payment.completed", "payment.refunded"]

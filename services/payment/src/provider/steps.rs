@@ -194,11 +194,14 @@ impl<P: PaymentProvider> Steps<P> {
                     tracing::error!(%order_id, "a refund is due for a charge with no provider id");
                     return;
                 };
-                match self
+                let started = tokio::time::Instant::now();
+                let outcome = self
                     .provider
                     .refund(&refund_key(order_id), payment_id)
-                    .await
-                {
+                    .await;
+                self.metrics
+                    .call("refund", outcome.label(), started.elapsed().as_secs_f64());
+                match outcome {
                     Outcome::Done(_) => self.settle_refund(order_id, None).await,
                     Outcome::Refused(why) => {
                         // Money is owed: keep trying, loudly.
