@@ -412,3 +412,91 @@ async fn a_forged_or_replayed_webhook_is_refused_and_settles_nothing() {
     assert_eq!(shop.status(&order_id).await, Some(PaymentStatus::Pending));
     assert!(shop.published().await.is_empty());
 }
+
+/// The provider charges and holds its answer; its webhook comes first and
+/// settles the payment while the call still waits; the answer, when it
+/// comes, finds it settled.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_webhook_before_the_answer_settles_the_payment_and_the_answer_changes_nothing() {
+    let faults = Faults {
+        timeout_after_charge_rate: 1.0,
+        hang_ms: 2_000,
+        ..Faults::default()
+    };
+    let mut shop = Shop::start(faults, true, 5_000).await;
+    let order_id = uuid::Uuid::now_v7().to_string();
+    shop.reserved(&order_id, 800).await;
+    let message = shop
+        .infra
+        .nats
+        .last_message("PAYMENT", "payment.completed", WAIT)
+        .await
+        .unwrap();
+    let completed = PaymentCompleted::decode(message.payload.as_ref()).unwrap();
+    let trace = completed.provider.unwrap();
+    assert_eq!(trace.settled_by, "webhook");
+    assert_eq!(trace.payment_id, "pay_1");
+    // The held answer comes (2 s after the charge) and settles nothing.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let done = shop
+        .metric(r#"shop_provider_calls_total{call="charge",outcome="done"}"#)
+        .await;
+    assert_eq!(done, 1.0, "the call answered");
+    assert_eq!(shop.status(&order_id).await, Some(PaymentStatus::Captured));
+    assert_eq!(shop.published().await, ["payment.completed"]);
+    assert_eq!(shop.simulator.payments().len(), 1);
+}
+
+/// The provider answers 503 for a while (nothing charged, nothing kept
+/// under the key): the payment waits PENDING and is charged once the
+/// provider is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_provider_answering_503_is_called_again_until_it_charges() {
+    let faults = Faults {
+        error_rate: 1.0,
+        ..Faults::default()
+    };
+    let mut shop = Shop::start(faults, false, 2_000).await;
+    let order_id = uuid::Uuid::now_v7().to_string();
+    shop.reserved(&order_id, 500).await;
+    let sample = r#"shop_provider_calls_total{call="charge",outcome="unknown"}"#;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while shop.metric(sample).await < 2.0 {
+        assert!(tokio::time::Instant::now() < deadline, "no calls counted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(shop.status(&order_id).await, Some(PaymentStatus::Pending));
+    assert!(shop.simulator.payments().is_empty());
+    shop.simulator.set_faults(Faults::default()).unwrap();
+    shop.status_when(&order_id, PaymentStatus::Captured).await;
+    assert_eq!(shop.simulator.payments().len(), 1);
+    assert_eq!(shop.published().await, ["payment.completed"]);
+}
+
+/// A refund whose answer is lost after the provider made it: called again
+/// under the same refund key, which answers the first refund's outcome; the
+/// provider refunded once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refund_whose_answer_is_lost_is_made_once() {
+    let faults = Faults {
+        refund_timeout_rate: 1.0,
+        hang_ms: 3_000,
+        ..Faults::default()
+    };
+    let mut shop = Shop::start(faults, false, 300).await;
+    let order_id = uuid::Uuid::now_v7().to_string();
+    shop.reserved(&order_id, 600).await;
+    shop.status_when(&order_id, PaymentStatus::Captured).await;
+    shop.cancelled(&order_id).await;
+    shop.status_when(&order_id, PaymentStatus::Refunded).await;
+    let unknown = shop
+        .metric(r#"shop_provider_calls_total{call="refund",outcome="unknown"}"#)
+        .await;
+    assert!(unknown >= 1.0, "{unknown} refunds counted unknown");
+    let payments = shop.simulator.payments();
+    assert_eq!(payments[0].refunded_cents, 600);
+    assert_eq!(
+        shop.published().await,
+        ["payment.completed", "payment.refunded"]
+    );
+}
