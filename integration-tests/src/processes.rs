@@ -317,20 +317,35 @@ pub struct ProviderProcess {
 }
 
 impl ProviderProcess {
-    /// Starts it on `port` with `faults` (JSON) and `seed`, its webhooks
-    /// to `webhook_url`, and waits until it answers.
-    pub async fn start(port: u16, webhook_url: &str, faults: &str, seed: u64) -> Self {
-        let child = tokio::process::Command::new(binaries().join("provider-sim"))
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--webhook-url", webhook_url])
+    /// Starts it on a port of its own choosing with `faults` (JSON) and
+    /// `seed`, webhooks going nowhere until [`send_webhooks_to`]
+    /// (Self::send_webhooks_to), and waits until it answers.
+    pub async fn start(faults: &str, seed: u64) -> Self {
+        use tokio::io::AsyncBufReadExt as _;
+        let mut child = tokio::process::Command::new(binaries().join("provider-sim"))
+            .args(["--listen", "127.0.0.1:0"])
             .args(["--faults", faults])
             .args(["--seed", &seed.to_string()])
             .env("PROVIDER_API_KEY", PROVIDER_KEY)
             .env("PROVIDER_WEBHOOK_SECRET", PROVIDER_SECRET)
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("provider-sim starts");
+        let stdout = child.stdout.take().expect("piped");
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .expect("provider-sim says where it listens within 10 s")
+            .unwrap()
+            .expect("provider-sim printed its address");
+        let port = line
+            .rsplit(':')
+            .next()
+            .and_then(|port| port.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {line:?}"));
+        // Keep reading, so that the pipe never fills.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         let provider = Self {
             port,
             _child: child,
@@ -344,6 +359,22 @@ impl ProviderProcess {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         provider
+    }
+
+    /// Sends its webhooks to `url` from now on.
+    pub async fn send_webhooks_to(&self, url: &str) {
+        let body = serde_json::json!({ "url": url }).to_string();
+        let request = format!(
+            "PUT /_sim/webhook HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {PROVIDER_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     }
 
     /// Its `GET /_sim/ledger`: every payment and refund, and the webhooks'

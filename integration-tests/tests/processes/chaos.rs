@@ -297,10 +297,16 @@ impl System {
         for service in ["user", "order", "inventory", "payment"] {
             postgres.create_database(&format!("shop_{service}")).await;
         }
-        // The payment services call the simulator on a port chosen now; it
-        // starts once they listen, its webhooks to the first payment replica.
-        let provider_port = processes::free_port();
-        let provider_env = ProviderProcess::payment_env(provider_port, PROVIDER_TIMEOUT_MS);
+        // The simulator first, so that the payment services know its
+        // port; its webhooks go to the first payment replica once it listens.
+        let provider = match payments {
+            Payments::Wallet => None,
+            Payments::Provider => Some(ProviderProcess::start(&provider_faults(), seed).await),
+        };
+        let provider_env = provider
+            .as_ref()
+            .map(|provider| ProviderProcess::payment_env(provider.port, PROVIDER_TIMEOUT_MS))
+            .unwrap_or_default();
         // Every replica at once, as a deployment starts them.
         let started = Instant::now();
         let processes =
@@ -329,19 +335,14 @@ impl System {
             shape.processes().len(),
             started.elapsed().as_secs_f64()
         );
-        let provider = match payments {
-            Payments::Wallet => None,
-            Payments::Provider => {
-                let webhooks = format!(
+        if let Some(provider) = &provider {
+            provider
+                .send_webhooks_to(&format!(
                     "http://127.0.0.1:{}/webhooks/provider",
                     processes[&("payment", 0)].http
-                );
-                Some(
-                    ProviderProcess::start(provider_port, &webhooks, &provider_faults(), seed)
-                        .await,
-                )
-            }
-        };
+                ))
+                .await;
+        }
         Self {
             shape,
             broker,

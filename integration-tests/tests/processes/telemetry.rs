@@ -240,7 +240,7 @@ async fn a_saga_is_one_trace_across_the_services_it_touches() {
 async fn a_saga_through_a_payment_provider_is_one_trace() {
     let (collector, otlp_port, server) = Collector::start(free_port());
     let infra = TestInfra::start().await;
-    let provider_port = free_port();
+    let provider = ProviderProcess::start("{}", 1).await;
     let otlp = [
         (
             "OTEL_EXPORTER_OTLP_ENDPOINT",
@@ -256,16 +256,17 @@ async fn a_saga_through_a_payment_provider_is_one_trace() {
             .await;
         let mut env = otlp.to_vec();
         if name == "payment" {
-            env.extend(ProviderProcess::payment_env(provider_port, 2_000));
+            env.extend(ProviderProcess::payment_env(provider.port, 2_000));
         }
         let process = ServiceProcess::start(name, &url, &infra.nats.url(), &env).await;
         services.insert(name, process);
     }
-    let webhooks = format!(
-        "http://127.0.0.1:{}/webhooks/provider",
-        services["payment"].http
-    );
-    let provider = ProviderProcess::start(provider_port, &webhooks, "{}", 1).await;
+    provider
+        .send_webhooks_to(&format!(
+            "http://127.0.0.1:{}/webhooks/provider",
+            services["payment"].http
+        ))
+        .await;
     let channel = |name: &str| processes::admin_channel(services[name].endpoint());
     let user_id = UserServiceClient::new(channel("user"))
         .create_user(CreateUserRequest {

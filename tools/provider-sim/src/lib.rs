@@ -15,7 +15,8 @@
 //! - Each payment and refund is sent as a webhook event to the endpoint
 //!   given, signed as [`signature`] says, retried until taken.
 //! - `GET /_sim/ledger` shows the books and the webhook counts;
-//!   `GET`/`PUT /_sim/faults` read and set the [`Faults`].
+//!   `GET`/`PUT /_sim/faults` read and set the [`Faults`];
+//!   `PUT /_sim/webhook` with `{"url": ...}` moves the webhooks.
 
 mod faults;
 mod ledger;
@@ -59,7 +60,8 @@ pub struct Config {
 #[derive(Debug)]
 pub struct Simulator {
     api_key: String,
-    endpoint: Option<Arc<Endpoint>>,
+    endpoint: Mutex<Option<Arc<Endpoint>>>,
+    webhook_secret: String,
     faults: Mutex<Faults>,
     dice: Dice,
     ledger: Mutex<Ledger>,
@@ -74,27 +76,11 @@ impl Simulator {
         if config.api_key.is_empty() {
             return Err("the API key must not be empty".into());
         }
-        let endpoint = match config.webhook_url {
-            Some(url) => {
-                let url: hyper::Uri = url
-                    .parse()
-                    .map_err(|error| format!("webhook URL {url}: {error}"))?;
-                if url.scheme_str() != Some("http") || url.host().is_none() {
-                    return Err(format!("webhook URL {url}: give http://host:port/path"));
-                }
-                if config.webhook_secret.is_empty() {
-                    return Err("webhooks need a secret to sign them".into());
-                }
-                Some(Arc::new(Endpoint {
-                    url,
-                    secret: config.webhook_secret.into_bytes(),
-                }))
-            }
-            None => None,
-        };
+        let endpoint = endpoint(config.webhook_url.as_deref(), &config.webhook_secret)?;
         Ok(Arc::new(Self {
             api_key: config.api_key,
-            endpoint,
+            endpoint: Mutex::new(endpoint),
+            webhook_secret: config.webhook_secret,
             faults: Mutex::new(config.faults),
             dice: Dice::new(config.seed),
             ledger: Mutex::new(Ledger::default()),
@@ -111,7 +97,14 @@ impl Simulator {
             .route("/v1/payments/{id}/refunds", post(create_refund))
             .route("/_sim/ledger", get(ledger))
             .route("/_sim/faults", get(faults).put(set_faults))
+            .route("/_sim/webhook", axum::routing::put(set_webhook))
             .with_state(Arc::clone(self))
+    }
+
+    /// Sends the webhooks from now on to `url` (none: to nowhere).
+    pub fn set_webhook_url(&self, url: Option<&str>) -> Result<(), String> {
+        *lock(&self.endpoint) = endpoint(url, &self.webhook_secret)?;
+        Ok(())
     }
 
     /// The faults in force.
@@ -173,7 +166,7 @@ impl Simulator {
     }
 
     fn tell(&self, kind: &'static str, data: serde_json::Value, faults: &Faults) {
-        let Some(endpoint) = &self.endpoint else {
+        let Some(endpoint) = lock(&self.endpoint).clone() else {
             return;
         };
         let n = self
@@ -188,7 +181,7 @@ impl Simulator {
             data,
         };
         webhooks::send(
-            endpoint,
+            &endpoint,
             event,
             faults,
             &self.dice,
@@ -196,6 +189,27 @@ impl Simulator {
             &self.shutdown,
         );
     }
+}
+
+/// Where webhooks go, checked: plain `http://host:port/path`, with a
+/// secret to sign them.
+fn endpoint(url: Option<&str>, secret: &str) -> Result<Option<Arc<Endpoint>>, String> {
+    let Some(url) = url else {
+        return Ok(None);
+    };
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|error| format!("webhook URL {url}: {error}"))?;
+    if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        return Err(format!("webhook URL {url}: give http://host:port/path"));
+    }
+    if secret.is_empty() {
+        return Err("webhooks need a secret to sign them".into());
+    }
+    Ok(Some(Arc::new(Endpoint {
+        url: uri,
+        secret: secret.as_bytes().to_vec(),
+    })))
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -494,4 +508,22 @@ async fn set_faults(
             &message,
         )),
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetWebhook {
+    url: Option<String>,
+}
+
+async fn set_webhook(
+    State(simulator): State<Arc<Simulator>>,
+    headers: HeaderMap,
+    Json(request): Json<SetWebhook>,
+) -> Answer {
+    simulator.authorized(&headers)?;
+    simulator
+        .set_webhook_url(request.url.as_deref())
+        .map_err(|message| error(StatusCode::BAD_REQUEST, "invalid_request_error", &message))?;
+    Ok(Json(serde_json::json!({ "url": request.url })).into_response())
 }
