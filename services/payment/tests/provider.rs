@@ -406,6 +406,13 @@ async fn a_forged_or_replayed_webhook_is_refused_and_settles_nothing() {
     }
     assert_eq!(shop.status(&order_id).await, Some(PaymentStatus::Pending));
 
+    // Genuine, but for another amount than the shop asked: not settled.
+    let other = body.replace(r#""amount_cents":900"#, r#""amount_cents":1"#);
+    assert_ne!(other, body);
+    let genuine = sign(SECRET.as_bytes(), now(), other.as_bytes());
+    assert_eq!(shop.deliver(&genuine, &other).await, 200);
+    assert_eq!(shop.status(&order_id).await, Some(PaymentStatus::Pending));
+
     let stranger = event(&uuid::Uuid::now_v7().to_string());
     let genuine = sign(SECRET.as_bytes(), now(), stranger.as_bytes());
     assert_eq!(shop.deliver(&genuine, &stranger).await, 200);

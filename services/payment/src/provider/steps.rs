@@ -245,17 +245,24 @@ impl<P: PaymentProvider> Steps<P> {
             }
             (_, code) => Charged::Declined(format!("declined by the payment provider: {code}")),
         };
-        self.settle(order_id, Some(&payment.id), charged, webhook)
-            .await
+        self.settle(
+            order_id,
+            Some((&payment.id, payment.amount_cents)),
+            charged,
+            webhook,
+        )
+        .await
     }
 
     /// Settles a PENDING payment with `charged`, writing its event, in one
     /// transaction (with the webhook's record, if it came by one); then
-    /// publishes.
+    /// publishes. `reported` is the provider's payment id and amount; a
+    /// payment of another amount than the intent's settles nothing (the
+    /// payment stays PENDING and its alert fires).
     async fn settle(
         &self,
         order_id: Uuid,
-        provider_payment_id: Option<&str>,
+        reported: Option<(&str, i64)>,
         charged: Charged,
         webhook: Option<Webhook<'_>>,
     ) -> Result<(), SettleError> {
@@ -270,8 +277,17 @@ impl<P: PaymentProvider> Steps<P> {
                     tracing::warn!(%order_id, "the provider reported a charge the shop does not know");
                     return Ok((Written::default(), false));
                 };
+                if let Some((id, amount)) = reported
+                    && amount != standing.amount_cents
+                {
+                    tracing::error!(%order_id, provider_payment = id, amount, expected = standing.amount_cents,
+                        "the provider reports a payment of another amount than the shop asked for; not settled");
+                    return Ok((Written::default(), false));
+                }
                 let status = parse(&standing.status)?;
-                let id = provider_payment_id.or(standing.provider_payment_id.as_deref());
+                let id = reported
+                    .map(|(id, _)| id)
+                    .or(standing.provider_payment_id.as_deref());
                 let trace = trace(id, standing.attempts, webhook);
                 match domain::settle(status, standing.cancel_requested, charged) {
                     Settle::Capture => {
