@@ -133,7 +133,6 @@ pub(crate) async fn reserve(
     orders: &[Placed],
 ) -> Result<Reservations, HandlerError> {
     let order_ids: Vec<Uuid> = orders.iter().map(|order| order.order_id.get()).collect();
-    let mut decided = store::decided(conn, &order_ids).await?;
     let mut skus: Vec<&str> = orders
         .iter()
         .flat_map(|order| &order.items)
@@ -141,7 +140,12 @@ pub(crate) async fn reserve(
         .collect();
     skus.sort_unstable();
     skus.dedup();
-    let mut stock = store::stock(conn, &skus).await?;
+    // Both reads in one round trip.
+    let conn: &AsyncPgConnection = conn;
+    let (mut decided, mut stock) = tokio::try_join!(
+        store::decided(conn, &order_ids),
+        store::stock(conn, &skus)
+    )?;
     let read: BTreeMap<String, i64> = stock
         .iter()
         .map(|(sku, product)| (sku.clone(), product.available))

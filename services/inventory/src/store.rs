@@ -110,14 +110,16 @@ pub(crate) async fn products_after(
 
 /// Which of these orders have a reservation row (read without a lock: the
 /// step's statement checks it still holds, see [`WRITE_RESERVATIONS`]).
+/// Takes a shared connection so that it can be sent with another read in
+/// one round trip (diesel-async pipelines what is polled together).
 pub(crate) async fn decided(
-    conn: &mut AsyncPgConnection,
+    mut conn: &AsyncPgConnection,
     order_ids: &[Uuid],
 ) -> QueryResult<HashSet<OrderId>> {
     Ok(reservations::table
         .filter(reservations::order_id.eq_any(order_ids))
         .select(reservations::order_id)
-        .load::<Uuid>(conn)
+        .load::<Uuid>(&mut conn)
         .await?
         .into_iter()
         .map(OrderId::from)
@@ -125,15 +127,15 @@ pub(crate) async fn decided(
 }
 
 /// The price and units available of these products (read without a lock,
-/// see [`WRITE_RESERVATIONS`]).
+/// see [`WRITE_RESERVATIONS`]; a shared connection, as [`decided`]).
 pub(crate) async fn stock(
-    conn: &mut AsyncPgConnection,
+    mut conn: &AsyncPgConnection,
     skus: &[&str],
 ) -> QueryResult<HashMap<String, Stock>> {
     Ok(products::table
         .filter(products::sku.eq_any(skus))
         .select((products::sku, products::price_cents, products::available))
-        .load::<(String, i64, i64)>(conn)
+        .load::<(String, i64, i64)>(&mut conn)
         .await?
         .into_iter()
         .map(|(sku, price_cents, available)| {

@@ -198,11 +198,15 @@ pub(crate) async fn debit(
     charges: &[Charge],
 ) -> Result<Debits, HandlerError> {
     let order_ids: Vec<Uuid> = charges.iter().map(|charge| charge.order_id.get()).collect();
-    let mut decided = store::decided(conn, &order_ids).await?;
     let mut user_ids: Vec<Uuid> = charges.iter().map(|charge| charge.user_id.get()).collect();
     user_ids.sort_unstable();
     user_ids.dedup();
-    let read = store::balances(conn, &user_ids).await?;
+    // Both reads in one round trip.
+    let conn: &AsyncPgConnection = conn;
+    let (mut decided, read) = tokio::try_join!(
+        store::decided(conn, &order_ids),
+        store::balances(conn, &user_ids)
+    )?;
     let mut balances = read.clone();
     let decisions =
         domain::debit_in_turn(charges, &mut decided, &mut balances).map_err(step_failed)?;

@@ -134,13 +134,13 @@ pub(crate) async fn open_wallet(
 /// Which of these orders have a payment row (read without a lock: the
 /// step's statement checks it still holds, see [`WRITE_DEBITS`]).
 pub(crate) async fn decided(
-    conn: &mut AsyncPgConnection,
+    mut conn: &AsyncPgConnection,
     order_ids: &[Uuid],
 ) -> QueryResult<HashSet<OrderId>> {
     Ok(payments::table
         .filter(payments::order_id.eq_any(order_ids))
         .select(payments::order_id)
-        .load::<Uuid>(conn)
+        .load::<Uuid>(&mut conn)
         .await?
         .into_iter()
         .map(OrderId::from)
@@ -150,13 +150,13 @@ pub(crate) async fn decided(
 /// The balances of these wallets (read without a lock, see
 /// [`WRITE_DEBITS`]).
 pub(crate) async fn balances(
-    conn: &mut AsyncPgConnection,
+    mut conn: &AsyncPgConnection,
     user_ids: &[Uuid],
 ) -> QueryResult<HashMap<UserId, i64>> {
     Ok(accounts::table
         .filter(accounts::user_id.eq_any(user_ids))
         .select((accounts::user_id, accounts::balance_cents))
-        .load::<(Uuid, i64)>(conn)
+        .load::<(Uuid, i64)>(&mut conn)
         .await?
         .into_iter()
         .map(|(user_id, balance)| (UserId::from(user_id), balance))
