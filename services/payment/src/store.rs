@@ -133,6 +133,8 @@ pub(crate) async fn open_wallet(
 
 /// Which of these orders have a payment row (read without a lock: the
 /// step's statement checks it still holds, see [`WRITE_DEBITS`]).
+/// Takes a shared connection so that it can be sent with another read in
+/// one round trip (diesel-async pipelines what is polled together).
 pub(crate) async fn decided(
     mut conn: &AsyncPgConnection,
     order_ids: &[Uuid],
@@ -148,7 +150,7 @@ pub(crate) async fn decided(
 }
 
 /// The balances of these wallets (read without a lock, see
-/// [`WRITE_DEBITS`]).
+/// [`WRITE_DEBITS`]; a shared connection, as [`decided`]).
 pub(crate) async fn balances(
     mut conn: &AsyncPgConnection,
     user_ids: &[Uuid],
