@@ -142,10 +142,8 @@ pub(crate) async fn reserve(
     skus.dedup();
     // Both reads in one round trip.
     let conn: &AsyncPgConnection = conn;
-    let (mut decided, mut stock) = tokio::try_join!(
-        store::decided(conn, &order_ids),
-        store::stock(conn, &skus)
-    )?;
+    let (mut decided, mut stock) =
+        tokio::try_join!(store::decided(conn, &order_ids), store::stock(conn, &skus))?;
     let read: BTreeMap<String, i64> = stock
         .iter()
         .map(|(sku, product)| (sku.clone(), product.available))
