@@ -8,6 +8,9 @@ use crate::ServerError;
 use crate::binaries;
 use crate::process::{Workdir, ensure_port_free, free_port};
 
+/// Launches of a cluster's nodes before a failure to start is reported.
+const LAUNCH_ATTEMPTS: u32 = 3;
+
 /// A node's name and ports in a [`NatsCluster`].
 #[derive(Debug, Clone)]
 pub(super) struct ClusterNode {
@@ -89,40 +92,65 @@ impl NatsCluster {
     }
 
     /// Launches one node per (client port, store) at once (JetStream in a
-    /// cluster waits for a quorum), routed to each other on free ports.
+    /// cluster waits for a quorum), routed to each other on free ports. A
+    /// route port can be taken between probing and binding (an outgoing
+    /// connection's ephemeral port, say): then the nodes that started are
+    /// stopped and all are launched again on new route ports, with the same
+    /// client ports and stores, up to three times.
     async fn launch_all(
-        nodes: Vec<(u16, Workdir)>,
+        mut nodes: Vec<(u16, Workdir)>,
         monitor_port: Option<u16>,
     ) -> Result<Self, ServerError> {
         let binary = binaries::nats_server()?;
-        let route_ports = nodes
-            .iter()
-            .map(|_| free_port())
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut servers = Vec::with_capacity(nodes.len());
-        for (index, ((port, dir), route_port)) in nodes.into_iter().zip(&route_ports).enumerate() {
-            servers.push(Nats {
-                binary: binary.clone(),
-                port,
-                config: None,
-                monitor_port: monitor_port.filter(|_| index == 0),
-                node: Some(ClusterNode {
-                    name: format!("n{}", index + 1),
-                    route_port: *route_port,
-                    peers: route_ports
-                        .iter()
-                        .copied()
-                        .filter(|port| port != route_port)
-                        .collect(),
-                }),
-                process: None,
-                dir,
-            });
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let route_ports = nodes
+                .iter()
+                .map(|_| free_port())
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut servers = Vec::with_capacity(nodes.len());
+            for (index, ((port, dir), route_port)) in
+                nodes.into_iter().zip(&route_ports).enumerate()
+            {
+                servers.push(Nats {
+                    binary: binary.clone(),
+                    port,
+                    config: None,
+                    monitor_port: monitor_port.filter(|_| index == 0),
+                    node: Some(ClusterNode {
+                        name: format!("n{}", index + 1),
+                        route_port: *route_port,
+                        peers: route_ports
+                            .iter()
+                            .copied()
+                            .filter(|port| port != route_port)
+                            .collect(),
+                    }),
+                    process: None,
+                    dir,
+                });
+            }
+            match futures::future::try_join_all(servers.iter_mut().map(Nats::launch)).await {
+                Ok(_) => {
+                    let cluster = Self { nodes: servers };
+                    cluster.wait_formed().await?;
+                    return Ok(cluster);
+                }
+                Err(error) if attempt >= LAUNCH_ATTEMPTS => return Err(error),
+                Err(_) => {
+                    nodes = servers
+                        .into_iter()
+                        .map(|server| {
+                            // Stopped (and waited for) before its store is
+                            // used again.
+                            drop(server.process);
+                            (server.port, server.dir)
+                        })
+                        .collect();
+                }
+            }
         }
-        futures::future::try_join_all(servers.iter_mut().map(Nats::launch)).await?;
-        let cluster = Self { nodes: servers };
-        cluster.wait_formed().await?;
-        Ok(cluster)
     }
 
     /// Waits until the cluster can place a stream on every node: each node
