@@ -11,7 +11,6 @@ use std::time::Duration;
 use async_nats::jetstream;
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
-use prost::Message as _;
 use shop_messaging::envelope::publish_direct;
 use shop_messaging::{OutgoingEvent, StreamSpec};
 use shop_payment::provider::{ProviderConfig, ProviderKind};
@@ -168,6 +167,18 @@ impl Shop {
         }
     }
 
+    /// The last event the service published on `subject`, waited for,
+    /// decoded.
+    async fn last_event<M: prost::Message + Default>(&self, subject: &str) -> M {
+        let message = self
+            .infra
+            .nats
+            .last_message("PAYMENT", subject, WAIT)
+            .await
+            .unwrap();
+        M::decode(message.payload.as_ref()).unwrap()
+    }
+
     /// The events the service published, by subject.
     async fn published(&self) -> Vec<String> {
         let stream = self.js.get_stream("PAYMENT").await.unwrap();
@@ -254,33 +265,13 @@ async fn a_charge_is_captured_once_and_refunded_once_whatever_the_webhooks_do() 
     let mut shop = Shop::start(faults, true, 2_000).await;
     let order_id = uuid::Uuid::now_v7().to_string();
     shop.reserved(&order_id, 1200).await;
-    let message = shop
-        .infra
-        .nats
-        .last_message("PAYMENT", "payment.completed", WAIT)
-        .await
-        .unwrap();
-    assert_eq!(
-        PaymentCompleted::decode(message.payload.as_ref())
-            .unwrap()
-            .amount_cents,
-        1200
-    );
+    let completed: PaymentCompleted = shop.last_event("payment.completed").await;
+    assert_eq!(completed.amount_cents, 1200);
     assert_eq!(shop.status(&order_id).await, Some(PaymentStatus::Captured));
 
     shop.cancelled(&order_id).await;
-    let message = shop
-        .infra
-        .nats
-        .last_message("PAYMENT", "payment.refunded", WAIT)
-        .await
-        .unwrap();
-    assert_eq!(
-        PaymentRefunded::decode(message.payload.as_ref())
-            .unwrap()
-            .amount_cents,
-        1200
-    );
+    let refunded: PaymentRefunded = shop.last_event("payment.refunded").await;
+    assert_eq!(refunded.amount_cents, 1200);
     assert_eq!(shop.status(&order_id).await, Some(PaymentStatus::Refunded));
 
     shop.webhooks_settled().await;
@@ -326,13 +317,7 @@ async fn an_answer_lost_after_the_charge_is_learnt_under_the_same_key() {
 
     let declined = uuid::Uuid::now_v7().to_string();
     shop.reserved(&declined, 6000).await;
-    let message = shop
-        .infra
-        .nats
-        .last_message("PAYMENT", "payment.failed", WAIT)
-        .await
-        .unwrap();
-    let failed = PaymentFailed::decode(message.payload.as_ref()).unwrap();
+    let failed: PaymentFailed = shop.last_event("payment.failed").await;
     assert_eq!(failed.order_id, declined);
     assert_eq!(failed.reason, "insufficient funds at the payment provider");
     assert_eq!(shop.simulator.payments().len(), 2);
@@ -356,11 +341,7 @@ async fn a_cancellation_while_the_charge_is_in_flight_refunds_the_charge() {
     shop.reserved(&order_id, 700).await;
     shop.status_when(&order_id, PaymentStatus::Pending).await;
     shop.cancelled(&order_id).await;
-    shop.infra
-        .nats
-        .last_message("PAYMENT", "payment.refunded", WAIT)
-        .await
-        .unwrap();
+    let _: PaymentRefunded = shop.last_event("payment.refunded").await;
     assert_eq!(shop.status(&order_id).await, Some(PaymentStatus::Refunded));
     shop.webhooks_settled().await;
     let payments = shop.simulator.payments();
@@ -433,13 +414,7 @@ async fn a_webhook_before_the_answer_settles_the_payment_and_the_answer_changes_
     let mut shop = Shop::start(faults, true, 5_000).await;
     let order_id = uuid::Uuid::now_v7().to_string();
     shop.reserved(&order_id, 800).await;
-    let message = shop
-        .infra
-        .nats
-        .last_message("PAYMENT", "payment.completed", WAIT)
-        .await
-        .unwrap();
-    let completed = PaymentCompleted::decode(message.payload.as_ref()).unwrap();
+    let completed: PaymentCompleted = shop.last_event("payment.completed").await;
     let trace = completed.provider.unwrap();
     assert_eq!(trace.settled_by, "webhook");
     assert_eq!(trace.payment_id, "pay_1");
