@@ -45,28 +45,40 @@ fn with_traceparent<T>(message: T, trace_id: &str, span_id: &str) -> tonic::Requ
     request
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_saga_is_one_trace_across_the_services_it_touches() {
-    let (collector, otlp_port, server) = Collector::start(free_port());
-
-    let infra = TestInfra::start().await;
-    let env = [
-        (
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-            format!("http://127.0.0.1:{otlp_port}"),
-        ),
-        // Export every 100 ms instead of every 5 s.
-        ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
-    ];
+/// The four services, each on a database of its own, exporting their spans
+/// to the collector on `otlp_port` every 100 ms (instead of every 5 s),
+/// with `extra(name)` added to their environment.
+async fn start_services(
+    infra: &TestInfra,
+    otlp_port: u16,
+    extra: impl Fn(&str) -> Vec<(&'static str, String)>,
+) -> HashMap<&'static str, ServiceProcess> {
     let mut services = HashMap::new();
     for name in ["user", "order", "inventory", "payment"] {
         let url = infra
             .postgres
             .create_database(&format!("shop_{name}"))
             .await;
+        let mut env = vec![
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                format!("http://127.0.0.1:{otlp_port}"),
+            ),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
+        ];
+        env.extend(extra(name));
         let process = ServiceProcess::start(name, &url, &infra.nats.url(), &env).await;
         services.insert(name, process);
     }
+    services
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_saga_is_one_trace_across_the_services_it_touches() {
+    let (collector, otlp_port, server) = Collector::start(free_port());
+
+    let infra = TestInfra::start().await;
+    let mut services = start_services(&infra, otlp_port, |_| Vec::new()).await;
     let channel = |name: &str| processes::admin_channel(services[name].endpoint());
     let mut users = UserServiceClient::new(channel("user"));
     let mut orders = OrderServiceClient::new(channel("order"));
@@ -241,26 +253,14 @@ async fn a_saga_through_a_payment_provider_is_one_trace() {
     let (collector, otlp_port, server) = Collector::start(free_port());
     let infra = TestInfra::start().await;
     let provider = ProviderProcess::start("{}", 1).await;
-    let otlp = [
-        (
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-            format!("http://127.0.0.1:{otlp_port}"),
-        ),
-        ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
-    ];
-    let mut services = HashMap::new();
-    for name in ["user", "order", "inventory", "payment"] {
-        let url = infra
-            .postgres
-            .create_database(&format!("shop_{name}"))
-            .await;
-        let mut env = otlp.to_vec();
+    let mut services = start_services(&infra, otlp_port, |name| {
         if name == "payment" {
-            env.extend(ProviderProcess::payment_env(provider.port, 2_000));
+            ProviderProcess::payment_env(provider.port, 2_000)
+        } else {
+            Vec::new()
         }
-        let process = ServiceProcess::start(name, &url, &infra.nats.url(), &env).await;
-        services.insert(name, process);
-    }
+    })
+    .await;
     provider
         .send_webhooks_to(&format!(
             "http://127.0.0.1:{}/webhooks/provider",
