@@ -236,6 +236,11 @@ fn millis(duration: Duration) -> String {
 /// server gone, its socket shut) or one left in a broken transaction is
 /// discarded, and any other failure shows at its first statement, which
 /// callers handle anyway. The test query cost one round trip per checkout.
+///
+/// The connection returned last goes out first (deadpool's default is the
+/// one returned first, every connection in turn): at low load one session,
+/// one server process with warm caches, does the work, and the others stay
+/// idle, as PgBouncer hands out its server connections.
 pub fn pool(database_url: &str, max_size: usize) -> Result<PgPool, DbError> {
     pool_with_limits(database_url, max_size, &SessionLimits::default())
 }
@@ -255,6 +260,7 @@ pub fn pool_with_limits(
     let timeout = Some(Duration::from_secs(5));
     Pool::builder(manager)
         .max_size(max_size)
+        .queue_mode(deadpool::managed::QueueMode::Lifo)
         .runtime(deadpool::Runtime::Tokio1)
         .wait_timeout(timeout)
         .create_timeout(timeout)
