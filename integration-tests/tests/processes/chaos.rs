@@ -92,7 +92,9 @@ enum Fault {
     Kill(&'static str, usize),
     /// SIGKILL nats-server, then start it on the same store.
     RestartNats,
-    /// SIGKILL PostgreSQL, then start it on the same data.
+    /// Stop PostgreSQL at once (immediate shutdown: no checkpoint, recovery
+    /// from the WAL on start, as after a crash), then start it on the same
+    /// data.
     RestartPostgres,
     /// SIGSTOP a replica for longer than the ack wait, then SIGCONT it.
     Pause(&'static str, usize),

@@ -14,8 +14,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A PostgreSQL cluster initialised into a temporary directory and listening
 /// on a free port of 127.0.0.1, tuned for tests (fsync off: a crash of the
-/// machine would lose it, a crash of the server does not). Dropping it stops the
-/// cluster and deletes its data.
+/// machine would lose it, a crash of the server does not). Dropping it shuts
+/// the cluster down and deletes its data.
 #[derive(Debug)]
 pub struct Postgres {
     bin_dir: PathBuf,
@@ -329,6 +329,21 @@ impl Postgres {
     }
 }
 
+impl Drop for Postgres {
+    /// Shuts the server down (immediately for a throwaway cluster, cleanly
+    /// for one whose data is kept) rather than killing it: PostgreSQL removes
+    /// its shared memory, a System V segment and files in `/dev/shm`, only on
+    /// a shutdown of its own. A killed postmaster leaves them to the machine,
+    /// and a few thousand test clusters later no new one can start (`shmget`
+    /// fails with every segment id taken).
+    fn drop(&mut self) {
+        match self.dir {
+            Workdir::Temporary(_) => self.kill(),
+            Workdir::Kept(_) => self.stop(),
+        }
+    }
+}
+
 /// The uid and gid to run the server as: the `postgres` user when we are root
 /// (PostgreSQL refuses to run as root), else ourselves.
 fn server_user() -> Result<Option<(u32, u32)>, ServerError> {
@@ -373,5 +388,36 @@ mod tests {
         let passwd = "root:x:0:0:root:/root:/bin/bash\npostgres:x:101:104:PostgreSQL administrator:/var/lib/postgresql:/bin/bash\n";
         assert_eq!(passwd_entry(passwd, "postgres"), Some((101, 104)));
         assert_eq!(passwd_entry(passwd, "nobody"), None);
+    }
+
+    /// The shared memory segment ids in use on this machine.
+    fn segment_ids() -> Vec<String> {
+        let table = std::fs::read_to_string("/proc/sysvipc/shm").expect("the segment table");
+        table
+            .lines()
+            .skip(1)
+            .filter_map(|line| line.split_whitespace().nth(1).map(str::to_owned))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_dropped_cluster_leaves_no_shared_memory_behind() {
+        let postgres = Postgres::start().await;
+        // The seventh line of postmaster.pid holds the segment's key and id.
+        let pid_file = std::fs::read_to_string(postgres.data_dir().join("postmaster.pid"))
+            .expect("the running cluster's postmaster.pid");
+        let id = pid_file
+            .lines()
+            .nth(6)
+            .and_then(|line| line.split_whitespace().nth(1))
+            .expect("a shared memory id in postmaster.pid")
+            .to_owned();
+        assert!(segment_ids().contains(&id), "segment {id} while running");
+
+        drop(postgres);
+        assert!(
+            !segment_ids().contains(&id),
+            "segment {id} is still there after the cluster was dropped"
+        );
     }
 }
