@@ -25,6 +25,7 @@ mod bench;
 mod credentials;
 mod demo;
 mod dlq;
+mod ports;
 mod probe;
 mod saga;
 mod token;

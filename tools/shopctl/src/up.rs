@@ -10,6 +10,8 @@ use shop_service::{Identity, LogFormat, Ports, Running, Server, ServiceConfig};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tracing::Instrument as _;
 
+use crate::ports;
+
 /// Options of `shopctl up`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Up {
@@ -158,22 +160,26 @@ impl Up {
                 .with_context(|| format!("wiping {}", self.data_dir.display()))?;
         }
         // Free ports first: a clear error before anything starts.
-        for Identity {
-            name: service,
-            ports: Ports { grpc, http },
-            ..
-        } in SERVICES
-        {
-            for replica in 0..self.replicas {
-                for (what, port) in [("gRPC", grpc), ("HTTP", http)] {
-                    let port = port + 100 * replica;
-                    if std::net::TcpListener::bind((self.listen, port)).is_err() {
-                        anyhow::bail!(
-                            "port {port} ({service} {what}) is taken: stop whatever listens there and run shopctl up again"
-                        );
+        let claims = async {
+            for Identity {
+                name: service,
+                ports: Ports { grpc, http },
+                ..
+            } in SERVICES
+            {
+                for replica in 0..self.replicas {
+                    for (what, port) in [("gRPC", grpc), ("HTTP", http)] {
+                        let what = format!("{service} {what}");
+                        ports::claim(self.listen, port + 100 * replica, &what, ports::PATIENCE)
+                            .await?;
                     }
                 }
             }
+            anyhow::Ok(())
+        };
+        tokio::select! {
+            claimed = claims => claimed?,
+            () = shutdown.cancelled() => return Ok(()),
         }
         let started = Instant::now();
         let data_dir = std::path::absolute(&self.data_dir)?;
