@@ -14,6 +14,10 @@
 //!   ([`Postgres::start`]) or kept and durable ([`Postgres::start_in`]);
 //!   [`Postgres::create_database`] hands out fresh, empty databases.
 //!
+//! - [`claim_port`]: waits for a fixed port that a closing connection holds
+//!   (ports from 32768 up are clients' local ends too), refuses one that
+//!   something listens on; the kept servers' starts use it.
+//!
 //! Binaries are found through `NATS_SERVER_BIN` / `PG_BIN_DIR`, on `PATH`, or
 //! under `/usr/lib/postgresql/*/bin`; when one is missing, starting fails with
 //! one line that says how to install it. PostgreSQL refuses to run as root, so
@@ -23,10 +27,12 @@
 
 mod binaries;
 mod nats;
+mod ports;
 mod postgres;
 mod process;
 
 pub use nats::{Nats, NatsCluster};
+pub use ports::{PORT_PATIENCE, PortError, claim_port};
 pub use postgres::Postgres;
 
 /// Why a server could not be started.

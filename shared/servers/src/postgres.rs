@@ -8,7 +8,8 @@ use diesel_async::{AsyncConnection as _, AsyncPgConnection, SimpleAsyncConnectio
 
 use crate::ServerError;
 use crate::binaries;
-use crate::process::{ServerProcess, Workdir, ensure_port_free, free_port, log_tail};
+use crate::ports::ensure_port_free;
+use crate::process::{ServerProcess, Workdir, free_port, log_tail};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -102,7 +103,7 @@ impl Postgres {
         port: u16,
         settings: &[String],
     ) -> Result<Self, ServerError> {
-        ensure_port_free("postgres", port)?;
+        ensure_port_free("postgres", port).await?;
         let postgres = Self {
             bin_dir: binaries::postgres_bin_dir()?,
             user: server_user()?,

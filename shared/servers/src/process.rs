@@ -208,17 +208,3 @@ impl Workdir {
         Ok(Self::Kept(dir.to_path_buf()))
     }
 }
-
-/// Fails with a message that names the port and what to do when something
-/// already listens on it.
-pub(crate) fn ensure_port_free(what: &'static str, port: u16) -> Result<(), ServerError> {
-    match std::net::TcpListener::bind(("127.0.0.1", port)) {
-        Ok(_) => Ok(()),
-        Err(error) => Err(ServerError::Start {
-            what,
-            detail: format!(
-                "port {port} is taken ({error}): stop whatever listens there, or choose another port"
-            ),
-        }),
-    }
-}

@@ -25,7 +25,6 @@ mod bench;
 mod credentials;
 mod demo;
 mod dlq;
-mod ports;
 mod probe;
 mod saga;
 mod token;

@@ -10,8 +10,6 @@ use shop_service::{Identity, LogFormat, Ports, Running, Server, ServiceConfig};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tracing::Instrument as _;
 
-use crate::ports;
-
 /// Options of `shopctl up`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Up {
@@ -169,9 +167,15 @@ impl Up {
             {
                 for replica in 0..self.replicas {
                     for (what, port) in [("gRPC", grpc), ("HTTP", http)] {
-                        let what = format!("{service} {what}");
-                        ports::claim(self.listen, port + 100 * replica, &what, ports::PATIENCE)
-                            .await?;
+                        shop_servers::claim_port(
+                            self.listen,
+                            port + 100 * replica,
+                            shop_servers::PORT_PATIENCE,
+                        )
+                        .await
+                        .with_context(|| {
+                            format!("the {service} service cannot take its {what} port")
+                        })?;
                     }
                 }
             }

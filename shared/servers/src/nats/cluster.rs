@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 use super::{Nats, READY_TIMEOUT};
 use crate::ServerError;
 use crate::binaries;
-use crate::process::{Workdir, ensure_port_free, free_port};
+use crate::ports::ensure_port_free;
+use crate::process::{Workdir, free_port};
 
 /// Launches of a cluster's nodes before a failure to start is reported.
 const LAUNCH_ATTEMPTS: u32 = 3;
@@ -82,11 +83,11 @@ impl NatsCluster {
                 what: "nats-server",
                 detail: format!("no port {first_port} + {index}"),
             })?;
-            ensure_port_free("nats-server", port)?;
+            ensure_port_free("nats-server", port).await?;
             nodes.push((port, Workdir::kept(&dir.join(format!("n{}", index + 1)))?));
         }
         if let Some(monitor_port) = monitor_port {
-            ensure_port_free("nats-server monitoring", monitor_port)?;
+            ensure_port_free("nats-server monitoring", monitor_port).await?;
         }
         Self::launch_all(nodes, monitor_port).await
     }

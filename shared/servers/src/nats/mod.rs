@@ -11,7 +11,8 @@ pub use cluster::NatsCluster;
 
 use crate::ServerError;
 use crate::binaries;
-use crate::process::{ServerProcess, Workdir, ensure_port_free, free_port, send_signal};
+use crate::ports::ensure_port_free;
+use crate::process::{ServerProcess, Workdir, free_port, send_signal};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -116,9 +117,9 @@ impl Nats {
         port: u16,
         monitor_port: Option<u16>,
     ) -> Result<Self, ServerError> {
-        ensure_port_free("nats-server", port)?;
+        ensure_port_free("nats-server", port).await?;
         if let Some(monitor_port) = monitor_port {
-            ensure_port_free("nats-server monitoring", monitor_port)?;
+            ensure_port_free("nats-server monitoring", monitor_port).await?;
         }
         let mut nats = Self {
             binary: binaries::nats_server()?,
