@@ -6,7 +6,7 @@
 use prost::Message as _;
 use shop_proto::user::v1::user_service_client::UserServiceClient;
 use shop_proto::user::v1::{CreateUserRequest, GetUserRequest, ListUsersRequest, UserCreated};
-use shop_service::{Running, ServiceConfig};
+use shop_service::{Listeners, Running, ServiceConfig};
 use shop_test_support::TestInfra;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -188,6 +188,36 @@ async fn reflection_health_and_http_probes_answer() {
     assert!(healthz.starts_with("HTTP/1.1 200"), "{healthz}");
     let readyz = http_get(running.http_addr(), "/readyz").await;
     assert!(readyz.starts_with("HTTP/1.1 200"), "{readyz}");
+}
+
+/// Listeners bound by whoever starts the service (`shopctl up` binds its
+/// whole stack's ports first) are the ones it serves on; the addresses in
+/// its configuration are not bound at all.
+#[tokio::test(flavor = "multi_thread")]
+async fn listeners_handed_over_are_served_on_instead_of_the_addresses() {
+    let infra = TestInfra::start().await;
+    let url = infra.postgres.create_database("shop_user").await;
+    let bind = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (grpc, http, taken) = (bind(), bind(), bind());
+    let (grpc_port, http_port) = (
+        grpc.local_addr().unwrap().port(),
+        http.local_addr().unwrap().port(),
+    );
+    let config = ServiceConfig {
+        // Something listens there: binding these would fail.
+        grpc_addr: Some(taken.local_addr().unwrap()),
+        http_addr: Some(taken.local_addr().unwrap()),
+        listeners: Listeners::new(grpc, http),
+        ..ServiceConfig::local(url, infra.nats.url(), infra.issuer.auth_config())
+    };
+    let running = Running::spawn(
+        shop_user::build(shop_user::Config { service: config })
+            .await
+            .unwrap(),
+    );
+    assert_eq!(running.grpc_addr().port(), grpc_port);
+    assert_eq!(running.http_addr().port(), http_port);
+    wait_health(&running, true).await;
 }
 
 /// Registers a user as the administrator.

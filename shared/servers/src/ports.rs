@@ -37,17 +37,21 @@ pub enum PortError {
     },
 }
 
-/// Returns once `port` on `host` can be bound. A port something listens on
-/// is an error at once; one held by a connection's local end is waited for,
-/// at most `patience`, with a warning saying why.
-pub async fn claim_port(host: IpAddr, port: u16, patience: Duration) -> Result<(), PortError> {
+/// Binds `port` on `host` (SO_REUSEADDR, as servers bind) and returns the
+/// listener; drop it to let a server bind the port instead. A port
+/// something listens on is an error at once; one held by a connection's
+/// local end is waited for, at most `patience`, with a warning saying why.
+pub async fn claim_port(
+    host: IpAddr,
+    port: u16,
+    patience: Duration,
+) -> Result<TcpListener, PortError> {
     let started = Instant::now();
     let mut said = false;
     loop {
-        // Bound as the servers bind (std sets SO_REUSEADDR, as tokio,
-        // PostgreSQL and nats-server do).
-        if TcpListener::bind((host, port)).is_ok() {
-            return Ok(());
+        // std sets SO_REUSEADDR, as tokio, PostgreSQL and nats-server do.
+        if let Ok(listener) = TcpListener::bind((host, port)) {
+            return Ok(listener);
         }
         if listens(host, port).await {
             return Err(PortError::Listening { port });
@@ -71,11 +75,12 @@ pub async fn claim_port(host: IpAddr, port: u16, patience: Duration) -> Result<(
     }
 }
 
-/// [`claim_port`] on 127.0.0.1, where the local servers listen, its error
-/// naming the server.
+/// [`claim_port`] on 127.0.0.1, where the local servers listen, let go at
+/// once for the server to bind, its error naming the server.
 pub(crate) async fn ensure_port_free(what: &'static str, port: u16) -> Result<(), ServerError> {
     claim_port(IpAddr::V4(Ipv4Addr::LOCALHOST), port, PORT_PATIENCE)
         .await
+        .map(drop)
         .map_err(|error| ServerError::Start {
             what,
             detail: match error {
@@ -123,12 +128,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_free_port_is_claimed_at_once() {
+    async fn a_free_port_is_claimed_at_once_and_held_until_let_go() {
         let port = TcpListener::bind((LOCALHOST, 0))
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
+        let listener = claim_port(LOCALHOST, port, Duration::ZERO).await.unwrap();
+        assert_eq!(listener.local_addr().unwrap().port(), port);
+        // Held until dropped: nothing else can take it meanwhile.
+        let error = claim_port(LOCALHOST, port, Duration::ZERO)
+            .await
+            .unwrap_err();
+        assert!(matches!(error, PortError::Listening { .. }), "{error}");
+        drop(listener);
         claim_port(LOCALHOST, port, Duration::ZERO).await.unwrap();
     }
 

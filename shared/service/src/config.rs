@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 
-use crate::{AuthConfig, TlsConfig};
+use crate::{AuthConfig, Listeners, TlsConfig};
 
 /// Flags and environment variables every service takes.
 #[derive(Debug, Clone, clap::Args)]
@@ -101,6 +101,12 @@ pub struct ServiceConfig {
     /// TLS on the gRPC and HTTP ports.
     #[command(flatten)]
     pub tls: TlsConfig,
+    /// Listeners bound before the service was built, taken instead of
+    /// binding `grpc_addr` and `http_addr`; not a flag. `shopctl up` binds
+    /// every port of its stack before it starts anything, so that none of
+    /// the connections it makes meanwhile is given one as its local end.
+    #[arg(skip)]
+    pub listeners: Listeners,
 }
 
 impl ServiceConfig {
@@ -149,6 +155,7 @@ impl ServiceConfig {
             provision_shared_streams: true,
             auth,
             tls: TlsConfig::default(),
+            listeners: Listeners::default(),
         }
     }
 }

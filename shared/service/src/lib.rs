@@ -56,7 +56,7 @@ pub use probes::{
 };
 #[cfg(feature = "local")]
 pub use running::Running;
-pub use server::{Ports, Server, Task};
+pub use server::{Listeners, Ports, Server, Task};
 pub use shop_auth::{AuthConfig, Caller, caller_of, roles};
 pub use shop_domain::limits;
 pub use telemetry::Telemetry;

@@ -2,7 +2,7 @@
 //! until shutdown (see `lifecycle` for the order they stop in).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::Context as _;
 use futures::future::BoxFuture;
@@ -54,6 +54,34 @@ pub struct Ports {
     pub http: u16,
 }
 
+/// A service's gRPC and HTTP listeners, bound by whoever starts it, handed
+/// over once (a clone shares them): see [`ServiceConfig::listeners`].
+#[derive(Debug, Clone, Default)]
+pub struct Listeners(Arc<Mutex<Option<(std::net::TcpListener, std::net::TcpListener)>>>);
+
+impl Listeners {
+    /// The gRPC and the HTTP listener.
+    pub fn new(grpc: std::net::TcpListener, http: std::net::TcpListener) -> Self {
+        Self(Arc::new(Mutex::new(Some((grpc, http)))))
+    }
+
+    /// The listeners, as tokio's, if they are here and not taken yet.
+    fn take(&self) -> anyhow::Result<Option<(TcpListener, TcpListener)>> {
+        let taken = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let Some((grpc, http)) = taken else {
+            return Ok(None);
+        };
+        let tokio = |listener: std::net::TcpListener| {
+            listener.set_nonblocking(true)?;
+            TcpListener::from_std(listener)
+        };
+        Ok(Some((
+            tokio(grpc).context("the gRPC listener")?,
+            tokio(http).context("the HTTP listener")?,
+        )))
+    }
+}
+
 async fn listen(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| {
         format!(
@@ -73,20 +101,25 @@ impl Server {
     ) -> anyhow::Result<Self> {
         let (name, ports) = (identity.name, identity.ports);
         let any = std::net::Ipv4Addr::UNSPECIFIED;
-        let grpc = listen(
-            "gRPC",
-            config
-                .grpc_addr
-                .unwrap_or(SocketAddr::from((any, ports.grpc))),
-        )
-        .await?;
-        let http = listen(
-            "HTTP",
-            config
-                .http_addr
-                .unwrap_or(SocketAddr::from((any, ports.http))),
-        )
-        .await?;
+        let (grpc, http) = match config.listeners.take()? {
+            Some(listeners) => listeners,
+            None => (
+                listen(
+                    "gRPC",
+                    config
+                        .grpc_addr
+                        .unwrap_or(SocketAddr::from((any, ports.grpc))),
+                )
+                .await?,
+                listen(
+                    "HTTP",
+                    config
+                        .http_addr
+                        .unwrap_or(SocketAddr::from((any, ports.http))),
+                )
+                .await?,
+            ),
+        };
         let tls = config
             .tls
             .server_tls()

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, SimpleAsyncConnection as _};
 use shop_servers::{Nats, NatsCluster, Postgres};
-use shop_service::{Identity, LogFormat, Ports, Running, Server, ServiceConfig};
+use shop_service::{Identity, Listeners, LogFormat, Ports, Running, Server, ServiceConfig};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tracing::Instrument as _;
 
@@ -157,8 +157,12 @@ impl Up {
             std::fs::remove_dir_all(&self.data_dir)
                 .with_context(|| format!("wiping {}", self.data_dir.display()))?;
         }
-        // Free ports first: a clear error before anything starts.
+        // The services' ports first, held until each service takes its
+        // own: a clear error before anything starts, and none of the
+        // connections made meanwhile (to NATS, to PostgreSQL, between the
+        // cluster's nodes) is given one as its local end.
         let claims = async {
+            let mut listeners = Vec::new();
             for Identity {
                 name: service,
                 ports: Ports { grpc, http },
@@ -166,7 +170,7 @@ impl Up {
             } in SERVICES
             {
                 for replica in 0..self.replicas {
-                    for (what, port) in [("gRPC", grpc), ("HTTP", http)] {
+                    let claim = |what: &'static str, port: u16| async move {
                         shop_servers::claim_port(
                             self.listen,
                             port + 100 * replica,
@@ -175,16 +179,21 @@ impl Up {
                         .await
                         .with_context(|| {
                             format!("the {service} service cannot take its {what} port")
-                        })?;
-                    }
+                        })
+                    };
+                    listeners.push(Listeners::new(
+                        claim("gRPC", grpc).await?,
+                        claim("HTTP", http).await?,
+                    ));
                 }
             }
-            anyhow::Ok(())
+            anyhow::Ok(listeners)
         };
-        tokio::select! {
+        let mut listeners = tokio::select! {
             claimed = claims => claimed?,
             () = shutdown.cancelled() => return Ok(()),
         }
+        .into_iter();
         let started = Instant::now();
         let data_dir = std::path::absolute(&self.data_dir)?;
         let (nats_dir, postgres_dir) = (data_dir.join("nats"), data_dir.join("postgres"));
@@ -260,6 +269,7 @@ impl Up {
                     log_format: self.log_format,
                     grpc_addr: Some((self.listen, grpc).into()),
                     http_addr: Some((self.listen, http).into()),
+                    listeners: listeners.next().context("a service's listeners")?,
                     migrations: shop_service::Migrations::Check,
                     stream_replicas,
                     ..ServiceConfig::local(url.clone(), nats.url(), auth.clone())
