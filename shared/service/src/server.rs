@@ -93,7 +93,8 @@ async fn listen(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
 
 impl Server {
     /// Binds the listeners of `config` for the service `identity` names, on
-    /// its default ports unless the configuration names addresses.
+    /// its default ports unless the configuration names addresses, or takes
+    /// the ones it was handed ([`ServiceConfig::listeners`]).
     pub async fn bind(
         identity: &Identity,
         config: &ServiceConfig,
