@@ -37,8 +37,9 @@ pub enum PortError {
     },
 }
 
-/// Binds `port` on `host` (SO_REUSEADDR, as servers bind) and returns the
-/// listener; drop it to let a server bind the port instead. A port
+/// Binds `port` on `host` as tokio's `TcpListener::bind` does
+/// (SO_REUSEADDR, a backlog of 1024) and returns the listener, to serve on
+/// or to drop so that a server binds the port instead. A port
 /// something listens on is an error at once; one held by a connection's
 /// local end is waited for, at most `patience`, with a warning saying why.
 pub async fn claim_port(
@@ -49,8 +50,7 @@ pub async fn claim_port(
     let started = Instant::now();
     let mut said = false;
     loop {
-        // std sets SO_REUSEADDR, as tokio, PostgreSQL and nats-server do.
-        if let Ok(listener) = TcpListener::bind((host, port)) {
+        if let Ok(listener) = bind(SocketAddr::new(host, port)) {
             return Ok(listener);
         }
         if listens(host, port).await {
@@ -88,6 +88,18 @@ pub(crate) async fn ensure_port_free(what: &'static str, port: u16) -> Result<()
                 PortError::Held { .. } => error.to_string(),
             },
         })
+}
+
+/// A listener on `addr`; SO_REUSEADDR, as tokio, PostgreSQL and
+/// nats-server set it.
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)?.into_std()
 }
 
 /// Whether something accepts connections on `port` where a server on
