@@ -101,24 +101,14 @@ impl Server {
         infra: Infrastructure,
     ) -> anyhow::Result<Self> {
         let (name, ports) = (identity.name, identity.ports);
-        let any = std::net::Ipv4Addr::UNSPECIFIED;
+        let or_default = |addr: Option<SocketAddr>, port| {
+            addr.unwrap_or((std::net::Ipv4Addr::UNSPECIFIED, port).into())
+        };
         let (grpc, http) = match config.listeners.take()? {
             Some(listeners) => listeners,
             None => (
-                listen(
-                    "gRPC",
-                    config
-                        .grpc_addr
-                        .unwrap_or(SocketAddr::from((any, ports.grpc))),
-                )
-                .await?,
-                listen(
-                    "HTTP",
-                    config
-                        .http_addr
-                        .unwrap_or(SocketAddr::from((any, ports.http))),
-                )
-                .await?,
+                listen("gRPC", or_default(config.grpc_addr, ports.grpc)).await?,
+                listen("HTTP", or_default(config.http_addr, ports.http)).await?,
             ),
         };
         let tls = config
