@@ -213,7 +213,9 @@ impl Postgres {
     }
 
     /// Starts the cluster again on the same port and data, after [`kill`] or
-    /// [`stop`], and waits until it accepts connections.
+    /// [`stop`], and waits until it accepts connections. A port that a
+    /// client was given as its local end meanwhile is waited for first, at
+    /// most [`PORT_PATIENCE`](crate::PORT_PATIENCE).
     ///
     /// [`kill`]: Self::kill
     /// [`stop`]: Self::stop
@@ -222,6 +224,11 @@ impl Postgres {
             self.process.is_none(),
             "the test PostgreSQL cluster is still running"
         );
+        // While it was down, a client (one reconnecting to it, say) may
+        // have been given its port as its local end.
+        ensure_port_free("postgres", self.port)
+            .await
+            .unwrap_or_else(|error| panic!("{error}"));
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match self.launch().await {

@@ -256,3 +256,72 @@ async fn a_panicking_test_still_stops_its_servers() {
         );
     }
 }
+
+/// Longer than a restart's own retries (10 s), so that only waiting for
+/// the port gets a server started again past it.
+const HELD_BY_A_CLIENT: Duration = Duration::from_secs(12);
+
+/// Makes `port` the local end of a client's connection, as the kernel may
+/// give a stopped server's port to any client (one reconnecting to that
+/// server, say): nothing can listen there until the connection, whose
+/// server end has gone, is dropped after `time`.
+async fn held_by_a_client(
+    port: u16,
+    time: Duration,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(([127, 0, 0, 1], port).into())?;
+    let client = socket.connect(server.local_addr()?).await?;
+    drop(server.accept().await?);
+    assert!(
+        std::net::TcpListener::bind(("127.0.0.1", port)).is_err(),
+        "port {port} can be listened on while a client holds it"
+    );
+    Ok(tokio::spawn(async move {
+        tokio::time::sleep(time).await;
+        drop(client);
+    }))
+}
+
+/// The start's readiness probe closes its connection in a task of this
+/// runtime; closed by the server's kill instead, the server's end would
+/// linger on the port, and no client could be given it.
+async fn let_the_readiness_probe_hang_up() {
+    tokio::time::sleep(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn nats_started_again_waits_for_its_port_held_by_a_client() {
+    let mut nats = TestNats::start().await;
+    let port = nats.port();
+    let_the_readiness_probe_hang_up().await;
+    nats.kill();
+    let held = held_by_a_client(port, HELD_BY_A_CLIENT).await.unwrap();
+
+    nats.start_again().await;
+    assert!(held.is_finished());
+    let js = jetstream::new(nats.client().await);
+    js.create_stream(stream::Config {
+        name: "AGAIN".into(),
+        subjects: vec!["again.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn postgres_started_again_waits_for_its_port_held_by_a_client() {
+    let mut postgres = TestPostgres::start().await;
+    let port = postgres.port();
+    let_the_readiness_probe_hang_up().await;
+    postgres.kill();
+    let held = held_by_a_client(port, HELD_BY_A_CLIENT).await.unwrap();
+
+    postgres.start_again().await;
+    assert!(held.is_finished());
+    AsyncPgConnection::establish(&postgres.url("postgres"))
+        .await
+        .unwrap();
+}

@@ -260,7 +260,9 @@ impl Nats {
     }
 
     /// Starts the server again on the same port and store, after [`kill`] or
-    /// [`stop`], and waits until JetStream answers.
+    /// [`stop`], and waits until JetStream answers. A port that a client
+    /// was given as its local end meanwhile is waited for first, at most
+    /// [`PORT_PATIENCE`](crate::PORT_PATIENCE).
     ///
     /// [`kill`]: Self::kill
     /// [`stop`]: Self::stop
@@ -269,6 +271,20 @@ impl Nats {
             self.process.is_none(),
             "the test NATS server is still running"
         );
+        // While it was down, a client (one reconnecting to it, say) may
+        // have been given one of its ports as its local end.
+        let route_port = self.node.as_ref().map(|node| node.route_port);
+        for (what, port) in [
+            ("nats-server", Some(self.port)),
+            ("nats-server monitoring", self.monitor_port),
+            ("nats-server routes", route_port),
+        ] {
+            if let Some(port) = port {
+                ensure_port_free(what, port)
+                    .await
+                    .unwrap_or_else(|error| panic!("{error}"));
+            }
+        }
         // The old socket may linger for a moment after a kill.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
