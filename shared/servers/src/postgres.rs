@@ -327,8 +327,13 @@ impl Postgres {
         Ok(())
     }
 
+    /// Connects as the readiness probe does: through the Unix socket when
+    /// there is one. PostgreSQL creates every listening socket before it
+    /// accepts a connection, so the TCP port is up too; and a probe over TCP
+    /// that the backend hangs up on first leaves the server's end on the
+    /// port for a minute (TIME_WAIT).
     async fn connect(&self, database: &str) -> Result<AsyncPgConnection, ServerError> {
-        AsyncPgConnection::establish(&self.url(database))
+        AsyncPgConnection::establish(&self.local_url("postgres", database))
             .await
             .map_err(|error| ServerError::Database {
                 context: format!("cannot connect to the test cluster on port {}", self.port),

@@ -265,13 +265,29 @@ const HELD_BY_A_CLIENT: Duration = Duration::from_secs(12);
 /// give a stopped server's port to any client (one reconnecting to that
 /// server, say): nothing can listen there until the connection, whose
 /// server end has gone, is dropped after `time`.
+///
+/// A connection to the server that its side closed first leaves that side
+/// on the port for 60 s (TIME_WAIT); a server may bind over it, a client
+/// may not, so this waits for it to go first.
 async fn held_by_a_client(
     port: u16,
     time: Duration,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let server = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.bind(([127, 0, 0, 1], port).into())?;
+    let started = std::time::Instant::now();
+    let socket = loop {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        match socket.bind(([127, 0, 0, 1], port).into()) {
+            Ok(()) => break socket,
+            Err(error)
+                if error.kind() == std::io::ErrorKind::AddrInUse
+                    && started.elapsed() < Duration::from_secs(70) =>
+            {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(error) => return Err(error),
+        }
+    };
     let client = socket.connect(server.local_addr()?).await?;
     drop(server.accept().await?);
     assert!(
@@ -286,7 +302,7 @@ async fn held_by_a_client(
 
 /// The start's readiness probe closes its connection in a task of this
 /// runtime; closed by the server's kill instead, the server's end would
-/// linger on the port, and no client could be given it.
+/// linger on the port for a minute.
 async fn let_the_readiness_probe_hang_up() {
     tokio::time::sleep(Duration::from_millis(200)).await;
 }
