@@ -114,7 +114,10 @@ impl Collector {
     }
 
     /// Waits until the trace holds a consumer span of each (service,
-    /// subject), then returns the trace.
+    /// subject) and the parent of every consumer span in it, then returns
+    /// the trace. Each service exports its spans in batches of its own, so
+    /// a consumer's span can reach the collector before the span of the
+    /// publish it continues.
     pub async fn wait_for(&self, trace_id: &str, consumed: &[(&str, &str)]) -> Vec<Span> {
         let started = Instant::now();
         loop {
@@ -129,12 +132,21 @@ impl Collector {
                     })
                 })
                 .collect();
-            if missing.is_empty() {
+            let orphans: Vec<_> = spans
+                .iter()
+                .filter(|span| {
+                    span.kind == SpanKind::Consumer as i32
+                        && !spans.iter().any(|p| p.span_id == span.parent_span_id)
+                })
+                .map(|span| format!("{} {}", span.service, span.name))
+                .collect();
+            if missing.is_empty() && orphans.is_empty() {
                 return spans;
             }
             assert!(
                 started.elapsed() < Duration::from_secs(30),
-                "trace {trace_id} lacks the consumer spans {missing:?}; it has {:#?}",
+                "trace {trace_id} lacks the consumer spans {missing:?} and the parents of \
+                 {orphans:?}; it has {:#?}",
                 spans
                     .iter()
                     .map(|s| format!("{} {}", s.service, s.name))
@@ -142,5 +154,67 @@ impl Collector {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans};
+
+    /// Exports one span of `service`, as that service's batch would.
+    async fn export(collector: &Collector, service: &str, span_id: u8, parent: u8, kind: SpanKind) {
+        let name = match kind {
+            SpanKind::Consumer => "order.placed process",
+            _ => "order.placed publish",
+        };
+        let span = opentelemetry_proto::tonic::trace::v1::Span {
+            trace_id: vec![7; 16],
+            span_id: vec![span_id; 8],
+            parent_span_id: vec![parent; 8],
+            name: name.into(),
+            kind: kind as i32,
+            ..Default::default()
+        };
+        let request = ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(Resource {
+                    attributes: vec![KeyValue {
+                        key: "service.name".into(),
+                        value: Some(AnyValue {
+                            value: Some(any_value::Value::StringValue(service.into())),
+                        }),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                scope_spans: vec![ScopeSpans {
+                    spans: vec![span],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        collector
+            .export(tonic::Request::new(request))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_consumer_span_exported_before_its_producer_is_waited_for_with_it() {
+        let collector = Collector::default();
+        export(&collector, "inventory", 2, 1, SpanKind::Consumer).await;
+        let late = collector.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            export(&late, "order", 1, 0, SpanKind::Producer).await;
+        });
+        let spans = collector
+            .wait_for(&hex(&[7; 16]), &[("inventory", "order.placed")])
+            .await;
+        let names: Vec<_> = spans.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["order.placed process", "order.placed publish"]);
     }
 }
