@@ -119,10 +119,8 @@ impl Collector {
     /// a consumer's span can reach the collector before the span of the
     /// publish it continues.
     pub async fn wait_for(&self, trace_id: &str, consumed: &[(&str, &str)]) -> Vec<Span> {
-        let started = Instant::now();
-        loop {
-            let spans = self.trace(trace_id);
-            let missing: Vec<_> = consumed
+        self.wait_until(trace_id, |spans| {
+            let mut lacks: Vec<String> = consumed
                 .iter()
                 .filter(|(service, subject)| {
                     !spans.iter().any(|span| {
@@ -131,22 +129,52 @@ impl Collector {
                             && span.name == format!("{subject} process")
                     })
                 })
+                .map(|(service, subject)| format!("the span of {service} consuming {subject}"))
                 .collect();
-            let orphans: Vec<_> = spans
-                .iter()
-                .filter(|span| {
-                    span.kind == SpanKind::Consumer as i32
-                        && !spans.iter().any(|p| p.span_id == span.parent_span_id)
-                })
-                .map(|span| format!("{} {}", span.service, span.name))
-                .collect();
-            if missing.is_empty() && orphans.is_empty() {
+            lacks.extend(
+                spans
+                    .iter()
+                    .filter(|span| {
+                        span.kind == SpanKind::Consumer as i32
+                            && !spans.iter().any(|p| p.span_id == span.parent_span_id)
+                    })
+                    .map(|span| format!("the parent of {} {}", span.service, span.name)),
+            );
+            lacks
+        })
+        .await
+    }
+
+    /// Waits until the trace holds a span `name` of `service`, then returns
+    /// the trace.
+    pub async fn wait_for_span(&self, trace_id: &str, service: &str, name: &str) -> Vec<Span> {
+        self.wait_until(trace_id, |spans| {
+            if spans.iter().any(|s| s.service == service && s.name == name) {
+                Vec::new()
+            } else {
+                vec![format!("the span {name} of {service}")]
+            }
+        })
+        .await
+    }
+
+    /// Waits until `lacking` finds nothing lacking in the trace (at most
+    /// 30 s), then returns the trace.
+    async fn wait_until(
+        &self,
+        trace_id: &str,
+        lacking: impl Fn(&[Span]) -> Vec<String>,
+    ) -> Vec<Span> {
+        let started = Instant::now();
+        loop {
+            let spans = self.trace(trace_id);
+            let lacks = lacking(&spans);
+            if lacks.is_empty() {
                 return spans;
             }
             assert!(
                 started.elapsed() < Duration::from_secs(30),
-                "trace {trace_id} lacks the consumer spans {missing:?} and the parents of \
-                 {orphans:?}; it has {:#?}",
+                "trace {trace_id} lacks {lacks:?}; it has {:#?}",
                 spans
                     .iter()
                     .map(|s| format!("{} {}", s.service, s.name))
