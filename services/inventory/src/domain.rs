@@ -6,14 +6,14 @@ use std::collections::{HashMap, HashSet};
 use shop_domain::{OrderId, StepError, UserId, limits};
 
 /// A product's price and what can be reserved of it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Stock {
     pub price_cents: i64,
     pub available: i64,
 }
 
 /// One reserved line, priced.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Line {
     pub sku: String,
     pub quantity: i64,

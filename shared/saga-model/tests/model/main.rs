@@ -11,38 +11,41 @@
 //! batch, place an order, or let the deadline pass (the sweeper runs; later
 //! captures cancel). Events go out in any order; a step that cannot be
 //! decided yet waits for a later try. When the script ends every pending
-//! event is delivered; then every invariant of the design is checked:
+//! event is delivered; then the invariants of [`properties`] are checked:
+//! stock and money conserved, nothing twice, every order ended, no capture
+//! or reservation outliving a cancellation, no step refused.
 //!
-//! - every placed order is CONFIRMED or CANCELLED;
-//! - per SKU, available + reserved + sold is what was stocked, none below
-//!   zero;
-//! - per user, balance + captured - refunded is the starting credit, no
-//!   cancelled order keeps a capture, every confirmed order has exactly one
-//!   capture of its total and a sold reservation;
-//! - no side effect (reserve, release, sale, capture, refund) and no event
-//!   happens twice for one order;
-//! - no step is refused (a refusal would dead-letter a saga event).
+//! [`exhaustive`] checks the same world through every interleaving for
+//! small bounds (`docs/model-checking.md`).
 //!
 //! `MODEL_CASES` (default 3000) and `MODEL_SEED` (default 1) set the run;
 //! a failure is shrunk to its smallest script and printed with its seed.
 
+mod exhaustive;
+mod explore;
+mod properties;
 mod script;
 mod world;
 
-use std::collections::{HashMap, HashSet};
-
+use properties::Stocked;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use script::*;
 use shop_domain::{OrderId, UserId};
-use shop_inventory::domain::{Status as Held, Stock};
-use shop_order::domain::Status;
-use shop_payment::domain::PaymentStatus;
+use shop_inventory::domain::Stock;
 use uuid::Uuid;
 use world::*;
 
-/// Plays a scenario to its end and checks the invariants.
-fn play(scenario: &Scenario) -> Result<(), String> {
+/// A scenario's world before anything happened: its products stocked,
+/// its users created (`user.created` on its way), nothing placed.
+pub(crate) struct Start {
+    pub(crate) world: World,
+    pub(crate) stocked: Stocked,
+    pub(crate) users: Vec<UserId>,
+    pub(crate) order_ids: Vec<OrderId>,
+}
+
+pub(crate) fn start(scenario: &Scenario) -> Start {
     let users: Vec<UserId> = (0..scenario.credits.len())
         .map(|i| Uuid::from_u128(0x1000 + i as u128).into())
         .collect();
@@ -53,7 +56,7 @@ fn play(scenario: &Scenario) -> Result<(), String> {
         provider: scenario.provider,
         ..World::default()
     };
-    let mut stocked = HashMap::new();
+    let mut stocked = Stocked::new();
     for (sku, &(price_cents, stock)) in ["A", "B"].iter().zip(&scenario.products) {
         world.stock.insert(
             sku.to_string(),
@@ -68,6 +71,22 @@ fn play(scenario: &Scenario) -> Result<(), String> {
         world.credit.insert(*user, cents);
         world.publish(Event::UserCreated { user: *user });
     }
+    Start {
+        world,
+        stocked,
+        users,
+        order_ids,
+    }
+}
+
+/// Plays a scenario to its end and checks the invariants.
+fn play(scenario: &Scenario) -> Result<(), String> {
+    let Start {
+        mut world,
+        stocked,
+        users,
+        order_ids,
+    } = start(scenario);
     let place = |world: &mut World, index: usize| {
         let (buyer, lines) = &scenario.orders[index];
         world.place(order_ids[index], users[*buyer], lines);
@@ -141,137 +160,12 @@ fn play(scenario: &Scenario) -> Result<(), String> {
     check(&world, &stocked)
 }
 
-fn check(world: &World, stocked: &HashMap<String, i64>) -> Result<(), String> {
-    let fail = |what: String| Err(format!("{what}\nworld: {world:#?}"));
-    for (id, row) in &world.orders {
-        if row.status == Status::Pending {
-            return fail(format!("order {id} is still PENDING"));
-        }
-        let held = world.reservations.get(id).map(|(status, _)| *status);
-        let paid = world
-            .payments
-            .get(id)
-            .map(|(status, amount, _)| (*status, *amount));
-        match row.status {
-            Status::Confirmed => {
-                if held != Some(Held::Sold) {
-                    return fail(format!("confirmed order {id} has reservation {held:?}"));
-                }
-                if paid != Some((PaymentStatus::Captured, row.total)) {
-                    return fail(format!(
-                        "confirmed order {id} (total {}) has payment {paid:?}",
-                        row.total
-                    ));
-                }
-            }
-            Status::Cancelled => {
-                if matches!(held, Some(Held::Reserved | Held::Sold)) {
-                    return fail(format!("cancelled order {id} keeps reservation {held:?}"));
-                }
-                if matches!(paid, Some((PaymentStatus::Captured, _))) {
-                    return fail(format!("cancelled order {id} keeps its capture"));
-                }
-            }
-            Status::Pending => unreachable!(),
-        }
-    }
-    for (sku, stock) in stocked {
-        let available = world.stock[sku].available;
-        let reserved = world.reserved.get(sku).copied().unwrap_or_default();
-        let sold = world.sold.get(sku).copied().unwrap_or_default();
-        if available < 0 || reserved < 0 || sold < 0 || available + reserved + sold != *stock {
-            return fail(format!(
-                "{sku}: available {available} + reserved {reserved} + sold {sold} against {stock} stocked"
-            ));
-        }
-        if reserved != 0 {
-            return fail(format!(
-                "{sku}: {reserved} units still reserved after every saga ended"
-            ));
-        }
-    }
-    if world.provider {
-        return check_provider(world);
-    }
-    for (user, start) in &world.credit {
-        let balance = world.balances.get(user).copied().unwrap_or_default();
-        let kept: i64 = world
-            .payments
-            .values()
-            .filter(|(status, _, payer)| *status == PaymentStatus::Captured && payer == user)
-            .map(|(_, amount, _)| amount)
-            .sum();
-        if balance < 0 || balance + kept != *start {
-            return fail(format!(
-                "user {user}: balance {balance} + captured {kept} against a credit of {start}"
-            ));
-        }
-    }
-    for (what, log) in [("effect", &world.effects), ("event", &world.published)] {
-        let mut seen = HashSet::new();
-        for key in log {
-            if !seen.insert(key) {
-                return fail(format!("{what} {key:?} happened twice"));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Through a provider: the wallets untouched; per order, what the
-/// provider kept is what the shop captured, a confirmed order has exactly
-/// one charge of its total and a cancelled one keeps none; nothing left
-/// PENDING or REFUNDING; no event or effect twice.
-fn check_provider(world: &World) -> Result<(), String> {
-    let fail = |what: String| Err(format!("{what}\nworld: {world:#?}"));
-    for (user, start) in &world.credit {
-        let balance = world.balances.get(user).copied().unwrap_or_default();
-        if balance != *start {
-            return fail(format!(
-                "user {user}: the wallet moved to {balance} from {start}"
-            ));
-        }
-    }
-    for (id, (status, amount, _)) in &world.payments {
-        if matches!(status, PaymentStatus::Pending | PaymentStatus::Refunding) {
-            return fail(format!("payment of {id} left {status:?} ({amount})"));
-        }
-    }
-    for (id, row) in &world.orders {
-        let kept = world
-            .ledger
-            .get(id)
-            .filter(|(succeeded, ..)| *succeeded)
-            .map_or(0, |(_, amount, refunded, _)| amount - refunded);
-        let captured = match world.payments.get(id) {
-            Some((PaymentStatus::Captured, amount, _)) => *amount,
-            _ => 0,
-        };
-        if kept != captured {
-            return fail(format!(
-                "order {id}: the provider kept {kept}, the shop captured {captured}"
-            ));
-        }
-        if row.status == Status::Confirmed
-            && world.ledger.get(id).map(|(s, a, r, _)| (*s, *a, *r)) != Some((true, row.total, 0))
-        {
-            return fail(format!(
-                "confirmed order {id} has no single charge of its total"
-            ));
-        }
-        if row.status == Status::Cancelled && kept != 0 {
-            return fail(format!("cancelled order {id} keeps a charge of {kept}"));
-        }
-    }
-    for (what, log) in [("effect", &world.effects), ("event", &world.published)] {
-        let mut seen = HashSet::new();
-        for key in log {
-            if !seen.insert(key) {
-                return fail(format!("{what} {key:?} happened twice"));
-            }
-        }
-    }
-    Ok(())
+/// The invariants of [`properties::always`] and [`properties::ended`],
+/// with the world that broke one.
+fn check(world: &World, stocked: &Stocked) -> Result<(), String> {
+    properties::always(world, stocked)
+        .and_then(|()| properties::ended(world, stocked))
+        .map_err(|what| format!("{what}\nworld: {world:#?}"))
 }
 
 fn cases() -> u32 {

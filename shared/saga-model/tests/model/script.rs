@@ -18,7 +18,7 @@ pub(crate) enum Consumer {
 }
 
 /// How the provider told the payment service an outcome.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) enum Via {
     /// The call's own answer.
     Answer,
@@ -27,7 +27,7 @@ pub(crate) enum Via {
 }
 
 /// The saga's events, with what their consumers read of them.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) enum Event {
     UserCreated {
         user: UserId,
@@ -143,10 +143,12 @@ impl Event {
 }
 
 /// One event on its way to one consumer.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) struct Delivery {
     pub(crate) to: Consumer,
     pub(crate) event: Event,
+    /// Handled once already, its ack lost: this is its redelivery.
+    pub(crate) redelivered: bool,
 }
 
 /// A move of the script; the numbers pick among what is pending.

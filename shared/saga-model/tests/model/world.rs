@@ -1,7 +1,7 @@
 //! The three services' tables in memory, the network between them, and the
 //! services' own decision functions applied to what is delivered.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::script::*;
 use chrono::{DateTime, Duration, TimeZone as _, Utc};
@@ -16,41 +16,64 @@ use shop_payment::domain::{
 use uuid::Uuid;
 
 /// What the order service keeps of an order.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct OrderRow {
     pub(crate) user: UserId,
     pub(crate) status: Status,
     pub(crate) total: i64,
 }
 
-/// The three services' tables, the network and a log of side effects.
-#[derive(Debug, Default)]
+/// The three services' tables, the network and a count of side effects.
+/// Ordered maps only, so that two worlds with the same tables are equal
+/// and hash alike (the exhaustive check visits each world once).
+#[derive(Debug, Default, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct World {
     // The order service.
-    pub(crate) known_users: HashSet<UserId>,
+    pub(crate) known_users: BTreeSet<UserId>,
     pub(crate) orders: BTreeMap<OrderId, OrderRow>,
     pub(crate) late: bool,
     // The inventory service.
-    pub(crate) stock: HashMap<String, Stock>,
-    pub(crate) reserved: HashMap<String, i64>,
-    pub(crate) sold: HashMap<String, i64>,
-    pub(crate) reservations: HashMap<OrderId, (Held, Vec<Line>)>,
+    pub(crate) stock: BTreeMap<String, Stock>,
+    pub(crate) reserved: BTreeMap<String, i64>,
+    pub(crate) sold: BTreeMap<String, i64>,
+    pub(crate) reservations: BTreeMap<OrderId, (Held, Vec<Line>)>,
     // The payment service: the credit each wallet opens with, the wallets.
-    pub(crate) credit: HashMap<UserId, i64>,
-    pub(crate) balances: HashMap<UserId, i64>,
-    pub(crate) payments: HashMap<OrderId, (PaymentStatus, i64, UserId)>,
+    pub(crate) credit: BTreeMap<UserId, i64>,
+    pub(crate) balances: BTreeMap<UserId, i64>,
+    pub(crate) payments: BTreeMap<OrderId, (PaymentStatus, i64, UserId)>,
     /// Payments go through the provider.
     pub(crate) provider: bool,
     /// PENDING charges whose order was cancelled meanwhile.
-    pub(crate) cancel_requested: HashSet<OrderId>,
+    pub(crate) cancel_requested: BTreeSet<OrderId>,
     // The provider: one charge per key (the order): succeeded, amount,
     // refunded, payer.
     pub(crate) ledger: BTreeMap<OrderId, (bool, i64, i64, UserId)>,
     // The network: events published and not yet consumed.
     pub(crate) pending: Vec<Delivery>,
-    // Everything that happened, to find what happened twice.
-    pub(crate) effects: Vec<(&'static str, Uuid)>,
-    pub(crate) published: Vec<(&'static str, Uuid)>,
+    // How often each side effect and each event happened, per order (or
+    // user), to find what happened twice.
+    pub(crate) effects: BTreeMap<(&'static str, Uuid), u32>,
+    pub(crate) published: BTreeMap<(&'static str, Uuid), u32>,
+    /// A mistake seeded into the glue around the decision functions, to
+    /// show that the checks find it; never set outside those tests.
+    pub(crate) bug: Option<Bug>,
+    /// The orders a seeded sweep read as overdue and has not cancelled yet.
+    pub(crate) swept: BTreeSet<OrderId>,
+}
+
+/// Mistakes a service could make around its decision functions, seeded
+/// one at a time to show that the exhaustive check finds each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Bug {
+    /// The payment service settles a charge's outcome without asking
+    /// whether the order was cancelled while the charge was on its way.
+    SettleIgnoresCancellation,
+    /// The inventory service releases what it holds but leaves no
+    /// tombstone for an order it has not seen yet.
+    ReleaseForgetsTombstone,
+    /// The sweeper cancels every order it once found PENDING without
+    /// reading its status again.
+    SweepDoesNotRecheck,
 }
 
 pub(crate) fn deadline() -> DateTime<Utc> {
@@ -69,14 +92,19 @@ impl World {
 
     pub(crate) fn publish(&mut self, event: Event) {
         if !event.at_provider() {
-            self.published.push(event.key());
+            *self.published.entry(event.key()).or_default() += 1;
         }
         for &to in event.consumers() {
             self.pending.push(Delivery {
                 to,
                 event: event.clone(),
+                redelivered: false,
             });
         }
+    }
+
+    fn effect(&mut self, (what, id): (&'static str, Uuid)) {
+        *self.effects.entry((what, id)).or_default() += 1;
     }
 
     /// PlaceOrder: only for a user the order service knows, with lines
@@ -108,7 +136,11 @@ impl World {
         });
     }
 
-    /// Step t: the sweeper cancels what is PENDING past its deadline.
+    /// The deadline sweep: the sweeper cancels what is PENDING past its
+    /// deadline, deciding on each order's status as it writes (one guarded
+    /// statement). With [`Bug::SweepDoesNotRecheck`] it only reads here
+    /// which orders it will cancel; [`World::sweep_writes`] cancels them
+    /// later, as a sweep that selects and then updates by id would.
     pub(crate) fn sweep(&mut self) {
         let now = self.now();
         let ids: Vec<OrderId> = self.orders.keys().copied().collect();
@@ -120,9 +152,22 @@ impl World {
             if let Decision::Cancel(_) =
                 order::decide(row.status, deadline(), now, &SagaEvent::DeadlinePassed)
             {
-                let user = row.user;
-                self.cancel(id, user);
+                if self.bug == Some(Bug::SweepDoesNotRecheck) {
+                    self.swept.insert(id);
+                } else {
+                    let user = row.user;
+                    self.cancel(id, user);
+                }
             }
+        }
+    }
+
+    /// The second half of the seeded sweep: cancels what it read, whatever
+    /// happened to those orders since.
+    pub(crate) fn sweep_writes(&mut self) {
+        for id in std::mem::take(&mut self.swept) {
+            let user = self.orders[&id].user;
+            self.cancel(id, user);
         }
     }
 
@@ -156,7 +201,7 @@ impl World {
                     if let Event::UserCreated { user } = event {
                         // Opened with its credit, unless open already.
                         if !self.balances.contains_key(user) {
-                            self.effects.push(("open wallet", user.get()));
+                            self.effect(("open wallet", user.get()));
                             self.balances.insert(*user, self.credit[user]);
                         }
                     }
@@ -283,11 +328,14 @@ impl World {
             })
             .collect();
         let mut decided: HashSet<OrderId> = self.reservations.keys().copied().collect();
-        let decisions = inventory::reserve_in_turn(&placed, &mut decided, &mut self.stock);
+        let mut stock: HashMap<String, Stock> =
+            std::mem::take(&mut self.stock).into_iter().collect();
+        let decisions = inventory::reserve_in_turn(&placed, &mut decided, &mut stock);
+        self.stock = stock.into_iter().collect();
         for (order, decision) in placed.iter().zip(decisions) {
             match decision {
                 Reservation::Reserved { lines, total_cents } => {
-                    self.effects.push(("reserve", order.order_id.get()));
+                    self.effect(("reserve", order.order_id.get()));
                     for line in &lines {
                         *self.reserved.entry(line.sku.clone()).or_default() += line.quantity;
                     }
@@ -317,7 +365,7 @@ impl World {
         let status = self.reservations.get(&id).map(|(status, _)| *status);
         match inventory::release(id, status)? {
             Release::Release => {
-                self.effects.push(("release", id.get()));
+                self.effect(("release", id.get()));
                 let (status, lines) = self.reservations.get_mut(&id).expect("held");
                 *status = Held::Released;
                 for line in lines.iter() {
@@ -329,6 +377,7 @@ impl World {
                 self.publish(Event::Released { order: id });
             }
             Release::Nothing => {}
+            Release::Tombstone if self.bug == Some(Bug::ReleaseForgetsTombstone) => {}
             Release::Tombstone => {
                 self.reservations.insert(id, (Held::Cancelled, Vec::new()));
             }
@@ -350,7 +399,7 @@ impl World {
             }
         }
         for id in to_sell {
-            self.effects.push(("sell", id.get()));
+            self.effect(("sell", id.get()));
             let (status, lines) = self.reservations.get_mut(&id).expect("held");
             *status = Held::Sold;
             for line in lines.iter() {
@@ -376,9 +425,9 @@ impl World {
             })
             .collect();
         let mut decided: HashSet<OrderId> = self.payments.keys().copied().collect();
-        let mut balances = self.balances.clone();
+        let mut balances: HashMap<UserId, i64> = self.balances.clone().into_iter().collect();
         let debits = payment::debit_in_turn(&charges, &mut decided, &mut balances)?;
-        self.balances = balances;
+        self.balances = balances.into_iter().collect();
         for (charge, debit) in charges.iter().zip(debits) {
             let Some(status) = debit.status() else {
                 continue;
@@ -389,7 +438,7 @@ impl World {
             );
             match debit {
                 Debit::Captured => {
-                    self.effects.push(("capture", charge.order_id.get()));
+                    self.effect(("capture", charge.order_id.get()));
                     self.publish(Event::PaymentCompleted {
                         order: charge.order_id,
                         amount: charge.amount_cents,
@@ -418,7 +467,7 @@ impl World {
                 let (_, amount, payer) = payment.expect("captured");
                 let balance = self.balances[&payer];
                 let refunded = payment::refunded(payer, balance, amount)?;
-                self.effects.push(("refund", id.get()));
+                self.effect(("refund", id.get()));
                 self.balances.insert(payer, refunded);
                 self.payments
                     .insert(id, (PaymentStatus::Refunded, amount, payer));
@@ -473,7 +522,7 @@ impl World {
             .sum();
         let succeeded = self.credit[&user] - kept >= amount;
         if succeeded {
-            self.effects.push(("provider charge", order.get()));
+            self.effect(("provider charge", order.get()));
         }
         self.ledger.insert(order, (succeeded, amount, 0, user));
         for via in [Via::Answer, Via::Webhook] {
@@ -497,7 +546,7 @@ impl World {
         };
         if *refunded == 0 {
             *refunded = *amount;
-            self.effects.push(("provider refund", order.get()));
+            self.effect(("provider refund", order.get()));
             for via in [Via::Answer, Via::Webhook] {
                 self.publish(Event::RefundDone { order, via });
             }
@@ -521,10 +570,11 @@ impl World {
         } else {
             Charged::Declined("insufficient funds at the payment provider".into())
         };
-        let cancelled = self.cancel_requested.contains(&order);
+        let cancelled = self.cancel_requested.contains(&order)
+            && self.bug != Some(Bug::SettleIgnoresCancellation);
         match payment::settle(status, cancelled, charged) {
             Settle::Capture => {
-                self.effects.push(("capture", order.get()));
+                self.effect(("capture", order.get()));
                 self.payments
                     .insert(order, (PaymentStatus::Captured, amount, user));
                 self.publish(Event::PaymentCompleted { order, amount });
@@ -550,7 +600,7 @@ impl World {
     /// A refund's outcome: REFUNDING becomes REFUNDED, `payment.refunded`.
     pub(crate) fn settle_refund(&mut self, order: OrderId) {
         if let Some(&(PaymentStatus::Refunding, amount, user)) = self.payments.get(&order) {
-            self.effects.push(("refund", order.get()));
+            self.effect(("refund", order.get()));
             self.payments
                 .insert(order, (PaymentStatus::Refunded, amount, user));
             self.publish(Event::Refunded { order });
@@ -614,7 +664,7 @@ impl World {
 
     /// Delivers the pending events at `indices` (one consumer, one type) as
     /// one batch; they stay pending when the step cannot be decided yet, and
-    /// when `keep` (a redelivery to come).
+    /// when `keep` (a redelivery to come, marked as one).
     pub(crate) fn deliver(&mut self, mut indices: Vec<usize>, keep: bool) -> Result<(), String> {
         indices.sort_unstable();
         indices.dedup();
@@ -624,13 +674,19 @@ impl World {
             .map(|&i| self.pending[i].event.clone())
             .collect();
         match self.handle(to, &events) {
-            Ok(()) if !keep => {
+            Ok(()) if keep => {
+                for &i in &indices {
+                    self.pending[i].redelivered = true;
+                }
+                Ok(())
+            }
+            Ok(()) => {
                 for &i in indices.iter().rev() {
                     self.pending.remove(i);
                 }
                 Ok(())
             }
-            Ok(()) | Err(shop_domain::StepError::NotYet(_)) => Ok(()),
+            Err(shop_domain::StepError::NotYet(_)) => Ok(()),
             Err(shop_domain::StepError::Refused(reason)) => {
                 Err(format!("{to:?} refused {events:?}: {reason}"))
             }
