@@ -10,8 +10,9 @@ use crate::Ports;
 /// the prefix of the subjects it publishes (`order.>`), its outbox's
 /// `ce-source` (`shop/order`), the suffix of its database (`shop_order`) and
 /// the label of its logs and metrics; the gRPC service names come from the
-/// generated servers themselves. `integration-tests/tests/identities.rs`
-/// checks that the NATS configuration, the chart and `compose.yaml` agree.
+/// generated servers themselves.
+/// `integration-tests/tests/services/identities.rs` checks that the NATS
+/// configuration, the chart and `compose.yaml` agree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Identity {
     /// `user`, `order`, `inventory` or `payment`.

@@ -61,9 +61,10 @@ pub(super) struct Prepared<'m, S> {
 }
 
 impl<S: Send + Sync + 'static> Inner<S> {
-    /// Handles a batch of messages in one transaction, each in a savepoint of
-    /// its own so that one failure rolls back only its own effects; then
-    /// settles each message. A transaction that failed for reasons that say
+    /// Handles a batch of messages in one transaction, all together and
+    /// with no savepoint; if a handler fails, again with each message in a
+    /// savepoint of its own so that the failure rolls back only its own
+    /// effects; then settles each message. A transaction that failed for reasons that say
     /// nothing about the messages (the database unreachable, a deadlock) is
     /// tried again here, the messages kept meanwhile, instead of spending
     /// their deliveries; on shutdown they go back to JetStream.
