@@ -186,9 +186,11 @@ pub(crate) struct NewLines {
     pub(crate) unit_prices: Vec<i64>,
 }
 
-/// Units taken by SKU (`$1`, `$2`), the reservations decided (`$3`..`$7`:
-/// order, user, status, total, reason) and their lines (`$8`..`$11`:
-/// order, SKU, quantity, unit price).
+/// Units taken by SKU (`$1`, `$2`), each only if the SKU still has the
+/// units available it was read with (`$3`), the reservations decided
+/// (`$4`..`$8`: order, user, status, total, reason) and their lines
+/// (`$9`..`$12`: order, SKU, quantity, unit price); the step's inbox rows
+/// (`$13`, `$14`) and events (`$15`).
 pub(crate) const WRITE_RESERVATIONS: &str = "\
 WITH moved AS (
     UPDATE products SET available = available - moved.quantity,
@@ -388,8 +390,9 @@ pub(crate) async fn set_status(
     .await
 }
 
-/// The reservations of orders `$1` marked `$2` (sold), and their lines'
-/// units moved from reserved to sold.
+/// The reservations of orders `$1` marked `$2` (sold) if they still stand
+/// at `$3` (reserved), and their lines' units moved from reserved to sold;
+/// the step's inbox rows (`$4`, `$5`) and events (`$6`).
 pub(crate) const SELL: &str = "\
 WITH sold_orders AS (
     UPDATE reservations SET status = $2, updated_at = now()

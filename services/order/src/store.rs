@@ -397,8 +397,10 @@ pub(crate) struct NewSteps {
 }
 
 /// The orders a batch changed (`$1`..`$5`: id, status, total, cancel
-/// reason or NULL, whether the status changed) and the steps it recorded
-/// (`$6`..`$8`: order, name, detail), in the order recorded.
+/// reason or NULL, whether the status changed), each only if it still has
+/// the status and total it was read with (`$6`, `$7`), and the steps it
+/// recorded (`$8`..`$10`: order, name, detail), in the order recorded; the
+/// step's inbox rows (`$11`, `$12`) and events (`$13`).
 pub(crate) const WRITE_MOVES: &str = "\
 WITH moved_orders AS (
     UPDATE orders SET status = moved.status,
