@@ -13,6 +13,7 @@ diesel::table! {
         traceparent -> Nullable<Text>,
         tracestate -> Nullable<Text>,
         created_at -> Timestamptz,
+        stored_at -> Timestamptz,
     }
 }
 

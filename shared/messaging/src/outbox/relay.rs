@@ -11,9 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream;
-use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Timestamptz, Uuid as SqlUuid};
+use diesel::sql_types::{Array, BigInt, Bool, Double, Uuid as SqlUuid};
 use diesel_async::{AsyncConnection as _, RunQueryDsl};
 use shop_db::{KeepPrepared, PgPool};
 use tokio_util::sync::CancellationToken;
@@ -21,7 +20,6 @@ use tokio_util::sync::CancellationToken;
 use super::publish::publish_rows;
 use super::{Outbox, PublishError, Row};
 use crate::metrics::MessagingMetrics;
-use crate::schema::outbox;
 
 /// Confirmed ids that wake the relay to delete them before its timer does.
 pub(super) const FORGET_BATCH: usize = 1000;
@@ -33,14 +31,36 @@ const DRAIN_TIME: Duration = Duration::from_secs(2);
 const FORGET: &str = "DELETE FROM outbox WHERE event_id IN \
     (SELECT event_id FROM outbox WHERE event_id = ANY($1) FOR UPDATE SKIP LOCKED)";
 
-/// Takes the oldest unconfirmed rows written before `$2` that no other relay
-/// holds; they are gone once the transaction commits, and back if it rolls
-/// back.
+/// Takes the oldest unconfirmed rows stored at least `$2` seconds ago, by
+/// the database's clock, that no other relay holds; they are gone once the
+/// transaction commits, and back if it rolls back.
 const SWEEP: &str = "WITH taken AS (DELETE FROM outbox WHERE event_id IN \
-    (SELECT event_id FROM outbox WHERE created_at < $2 ORDER BY seq LIMIT $1 \
-    FOR UPDATE SKIP LOCKED) RETURNING *) \
+    (SELECT event_id FROM outbox WHERE stored_at <= now() - make_interval(secs => $2) \
+    ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED) RETURNING *) \
     SELECT event_id, subject, event_type, source, payload, correlation_id, \
     causation_id, traceparent, tracestate, created_at FROM taken ORDER BY seq";
+
+/// Whether the oldest row (the first by `seq`) was stored at least `$1`
+/// seconds ago; no row when the outbox is empty.
+const OLDEST_DUE: &str = "SELECT stored_at <= now() - make_interval(secs => $1) AS due \
+    FROM outbox ORDER BY seq LIMIT 1";
+
+const BACKLOG: &str = "SELECT count(*) AS rows, \
+    coalesce(extract(epoch FROM now() - min(stored_at)), 0)::float8 AS lag FROM outbox";
+
+#[derive(QueryableByName)]
+struct Backlog {
+    #[diesel(sql_type = BigInt)]
+    rows: i64,
+    #[diesel(sql_type = Double)]
+    lag: f64,
+}
+
+#[derive(QueryableByName)]
+struct Due {
+    #[diesel(sql_type = Bool)]
+    due: bool,
+}
 
 /// How the relay sweeps.
 #[derive(Debug, Clone)]
@@ -162,12 +182,12 @@ impl Relay {
                     // waits for them. Any row in flight that this takes
                     // along is published twice, and stored once.
                     let hurry = self.outbox.as_ref().is_some_and(Outbox::publish_failed);
-                    let cutoff = if hurry {
-                        Utc::now()
+                    let age = if hurry {
+                        Duration::ZERO
                     } else {
-                        Utc::now() - self.config.sweep_after
+                        self.config.sweep_after
                     };
-                    if let Err(error) = self.sweep_all(cutoff).await {
+                    if let Err(error) = self.sweep_all(age).await {
                         if let (true, Some(outbox)) = (hurry, &self.outbox) {
                             outbox.confirmed.failed.store(true, Ordering::Relaxed);
                         }
@@ -191,7 +211,7 @@ impl Relay {
         }
         let drained = tokio::time::timeout(DRAIN_TIME, async {
             self.forget().await?;
-            self.sweep_all(Utc::now()).await
+            self.sweep_all(Duration::ZERO).await
         })
         .await;
         match drained {
@@ -227,35 +247,34 @@ impl Relay {
         Ok(())
     }
 
-    /// Sweeps batches of rows written before `cutoff` until one comes back
-    /// short.
-    async fn sweep_all(&self, cutoff: DateTime<Utc>) -> Result<(), RelayError> {
-        while self.sweep(cutoff).await? as i64 == self.config.batch_size {}
+    /// Sweeps batches of rows at least `age` old until one comes back short.
+    async fn sweep_all(&self, age: Duration) -> Result<(), RelayError> {
+        while self.sweep(age).await? as i64 == self.config.batch_size {}
         Ok(())
     }
 
     /// Sweeps one batch of the rows older than `sweep_after`, as the timer
     /// does; returns how many it published.
     pub async fn sweep_once(&self) -> Result<usize, RelayError> {
-        self.sweep(Utc::now() - self.config.sweep_after).await
+        self.sweep(self.config.sweep_after).await
     }
 
-    /// Publishes and deletes one batch of the oldest rows written before
-    /// `cutoff` that no other relay holds; returns how many. Holding the
-    /// row locks until the deletes commit keeps other relays off them; a
-    /// failed publish rolls the deletes back.
-    async fn sweep(&self, cutoff: DateTime<Utc>) -> Result<usize, RelayError> {
+    /// Publishes and deletes one batch of the oldest rows at least `age`
+    /// old that no other relay holds; returns how many. Holding the row
+    /// locks until the deletes commit keeps other relays off them; a failed
+    /// publish rolls the deletes back. Ages are the database's: a writer's
+    /// clock, whatever it says, cannot make a row look young.
+    async fn sweep(&self, age: Duration) -> Result<usize, RelayError> {
         let mut conn = self.connection().await?;
         // Most looks find nothing: one statement, not a transaction, that
         // reads one index entry (the oldest row) however many rows writers
         // have confirmed or deleted since the table was last vacuumed.
-        let oldest: Option<DateTime<Utc>> = outbox::table
-            .order(outbox::seq)
-            .select(outbox::created_at)
-            .first(&mut conn)
-            .await
-            .optional()?;
-        if oldest.is_none_or(|oldest| oldest >= cutoff) {
+        let due: Option<Due> =
+            KeepPrepared(diesel::sql_query(OLDEST_DUE).bind::<Double, _>(age.as_secs_f64()))
+                .get_result(&mut conn)
+                .await
+                .optional()?;
+        if !due.is_some_and(|due| due.due) {
             return Ok(0);
         }
         let count = conn
@@ -263,7 +282,7 @@ impl Relay {
                 let rows: Vec<Row> = KeepPrepared(
                     diesel::sql_query(SWEEP)
                         .bind::<BigInt, _>(self.config.batch_size)
-                        .bind::<Timestamptz, _>(cutoff),
+                        .bind::<Double, _>(age.as_secs_f64()),
                 )
                 .load(conn)
                 .await?;
@@ -311,16 +330,9 @@ pub async fn backlog(
         .get()
         .await
         .map_err(|error| RelayError::Pool(error.to_string()))?;
-    let (rows, oldest): (i64, Option<DateTime<Utc>>) = outbox::table
-        .select((
-            diesel::dsl::count_star(),
-            diesel::dsl::min(outbox::created_at),
-        ))
-        .get_result(&mut conn)
-        .await?;
-    let lag = oldest
-        .and_then(|oldest| (Utc::now() - oldest).to_std().ok())
-        .unwrap_or_default();
+    // The oldest row's age by the database's clock, as the sweep sees it.
+    let Backlog { rows, lag } = diesel::sql_query(BACKLOG).get_result(&mut conn).await?;
+    let lag = Duration::try_from_secs_f64(lag).unwrap_or_default();
     metrics.outbox_pending.set(rows);
     metrics.outbox_lag.set(lag.as_secs_f64());
     Ok((rows, lag))

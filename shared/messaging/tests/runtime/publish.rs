@@ -143,6 +143,48 @@ async fn events_committed_while_nats_is_down_wait_and_go_out_through_the_next_sw
     assert_eq!(stored_ids(&setup.js, "order.placed").await, strings(&ids));
 }
 
+/// A writer whose clock runs a minute ahead commits an event and dies before
+/// publishing it: its row, the oldest in the outbox, says it was written a
+/// minute from now. Rows are aged by the database's clock, so neither it
+/// nor the rows other writers leave behind it wait for that minute.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_writer_whose_clock_runs_ahead_holds_up_no_sweep() {
+    let setup = setup().await;
+    // No publisher: what these writers commit is the sweep's to send.
+    let outbox = Outbox::new("shop/test");
+    let ahead = commit(&setup, &outbox, vec![placed("o-ahead")]).await.ids();
+    let mut conn = AsyncPgConnection::establish(&setup.url).await.unwrap();
+    // Written by the fast clock (`ce-time` is the writer's).
+    diesel_async::RunQueryDsl::execute(
+        diesel::sql_query("UPDATE outbox SET created_at = created_at + interval '60 seconds'"),
+        &mut conn,
+    )
+    .await
+    .unwrap();
+    let behind = commit(&setup, &outbox, vec![placed("o-1"), placed("o-2")])
+        .await
+        .ids();
+
+    let relay = relay_for(&setup, &outbox, Duration::from_millis(500));
+    let swept = relay.swept_counter();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(relay.run(shutdown.clone()));
+    eventually(
+        "every row swept long before the fast clock's minute",
+        Duration::from_secs(15),
+        || async { rows(&setup).await == 0 },
+    )
+    .await;
+    shutdown.cancel();
+    task.await.unwrap();
+    assert_eq!(swept.load(Ordering::Relaxed), 3);
+    let expected: Vec<uuid::Uuid> = ahead.into_iter().chain(behind).collect();
+    assert_eq!(
+        stored_ids(&setup.js, "order.placed").await,
+        strings(&expected)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_consumer_whose_events_did_not_go_out_acks_nothing_and_its_redelivery_publishes_them() {
     Box::pin(events_not_out_are_published_by_the_redelivery(|| {
