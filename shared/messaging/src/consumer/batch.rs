@@ -208,7 +208,9 @@ impl<S: Send + Sync + 'static> Inner<S> {
     /// confirmed. `Err` when a statement or the transaction failed for a
     /// reason that says nothing about the messages: the transaction's
     /// messages were not applied, and those applied in statements before are
-    /// recognised as redeliveries when the batch is tried again.
+    /// recognised as redeliveries when the batch is tried again. A
+    /// transaction that failed for another reason fails its own messages
+    /// only: those applied in statements are settled as applied.
     async fn apply(
         &self,
         prepared: &[(usize, Prepared<'_, S>)],
@@ -218,7 +220,21 @@ impl<S: Send + Sync + 'static> Inner<S> {
         let (in_statements, in_transaction) = prepared.split_at(split);
         let (mut results, mut written) = self.apply_in_statements(&mut conn, in_statements).await?;
         let (in_transaction_results, in_transaction_written) =
-            self.apply_in_transaction(&mut conn, in_transaction).await?;
+            match self.apply_in_transaction(&mut conn, in_transaction).await {
+                Ok(applied) => applied,
+                // The statements committed before: their messages are
+                // applied, and settled as such. Only the transaction's are
+                // failed attempts, to be tried again.
+                Err(failed) if !failed.retry_in_place() => {
+                    let reason = failed.reason();
+                    let failed = in_transaction
+                        .iter()
+                        .map(|_| Err(Failure::Retryable(reason.clone())))
+                        .collect();
+                    (failed, Written::default())
+                }
+                Err(failed) => return Err(failed),
+            };
         results.extend(in_transaction_results);
         written.extend(in_transaction_written);
         let duplicates: Vec<uuid::Uuid> = prepared

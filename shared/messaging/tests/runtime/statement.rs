@@ -1,7 +1,8 @@
 //! Routes in one statement: a batch applied by one statement that carries
 //! its inbox rows and events and commits by itself; a redelivery refused by
 //! the inbox; a stale read read and decided again; a failure settled for
-//! its own event.
+//! its own event; a batch's transaction failing after its statement
+//! committed fails only its own messages.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -242,4 +243,109 @@ async fn a_failure_in_a_statement_batch_is_settled_for_its_own_event() {
     // No inbox row for the dead letter: nothing of it was written.
     assert_eq!(inbox_rows(&setup).await, 3);
     assert_eq!(dead_letters(&setup, 1).await.len(), 1);
+}
+
+/// Records a confirmation's effect, in the batch's transaction.
+impl shop_messaging::Handler<OrderConfirmed> for Behaviour {
+    async fn handle(
+        &self,
+        cx: &mut shop_messaging::Context<'_>,
+        event: OrderConfirmed,
+    ) -> Result<(), HandlerError> {
+        let insert = diesel::sql_query("INSERT INTO effects (event_id, order_id) VALUES ($1, $2)")
+            .bind::<SqlUuid, _>(cx.envelope().id)
+            .bind::<Text, _>(event.order_id);
+        diesel_async::RunQueryDsl::execute(insert, cx.conn()).await?;
+        Ok(())
+    }
+}
+
+/// One batch, two halves: `order.placed` goes in one statement, which
+/// commits by itself, then `order.confirmed` in the batch's transaction,
+/// which fails for a reason of its own (its inbox row refused). The placed
+/// event was applied: it is acknowledged as such, not counted as a failed
+/// attempt nor redelivered; only the confirmation is tried again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_applied_in_a_statement_is_not_failed_with_the_transaction_after_it() {
+    let setup = setup().await;
+    stock(&setup, 10).await;
+    let behaviour = Arc::new(Behaviour::default());
+    let consumer = consumer_with(
+        &setup,
+        ConsumerSpec::new("inventory", "ORDER", &["order.placed", "order.confirmed"]),
+        Router::new()
+            .on::<OrderPlaced>(Route::in_one_statement())
+            .on::<OrderConfirmed>(Route::single()),
+        Arc::clone(&behaviour),
+    )
+    .with_concurrency(1)
+    .with_batch_size(64);
+    let stats = consumer.stats();
+    let shutdown = CancellationToken::new();
+    let confirmed = shop_messaging::OutgoingEvent::new(&OrderConfirmed {
+        order_id: "x".into(),
+        ..Default::default()
+    })
+    .correlated("x");
+    let (task, ids) = delivered_together(
+        &setup,
+        &behaviour,
+        "gate",
+        || tokio::spawn(consumer.run(shutdown.clone())),
+        async || {
+            let ids = append(&setup, &[placed("a"), confirmed]).await;
+            let mut conn = AsyncPgConnection::establish(&setup.url).await.unwrap();
+            conn.batch_execute(&format!(
+                "CREATE FUNCTION refuse_inbox_row() RETURNS trigger LANGUAGE plpgsql AS $$ \
+                 BEGIN IF NEW.event_id = '{}' THEN RAISE EXCEPTION 'the test refuses this inbox row'; \
+                 END IF; RETURN NEW; END $$; \
+                 CREATE TRIGGER refuse BEFORE INSERT ON inbox \
+                 FOR EACH ROW EXECUTE FUNCTION refuse_inbox_row();",
+                ids[1]
+            ))
+            .await
+            .unwrap();
+            ids
+        },
+    )
+    .await;
+    eventually("the confirmation refused twice", WAIT, || async {
+        count(
+            &setup.url,
+            "SELECT coalesce(sum(failures), 0)::bigint AS n FROM consumer_failures",
+        )
+        .await
+            >= 2
+    })
+    .await;
+    // The placed event was applied once, and no attempt of it failed.
+    assert_eq!(effects(&setup, "a").await, 1);
+    let placed_failures = count(
+        &setup.url,
+        &format!(
+            "SELECT count(*) AS n FROM consumer_failures WHERE event_id = '{}'",
+            ids[0]
+        ),
+    )
+    .await;
+    assert_eq!(placed_failures, 0, "the applied message counted as failed");
+    assert_eq!(
+        stats.duplicates.load(Ordering::Relaxed),
+        0,
+        "a was redelivered"
+    );
+
+    // The inbox takes the confirmation again: it goes through, once.
+    let mut conn = AsyncPgConnection::establish(&setup.url).await.unwrap();
+    conn.batch_execute("DROP TRIGGER refuse ON inbox")
+        .await
+        .unwrap();
+    eventually("the confirmation applied", WAIT, || async {
+        effects(&setup, "x").await == 1
+    })
+    .await;
+    shutdown.cancel();
+    task.await.unwrap();
+    assert_eq!(effects(&setup, "a").await, 1);
+    assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 0);
 }
