@@ -358,6 +358,74 @@ mod tests {
         (postgres, url, conn)
     }
 
+    /// A compensation batch releases two orders, ZEBRA's and then APPLE's,
+    /// while a reservation of both products runs. The batch takes its
+    /// products' rows before any release, in SKU order (`lock_names`, as
+    /// the consumer calls it for the batch), as the reservation's statement
+    /// does: the reservation waits for APPLE instead of holding it while
+    /// the batch, holding ZEBRA, waits for it (a deadlock, which PostgreSQL
+    /// breaks after `deadlock_timeout` by failing one of them).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_compensation_batch_and_a_reservation_take_products_in_one_order() {
+        use shop_messaging::LockNames as _;
+        use shop_proto::order::v1::OrderCancelled;
+
+        let (_postgres, url, mut conn) = migrated().await;
+        let admin = Caller::new("admin", vec![shop_service::roles::ADMIN.into()]);
+        let catalogue = Catalogue::new(shop_db::pool(&url, 1).unwrap());
+        for sku in ["APPLE", "ZEBRA"] {
+            catalogue
+                .create_product(&admin, sku, sku, 100, 10)
+                .await
+                .unwrap();
+        }
+        let (zebra, apple) = (order("ZEBRA", 1), order("APPLE", 1));
+        reserve_and_write(&mut conn, &[zebra.clone(), apple.clone()])
+            .await
+            .unwrap();
+
+        let mut batch = AsyncPgConnection::establish(&url).await.unwrap();
+        let (go, mut went) = tokio::sync::mpsc::channel::<()>(1);
+        let step = tokio::spawn(async move {
+            went.recv().await.unwrap();
+            let both = Placed {
+                order_id: Uuid::now_v7().into(),
+                user_id: Uuid::now_v7().into(),
+                items: vec![("APPLE".to_owned(), 1), ("ZEBRA".to_owned(), 1)],
+            };
+            // As the consumer does: read and decide again while stale.
+            loop {
+                match reserve_and_write(&mut conn, std::slice::from_ref(&both)).await {
+                    Err(error) if error.is_stale() => continue,
+                    other => return other.map(|_| ()),
+                }
+            }
+        });
+        let released = batch
+            .transaction::<_, HandlerError, _>(async |conn| {
+                let cancelled: Vec<OrderCancelled> = [&zebra, &apple]
+                    .iter()
+                    .map(|placed| OrderCancelled {
+                        order_id: placed.order_id.to_string(),
+                        ..Default::default()
+                    })
+                    .collect();
+                crate::events::HandlerState
+                    .lock_names(conn, cancelled.iter().collect())
+                    .await?;
+                release(conn, zebra.order_id.get(), zebra.user_id.get()).await?;
+                // The reservation runs now, and meets the batch's rows.
+                go.send(()).await.unwrap();
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                release(conn, apple.order_id.get(), apple.user_id.get()).await?;
+                Ok(())
+            })
+            .await;
+        let reserved = step.await.unwrap();
+        assert!(released.is_ok(), "the batch failed: {released:?}");
+        assert!(reserved.is_ok(), "the reservation failed: {reserved:?}");
+    }
+
     /// Steps 2 and 5 read without locks: a decision whose products or
     /// reservations changed before its statement ran is refused whole, as a
     /// serialization failure (the consumer reads and decides again).

@@ -67,7 +67,7 @@ impl EndsReservation for PaymentFailed {
 }
 
 /// The products the events' orders hold reserved, in one query (none for a
-/// malformed id: its handler reports that).
+/// malformed id: its handler reports that), their rows locked.
 impl<E: Event + EndsReservation> LockNames<E> for HandlerState {
     async fn lock_names(
         &self,
@@ -79,6 +79,11 @@ impl<E: Event + EndsReservation> LockNames<E> for HandlerState {
             .filter_map(|event| uuid::Uuid::parse_str(event.order_id()).ok())
             .collect();
         let skus = store::reserved_skus(conn, &order_ids).await?;
+        // The product rows too, now and in SKU order, as the reservations'
+        // one statement takes them: a release taking them as it goes, in
+        // the batch's order, could hold one that a reservation waits for
+        // while waiting for one that reservation holds.
+        store::lock_products(conn, &skus).await?;
         Ok(skus.iter().map(|sku| product_lock(sku)).collect())
     }
 }

@@ -352,6 +352,24 @@ pub(crate) async fn reserved_skus(
         .await
 }
 
+/// Locks the rows of `skus` for the transaction, in SKU order.
+pub(crate) async fn lock_products(
+    conn: &mut AsyncPgConnection,
+    skus: &[String],
+) -> QueryResult<usize> {
+    if skus.is_empty() {
+        return Ok(0);
+    }
+    let locked: Vec<String> = products::table
+        .filter(products::sku.eq_any(skus))
+        .order(products::sku)
+        .select(products::sku)
+        .for_update()
+        .load(conn)
+        .await?;
+    Ok(locked.len())
+}
+
 /// An order's reservation lines, in SKU order.
 pub(crate) async fn lines_of(
     conn: &mut AsyncPgConnection,
