@@ -90,11 +90,11 @@ impl<S: Send + Sync + 'static> Inner<S> {
         self.set_aside_unsettled(&batch, &mut prepared, &mut outcomes)
             .await;
         // Routes in one statement first (see `apply`), each kept in order.
-        prepared.sort_by_key(|(_, ready)| !in_one_statement(ready));
+        let later = in_phases(&mut prepared);
         if !prepared.is_empty() {
             let mut attempts = 0u32;
             let applied = loop {
-                let applying = AssertUnwindSafe(self.apply(&prepared)).catch_unwind();
+                let applying = AssertUnwindSafe(self.apply(&prepared, later)).catch_unwind();
                 let applied = tokio::select! {
                     applied = applying => applied,
                     never = self.keep_alive(&batch) => match never {},
@@ -211,32 +211,43 @@ impl<S: Send + Sync + 'static> Inner<S> {
     /// recognised as redeliveries when the batch is tried again. A
     /// transaction that failed for another reason fails its own messages
     /// only: those applied in statements are settled as applied.
+    ///
+    /// The last `later` of `prepared` are messages in one statement that
+    /// follow a message of their saga in the transaction ([`in_phases`]):
+    /// they are applied after it commits, and fail with it.
     async fn apply(
         &self,
         prepared: &[(usize, Prepared<'_, S>)],
+        later: usize,
     ) -> Result<(Vec<Result<Outcome, Failure>>, Written), BatchFailed> {
         let mut conn = self.pool.get().await.map_err(BatchFailed::NoConnection)?;
-        let split = prepared.partition_point(|(_, ready)| in_one_statement(ready));
-        let (in_statements, in_transaction) = prepared.split_at(split);
+        let (first, after) = prepared.split_at(prepared.len() - later);
+        let split = first.partition_point(|(_, ready)| in_one_statement(ready));
+        let (in_statements, in_transaction) = first.split_at(split);
         let (mut results, mut written) = self.apply_in_statements(&mut conn, in_statements).await?;
-        let (in_transaction_results, in_transaction_written) =
-            match self.apply_in_transaction(&mut conn, in_transaction).await {
-                Ok(applied) => applied,
-                // The statements committed before: their messages are
-                // applied, and settled as such. Only the transaction's are
-                // failed attempts, to be tried again.
-                Err(failed) if !failed.retry_in_place() => {
-                    let reason = failed.reason();
-                    let failed = in_transaction
+        match self.apply_in_transaction(&mut conn, in_transaction).await {
+            Ok((in_transaction_results, in_transaction_written)) => {
+                results.extend(in_transaction_results);
+                written.extend(in_transaction_written);
+                let (after_results, after_written) =
+                    self.apply_in_statements(&mut conn, after).await?;
+                results.extend(after_results);
+                written.extend(after_written);
+            }
+            // The statements committed before: their messages are applied,
+            // and settled as such. Only the transaction's, and those that
+            // were to follow it, are failed attempts, to be tried again.
+            Err(failed) if !failed.retry_in_place() => {
+                let reason = failed.reason();
+                results.extend(
+                    in_transaction
                         .iter()
-                        .map(|_| Err(Failure::Retryable(reason.clone())))
-                        .collect();
-                    (failed, Written::default())
-                }
-                Err(failed) => return Err(failed),
-            };
-        results.extend(in_transaction_results);
-        written.extend(in_transaction_written);
+                        .chain(after)
+                        .map(|_| Err(Failure::Retryable(reason.clone()))),
+                );
+            }
+            Err(failed) => return Err(failed),
+        }
         let duplicates: Vec<uuid::Uuid> = prepared
             .iter()
             .zip(&results)
@@ -500,6 +511,34 @@ impl<S: Send + Sync + 'static> Inner<S> {
 }
 
 /// Whether the message's route applies it in a statement of its own.
+/// Orders a batch's messages (given in the order they came) for `apply`:
+/// those of routes in one statement first, then the transaction's, then
+/// the messages in one statement that came after a transaction message of
+/// their saga (the same correlation id). A statement commits before the
+/// transaction; without the last group, an `order.placed` that a
+/// cancellation overtook within one batch would be applied first, and the
+/// customer would see a reservation (and a charge) that the cancellation
+/// then undoes, instead of the tombstone it leaves. Stable within each
+/// group; returns the size of the last.
+fn in_phases<S>(prepared: &mut [(usize, Prepared<'_, S>)]) -> usize {
+    let mut sagas_in_transaction = HashSet::new();
+    let mut phases = std::collections::HashMap::new();
+    for (index, ready) in prepared.iter() {
+        let saga = ready.envelope.correlation_id.as_deref();
+        let phase = if !in_one_statement(ready) {
+            sagas_in_transaction.extend(saga);
+            1
+        } else if saga.is_some_and(|saga| sagas_in_transaction.contains(saga)) {
+            2
+        } else {
+            0
+        };
+        phases.insert(*index, phase);
+    }
+    prepared.sort_by_key(|(index, _)| phases[index]);
+    phases.values().filter(|&&phase| phase == 2).count()
+}
+
 fn in_one_statement<S>(ready: &Prepared<'_, S>) -> bool {
     matches!(ready.route.handle, Handle::Statement(_))
 }

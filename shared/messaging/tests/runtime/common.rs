@@ -94,6 +94,9 @@ pub struct Behaviour {
     /// Times another writer takes a unit of stock between the one-statement
     /// handler's read and its write.
     pub interlopers: Mutex<u32>,
+    /// Per confirmation handled, its order and the effects that order had
+    /// then.
+    pub seen_by_confirmations: Mutex<Vec<(String, i64)>>,
 }
 
 impl Behaviour {
