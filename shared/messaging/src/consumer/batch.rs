@@ -61,13 +61,15 @@ pub(super) struct Prepared<'m, S> {
 }
 
 impl<S: Send + Sync + 'static> Inner<S> {
-    /// Handles a batch of messages in one transaction, all together and
-    /// with no savepoint; if a handler fails, again with each message in a
-    /// savepoint of its own so that the failure rolls back only its own
-    /// effects; then settles each message. A transaction that failed for reasons that say
-    /// nothing about the messages (the database unreachable, a deadlock) is
-    /// tried again here, the messages kept meanwhile, instead of spending
-    /// their deliveries; on shutdown they go back to JetStream.
+    /// Handles a batch of messages: those of routes in one statement in
+    /// statements of their own, the others in one transaction, all together
+    /// and with no savepoint; if a handler fails, again with each message in
+    /// a savepoint of its own so that the failure rolls back only its own
+    /// effects; then settles each message. A transaction that failed for
+    /// reasons that say nothing about the messages (the database
+    /// unreachable, a deadlock) is tried again here, the messages kept
+    /// meanwhile, instead of spending their deliveries; on shutdown they go
+    /// back to JetStream.
     pub(super) async fn process_batch(
         &self,
         batch: Vec<jetstream::Message>,
@@ -89,7 +91,8 @@ impl<S: Send + Sync + 'static> Inner<S> {
         }
         self.set_aside_unsettled(&batch, &mut prepared, &mut outcomes)
             .await;
-        // Routes in one statement first (see `apply`), each kept in order.
+        // Routes in one statement first, then the transaction's, then what
+        // follows its saga's transaction message (see `in_phases`).
         let later = in_phases(&mut prepared);
         if !prepared.is_empty() {
             let mut attempts = 0u32;
@@ -510,7 +513,6 @@ impl<S: Send + Sync + 'static> Inner<S> {
     }
 }
 
-/// Whether the message's route applies it in a statement of its own.
 /// Orders a batch's messages (given in the order they came) for `apply`:
 /// those of routes in one statement first, then the transaction's, then
 /// the messages in one statement that came after a transaction message of
@@ -539,6 +541,7 @@ fn in_phases<S>(prepared: &mut [(usize, Prepared<'_, S>)]) -> usize {
     phases.values().filter(|&&phase| phase == 2).count()
 }
 
+/// Whether the message's route applies it in a statement of its own.
 fn in_one_statement<S>(ready: &Prepared<'_, S>) -> bool {
     matches!(ready.route.handle, Handle::Statement(_))
 }
