@@ -66,6 +66,7 @@ pub async fn migrate<S>(
 where
     S: MigrationSource<Pg> + Send + 'static,
 {
+    distinct_versions(&sources)?;
     let mut connection = AsyncPgConnection::establish(database_url.as_ref()).await?;
     // Session-level lock: released when this connection closes, even on error.
     connection
@@ -86,6 +87,28 @@ where
     })
     .await
     .map_err(|error| DbError::Migrate(format!("the migration task failed: {error}")))?
+}
+
+/// Refuses two migrations of one version, across all `sources`: the
+/// database records what it applied by version alone, so the second would
+/// be taken for applied and never run.
+fn distinct_versions<S: MigrationSource<Pg>>(sources: &[S]) -> Result<(), DbError> {
+    let mut seen = std::collections::HashMap::new();
+    for source in sources {
+        let migrations = source
+            .migrations()
+            .map_err(|error| DbError::Migrate(error.to_string()))?;
+        for migration in migrations {
+            let name = migration.name().to_string();
+            let version = migration.name().version().to_string();
+            if let Some(first) = seen.insert(version.clone(), name.clone()) {
+                return Err(DbError::Migrate(format!(
+                    "migrations {first} and {name} share the version {version}: the second would never run"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The versions of the migrations in `sources` that `database_url` has not
@@ -353,7 +376,47 @@ fn is_url(database_url: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{SessionLimits, with_params, with_setting, with_settings};
+    use super::{SessionLimits, distinct_versions, with_params, with_setting, with_settings};
+
+    /// A folder of migrations under `root` named `names`, each creating
+    /// nothing.
+    fn migrations(
+        root: &std::path::Path,
+        names: &[&str],
+    ) -> diesel_migrations::FileBasedMigrations {
+        let dir = root.join(uuid::Uuid::new_v4().to_string());
+        for name in names {
+            std::fs::create_dir_all(dir.join(name)).unwrap();
+            std::fs::write(dir.join(name).join("up.sql"), "SELECT 1;").unwrap();
+            std::fs::write(dir.join(name).join("down.sql"), "SELECT 1;").unwrap();
+        }
+        diesel_migrations::FileBasedMigrations::from_path(&dir).unwrap()
+    }
+
+    #[test]
+    fn two_migrations_of_one_version_are_refused_whichever_sources_they_are_in() {
+        let root = std::env::temp_dir().join(format!("shop-db-{}", uuid::Uuid::new_v4()));
+        let runtime = migrations(
+            &root,
+            &["2026-12-07-000000_outbox", "2026-12-08-000000_inbox"],
+        );
+        let service = migrations(&root, &["2026-12-07-000000_payments"]);
+        let error = distinct_versions(&[runtime, service])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            error,
+            "migration failed: migrations 2026-12-07-000000_outbox and \
+             2026-12-07-000000_payments share the version 20261207000000: \
+             the second would never run"
+        );
+        let apart = [
+            migrations(&root, &["2026-12-07-000000_outbox"]),
+            migrations(&root, &["2026-12-07-000001_payments"]),
+        ];
+        distinct_versions(&apart).unwrap();
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn a_setting_joins_either_form_of_url() {
