@@ -4,6 +4,8 @@
 //!   skipping those already applied, so several replicas may start at once.
 //! - [`pending`]: the migrations not yet applied, read without changing
 //!   anything, for a runtime role that may not alter the schema.
+//! - [`connect`]: a connection that waits, for a while, for a database that
+//!   cannot be reached yet (the deployment's migration step).
 //! - [`grant_runtime`]: what a service's runtime role may do on the tables
 //!   its owner made: read and write rows, nothing more.
 //! - [`pool`]: a deadpool of diesel-async connections.
@@ -56,6 +58,58 @@ pub enum DbError {
     Messages(String),
 }
 
+impl DbError {
+    /// Whether the database could not be reached at all: its name did not
+    /// resolve, nothing accepted the connection, or the server is starting
+    /// or stopping. Such a failure may pass by itself; a refused login or
+    /// a failed migration will not.
+    pub fn is_unreachable(&self) -> bool {
+        use diesel::result::{DatabaseErrorKind, Error};
+        // diesel-async hands a failed connection on as a database error: of
+        // no kind (no SQLSTATE) when the server was never reached, else of
+        // an unknown kind carrying the server's message.
+        let Self::Connect(diesel::ConnectionError::CouldntSetupConfiguration(
+            Error::DatabaseError(kind, info),
+        )) = self
+        else {
+            return false;
+        };
+        match kind {
+            DatabaseErrorKind::UnableToSendCommand => true,
+            // SQLSTATE 57P03 as an English-speaking server words it (it
+            // comes before a session could ask for English).
+            _ => {
+                info.message()
+                    .contains("the database system is starting up")
+                    || info
+                        .message()
+                        .contains("the database system is shutting down")
+            }
+        }
+    }
+}
+
+/// A connection to `database_url`, tried again while the database cannot
+/// be reached ([`DbError::is_unreachable`]), with a backoff from 250 ms to
+/// 5 s, for at most `patience`; any other failure is returned at once.
+pub async fn connect(database_url: &str, patience: Duration) -> Result<AsyncPgConnection, DbError> {
+    let started = std::time::Instant::now();
+    let mut delay = Duration::from_millis(250);
+    loop {
+        match AsyncPgConnection::establish(database_url)
+            .await
+            .map_err(DbError::from)
+        {
+            Err(error) if error.is_unreachable() && started.elapsed() < patience => {
+                tracing::warn!(%error, retry_in = ?delay, "the database cannot be reached yet");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            result => return result,
+        }
+    }
+}
+
 /// Applies the pending migrations of each source in turn and returns the
 /// versions applied. Holds a session-level advisory lock meanwhile, so that
 /// replicas starting together apply each migration once.
@@ -67,7 +121,19 @@ where
     S: MigrationSource<Pg> + Send + 'static,
 {
     distinct_versions(&sources)?;
-    let mut connection = AsyncPgConnection::establish(database_url.as_ref()).await?;
+    let connection = AsyncPgConnection::establish(database_url.as_ref()).await?;
+    migrate_over(connection, sources).await
+}
+
+/// [`migrate`] over a connection already made (by [`connect`], say).
+pub async fn migrate_over<S>(
+    mut connection: AsyncPgConnection,
+    sources: Vec<S>,
+) -> Result<Vec<String>, DbError>
+where
+    S: MigrationSource<Pg> + Send + 'static,
+{
+    distinct_versions(&sources)?;
     // Session-level lock: released when this connection closes, even on error.
     connection
         .batch_execute("SELECT pg_advisory_lock(7220189462)")
@@ -161,10 +227,9 @@ where
 /// anything, so the constraints that back the invariants stay. Run as the
 /// owner after migrating; new tables of later migrations are granted the
 /// same way by default.
-pub async fn grant_runtime(owner_url: &str, role: &str) -> Result<(), DbError> {
+pub async fn grant_runtime(owner: &mut AsyncPgConnection, role: &str) -> Result<(), DbError> {
     let quoted = format!("\"{}\"", role.replace('"', "\"\""));
-    let mut connection = AsyncPgConnection::establish(owner_url).await?;
-    connection
+    owner
         .batch_execute(&format!(
             "REVOKE CREATE ON SCHEMA public FROM PUBLIC;
              GRANT USAGE ON SCHEMA public TO {quoted};

@@ -19,20 +19,31 @@ use crate::Identity;
 use crate::config::{Migrations, ServiceConfig};
 use crate::probes;
 
+/// How long the migration step waits for a database it cannot reach yet.
+const MIGRATION_PATIENCE: Duration = Duration::from_secs(60);
+
 /// The deployment's migration step: applies the messaging tables' and
 /// `migrations` as the database's owner (`config.database_url`), then
 /// grants `config.grant_to`, the runtime role, the rows and nothing more.
+///
+/// A step runs once, as its stack starts, so a database that cannot be
+/// reached yet (its name not resolvable yet, nothing listening, still
+/// starting) is the usual case, not a fault: each connection is tried
+/// again for at most [`MIGRATION_PATIENCE`]. Anything else, a refused
+/// password among them, ends the step at once.
 pub async fn migrate_only(
     config: &ServiceConfig,
     migrations: EmbeddedMigrations,
 ) -> anyhow::Result<()> {
     let url = config.database_url.expose_secret();
-    let applied = shop_db::migrate(url, vec![shop_messaging::MIGRATIONS, migrations])
+    let connection = shop_db::connect(url, MIGRATION_PATIENCE).await?;
+    let applied = shop_db::migrate_over(connection, vec![shop_messaging::MIGRATIONS, migrations])
         .await
         .context("migrating the database")?;
     tracing::info!(applied = applied.len(), versions = ?applied, "migrations applied");
     if let Some(role) = &config.grant_to {
-        shop_db::grant_runtime(url, role).await?;
+        let mut connection = shop_db::connect(url, MIGRATION_PATIENCE).await?;
+        shop_db::grant_runtime(&mut connection, role).await?;
         tracing::info!(%role, "runtime role granted the tables' rows");
     }
     Ok(())
