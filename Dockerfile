@@ -6,6 +6,17 @@
 # The dependencies are compiled in a layer of their own, rebuilt only when
 # a manifest or Cargo.lock changes; the crates' downloads are a BuildKit
 # cache mount shared by every build.
+#
+# Where no Rust image can be pulled, the binaries can be built on the host
+# and handed in; the image is then the same runtime stage around them:
+#   docker build --build-arg BINARIES=host --build-context host-binaries=DIR -t shop .
+# DIR holds user-svc, order-svc, inventory-svc, payment-svc, shopctl and
+# provider-sim, built for Debian 12 (scripts/compose-smoke does this).
+
+# `build` (compile here) or `host` (the host-binaries context).
+ARG BINARIES=build
+# The runtime's base; CI, where nothing can be pulled, names one it made.
+ARG RUNTIME_BASE=debian:bookworm-slim
 
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
@@ -47,13 +58,18 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && cp target/release/user-svc target/release/order-svc target/release/inventory-svc \
        target/release/payment-svc target/release/shopctl target/release/provider-sim /out/
 
-FROM debian:bookworm-slim AS runtime
+FROM scratch AS host
+COPY --from=host-binaries . /out/
+
+FROM ${BINARIES} AS binaries
+
+FROM ${RUNTIME_BASE} AS runtime
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 shop \
  && useradd --system --uid 10001 --gid shop --no-create-home --shell /usr/sbin/nologin shop
-COPY --from=build /out/ /usr/local/bin/
+COPY --from=binaries /out/ /usr/local/bin/
 USER 10001:10001
 # gRPC 50051-50054, HTTP (/healthz, /readyz, /metrics) 9101-9104.
 EXPOSE 50051 50052 50053 50054 9101 9102 9103 9104
