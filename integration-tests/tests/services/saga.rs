@@ -686,3 +686,92 @@ async fn an_event_delivered_twice_has_one_effect() {
     );
     shop.check_invariants().await;
 }
+
+/// A cancellation that overtook its placement, both in one batch of the
+/// inventory service's: the cancellation is applied first and leaves a
+/// tombstone, so the placement reserves nothing. Neither a reservation
+/// and its release, nor a charge and its refund, is ever seen.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancellation_ahead_of_its_placement_in_one_batch_reserves_nothing() {
+    use shop_messaging::envelope::{OutgoingEvent, publish_direct};
+    use shop_proto::order::v1::{OrderCancelled, OrderItem, OrderPlaced};
+
+    let mut shop = Shop::start(Settings::default()).await;
+    let user = shop.create_user("ann@example.com").await;
+    shop.create_product("LAMP", 1999, 5).await;
+    // Both events wait in the stream for the inventory service, to be
+    // fetched together.
+    shop.stop("inventory").await;
+    let js = async_nats::jetstream::new(shop.infra.nats.client().await);
+    let order_id = uuid::Uuid::now_v7().to_string();
+    let cancelled = OrderCancelled {
+        order_id: order_id.clone(),
+        user_id: user.clone(),
+        reason: "timeout".into(),
+    };
+    let placed = OrderPlaced {
+        order_id: order_id.clone(),
+        user_id: user.clone(),
+        items: vec![OrderItem {
+            sku: "LAMP".into(),
+            quantity: 2,
+        }],
+        ..Default::default()
+    };
+    for event in [
+        OutgoingEvent::new(&cancelled).correlated(&order_id),
+        OutgoingEvent::new(&placed).correlated(&order_id),
+    ] {
+        publish_direct(&js, &event, "shop/order").await.unwrap();
+    }
+    let last = js
+        .get_stream("ORDER")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .last_sequence;
+
+    shop.restart("inventory").await;
+    shop::eventually("the inventory service acknowledges both", || async {
+        // Not found while the service provisions it again.
+        let Ok(mut consumer) = js
+            .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+                "inventory",
+                "ORDER",
+            )
+            .await
+        else {
+            return false;
+        };
+        consumer
+            .info()
+            .await
+            .is_ok_and(|info| info.ack_floor.stream_sequence >= last)
+    })
+    .await;
+    // Anything it published would have gone out right after its commit.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let inventory = js.get_stream("INVENTORY").await.unwrap();
+    for subject in [
+        "inventory.reserved",
+        "inventory.rejected",
+        "inventory.released",
+    ] {
+        assert!(
+            inventory
+                .get_last_raw_message_by_subject(subject)
+                .await
+                .is_err(),
+            "the inventory service published {subject}"
+        );
+    }
+    let lamp = shop.product("LAMP").await;
+    assert_eq!((lamp.available, lamp.reserved, lamp.sold), (5, 0, 0));
+    assert_eq!(shop.payment_status(&order_id).await, None);
+    assert_eq!(shop.balance(&user).await, STARTING_CREDIT);
+    shop.check_invariants().await;
+}
