@@ -120,7 +120,6 @@ pub async fn migrate<S>(
 where
     S: MigrationSource<Pg> + Send + 'static,
 {
-    distinct_versions(&sources)?;
     let connection = AsyncPgConnection::establish(database_url.as_ref()).await?;
     migrate_over(connection, sources).await
 }
