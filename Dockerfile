@@ -27,9 +27,8 @@ ARG PACKAGES="-p shop-user -p shop-order -p shop-inventory -p shop-payment -p sh
 # the compiled dependencies.
 COPY Cargo.toml Cargo.lock ./
 COPY shared/auth/Cargo.toml shared/auth/
-COPY shared/db/Cargo.toml shared/db/
 COPY shared/domain/Cargo.toml shared/domain/
-COPY shared/messaging/Cargo.toml shared/messaging/
+COPY shared/pg-jetstream/Cargo.toml shared/pg-jetstream/
 COPY shared/proto/Cargo.toml shared/proto/
 COPY shared/saga-model/Cargo.toml shared/saga-model/
 COPY shared/servers/Cargo.toml shared/servers/

@@ -553,7 +553,7 @@ pub struct StoredEvent {
 
 /// Every message of `stream`, in order.
 pub async fn stream_events(js: &async_nats::jetstream::Context, stream: &str) -> Vec<StoredEvent> {
-    use shop_messaging::envelope::headers;
+    use pg_jetstream::envelope::headers;
     let mut handle = js.get_stream(stream).await.unwrap();
     let state = handle.info().await.unwrap().state.clone();
     let mut events = Vec::new();

@@ -5,9 +5,9 @@ use shop_integration_tests::shop;
 use std::time::Duration;
 
 use async_nats::jetstream;
+use pg_jetstream::envelope::publish_direct;
+use pg_jetstream::{DeadLetters, OutgoingEvent};
 use shop::{Settings, Shop};
-use shop_messaging::envelope::publish_direct;
-use shop_messaging::{DeadLetters, OutgoingEvent};
 use shop_proto::order::v1::{OrderItem, OrderPlaced, OrderStatus};
 use shopctl::timeline::{Outcome, Timeline};
 use uuid::Uuid;

@@ -693,7 +693,7 @@ async fn an_event_delivered_twice_has_one_effect() {
 /// and its release, nor a charge and its refund, is ever seen.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cancellation_ahead_of_its_placement_in_one_batch_reserves_nothing() {
-    use shop_messaging::envelope::{OutgoingEvent, publish_direct};
+    use pg_jetstream::envelope::{OutgoingEvent, publish_direct};
     use shop_proto::order::v1::{OrderCancelled, OrderItem, OrderPlaced};
 
     let mut shop = Shop::start(Settings::default()).await;

@@ -21,7 +21,7 @@ fn schema(service: &str) -> EmbeddedMigrations {
 
 async fn migrated(postgres: &TestPostgres, service: &str) -> AsyncPgConnection {
     let url = postgres.create_database(&format!("shop_{service}")).await;
-    shop_db::migrate(&url, vec![schema(service)])
+    pg_jetstream::db::migrate(&url, vec![schema(service)])
         .await
         .expect("migrations apply");
     AsyncPgConnection::establish(&url)
@@ -42,13 +42,17 @@ async fn every_schema_migrates_once_into_its_own_database() {
     let postgres = TestPostgres::start().await;
     for service in SERVICES {
         let url = postgres.create_database(&format!("shop_{service}")).await;
-        let applied = shop_db::migrate(&url, vec![schema(service)]).await.unwrap();
+        let applied = pg_jetstream::db::migrate(&url, vec![schema(service)])
+            .await
+            .unwrap();
         assert!(
             !applied.is_empty(),
             "{service}: nothing applied on a fresh database"
         );
         // A restart, or a second replica, finds nothing left to do.
-        let again = shop_db::migrate(&url, vec![schema(service)]).await.unwrap();
+        let again = pg_jetstream::db::migrate(&url, vec![schema(service)])
+            .await
+            .unwrap();
         assert!(again.is_empty(), "{service}: applied {again:?} twice");
     }
     // The databases are apart: the order service's database has no users table.
@@ -65,7 +69,7 @@ async fn replicas_migrating_at_once_apply_each_migration_once() {
     let url = postgres.create_database("shop_payment").await;
     let replicas: Vec<_> = (0..4)
         .map(|_| {
-            tokio::spawn(shop_db::migrate(
+            tokio::spawn(pg_jetstream::db::migrate(
                 url.clone(),
                 vec![shop_payment::MIGRATIONS],
             ))

@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use diesel_async::AsyncPgConnection;
-use shop_db::PgPool;
-use shop_messaging::{Carried, HandlerError};
+use pg_jetstream::db::PgPool;
+use pg_jetstream::{Carried, HandlerError};
 use shop_service::{ApiError, Caller, is_unique_violation, limits, step_failed, unknown_stored};
 use uuid::Uuid;
 
@@ -351,7 +351,7 @@ mod tests {
     async fn migrated() -> (TestPostgres, String, AsyncPgConnection) {
         let postgres = TestPostgres::start().await;
         let url = postgres.create_database("inventory").await;
-        shop_db::migrate(&url, vec![shop_messaging::MIGRATIONS, crate::MIGRATIONS])
+        pg_jetstream::db::migrate(&url, vec![pg_jetstream::MIGRATIONS, crate::MIGRATIONS])
             .await
             .unwrap();
         let conn = AsyncPgConnection::establish(&url).await.unwrap();
@@ -367,12 +367,12 @@ mod tests {
     /// breaks after `deadlock_timeout` by failing one of them).
     #[tokio::test(flavor = "multi_thread")]
     async fn a_compensation_batch_and_a_reservation_take_products_in_one_order() {
-        use shop_messaging::LockNames as _;
+        use pg_jetstream::LockNames as _;
         use shop_proto::order::v1::OrderCancelled;
 
         let (_postgres, url, mut conn) = migrated().await;
         let admin = Caller::new("admin", vec![shop_service::roles::ADMIN.into()]);
-        let catalogue = Catalogue::new(shop_db::pool(&url, 1).unwrap());
+        let catalogue = Catalogue::new(pg_jetstream::db::pool(&url, 1).unwrap());
         for sku in ["APPLE", "ZEBRA"] {
             catalogue
                 .create_product(&admin, sku, sku, 100, 10)
@@ -433,7 +433,7 @@ mod tests {
     async fn a_step_decided_on_what_changed_since_writes_nothing() {
         let (_postgres, url, mut conn) = migrated().await;
         let admin = Caller::new("admin", vec![shop_service::roles::ADMIN.into()]);
-        let catalogue = Catalogue::new(shop_db::pool(&url, 1).unwrap());
+        let catalogue = Catalogue::new(pg_jetstream::db::pool(&url, 1).unwrap());
         catalogue
             .create_product(&admin, "LAMP", "Lamp", 1999, 3)
             .await
@@ -496,7 +496,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn orders_reserved_together_take_the_stock_in_turn_and_sell_together() {
         let (_postgres, url, mut conn) = migrated().await;
-        Catalogue::new(shop_db::pool(&url, 1).unwrap())
+        Catalogue::new(pg_jetstream::db::pool(&url, 1).unwrap())
             .create_product(
                 &Caller::new("admin", vec![shop_service::roles::ADMIN.into()]),
                 "LAMP",

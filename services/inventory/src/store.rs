@@ -7,9 +7,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
-use shop_db::KeepPrepared;
+use pg_jetstream::Carried;
+use pg_jetstream::db::KeepPrepared;
 use shop_domain::{OrderId, limits};
-use shop_messaging::Carried;
 use uuid::Uuid;
 
 use crate::domain::{Line, NewProduct, Status, Stock};
@@ -463,7 +463,7 @@ mod tests {
     async fn every_statement_written_as_sql_prepares_against_the_migrated_schema() {
         let postgres = shop_test_support::TestPostgres::start().await;
         let url = postgres.create_database("inventory").await;
-        shop_db::migrate(&url, vec![shop_messaging::MIGRATIONS, crate::MIGRATIONS])
+        pg_jetstream::db::migrate(&url, vec![pg_jetstream::MIGRATIONS, crate::MIGRATIONS])
             .await
             .unwrap_or_else(|error| panic!("{error}"));
         shop_test_support::assert_statements_prepare(

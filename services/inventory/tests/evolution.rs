@@ -20,12 +20,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream;
-use prost::Message as _;
-use shop_messaging::envelope::publish_direct;
-use shop_messaging::{
+use pg_jetstream::envelope::publish_direct;
+use pg_jetstream::{
     ConsumerSpec, Context, EventConsumer, Handler, HandlerError, Outbox, OutgoingEvent, Route,
     Router,
 };
+use prost::Message as _;
 use shop_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use shop_proto::inventory::v1::{GetProductRequest, InventoryReserved};
 use shop_proto::order::v1::{OrderItem, OrderPlaced};
@@ -150,7 +150,7 @@ impl Inventory {
     /// The inventory.reserved events published so far.
     async fn reservations(&self) -> Vec<InventoryReserved> {
         let stream = self.js.get_stream("INVENTORY").await.unwrap();
-        let messages = shop_messaging::dead_letters::read_stream(
+        let messages = pg_jetstream::dead_letters::read_stream(
             &stream,
             jetstream::consumer::DeliverPolicy::All,
             |message| {
@@ -286,14 +286,14 @@ async fn v2_beside_v1_each_consumer_applies_its_own_version() {
     let inventory = Inventory::start().await;
     // A v2 consumer: another service that has moved to shop.order.v2.
     let url = inventory.infra.postgres.create_database("v2_reader").await;
-    shop_db::migrate(&url, vec![shop_messaging::MIGRATIONS])
+    pg_jetstream::db::migrate(&url, vec![pg_jetstream::MIGRATIONS])
         .await
         .unwrap();
     let seen: Arc<Seen> = Arc::default();
     let router = Router::new().on::<OrderPlacedV2>(Route::single());
     let v2_reader = EventConsumer::new(
         inventory.js.clone(),
-        shop_db::pool(&url, 2).unwrap(),
+        pg_jetstream::db::pool(&url, 2).unwrap(),
         Outbox::new("shop/v2-reader"),
         ConsumerSpec::new("v2reader", "ORDER", &[]),
         router,
@@ -406,7 +406,7 @@ async fn an_event_on_another_types_subject_is_dead_lettered_not_applied() {
     })
     .await;
     let dlq = inventory.js.get_stream("DLQ").await.unwrap();
-    let letters = shop_messaging::dead_letters::read_stream(
+    let letters = pg_jetstream::dead_letters::read_stream(
         &dlq,
         jetstream::consumer::DeliverPolicy::All,
         |_| std::ops::ControlFlow::Continue(true),
@@ -417,7 +417,7 @@ async fn an_event_on_another_types_subject_is_dead_lettered_not_applied() {
     let reason = letters[0]
         .headers
         .as_ref()
-        .and_then(|h| h.get(shop_messaging::consumer::dead_letter_headers::REASON))
+        .and_then(|h| h.get(pg_jetstream::consumer::dead_letter_headers::REASON))
         .map(|v| v.as_str().to_owned())
         .unwrap_or_default();
     assert!(

@@ -8,9 +8,9 @@ mod common;
 use std::time::Duration;
 
 use async_nats::jetstream;
+use pg_jetstream::OutgoingEvent;
+use pg_jetstream::envelope::publish_direct;
 use prost::Message as _;
-use shop_messaging::OutgoingEvent;
-use shop_messaging::envelope::publish_direct;
 use shop_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use shop_proto::inventory::v1::{GetProductRequest, InventoryRejected, InventoryReserved, Product};
 use shop_proto::order::v1::{OrderCancelled, OrderConfirmed, OrderItem, OrderPlaced};

@@ -7,8 +7,8 @@
 //! | `payment.completed` | CONFIRMED (CANCELLED `timeout` if past the deadline) | `order.confirmed` (or `order.cancelled`) |
 //! | `inventory.rejected`, `payment.failed` | CANCELLED with the reason | `order.cancelled` |
 
-use shop_messaging::consumer::uuid_field as id;
-use shop_messaging::{Context, Handler, HandlerError, Route, Router, Statement, StatementHandler};
+use pg_jetstream::consumer::uuid_field as id;
+use pg_jetstream::{Context, Handler, HandlerError, Route, Router, Statement, StatementHandler};
 use shop_proto::Event;
 use shop_proto::inventory::v1::{InventoryRejected, InventoryReserved};
 use shop_proto::payment::v1::{PaymentCompleted, PaymentFailed};

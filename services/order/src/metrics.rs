@@ -2,12 +2,12 @@
 //! they took from `PlaceOrder` to the end.
 
 use chrono::{DateTime, Utc};
+use pg_jetstream::metrics::seconds_histogram;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
-use shop_messaging::metrics::seconds_histogram;
 
 /// How one saga ended.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,9 +3,9 @@
 //! [`crate::store`].
 
 use diesel_async::{AsyncConnection as _, AsyncPgConnection};
-use shop_db::PgPool;
+use pg_jetstream::db::PgPool;
+use pg_jetstream::{Carried, HandlerError};
 use shop_domain::UserId;
-use shop_messaging::{Carried, HandlerError};
 use shop_service::{
     ApiError, Caller, is_unique_violation, limits, roles, step_failed, unknown_stored,
 };
@@ -304,7 +304,7 @@ pub(crate) async fn record_intent(
         &[charge.order_id.get()],
         &[charge.user_id.get()],
         &[charge.amount_cents],
-        shop_messaging::trace::current().traceparent.as_deref(),
+        pg_jetstream::trace::current().traceparent.as_deref(),
     )
     .await?;
     Ok(())
@@ -381,7 +381,7 @@ mod tests {
     async fn migrated() -> (TestPostgres, AsyncPgConnection) {
         let postgres = TestPostgres::start().await;
         let url = postgres.create_database("payment").await;
-        shop_db::migrate(&url, vec![shop_messaging::MIGRATIONS, crate::MIGRATIONS])
+        pg_jetstream::db::migrate(&url, vec![pg_jetstream::MIGRATIONS, crate::MIGRATIONS])
             .await
             .unwrap();
         let conn = AsyncPgConnection::establish(&url).await.unwrap();

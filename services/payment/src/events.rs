@@ -13,8 +13,8 @@
 
 use diesel::QueryResult;
 use diesel_async::AsyncPgConnection;
-use shop_messaging::consumer::uuid_field as id;
-use shop_messaging::{
+use pg_jetstream::consumer::uuid_field as id;
+use pg_jetstream::{
     Context, Handler, HandlerError, LockNames, Route, Router, Statement, StatementHandler,
 };
 use shop_proto::Event;

@@ -6,9 +6,9 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
+use pg_jetstream::envelope::publish_direct;
+use pg_jetstream::{OutgoingEvent, StreamSpec};
 use prost::Message as _;
-use shop_messaging::envelope::publish_direct;
-use shop_messaging::{OutgoingEvent, StreamSpec};
 use shop_proto::inventory::v1::InventoryReserved;
 use shop_proto::order::v1::OrderCancelled;
 use shop_proto::payment::v1::payment_service_client::PaymentServiceClient;

@@ -2,8 +2,8 @@
 //! storing with [`crate::store`].
 
 use diesel_async::AsyncConnection as _;
-use shop_db::PgPool;
-use shop_messaging::{Outbox, OutgoingEvent};
+use pg_jetstream::db::PgPool;
+use pg_jetstream::{Outbox, OutgoingEvent};
 use shop_proto::user::v1::UserCreated;
 use shop_service::{ApiError, Caller, is_unique_violation, timestamp};
 use uuid::Uuid;

@@ -3,8 +3,8 @@
 //! - [`user::v1`], [`order::v1`], [`inventory::v1`], [`payment::v1`]: each
 //!   package's messages, its gRPC client (`*_client`) and server (`*_server`),
 //!   and the events that service publishes.
-//! - [`Event`]: what the messaging runtime needs to know of each saga event,
-//!   its CloudEvents type and its subject.
+//! - [`Event`]: the messaging runtime's trait, implemented here for each
+//!   saga event: its CloudEvents type and its subject.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors of every file, for gRPC
 //!   server reflection.
 //!
@@ -47,14 +47,9 @@ pub mod payment {
     }
 }
 
-/// A saga event: a protobuf message published on one subject of its producer's
-/// stream.
-pub trait Event: prost::Message + Default + Send + Sync + 'static {
-    /// The message's full protobuf name, sent as the CloudEvents `ce-type`.
-    const TYPE: &'static str;
-    /// The NATS subject the event is published on.
-    const SUBJECT: &'static str;
-}
+/// A saga event, as the messaging runtime knows it: a protobuf message
+/// published on one subject of its producer's stream.
+pub use pg_jetstream::Event;
 
 macro_rules! events {
     ($($event:ty => $type:literal on $subject:literal;)*) => {

@@ -58,7 +58,7 @@ pub struct ServiceConfig {
     /// The most bytes the service's stream holds; once full it refuses new
     /// events, which wait in the outbox (1 GiB by default; messages also
     /// leave after 7 days).
-    #[arg(long, env = "STREAM_MAX_BYTES", default_value_t = shop_messaging::provision::STREAM_MAX_BYTES)]
+    #[arg(long, env = "STREAM_MAX_BYTES", default_value_t = pg_jetstream::provision::STREAM_MAX_BYTES)]
     pub stream_max_bytes: i64,
     /// How long a delivered event may stay unacknowledged before JetStream
     /// hands it to another replica (its consumer died or hung), in
@@ -111,14 +111,14 @@ pub struct ServiceConfig {
 
 impl ServiceConfig {
     /// The bounds on every pooled database session's waits.
-    pub fn session_limits(&self) -> shop_db::SessionLimits {
-        shop_db::SessionLimits {
+    pub fn session_limits(&self) -> pg_jetstream::db::SessionLimits {
+        pg_jetstream::db::SessionLimits {
             statement_timeout: Duration::from_millis(self.db_statement_timeout_ms),
             lock_timeout: Duration::from_millis(self.db_lock_timeout_ms),
             idle_in_transaction_timeout: Duration::from_millis(
                 self.db_idle_in_transaction_timeout_ms,
             ),
-            ..shop_db::SessionLimits::default()
+            ..pg_jetstream::db::SessionLimits::default()
         }
     }
 
@@ -145,7 +145,7 @@ impl ServiceConfig {
             db_lock_timeout_ms: 5_000,
             db_idle_in_transaction_timeout_ms: 60_000,
             stream_replicas: 1,
-            stream_max_bytes: shop_messaging::provision::STREAM_MAX_BYTES,
+            stream_max_bytes: pg_jetstream::provision::STREAM_MAX_BYTES,
             ack_wait_ms: 30_000,
             consumer_concurrency: 1,
             log_format: LogFormat::Text,

@@ -50,7 +50,7 @@ pub enum ApiError {
 
 /// What a statement's failure means for the caller.
 fn database_status(error: &DieselError) -> tonic::Status {
-    use shop_db::Failure;
+    use pg_jetstream::db::Failure;
     use tonic::Status;
     let message = match error {
         DieselError::DatabaseError(_, info) => info.message().to_owned(),
@@ -64,7 +64,7 @@ fn database_status(error: &DieselError) -> tonic::Status {
             "another transaction got in the way (a lock held too long, a deadlock or a serialisation conflict); retry: {message}"
         )),
         // Waited longer than the session allows (see
-        // `shop_db::SessionLimits`): the database is overloaded. Worth a retry.
+        // `pg_jetstream::db::SessionLimits`): the database is overloaded. Worth a retry.
         Failure::Timeout => Status::unavailable(format!(
             "the database did not answer in time; retry: {message}"
         )),
@@ -81,7 +81,7 @@ fn database_status(error: &DieselError) -> tonic::Status {
 /// INTERNAL, its detail logged here with its causes and kept from the
 /// caller.
 fn internal(error: &(dyn std::error::Error + 'static)) -> tonic::Status {
-    let causes = shop_db::error_chain(error);
+    let causes = pg_jetstream::db::error_chain(error);
     tracing::error!(error = %causes, "internal error");
     tonic::Status::internal("internal error")
 }
@@ -139,15 +139,15 @@ pub fn page_after(token: &str) -> Result<Option<uuid::Uuid>, ApiError> {
 
 /// Whether a database error is a unique violation.
 pub fn is_unique_violation(error: &DieselError) -> bool {
-    shop_db::Failure::of(error) == shop_db::Failure::UniqueViolation
+    pg_jetstream::db::Failure::of(error) == pg_jetstream::db::Failure::UniqueViolation
 }
 
 /// What a saga step's refusal means for the event that asked for it: a step
 /// that cannot be decided yet is retried; a refused one is dead-lettered
 /// with its reason.
-pub fn step_failed(error: shop_domain::StepError) -> shop_messaging::HandlerError {
+pub fn step_failed(error: shop_domain::StepError) -> pg_jetstream::HandlerError {
+    use pg_jetstream::HandlerError;
     use shop_domain::StepError;
-    use shop_messaging::HandlerError;
     match error {
         StepError::NotYet(_) => HandlerError::retryable(error),
         StepError::Refused(reason) => HandlerError::Permanent(reason),
@@ -156,8 +156,8 @@ pub fn step_failed(error: shop_domain::StepError) -> shop_messaging::HandlerErro
 
 /// A stored status this version does not know: retrying the event cannot
 /// help, so it is dead-lettered.
-pub fn unknown_stored(error: shop_domain::UnknownLabel) -> shop_messaging::HandlerError {
-    shop_messaging::HandlerError::Permanent(error.to_string())
+pub fn unknown_stored(error: shop_domain::UnknownLabel) -> pg_jetstream::HandlerError {
+    pg_jetstream::HandlerError::Permanent(error.to_string())
 }
 
 #[cfg(test)]

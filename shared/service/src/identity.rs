@@ -1,6 +1,6 @@
 //! Who a service is, written once.
 
-use shop_messaging::{ConsumerSpec, StreamSpec};
+use pg_jetstream::{ConsumerSpec, StreamSpec};
 
 use crate::Ports;
 

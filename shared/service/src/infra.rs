@@ -8,12 +8,12 @@ use std::time::Duration;
 use anyhow::Context as _;
 use async_nats::jetstream;
 use diesel_migrations::EmbeddedMigrations;
-use prometheus_client::registry::Registry;
-use secrecy::ExposeSecret as _;
-use shop_db::PgPool;
-use shop_messaging::{
+use pg_jetstream::db::PgPool;
+use pg_jetstream::{
     ConsumerSpec, EventConsumer, MessagingMetrics, Outbox, Relay, RelayConfig, Router, StreamSpec,
 };
+use prometheus_client::registry::Registry;
+use secrecy::ExposeSecret as _;
 
 use crate::Identity;
 use crate::config::{Migrations, ServiceConfig};
@@ -36,14 +36,15 @@ pub async fn migrate_only(
     migrations: EmbeddedMigrations,
 ) -> anyhow::Result<()> {
     let url = config.database_url.expose_secret();
-    let connection = shop_db::connect(url, MIGRATION_PATIENCE).await?;
-    let applied = shop_db::migrate_over(connection, vec![shop_messaging::MIGRATIONS, migrations])
-        .await
-        .context("migrating the database")?;
+    let connection = pg_jetstream::db::connect(url, MIGRATION_PATIENCE).await?;
+    let applied =
+        pg_jetstream::db::migrate_over(connection, vec![pg_jetstream::MIGRATIONS, migrations])
+            .await
+            .context("migrating the database")?;
     tracing::info!(applied = applied.len(), versions = ?applied, "migrations applied");
     if let Some(role) = &config.grant_to {
-        let mut connection = shop_db::connect(url, MIGRATION_PATIENCE).await?;
-        shop_db::grant_runtime(&mut connection, role).await?;
+        let mut connection = pg_jetstream::db::connect(url, MIGRATION_PATIENCE).await?;
+        pg_jetstream::db::grant_runtime(&mut connection, role).await?;
         tracing::info!(%role, "runtime role granted the tables' rows");
     }
     Ok(())
@@ -96,15 +97,17 @@ impl Infrastructure {
         let database_url = config.database_url.expose_secret();
         match config.migrations {
             Migrations::Apply => {
-                shop_db::migrate(database_url, vec![shop_messaging::MIGRATIONS, migrations])
+                pg_jetstream::db::migrate(database_url, vec![pg_jetstream::MIGRATIONS, migrations])
                     .await
                     .context("migrating the database")?;
             }
             Migrations::Check => {
-                let pending =
-                    shop_db::pending(database_url, vec![shop_messaging::MIGRATIONS, migrations])
-                        .await
-                        .context("checking the database's migrations")?;
+                let pending = pg_jetstream::db::pending(
+                    database_url,
+                    vec![pg_jetstream::MIGRATIONS, migrations],
+                )
+                .await
+                .context("checking the database's migrations")?;
                 anyhow::ensure!(
                     pending.is_empty(),
                     "the database lacks {} migration(s) ({}): run the service with --migrate-only and the database owner's DATABASE_URL first",
@@ -123,13 +126,13 @@ impl Infrastructure {
         // sagas twice as slow right after a large benchmark. A statement
         // with no index to use still scans.
         // Some failures are told by the server's messages: English ones.
-        let database_url = shop_db::english_messages(database_url)
+        let database_url = pg_jetstream::db::english_messages(database_url)
             .await
             .context("checking the language of the database's messages")?;
         let database_url = database_url.as_str();
         let limits = config.session_limits();
-        let pool = shop_db::pool_with_limits(
-            &shop_db::with_settings(
+        let pool = pg_jetstream::db::pool_with_limits(
+            &pg_jetstream::db::with_settings(
                 database_url,
                 &[
                     ("plan_cache_mode", "force_generic_plan"),
@@ -145,8 +148,8 @@ impl Infrastructure {
         // be), so they need not wait for the disk: a delete lost in a crash
         // lets the sweep publish the row again, and JetStream (the row id is
         // the message id) or the consumers' inboxes drop the copy.
-        let relay_pool = shop_db::pool_with_limits(
-            &shop_db::with_setting(database_url, "synchronous_commit", "off"),
+        let relay_pool = pg_jetstream::db::pool_with_limits(
+            &pg_jetstream::db::with_setting(database_url, "synchronous_commit", "off"),
             2,
             &limits,
         )?;
@@ -173,7 +176,7 @@ impl Infrastructure {
         if let (Some(user), Some(password)) = (&config.nats_user, &config.nats_password) {
             options = options.user_and_password(user.clone(), password.expose_secret().to_owned());
         }
-        let servers = shop_messaging::nats_servers(&config.nats_url).context("reading NATS_URL")?;
+        let servers = pg_jetstream::nats_servers(&config.nats_url).context("reading NATS_URL")?;
         let nats = options
             .connect(servers)
             .await
@@ -203,7 +206,8 @@ impl Infrastructure {
         }
         let metrics = MessagingMetrics::default();
         let mut registry = Registry::default();
-        metrics.register(&mut registry);
+        // The runtime's metrics, named like the shop's own: shop_events_published, ...
+        metrics.register(registry.sub_registry_with_prefix("shop"));
         let outbox = Outbox::new(identity.source())
             .publishing_to(js.clone())
             .with_metrics(metrics.clone());

@@ -9,13 +9,13 @@ use std::time::Instant;
 
 use axum::http;
 use futures::future::BoxFuture;
+use pg_jetstream::metrics::seconds_histogram;
+use pg_jetstream::trace;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
-use shop_messaging::metrics::seconds_histogram;
-use shop_messaging::trace;
 use tracing::Instrument as _;
 
 /// Labels of a finished request.
@@ -164,7 +164,7 @@ where
                 "grpc",
                 otel.name = %method,
                 otel.kind = "server",
-                shop.service = self.service,
+                pg_jetstream.service = self.service,
                 rpc.system = "grpc",
                 rpc.service = %service,
                 rpc.method = %rpc,

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 use axum::response::IntoResponse as _;
 use diesel_async::RunQueryDsl as _;
-use shop_messaging::metrics::ConsumerLabels;
+use pg_jetstream::metrics::ConsumerLabels;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -89,7 +89,7 @@ impl Infrastructure {
     }
 
     async fn sample_backlog(&self) {
-        if let Err(error) = shop_messaging::outbox::backlog(&self.pool, &self.metrics).await {
+        if let Err(error) = pg_jetstream::outbox::backlog(&self.pool, &self.metrics).await {
             tracing::debug!(error = %error, "cannot sample the outbox backlog");
         }
     }
@@ -97,7 +97,7 @@ impl Infrastructure {
     async fn sample_dead_letters(&self) {
         if let Ok(mut dlq) = self
             .js
-            .get_stream(shop_messaging::provision::DLQ_STREAM)
+            .get_stream(pg_jetstream::provision::DLQ_STREAM)
             .await
             && let Ok(info) = dlq.info().await
         {

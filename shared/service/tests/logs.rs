@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use diesel_async::{AsyncConnection as _, AsyncPgConnection};
-use shop_messaging::{
+use pg_jetstream::{
     ConsumerSpec, Context, EventConsumer, Handler, HandlerError, Outbox, OutgoingEvent, Relay,
     RelayConfig, RetryPolicy, Route, Router, StreamSpec,
 };
@@ -77,10 +77,10 @@ async fn json_lines_about_a_saga_carry_its_order_id_and_trace_id() {
     let _telemetry = Telemetry::init_with_writer("test", LogFormat::Json, logs.clone()).unwrap();
     let infra = TestInfra::start().await;
     let url = infra.postgres.create_database("svc").await;
-    shop_db::migrate(&url, vec![shop_messaging::MIGRATIONS])
+    pg_jetstream::db::migrate(&url, vec![pg_jetstream::MIGRATIONS])
         .await
         .unwrap();
-    let pool = shop_db::pool(&url, 4).unwrap();
+    let pool = pg_jetstream::db::pool(&url, 4).unwrap();
     let js = jetstream::new(infra.nats.client().await);
     StreamSpec::new("ORDER", "order")
         .provision(&js)
@@ -91,7 +91,7 @@ async fn json_lines_about_a_saga_carry_its_order_id_and_trace_id() {
 
     // The event is written inside a span that stands for PlaceOrder.
     let place_order = tracing::info_span!("place order");
-    let trace_id = shop_messaging::trace::trace_id(&place_order);
+    let trace_id = pg_jetstream::trace::trace_id(&place_order);
     assert_eq!(trace_id.len(), 32, "{trace_id:?}");
     let event = OutgoingEvent::new(&OrderPlaced {
         order_id: "o-1".into(),

@@ -27,6 +27,6 @@ async fn a_setting_in_the_url_reaches_the_session() {
     let postgres = TestPostgres::start().await;
     let url = postgres.create_database("shop_test").await;
     assert_eq!(synchronous_commit(&url).await, "on");
-    let relay_url = shop_db::with_setting(&url, "synchronous_commit", "off");
+    let relay_url = pg_jetstream::db::with_setting(&url, "synchronous_commit", "off");
     assert_eq!(synchronous_commit(&relay_url).await, "off");
 }

@@ -13,9 +13,9 @@ use anyhow::Context as _;
 use async_nats::jetstream::context::GetStreamErrorKind;
 use async_nats::jetstream::{self, ErrorCode, consumer::DeliverPolicy};
 use chrono::{DateTime, Utc};
-use shop_messaging::consumer::dead_letter_headers;
-use shop_messaging::dead_letters::read_stream;
-use shop_messaging::envelope::headers;
+use pg_jetstream::consumer::dead_letter_headers;
+use pg_jetstream::dead_letters::read_stream;
+use pg_jetstream::envelope::headers;
 use uuid::Uuid;
 
 use crate::events::describe;

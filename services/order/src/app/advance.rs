@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use diesel_async::AsyncPgConnection;
-use shop_messaging::{Carried, HandlerError};
+use pg_jetstream::{Carried, HandlerError};
 use shop_proto::order::v1::{OrderCancelled, OrderConfirmed};
 use shop_service::unknown_stored;
 use uuid::Uuid;

@@ -18,8 +18,8 @@ mod tests;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use shop_db::PgPool;
-use shop_messaging::Outbox;
+use pg_jetstream::Outbox;
+use pg_jetstream::db::PgPool;
 use shop_service::ApiError;
 use uuid::Uuid;
 

@@ -1,7 +1,7 @@
 //! Saga step 1: PlaceOrder.
 
 use chrono::{SubsecRound as _, Utc};
-use shop_messaging::OutgoingEvent;
+use pg_jetstream::OutgoingEvent;
 use shop_proto::order::v1::{OrderItem, OrderPlaced};
 use shop_service::{ApiError, Caller, timestamp};
 use tracing::Instrument as _;

@@ -7,8 +7,8 @@ use std::time::Duration;
 use diesel::prelude::*;
 use diesel::sql_types::{Nullable, Text};
 use diesel_async::RunQueryDsl;
-use shop_db::PgPool;
-use shop_messaging::{Carried, HandlerError, Outbox};
+use pg_jetstream::db::PgPool;
+use pg_jetstream::{Carried, HandlerError, Outbox};
 use shop_service::{ApiError, Caller};
 use shop_test_support::TestPostgres;
 use uuid::Uuid;
@@ -54,10 +54,10 @@ async fn advance_and_write(
 async fn order_database() -> (TestPostgres, PgPool, Orders) {
     let postgres = TestPostgres::start().await;
     let url = postgres.create_database("orders").await;
-    shop_db::migrate(&url, vec![shop_messaging::MIGRATIONS, crate::MIGRATIONS])
+    pg_jetstream::db::migrate(&url, vec![pg_jetstream::MIGRATIONS, crate::MIGRATIONS])
         .await
         .unwrap();
-    let pool = shop_db::pool(&url, 2).unwrap();
+    let pool = pg_jetstream::db::pool(&url, 2).unwrap();
     let orders = Orders::new(
         pool.clone(),
         Outbox::new("shop/order"),
