@@ -106,7 +106,7 @@ impl Catalogue {
     }
 }
 
-/// Saga step 2 for several orders, decided: what [`reserve`] found and
+/// The reservation for several orders, decided: what [`reserve`] found and
 /// what [`write_reservations`] writes.
 #[derive(Debug)]
 pub(crate) struct Reservations {
@@ -124,7 +124,7 @@ impl Reservations {
     }
 }
 
-/// Saga step 2 for several orders, one after another in the order given,
+/// The reservation for several orders, one after another in the order given,
 /// as [`domain::reserve_in_turn`] decides on the products and reservations
 /// as read (without locks): [`write_reservations`] writes it only if they
 /// are still as read.
@@ -218,7 +218,7 @@ pub(crate) async fn write_reservations(
     Ok(())
 }
 
-/// Saga step 5 for several confirmed orders, decided on their reservations
+/// The sale for several confirmed orders, decided on their reservations
 /// as read (without locks): the orders whose reserved units become sold,
 /// each once, as [`domain::sell`] decides; [`write_sales`] writes it.
 pub(crate) async fn sell(
@@ -255,7 +255,7 @@ pub(crate) async fn write_sales(
     Ok(())
 }
 
-/// Compensation c2: give a failed order's reserved units back, as
+/// The release: give a failed order's reserved units back, as
 /// [`domain::release`] decides. Returns the lines released, if any.
 pub(crate) async fn release(
     conn: &mut AsyncPgConnection,
@@ -306,7 +306,7 @@ mod tests {
 
     use crate::schema::{products, reservations};
 
-    /// Step 2 as its handler runs it, carrying nothing.
+    /// The reservation as its handler runs it, carrying nothing.
     async fn reserve_and_write(
         conn: &mut AsyncPgConnection,
         orders: &[Placed],
@@ -318,7 +318,7 @@ mod tests {
         Ok(decided.decisions)
     }
 
-    /// Step 5 as its handler runs it, carrying nothing.
+    /// The sale as its handler runs it, carrying nothing.
     async fn sell_and_write(
         conn: &mut AsyncPgConnection,
         order_ids: &[Uuid],
@@ -426,7 +426,7 @@ mod tests {
         assert!(reserved.is_ok(), "the reservation failed: {reserved:?}");
     }
 
-    /// Steps 2 and 5 read without locks: a decision whose products or
+    /// The reservation and the sale read without locks: a decision whose products or
     /// reservations changed before its statement ran is refused whole, as a
     /// serialization failure (the consumer reads and decides again).
     #[tokio::test(flavor = "multi_thread")]

@@ -109,7 +109,7 @@ pub enum Reservation {
     AlreadyDecided,
 }
 
-/// Step 2 for several orders, one after another in the order given: each
+/// The reservation for several orders, one after another in the order given: each
 /// reserves all its lines or none ([`reserve`]) from the stock the orders
 /// before it left. `decided` holds the orders that have a reservation row
 /// (a tombstone included) and gains the ones decided here; `stock` loses
@@ -143,7 +143,7 @@ pub fn reserve_in_turn(
     reservations
 }
 
-/// What compensation c2 does to an order's reservation.
+/// What the release does to an order's reservation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Release {
     /// Held: give the units back and mark it RELEASED
@@ -156,7 +156,7 @@ pub enum Release {
     Tombstone,
 }
 
-/// Compensation c2 for a failed order whose reservation stands at `status`
+/// The release for a failed order whose reservation stands at `status`
 /// (none: no row). A sold one cannot be released: the order was confirmed.
 pub fn release(order_id: OrderId, status: Option<Status>) -> Result<Release, StepError> {
     match status {
@@ -169,7 +169,7 @@ pub fn release(order_id: OrderId, status: Option<Status>) -> Result<Release, Ste
     }
 }
 
-/// Whether step 5 sells a confirmed order's reservation (`true`) or finds
+/// Whether the sale sells a confirmed order's reservation (`true`) or finds
 /// it sold already (`false`). The reservation is this service's own doing
 /// and comes before the confirmation: until it is visible, not yet; one
 /// that is not held contradicts the confirmation.

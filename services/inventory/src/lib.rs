@@ -1,5 +1,5 @@
 //! The inventory service: the catalogue and the stock
-//! (`shop.inventory.v1.InventoryService`), and saga steps 2, 5 and c2.
+//! (`shop.inventory.v1.InventoryService`), and its saga steps: the reservation, the sale and the release.
 //!
 //! - consumes `order.placed` (reserve all lines or none), `order.confirmed`
 //!   (reserved becomes sold), `payment.failed` and `order.cancelled` (release);

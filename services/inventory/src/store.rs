@@ -226,7 +226,7 @@ pub(crate) struct Taken {
     pub(crate) read: Vec<i64>,
 }
 
-/// Step 2's one statement, which commits by itself: moves `taken` from
+/// The reservation's one statement, which commits by itself: moves `taken` from
 /// available to reserved if the products still have the units read, and
 /// inserts the reservations, if none was decided meanwhile, and their lines
 /// (whose reference to their reservation is checked at its end); else a
@@ -433,7 +433,7 @@ checked AS (
 SELECT count(*) FROM checked, (SELECT count(*) FROM sold) AS sold,
     inbox_write($4, $5::uuid[]), outbox_write($6::jsonb)";
 
-/// Step 5's one statement, which commits by itself: marks these
+/// The sale's one statement, which commits by itself: marks these
 /// reservations (each once) sold if they are all still held, and moves
 /// their lines' units from reserved to sold; else a serialization failure
 /// and nothing written. Carries `carried`.

@@ -82,7 +82,7 @@ pub enum SagaEvent {
     Rejected(String),
     PaymentCompleted,
     PaymentFailed(String),
-    /// The deadline sweeper found the order past its deadline (step t).
+    /// The deadline sweeper found the order past its deadline.
     DeadlinePassed,
 }
 

@@ -1,5 +1,5 @@
 //! The order service: takes orders (`shop.order.v1.OrderService`) and
-//! follows each saga: steps 1, 4, c1 and the deadline (t).
+//! follows each saga: PlaceOrder, the confirmation or cancellation, and the deadline.
 //!
 //! - consumes `user.created` (remember the user), `inventory.reserved`
 //!   (record the total), `payment.completed` (confirm), `inventory.rejected`

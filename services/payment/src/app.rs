@@ -162,7 +162,7 @@ impl Wallets {
     }
 }
 
-/// Step 0': a new user's wallet with the starting credit.
+/// On `user.created`: a new user's wallet with the starting credit.
 pub(crate) async fn open_wallet(
     conn: &mut AsyncPgConnection,
     user_id: Uuid,
@@ -172,7 +172,7 @@ pub(crate) async fn open_wallet(
     Ok(())
 }
 
-/// Step 3 for several reserved orders, decided: what [`debit`] found and
+/// The payment for several reserved orders, decided: what [`debit`] found and
 /// what it writes.
 #[derive(Debug)]
 pub(crate) struct Debits {
@@ -189,7 +189,7 @@ impl Debits {
     }
 }
 
-/// Step 3 for several reserved orders, one after another in the order
+/// The payment for several reserved orders, one after another in the order
 /// given, as [`domain::debit_in_turn`] decides on the wallets and payments
 /// as read (without locks): [`write_debits`] writes it only if they are
 /// still as read.
@@ -256,7 +256,7 @@ pub(crate) async fn write_debits(
     Ok(())
 }
 
-/// Compensation c3: refund a cancelled order's capture, as
+/// The refund of a cancelled order's capture, as
 /// [`domain::refund`] decides. Returns the amount refunded.
 pub(crate) async fn refund(
     conn: &mut AsyncPgConnection,
@@ -287,7 +287,7 @@ pub(crate) async fn refund(
     }
 }
 
-/// Step 3 through a provider: the order's intent, PENDING, committed before
+/// The payment through a provider: the order's intent, PENDING, committed before
 /// any call (a redelivery, or an order cancelled first, records nothing).
 pub(crate) async fn record_intent(
     conn: &mut AsyncPgConnection,
@@ -310,7 +310,7 @@ pub(crate) async fn record_intent(
     Ok(())
 }
 
-/// Compensation c3 through a provider, as [`domain::cancel_at_provider`]
+/// The refund through a provider, as [`domain::cancel_at_provider`]
 /// decides: `true` when a refund became due.
 pub(crate) async fn cancel_at_provider(
     conn: &mut AsyncPgConnection,
@@ -365,7 +365,7 @@ mod tests {
     use super::*;
     use crate::schema::{accounts, payments};
 
-    /// Step 3 as its handler runs it, carrying nothing.
+    /// The payment as its handler runs it, carrying nothing.
     async fn debit_and_write(
         conn: &mut AsyncPgConnection,
         charges: &[Charge],
@@ -434,7 +434,7 @@ mod tests {
         assert_eq!(balance, i64::MAX - 10);
     }
 
-    /// Step 3 reads without locks: a decision whose wallet or payment
+    /// The payment reads without locks: a decision whose wallet or payment
     /// changed before its statement ran is refused whole, as a
     /// serialization failure (the consumer reads and decides again).
     #[tokio::test(flavor = "multi_thread")]

@@ -86,7 +86,7 @@ impl Debit {
     }
 }
 
-/// Step 3 for several charges, one after another in the order given: each
+/// The payment for several charges, one after another in the order given: each
 /// debits its wallet if the balance the ones before it left covers it.
 /// `decided` holds the orders that have a payment row (a capture, a decline
 /// or a tombstone) and gains the ones decided here; `balances` the wallets,
@@ -125,7 +125,7 @@ pub fn debit_in_turn(
     Ok(debits)
 }
 
-/// What compensation c3 does to an order's payment.
+/// What the refund does to an order's payment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refund {
     /// Captured: give the amount back and mark it REFUNDED
@@ -138,7 +138,7 @@ pub enum Refund {
     Tombstone,
 }
 
-/// Compensation c3 for a cancelled order whose payment stands at `status`
+/// The refund for a cancelled order whose payment stands at `status`
 /// (none: no row).
 pub fn refund(status: Option<PaymentStatus>) -> Refund {
     match status {
@@ -155,7 +155,7 @@ pub fn refund(status: Option<PaymentStatus>) -> Refund {
     }
 }
 
-/// What compensation c3 does when payments go through a provider.
+/// What the refund does when payments go through a provider.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProviderCancel {
     /// Not charged yet: a tombstone, as with the wallet.
@@ -169,7 +169,7 @@ pub enum ProviderCancel {
     Nothing,
 }
 
-/// Compensation c3 for a provider's payment standing at `status`.
+/// The refund for a provider's payment standing at `status`.
 pub fn cancel_at_provider(status: Option<PaymentStatus>) -> ProviderCancel {
     match status {
         None => ProviderCancel::Tombstone,

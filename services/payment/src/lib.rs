@@ -1,5 +1,5 @@
 //! The payment service: one wallet per user (`shop.payment.v1.PaymentService`),
-//! and saga steps 0', 3 and c3.
+//! and its saga steps: a wallet for each new user, the payment and the refund.
 //!
 //! - consumes `user.created` (open the wallet), `inventory.reserved` (debit),
 //!   `order.cancelled` (refund a capture);

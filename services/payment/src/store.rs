@@ -184,7 +184,7 @@ pub(crate) struct Debited {
     pub(crate) balances: Vec<i64>,
 }
 
-/// Step 3's one statement, which commits by itself: the wallets debited
+/// The payment's one statement, which commits by itself: the wallets debited
 /// (`$1`..`$3`: user, balance read, new balance) if their balances are
 /// still those read, the payments decided (`$4`..`$8`: order, user, amount,
 /// status, reason) if none was decided meanwhile, else a serialization
@@ -208,7 +208,7 @@ checked AS (
         'wallets or payments changed since they were read'))
 SELECT count(*) FROM checked, inbox_write($9, $10::uuid[]), outbox_write($11::jsonb)";
 
-/// Writes step 3's decisions in [`WRITE_DEBITS`], carrying `carried`.
+/// Writes the payment's decisions in [`WRITE_DEBITS`], carrying `carried`.
 pub(crate) async fn write_debits(
     conn: &mut AsyncPgConnection,
     debited: &Debited,

@@ -1,4 +1,5 @@
-//! Steps 0', 4 and c1: what the saga's events do to their orders.
+//! What the saga's events do to their orders: a user remembered, an order
+//! confirmed or cancelled.
 
 use std::collections::BTreeMap;
 
@@ -13,7 +14,7 @@ use crate::domain::{self, Decision, SagaEvent, Status};
 use crate::metrics::SagaEnd;
 use crate::store::{self, MovedOrders, NewSteps};
 
-/// Step 0': remember a user, so that PlaceOrder accepts them.
+/// On `user.created`: remember a user, so that PlaceOrder accepts them.
 pub(crate) async fn learn_user(
     conn: &mut AsyncPgConnection,
     user_id: Uuid,
@@ -80,7 +81,7 @@ struct OrderState {
     status_changed: bool,
 }
 
-/// Steps 4, c1 and the bookkeeping of the others, for several events one
+/// The confirmation, the cancellation and the bookkeeping of the other steps, for several events one
 /// after another in the order given, decided on the orders as read (without
 /// locks): moves each order as [`domain::decide`] says and records the
 /// steps; [`write_advance`] writes it only if the orders it changes are

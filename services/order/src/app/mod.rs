@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | `place.rs` | 1 | PlaceOrder: a PENDING order and `order.placed`, one statement |
 //! | `read.rs` | - | GetOrder, ListOrders |
-//! | `advance.rs` | 0', 4, c1 | remember a user; confirm or cancel an order as its events say |
+//! | `advance.rs` | `user.created`, the confirmation, the cancellation | remember a user; confirm or cancel an order as its events say |
 //! | `deadline.rs` | t | the sweeper that cancels PENDING orders past their deadline |
 
 mod advance;

@@ -1,4 +1,4 @@
-//! Saga step 1: PlaceOrder.
+//! PlaceOrder, the saga's start.
 
 use chrono::{SubsecRound as _, Utc};
 use pg_jetstream::OutgoingEvent;
@@ -19,7 +19,7 @@ enum PlaceError {
 }
 
 impl Orders {
-    /// Saga step 1: a PENDING order and `order.placed`, in one transaction.
+    /// The saga's start: a PENDING order and `order.placed`, in one transaction.
     /// The same user, idempotency key and items return the first order;
     /// the same key with other items is FAILED_PRECONDITION.
     pub(crate) async fn place_order(

@@ -275,7 +275,7 @@ impl World {
         }
     }
 
-    /// Steps 4 and c1, as `order::app::advance` does: a total recorded
+    /// The order's confirmation or cancellation, as `order::app::advance` does: a total recorded
     /// while PENDING, then what `decide` says.
     pub(crate) fn advance(&mut self, events: &[Event]) {
         let now = self.now();
@@ -314,7 +314,7 @@ impl World {
         }
     }
 
-    /// Step 2, as `inventory::app::reserve` does around `reserve_in_turn`.
+    /// The reservation, as `inventory::app::reserve` does around `reserve_in_turn`.
     pub(crate) fn reserve(&mut self, events: &[Event]) {
         let placed: Vec<Placed> = events
             .iter()
@@ -360,7 +360,7 @@ impl World {
         }
     }
 
-    /// Compensation c2, as `inventory::app::release` does.
+    /// The release of a reservation, as `inventory::app::release` does.
     pub(crate) fn release(&mut self, id: OrderId) -> Result<(), shop_domain::StepError> {
         let status = self.reservations.get(&id).map(|(status, _)| *status);
         match inventory::release(id, status)? {
@@ -385,7 +385,7 @@ impl World {
         Ok(())
     }
 
-    /// Step 5, as `inventory::app::sell` does: every order of the batch
+    /// The sale, as `inventory::app::sell` does: every order of the batch
     /// decided first, then the sales (none if one cannot be decided).
     pub(crate) fn sell(&mut self, events: &[Event]) -> Result<(), shop_domain::StepError> {
         let mut to_sell = Vec::new();
@@ -410,7 +410,7 @@ impl World {
         Ok(())
     }
 
-    /// Step 3, as `payment::app::debit` does around `debit_in_turn`: the
+    /// The payment, as `payment::app::debit` does around `debit_in_turn`: the
     /// whole batch or, when one wallet is not open yet, nothing.
     pub(crate) fn debit(&mut self, events: &[Event]) -> Result<(), shop_domain::StepError> {
         let charges: Vec<Charge> = events
@@ -455,7 +455,7 @@ impl World {
         Ok(())
     }
 
-    /// Compensation c3, as `payment::app::refund` does.
+    /// The refund, as `payment::app::refund` does.
     pub(crate) fn refund(
         &mut self,
         id: OrderId,
@@ -482,7 +482,7 @@ impl World {
         Ok(())
     }
 
-    /// Step 3 through a provider, as `payment::app::record_intent` does:
+    /// The payment through a provider, as `payment::app::record_intent` does:
     /// PENDING unless the order has a row, then the worker's call.
     pub(crate) fn record_intents(&mut self, events: &[Event]) {
         for event in events {
@@ -607,7 +607,7 @@ impl World {
         }
     }
 
-    /// Compensation c3 through a provider, as
+    /// The refund through a provider, as
     /// `payment::app::cancel_at_provider` does.
     pub(crate) fn cancel_at_provider(&mut self, order: OrderId, user: UserId) {
         let payment = self.payments.get(&order).copied();
