@@ -31,14 +31,55 @@ pub async fn english_messages(database_url: &str) -> Result<String, DbError> {
         Ok(()) if probe(&mut conn).await?.is_none() => {
             Ok(super::with_setting(database_url, "lc_messages", "C"))
         }
-        _ => Err(DbError::Messages(format!(
-            "PostgreSQL answers this role in another language than English (\"{answer}\" for \
-             \"division by zero\"), and the service tells deadlocks, lock timeouts and lost \
-             connections apart by the server's messages; as a superuser, run \
-             `ALTER ROLE <this role> SET lc_messages TO 'C'` (or `GRANT SET ON PARAMETER \
-             lc_messages TO <this role>`)"
-        ))),
+        _ => Err(refusal(&answer)),
     }
+}
+
+/// Makes one new session's messages English, as every pool of
+/// [`pool`](super::pool) does before it hands a session out: nothing to
+/// do when its setting is already English (one `SHOW`, no error in the
+/// server's log), else `SET lc_messages TO 'C'` where the role may;
+/// otherwise the error that says how to fix it, so that no session whose
+/// failures would be misread is ever used.
+pub(super) async fn english_session(conn: &mut AsyncPgConnection) -> Result<(), DbError> {
+    #[derive(diesel::QueryableByName)]
+    struct Setting {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        lc_messages: String,
+    }
+    let shown: Vec<Setting> =
+        diesel_async::RunQueryDsl::load(diesel::sql_query("SHOW lc_messages"), conn)
+            .await
+            .map_err(|error| {
+                DbError::Messages(format!("reading the session's lc_messages: {error}"))
+            })?;
+    if shown.iter().any(|setting| english(&setting.lc_messages)) {
+        return Ok(());
+    }
+    // Unset (the server's environment decides) or another language.
+    let Some(answer) = probe(conn).await? else {
+        return Ok(());
+    };
+    match conn.batch_execute("SET lc_messages TO 'C'").await {
+        Ok(()) if probe(conn).await?.is_none() => Ok(()),
+        _ => Err(refusal(&answer)),
+    }
+}
+
+/// Whether an `lc_messages` setting is English by its name.
+fn english(setting: &str) -> bool {
+    let name = setting.to_ascii_lowercase();
+    name == "c" || name == "posix" || name.starts_with("c.") || name.starts_with("en_")
+}
+
+fn refusal(answer: &str) -> DbError {
+    DbError::Messages(format!(
+        "PostgreSQL answers this role in another language than English (\"{answer}\" for \
+         \"division by zero\"), and failures (deadlocks, lock timeouts, lost connections) \
+         are told apart by the server's messages; as a superuser, run \
+         `ALTER ROLE <this role> SET lc_messages TO 'C'` (or `GRANT SET ON PARAMETER \
+         lc_messages TO <this role>`)"
+    ))
 }
 
 /// `None` when the session's messages are English; else what it said

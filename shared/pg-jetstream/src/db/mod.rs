@@ -319,6 +319,12 @@ fn millis(duration: Duration) -> String {
 /// a request fails (UNAVAILABLE) instead of hanging while the database is
 /// unreachable or the pool is exhausted.
 ///
+/// Each new session is made to speak English before it is handed out
+/// (`SHOW lc_messages`, and where it is not English `SET lc_messages TO
+/// 'C'`): [`Failure`] reads some failures by their messages. A session
+/// whose role may not set it is refused, with an error that names the
+/// `ALTER ROLE` that fixes it, rather than used and misread.
+///
 /// A connection goes back out without a test query: a closed one (its
 /// server gone, its socket shut) or one left in a broken transaction is
 /// discarded, and any other failure shows at its first statement, which
@@ -340,6 +346,16 @@ pub fn pool_with_limits(
 ) -> Result<PgPool, DbError> {
     let mut config = ManagerConfig::default();
     config.recycling_method = RecyclingMethod::Fast;
+    // No session is handed out whose failures would be misread.
+    config.custom_setup = Box::new(|url| {
+        Box::pin(async move {
+            let mut conn = AsyncPgConnection::establish(url).await?;
+            messages::english_session(&mut conn)
+                .await
+                .map_err(|error| diesel::ConnectionError::BadConnection(error.to_string()))?;
+            Ok(conn)
+        })
+    });
     let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(
         limits.apply(database_url),
         config,

@@ -1,6 +1,7 @@
 //! A server that answers in German. The failures the classifier tells by
 //! their messages (deadlocks, lock timeouts) would read as bugs there, so a
-//! service's sessions are made to speak English, or it refuses to start;
+//! service's sessions are made to speak English, or it refuses to start,
+//! and the runtime's pools refuse a session they cannot make English;
 //! once they do, deadlocks and lock timeouts are contention again.
 
 #![allow(clippy::unwrap_used)]
@@ -66,11 +67,32 @@ async fn a_server_answering_in_german_is_made_to_speak_english_or_refused() {
         .expect("the de_DE.UTF-8 locale (scripts/bootstrap makes it)");
     let app = format!("postgres://app@127.0.0.1:{}/german", postgres.port());
 
-    // What the classifier would meet: German, read as a bug.
-    let (deadlock, timeout) = deadlock_and_lock_timeout(&app).await;
-    assert!(deadlock.to_string().contains("Verklemmung"), "{deadlock}");
-    assert_eq!(Failure::of(&deadlock), Failure::Other);
+    // What the classifier would meet on a session left as it is: German,
+    // read as a bug.
+    let mut holder = AsyncPgConnection::establish(&app).await.unwrap();
+    holder
+        .batch_execute("BEGIN; SELECT * FROM rows WHERE id = 1 FOR UPDATE")
+        .await
+        .unwrap();
+    let mut raw = AsyncPgConnection::establish(&app).await.unwrap();
+    let timeout = raw
+        .batch_execute("SET lock_timeout = 200; SELECT * FROM rows WHERE id = 1 FOR UPDATE")
+        .await
+        .unwrap_err();
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    assert!(timeout.to_string().contains("Sperre"), "{timeout}");
     assert_eq!(Failure::of(&timeout), Failure::Other, "{timeout}");
+
+    // The runtime's pools never hand out such a session: refused, saying
+    // how to fix it.
+    let refused = match pg_jetstream::db::pool(&app, 1).unwrap().get().await {
+        Ok(_) => panic!("a pool handed out a session that answers in German"),
+        Err(error) => error.to_string(),
+    };
+    assert!(
+        refused.contains("ALTER ROLE <this role> SET lc_messages TO 'C'"),
+        "{refused}"
+    );
 
     // A role that may not set its language: refused, saying how to fix it.
     let refused = pg_jetstream::db::english_messages(&app).await.unwrap_err();
@@ -92,10 +114,14 @@ async fn a_server_answering_in_german_is_made_to_speak_english_or_refused() {
     assert_eq!(Failure::of(&deadlock), Failure::Contention, "{deadlock}");
     assert_eq!(Failure::of(&timeout), Failure::Contention, "{timeout}");
 
-    // A role that may set it (the superuser) has every session set so.
+    // A role that may set it (the superuser) has every session set so:
+    // through the URL english_messages gives, and by the pools themselves
+    // on the URL as it was.
     let forced = pg_jetstream::db::english_messages(&url).await.unwrap();
     assert!(forced.contains("lc_messages"), "{forced}");
-    let (deadlock, timeout) = deadlock_and_lock_timeout(&forced).await;
-    assert_eq!(Failure::of(&deadlock), Failure::Contention, "{deadlock}");
-    assert_eq!(Failure::of(&timeout), Failure::Contention, "{timeout}");
+    for url in [&forced, &url] {
+        let (deadlock, timeout) = deadlock_and_lock_timeout(url).await;
+        assert_eq!(Failure::of(&deadlock), Failure::Contention, "{deadlock}");
+        assert_eq!(Failure::of(&timeout), Failure::Contention, "{timeout}");
+    }
 }
