@@ -23,14 +23,14 @@ use futures::StreamExt as _;
 
 use crate::consumer::dead_letter_headers;
 use crate::envelope::headers;
-use crate::provision::{DLQ_STREAM, replay_subject};
+use crate::provision::Names;
 
 /// Why an operation on the dead-letter queue failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DeadLetterError {
-    /// The `DLQ` stream does not exist yet.
-    #[error("there is no {DLQ_STREAM} stream on this NATS server: has a service started on it?")]
-    NoStream,
+    /// The dead-letter stream does not exist yet.
+    #[error("there is no {0} stream on this NATS server: has a service started on it?")]
+    NoStream(String),
     /// No dead letter has that sequence.
     #[error("no dead letter #{0} (it may have been replayed or deleted)")]
     NotFound(u64),
@@ -139,23 +139,29 @@ pub struct DeadLetterPage {
 pub struct DeadLetters {
     js: jetstream::Context,
     stream: jetstream::stream::Stream,
+    names: Names,
 }
 
 impl DeadLetters {
-    /// Opens the `DLQ` stream.
+    /// Opens the `DLQ` stream (under the default [`Names`]).
     pub async fn open(js: jetstream::Context) -> Result<Self, DeadLetterError> {
+        Self::open_named(js, Names::default()).await
+    }
+
+    /// Opens the dead-letter stream that `names` names.
+    pub async fn open_named(js: jetstream::Context, names: Names) -> Result<Self, DeadLetterError> {
         let stream = js
-            .get_stream(DLQ_STREAM)
+            .get_stream(&names.dead_letter_stream)
             .await
             .map_err(|error| match error.kind() {
                 jetstream::context::GetStreamErrorKind::JetStream(inner)
                     if inner.error_code() == ErrorCode::STREAM_NOT_FOUND =>
                 {
-                    DeadLetterError::NoStream
+                    DeadLetterError::NoStream(names.dead_letter_stream.clone())
                 }
                 _ => jetstream_error(error),
             })?;
-        Ok(Self { js, stream })
+        Ok(Self { js, stream, names })
     }
 
     /// Every dead letter, oldest first, all in memory: for small queues
@@ -183,7 +189,7 @@ impl DeadLetters {
         consumer: Option<&str>,
     ) -> Result<DeadLetterPage, DeadLetterError> {
         let limit = limit.max(1);
-        let filter = consumer.map(|consumer| format!("dlq.{consumer}.>"));
+        let filter = consumer.map(|consumer| self.names.dead_letters_of(consumer));
         let mut kept = 0;
         let messages = read_stream_filtered(
             &self.stream,
@@ -243,13 +249,20 @@ impl DeadLetters {
         // Replaying the same dead letter twice in a row stores one replay.
         headers.insert(
             headers::NATS_MSG_ID,
-            format!("replay:{DLQ_STREAM}:{}", letter.sequence).as_str(),
+            format!(
+                "replay:{}:{}",
+                self.names.dead_letter_stream, letter.sequence
+            )
+            .as_str(),
         );
         let publish = PublishMessage::build()
             .payload(letter.body.clone())
             .headers(headers);
         self.js
-            .send_publish(replay_subject(&letter.consumer, &letter.subject), publish)
+            .send_publish(
+                self.names.replay_subject(&letter.consumer, &letter.subject),
+                publish,
+            )
             .await
             .map_err(jetstream_error)?
             .await

@@ -9,29 +9,117 @@ use async_nats::jetstream::context::CreateStreamErrorKind;
 use async_nats::jetstream::stream::ConsumerErrorKind;
 use async_nats::jetstream::{self, consumer, stream};
 
-/// The stream every dead letter goes to, on `dlq.<consumer>.<subject>`.
+/// The default dead-letter stream ([`Names::dead_letter_stream`]).
 pub const DLQ_STREAM: &str = "DLQ";
 
-/// The stream replayed dead letters go to, on `replay.<consumer>.<subject>`,
-/// read only by that consumer's replay durable.
+/// The default stream of replayed dead letters ([`Names::replay_stream`]).
 pub const REPLAY_STREAM: &str = "REPLAY";
-const REPLAY_STREAM_PREFIX: &str = "replay";
 
-/// Where a dead letter of `consumer` first published on `subject` is
-/// replayed: `replay.<consumer>.<subject>`.
-pub fn replay_subject(consumer: &str, subject: &str) -> String {
-    format!("{REPLAY_STREAM_PREFIX}.{consumer}.{subject}")
+/// The names of what a system's services share: the stream their dead
+/// letters go to and the one replayed dead letters come back on, and the
+/// first token of each one's subjects. Every service and operator tool of
+/// one NATS account must use the same; the defaults are `DLQ` on
+/// `dlq.<consumer>.<subject>` and `REPLAY` on `replay.<consumer>.<subject>`.
+///
+/// ```
+/// let names = pg_jetstream::provision::Names {
+///     dead_letter_stream: "TRAVEL_DLQ".into(),
+///     dead_letter_prefix: "travel-dlq".into(),
+///     ..Default::default()
+/// };
+/// assert_eq!(
+///     names.dead_letter_subject("billing", "ticket.booked"),
+///     "travel-dlq.billing.ticket.booked"
+/// );
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    /// The stream every dead letter goes to.
+    pub dead_letter_stream: String,
+    /// The first token of its subjects, `<prefix>.<consumer>.<subject>`.
+    pub dead_letter_prefix: String,
+    /// The stream replayed dead letters go to, each read only by the
+    /// replay durable of the consumer that gave up on it.
+    pub replay_stream: String,
+    /// The first token of its subjects, `<prefix>.<consumer>.<subject>`.
+    pub replay_prefix: String,
 }
 
-/// The subject a message received by `consumer` was first published on: the
-/// subject itself, or for a replay the part after `replay.<consumer>.`.
-pub(crate) fn original_subject<'s>(consumer: &str, received: &'s str) -> &'s str {
-    received
-        .strip_prefix(REPLAY_STREAM_PREFIX)
-        .and_then(|rest| rest.strip_prefix('.'))
-        .and_then(|rest| rest.strip_prefix(consumer))
-        .and_then(|rest| rest.strip_prefix('.'))
-        .unwrap_or(received)
+impl Default for Names {
+    fn default() -> Self {
+        Self {
+            dead_letter_stream: DLQ_STREAM.to_owned(),
+            dead_letter_prefix: "dlq".to_owned(),
+            replay_stream: REPLAY_STREAM.to_owned(),
+            replay_prefix: "replay".to_owned(),
+        }
+    }
+}
+
+impl Names {
+    /// Where `consumer`'s dead letter first published on `subject` goes.
+    pub fn dead_letter_subject(&self, consumer: &str, subject: &str) -> String {
+        format!("{}.{consumer}.{subject}", self.dead_letter_prefix)
+    }
+
+    /// The subjects of `consumer`'s dead letters.
+    pub fn dead_letters_of(&self, consumer: &str) -> String {
+        format!("{}.{consumer}.>", self.dead_letter_prefix)
+    }
+
+    /// Where a dead letter of `consumer` first published on `subject` is
+    /// replayed.
+    pub fn replay_subject(&self, consumer: &str, subject: &str) -> String {
+        format!("{}.{consumer}.{subject}", self.replay_prefix)
+    }
+
+    /// The subject a message received by `consumer` was first published
+    /// on: the subject itself, or for a replay the part after
+    /// `<replay prefix>.<consumer>.`.
+    pub(crate) fn original_subject<'s>(&self, consumer: &str, received: &'s str) -> &'s str {
+        received
+            .strip_prefix(self.replay_prefix.as_str())
+            .and_then(|rest| rest.strip_prefix('.'))
+            .and_then(|rest| rest.strip_prefix(consumer))
+            .and_then(|rest| rest.strip_prefix('.'))
+            .unwrap_or(received)
+    }
+
+    /// The dead-letter stream, kept for 30 days, at most
+    /// [`SHARED_STREAM_MAX_BYTES`].
+    pub fn dead_letter_stream_spec(&self) -> StreamSpec {
+        StreamSpec {
+            max_age: Duration::from_secs(30 * 24 * 3600),
+            max_bytes: SHARED_STREAM_MAX_BYTES,
+            ..StreamSpec::new(self.dead_letter_stream.clone(), &self.dead_letter_prefix)
+        }
+    }
+
+    /// The stream of replayed dead letters, kept for 7 days, at most
+    /// [`SHARED_STREAM_MAX_BYTES`].
+    pub fn replay_stream_spec(&self) -> StreamSpec {
+        StreamSpec {
+            max_bytes: SHARED_STREAM_MAX_BYTES,
+            ..StreamSpec::new(self.replay_stream.clone(), &self.replay_prefix)
+        }
+    }
+
+    /// The durable that gives `durable_name` the dead letters replayed to
+    /// it, and only those: `durable_name` on the replay stream, filtered
+    /// on `<replay prefix>.<durable_name>.>`.
+    pub fn replay_consumer(&self, durable_name: &str) -> ConsumerSpec {
+        ConsumerSpec::new(
+            durable_name,
+            self.replay_stream.clone(),
+            &[&format!("{}.{durable_name}.>", self.replay_prefix)],
+        )
+    }
+}
+
+/// Where a dead letter of `consumer` first published on `subject` is
+/// replayed, under the default [`Names`].
+pub fn replay_subject(consumer: &str, subject: &str) -> String {
+    Names::default().replay_subject(consumer, subject)
 }
 
 /// Why provisioning failed.
@@ -143,23 +231,15 @@ impl StreamSpec {
         }
     }
 
-    /// The dead-letter stream, `DLQ` on `dlq.>`, kept for 30 days, at most
-    /// [`SHARED_STREAM_MAX_BYTES`].
+    /// The dead-letter stream under the default [`Names`], `DLQ` on `dlq.>`.
     pub fn dead_letters() -> Self {
-        Self {
-            max_age: Duration::from_secs(30 * 24 * 3600),
-            max_bytes: SHARED_STREAM_MAX_BYTES,
-            ..Self::new(DLQ_STREAM, "dlq")
-        }
+        Names::default().dead_letter_stream_spec()
     }
 
-    /// The stream of replayed dead letters, `REPLAY` on `replay.>`, kept for
-    /// 7 days, at most [`SHARED_STREAM_MAX_BYTES`].
+    /// The stream of replayed dead letters under the default [`Names`],
+    /// `REPLAY` on `replay.>`.
     pub fn replays() -> Self {
-        Self {
-            max_bytes: SHARED_STREAM_MAX_BYTES,
-            ..Self::new(REPLAY_STREAM, REPLAY_STREAM_PREFIX)
-        }
+        Names::default().replay_stream_spec()
     }
 
     /// Sets the most bytes the stream holds.
@@ -269,15 +349,10 @@ impl ConsumerSpec {
         }
     }
 
-    /// The durable that gives `durable_name` the dead letters replayed to
-    /// it, and only those: `durable_name` on `REPLAY`, filtered on
-    /// `replay.<durable_name>.>`.
+    /// The replay durable of `durable_name` under the default [`Names`]:
+    /// on `REPLAY`, filtered on `replay.<durable_name>.>`.
     pub fn replays(durable_name: &str) -> Self {
-        Self::new(
-            durable_name,
-            REPLAY_STREAM,
-            &[&format!("{REPLAY_STREAM_PREFIX}.{durable_name}.>")],
-        )
+        Names::default().replay_consumer(durable_name)
     }
 
     /// Creates the consumer, or updates it to this spec.
@@ -317,18 +392,35 @@ mod tests {
 
     #[test]
     fn a_replay_subject_leads_back_to_the_first_subject() {
-        let replayed = replay_subject("billing", "ticket.booked");
+        let names = Names::default();
+        let replayed = names.replay_subject("billing", "ticket.booked");
         assert_eq!(replayed, "replay.billing.ticket.booked");
-        assert_eq!(original_subject("billing", &replayed), "ticket.booked");
-        // Only the consumer's own prefix is stripped.
-        assert_eq!(original_subject("seating", &replayed), replayed);
         assert_eq!(
-            original_subject("billing", "ticket.booked"),
+            names.original_subject("billing", &replayed),
+            "ticket.booked"
+        );
+        // Only the consumer's own prefix is stripped.
+        assert_eq!(names.original_subject("seating", &replayed), replayed);
+        assert_eq!(
+            names.original_subject("billing", "ticket.booked"),
             "ticket.booked"
         );
         assert_eq!(
-            original_subject("billing", "replay.billingx.ticket.booked"),
+            names.original_subject("billing", "replay.billingx.ticket.booked"),
             "replay.billingx.ticket.booked"
         );
+
+        let own = Names {
+            replay_prefix: "travel-replay".into(),
+            ..Names::default()
+        };
+        let replayed = own.replay_subject("billing", "ticket.booked");
+        assert_eq!(replayed, "travel-replay.billing.ticket.booked");
+        assert_eq!(own.original_subject("billing", &replayed), "ticket.booked");
+        assert_eq!(
+            own.replay_consumer("billing").filter_subjects,
+            ["travel-replay.billing.>"]
+        );
+        assert_eq!(own.replay_stream_spec().subjects, ["travel-replay.>"]);
     }
 }

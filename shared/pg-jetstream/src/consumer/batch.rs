@@ -25,7 +25,6 @@ use super::router::{Entry, Handle};
 use crate::envelope::{Envelope, OutgoingEvent};
 use crate::metrics::ConsumerLabels;
 use crate::outbox::{Written, unconfirmed_caused_by};
-use crate::provision::original_subject;
 use crate::schema::inbox;
 use crate::trace;
 
@@ -190,7 +189,7 @@ impl<S: Send + Sync + 'static> Inner<S> {
         message: &'m jetstream::Message,
     ) -> Result<Option<Prepared<'m, S>>, Failure> {
         let envelope = Envelope::parse(
-            original_subject(&self.name, &message.subject),
+            self.names.original_subject(&self.name, &message.subject),
             message.headers.as_ref(),
             message.payload.clone(),
         )

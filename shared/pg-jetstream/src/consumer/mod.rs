@@ -97,7 +97,7 @@ use async_nats::jetstream;
 
 use crate::metrics::MessagingMetrics;
 use crate::outbox::Outbox;
-use crate::provision::ConsumerSpec;
+use crate::provision::{ConsumerSpec, Names};
 
 /// Delays between deliveries of a message whose handler failed, retryably:
 /// `initial`, then multiplied by `multiplier` per failure up to `max`; the
@@ -219,6 +219,8 @@ struct Inner<S> {
     metrics: MessagingMetrics,
     /// How long JetStream waits for an ack before it delivers again.
     ack_wait: Duration,
+    /// Where dead letters go and replays come from.
+    names: Names,
 }
 
 impl<S: Send + Sync + 'static> EventConsumer<S> {
@@ -253,6 +255,7 @@ impl<S: Send + Sync + 'static> EventConsumer<S> {
             ack_wait: <[Duration]>::first(&spec.ack_backoff)
                 .copied()
                 .unwrap_or(spec.ack_wait),
+            names: Names::default(),
         };
         Self {
             inner: Arc::new(inner),
@@ -297,6 +300,14 @@ impl<S: Send + Sync + 'static> EventConsumer<S> {
     #[must_use]
     pub fn with_inbox_retention(mut self, retention: Duration) -> Self {
         self.inbox_retention = retention;
+        self
+    }
+
+    /// Sets where dead letters go and replays come from (default:
+    /// [`Names::default`]); the same as every service's of the system.
+    #[must_use]
+    pub fn with_names(mut self, names: Names) -> Self {
+        self.inner_mut().names = names;
         self
     }
 

@@ -10,7 +10,6 @@ use super::batch::Outcome;
 use super::failure::Failure;
 use super::{Inner, Processed};
 use crate::metrics::{ConsumedLabels, HandlerLabels};
-use crate::provision::original_subject;
 
 /// Headers a dead letter adds to the original's.
 pub mod dead_letter_headers {
@@ -98,7 +97,10 @@ impl<S: Send + Sync + 'static> Inner<S> {
     }
 
     fn observe(&self, message: &jetstream::Message, processed: Processed, elapsed: Duration) {
-        let subject = original_subject(&self.name, &message.subject).to_owned();
+        let subject = self
+            .names
+            .original_subject(&self.name, &message.subject)
+            .to_owned();
         let outcome = match processed {
             Processed::Applied => "ok",
             Processed::Duplicate => "duplicate",
@@ -155,9 +157,9 @@ impl<S: Send + Sync + 'static> Inner<S> {
             sequence.to_string().as_str(),
         );
         // A replayed message that fails again is filed under its first subject.
-        let original = original_subject(&self.name, &message.subject);
+        let original = self.names.original_subject(&self.name, &message.subject);
         headers.insert(dead_letter_headers::SUBJECT, original);
-        let subject = format!("dlq.{}.{original}", self.name);
+        let subject = self.names.dead_letter_subject(&self.name, original);
         let publish = PublishMessage::build()
             .payload(message.payload.clone())
             .headers(headers);

@@ -147,7 +147,7 @@ async fn an_empty_queue_lists_nothing_and_a_missing_one_says_so() {
     setup.js.delete_stream("DLQ").await.unwrap();
     assert!(matches!(
         DeadLetters::open(setup.js.clone()).await,
-        Err(DeadLetterError::NoStream)
+        Err(DeadLetterError::NoStream(stream)) if stream == "DLQ"
     ));
 }
 
