@@ -159,6 +159,17 @@ pub(super) enum Handle<S> {
     Statement(HandleStatement<S>),
 }
 
+// Function pointers all: copied whatever `S` is.
+impl<S> Clone for Handle<S> {
+    fn clone(&self) -> Self {
+        match self {
+            Self::One(handle) => Self::One(*handle),
+            Self::Batch(handle) => Self::Batch(*handle),
+            Self::Statement(handle) => Self::Statement(*handle),
+        }
+    }
+}
+
 /// How events of type `E` are handled by a state `S`: declared once, with
 /// its options, in [`Router::on`]. `K` is where the handler runs,
 /// [`InTransaction`] or [`InOneStatement`], so that an option that only
@@ -394,6 +405,17 @@ pub(super) struct Entry<S> {
     pub(super) locks: Option<Locks<S>>,
 }
 
+impl<S> Clone for Entry<S> {
+    fn clone(&self) -> Self {
+        Self {
+            subject: self.subject,
+            decodes: self.decodes,
+            handle: self.handle.clone(),
+            locks: self.locks,
+        }
+    }
+}
+
 /// The routing table from `ce-type` to handler: the whole of a service's
 /// event adapter, one [`Route`] per event type it consumes:
 ///
@@ -412,6 +434,15 @@ impl<S> std::fmt::Debug for Router<S> {
         f.debug_struct("Router")
             .field("subjects", &self.subjects)
             .finish()
+    }
+}
+
+impl<S> Clone for Router<S> {
+    fn clone(&self) -> Self {
+        Self {
+            routes: self.routes.clone(),
+            subjects: self.subjects.clone(),
+        }
     }
 }
 

@@ -182,15 +182,26 @@ pub async fn pending<S>(database_url: &str, sources: Vec<S>) -> Result<Vec<Strin
 where
     S: MigrationSource<Pg>,
 {
+    let mut connection = AsyncPgConnection::establish(database_url).await?;
+    pending_on(&mut connection, sources).await
+}
+
+/// [`pending`] over a connection already made (a pooled one, say).
+pub async fn pending_on<S>(
+    connection: &mut AsyncPgConnection,
+    sources: Vec<S>,
+) -> Result<Vec<String>, DbError>
+where
+    S: MigrationSource<Pg>,
+{
     #[derive(diesel::QueryableByName)]
     struct Applied {
         #[diesel(sql_type = diesel::sql_types::Text)]
         version: String,
     }
-    let mut connection = AsyncPgConnection::establish(database_url).await?;
     let applied: Vec<Applied> = match diesel_async::RunQueryDsl::load(
         diesel::sql_query("SELECT version FROM __diesel_schema_migrations"),
-        &mut connection,
+        connection,
     )
     .await
     {

@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod builder;
 mod common;
 mod consumer;
 mod contention;
@@ -12,6 +13,7 @@ mod dead_letters;
 mod decoding;
 mod durable;
 mod events;
+mod example;
 mod provision;
 mod publish;
 mod redeliveries;
