@@ -45,21 +45,15 @@ pub struct Config {
 
 /// Starts the inventory service's infrastructure and binds its servers.
 pub async fn build(config: Config) -> anyhow::Result<Server> {
-    let infra = Infrastructure::start(&config.service, &SERVICE, MIGRATIONS).await?;
-    let consumer = |spec, router| infra.consumer(spec, router, events::HandlerState);
-    let on = |stream: &str| SERVICE.consumer_of(stream);
-    let orders = consumer(on("ORDER"), events::order_events());
-    let payments = consumer(on("PAYMENT"), events::payment_events());
-    // Dead letters that an operator replays come back to this service only.
-    let replays = consumer(
-        SERVICE.replays(),
-        events::order_events().merge(events::payment_events()),
-    );
+    let mut infra = Infrastructure::start(&config.service, &SERVICE, MIGRATIONS).await?;
+    let messaging = infra
+        .messaging()
+        .consume("ORDER", events::order_events())
+        .consume("PAYMENT", events::payment_events())
+        .start(events::HandlerState)
+        .await?;
     let api = grpc::InventoryApi::new(app::Catalogue::new(infra.pool.clone()));
-    Ok(Server::bind(&SERVICE, &config.service, infra)
+    Ok(Server::bind(&SERVICE, &config.service, infra, messaging)
         .await?
-        .add_service(api.into_server())
-        .add_task(Box::new(move |shutdown| Box::pin(orders.run(shutdown))))
-        .add_task(Box::new(move |shutdown| Box::pin(payments.run(shutdown))))
-        .add_task(Box::new(move |shutdown| Box::pin(replays.run(shutdown)))))
+        .add_service(api.into_server()))
 }

@@ -54,39 +54,29 @@ pub struct Config {
 
 /// Starts the order service's infrastructure and binds its servers.
 pub async fn build(config: Config) -> anyhow::Result<Server> {
-    let infra = Infrastructure::start(&config.service, &SERVICE, MIGRATIONS).await?;
+    let mut infra = Infrastructure::start(&config.service, &SERVICE, MIGRATIONS).await?;
     let sagas = metrics::SagaMetrics::default();
     infra.register_metrics(|registry| sagas.register(registry));
     let handlers = events::HandlerState {
         metrics: sagas.clone(),
     };
-    let consumer = |spec, router| infra.consumer(spec, router, handlers.clone());
-    let on = |stream: &str| SERVICE.consumer_of(stream);
-    let users = consumer(on("USER"), events::user_events());
-    let inventory = consumer(on("INVENTORY"), events::inventory_events());
-    let payments = consumer(on("PAYMENT"), events::payment_events());
-    // Dead letters that an operator replays come back to this service only.
-    let replays = consumer(
-        SERVICE.replays(),
-        events::user_events()
-            .merge(events::inventory_events())
-            .merge(events::payment_events()),
-    );
+    let messaging = infra
+        .messaging()
+        .consume("USER", events::user_events())
+        .consume("INVENTORY", events::inventory_events())
+        .consume("PAYMENT", events::payment_events());
     let orders = app::Orders::new(
         infra.pool.clone(),
-        infra.outbox.clone(),
+        messaging.outbox().clone(),
         Duration::from_millis(config.saga_deadline_ms),
         sagas,
     );
+    let messaging = messaging.start(handlers).await?;
     let sweeper = orders.clone();
     let api = grpc::OrderApi::new(orders);
-    Ok(Server::bind(&SERVICE, &config.service, infra)
+    Ok(Server::bind(&SERVICE, &config.service, infra, messaging)
         .await?
         .add_service(api.into_server())
-        .add_task(Box::new(move |shutdown| Box::pin(users.run(shutdown))))
-        .add_task(Box::new(move |shutdown| Box::pin(inventory.run(shutdown))))
-        .add_task(Box::new(move |shutdown| Box::pin(payments.run(shutdown))))
-        .add_task(Box::new(move |shutdown| Box::pin(replays.run(shutdown))))
         .add_task(Box::new(move |shutdown| {
             Box::pin(sweeper.run_deadline_sweeper(shutdown))
         })))

@@ -53,13 +53,17 @@ pub struct Config {
 
 /// Starts the payment service's infrastructure and binds its servers.
 pub async fn build(config: Config) -> anyhow::Result<Server> {
-    let infra = Infrastructure::start(&config.service, &SERVICE, MIGRATIONS).await?;
+    let mut infra = Infrastructure::start(&config.service, &SERVICE, MIGRATIONS).await?;
     let metrics = provider::metrics::ProviderMetrics::default();
     infra.register_metrics(|registry| metrics.register(registry));
+    let messaging = infra.messaging();
     let steps = match config.provider.kind {
         provider::ProviderKind::Wallet => None,
         provider::ProviderKind::Http => Some(std::sync::Arc::new(provider_steps(
-            &config, &infra, metrics,
+            &config,
+            &infra,
+            messaging.outbox(),
+            metrics,
         )?)),
     };
     let by_provider = steps.is_some();
@@ -67,20 +71,14 @@ pub async fn build(config: Config) -> anyhow::Result<Server> {
         starting_credit: config.starting_credit_cents,
         provider: steps.clone(),
     };
-    let consumer = |spec, router| infra.consumer(spec, router, handlers.clone());
-    let on = |stream: &str| SERVICE.consumer_of(stream);
-    let users = consumer(on("USER"), events::user_events());
-    let reservations = consumer(on("INVENTORY"), events::inventory_events(by_provider));
-    let cancellations = consumer(on("ORDER"), events::order_events());
-    // Dead letters that an operator replays come back to this service only.
-    let replays = consumer(
-        SERVICE.replays(),
-        events::user_events()
-            .merge(events::inventory_events(by_provider))
-            .merge(events::order_events()),
-    );
+    let messaging = messaging
+        .consume("USER", events::user_events())
+        .consume("INVENTORY", events::inventory_events(by_provider))
+        .consume("ORDER", events::order_events())
+        .start(handlers)
+        .await?;
     let api = grpc::PaymentApi::new(app::Wallets::new(infra.pool.clone()));
-    let mut server = Server::bind(&SERVICE, &config.service, infra).await?;
+    let mut server = Server::bind(&SERVICE, &config.service, infra, messaging).await?;
     if let (Some(steps), Some(secret)) = (steps, config.provider.provider_webhook_secret.clone()) {
         server = server
             .add_http_routes(provider::webhook::routes(
@@ -89,22 +87,14 @@ pub async fn build(config: Config) -> anyhow::Result<Server> {
             ))
             .add_task(Box::new(move |shutdown| Box::pin(steps.run(shutdown))));
     }
-    Ok(server
-        .add_service(api.into_server())
-        .add_task(Box::new(move |shutdown| Box::pin(users.run(shutdown))))
-        .add_task(Box::new(move |shutdown| {
-            Box::pin(reservations.run(shutdown))
-        }))
-        .add_task(Box::new(move |shutdown| {
-            Box::pin(cancellations.run(shutdown))
-        }))
-        .add_task(Box::new(move |shutdown| Box::pin(replays.run(shutdown)))))
+    Ok(server.add_service(api.into_server()))
 }
 
 /// The provider's steps, from `--payment-provider http` and its settings.
 fn provider_steps(
     config: &Config,
     infra: &Infrastructure,
+    outbox: &pg_jetstream::Outbox,
     metrics: provider::metrics::ProviderMetrics,
 ) -> anyhow::Result<provider::steps::Steps<provider::http::HttpProvider>> {
     let settings = &config.provider;
@@ -121,7 +111,7 @@ fn provider_steps(
     let http = provider::http::HttpProvider::new(url, key, timeout, &settings.provider_currency)?;
     Ok(provider::steps::Steps::new(
         infra.pool.clone(),
-        infra.outbox.clone(),
+        outbox.clone(),
         http,
         timeout,
         metrics,

@@ -42,9 +42,15 @@ pub struct Config {
 /// Starts the user service's infrastructure and binds its servers; `run`
 /// the result to serve.
 pub async fn build(config: Config) -> anyhow::Result<Server> {
-    let infra = Infrastructure::start(&config.service, &SERVICE, MIGRATIONS).await?;
-    let api = grpc::UserApi::new(app::Users::new(infra.pool.clone(), infra.outbox.clone()));
-    Ok(Server::bind(&SERVICE, &config.service, infra)
+    let mut infra = Infrastructure::start(&config.service, &SERVICE, MIGRATIONS).await?;
+    // It consumes nothing: the runtime is its outbox and relay.
+    let messaging = infra.messaging::<()>();
+    let api = grpc::UserApi::new(app::Users::new(
+        infra.pool.clone(),
+        messaging.outbox().clone(),
+    ));
+    let messaging = messaging.start(()).await?;
+    Ok(Server::bind(&SERVICE, &config.service, infra, messaging)
         .await?
         .add_service(api.into_server()))
 }

@@ -9,9 +9,7 @@ use anyhow::Context as _;
 use async_nats::jetstream;
 use diesel_migrations::EmbeddedMigrations;
 use pg_jetstream::db::PgPool;
-use pg_jetstream::{
-    ConsumerSpec, EventConsumer, MessagingMetrics, Outbox, Relay, RelayConfig, Router, StreamSpec,
-};
+use pg_jetstream::{Messaging, MessagingBuilder, MessagingMetrics};
 use prometheus_client::registry::Registry;
 use secrecy::ExposeSecret as _;
 
@@ -60,21 +58,20 @@ pub struct Infrastructure {
     pub js: jetstream::Context,
     /// The NATS connection, for readiness.
     pub nats: async_nats::Client,
-    /// The service's outbox (`ce-source` = `shop/<service>`).
-    pub outbox: Outbox,
-    /// The relay's and consumers' metrics; give them to every consumer.
-    pub metrics: MessagingMetrics,
+    /// The messaging runtime's metrics, once [`Infrastructure::messaging`]
+    /// has made the runtime's builder; sampled by the probes.
+    pub(crate) metrics: MessagingMetrics,
+    /// The runtime's configuration, from the service's.
+    pub(crate) messaging: pg_jetstream::Config,
     pub(crate) registry: Arc<std::sync::Mutex<Registry>>,
     pub(crate) verifier: shop_auth::Verifier,
     pub(crate) probes: Arc<probes::Probes>,
-    pub(crate) ack_wait: Duration,
-    pub(crate) consumer_concurrency: usize,
 }
 
 impl std::fmt::Debug for Infrastructure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Infrastructure")
-            .field("outbox", &self.outbox)
+            .field("messaging", &self.messaging)
             .finish_non_exhaustive()
     }
 }
@@ -82,8 +79,8 @@ impl std::fmt::Debug for Infrastructure {
 impl Infrastructure {
     /// Migrates the database (the messaging tables, then `migrations`), or
     /// only checks that it is migrated (`--migrations check`), builds the
-    /// pool, connects to NATS and provisions `stream`, the
-    /// dead-letter stream and the stream of replayed dead letters.
+    /// pools and connects to NATS. The messaging runtime comes next, from
+    /// [`Infrastructure::messaging`].
     pub async fn start(
         config: &ServiceConfig,
         identity: &Identity,
@@ -182,72 +179,49 @@ impl Infrastructure {
             .await
             .context("connecting to NATS")?;
         let js = jetstream::new(nats.clone());
-        identity
-            .stream_spec()
-            .with_replicas(config.stream_replicas)
-            .with_max_bytes(config.stream_max_bytes)
-            .provision_patiently(&js, PROVISION_PATIENCE)
-            .await?;
-        for shared in [StreamSpec::dead_letters(), StreamSpec::replays()] {
-            if config.provision_shared_streams {
-                shared
-                    .with_replicas(config.stream_replicas)
-                    .provision_patiently(&js, PROVISION_PATIENCE)
-                    .await?;
-            } else if let Err(error) = js.get_stream(&shared.name).await {
-                // Not fatal: a dead letter waits (and is retried) until the
-                // stream exists, and the replay consumer keeps trying.
-                tracing::warn!(
-                    stream = %shared.name,
-                    %error,
-                    "a shared stream is missing; the operator makes it with `shopctl provision`"
-                );
-            }
-        }
-        let metrics = MessagingMetrics::default();
-        let mut registry = Registry::default();
-        // The runtime's metrics, named like the shop's own: shop_events_published, ...
-        metrics.register(registry.sub_registry_with_prefix("shop"));
-        let outbox = Outbox::new(identity.source())
-            .publishing_to(js.clone())
-            .with_metrics(metrics.clone());
+        let mut messaging = pg_jetstream::Config::new(service);
+        messaging.stream = identity.stream.to_owned();
+        messaging.source = identity.source();
+        messaging.ack_wait = Duration::from_millis(config.ack_wait_ms);
+        messaging.concurrency = config.consumer_concurrency;
+        messaging.stream_replicas = config.stream_replicas;
+        messaging.stream_max_bytes = config.stream_max_bytes;
+        // Else the operator makes them (`shopctl provision`), and a service
+        // only warns when they are missing.
+        messaging.provision_shared_streams = config.provision_shared_streams;
+        messaging.provision_patience = PROVISION_PATIENCE;
         Ok(Self {
             pool,
             relay_pool,
             js,
             nats,
-            outbox,
-            metrics,
-            registry: Arc::new(std::sync::Mutex::new(registry)),
+            metrics: MessagingMetrics::default(),
+            messaging,
+            registry: Arc::new(std::sync::Mutex::new(Registry::default())),
             verifier,
             probes: Arc::default(),
-            ack_wait: Duration::from_millis(config.ack_wait_ms),
-            consumer_concurrency: config.consumer_concurrency,
         })
     }
 
-    /// An idempotent consumer of this service's database and outbox, with
-    /// the configured ack wait, counting into the service's metrics.
-    pub fn consumer<S: Send + Sync + 'static>(
-        &self,
-        spec: ConsumerSpec,
-        router: Router<S>,
-        state: S,
-    ) -> EventConsumer<S> {
-        self.probes.add_consumer(&spec.durable_name, &spec.stream);
-        EventConsumer::new(
-            self.js.clone(),
-            self.pool.clone(),
-            self.outbox.clone(),
-            ConsumerSpec {
-                ack_wait: self.ack_wait,
-                ..spec
-            },
-            router,
-            state,
-        )
-        .with_concurrency(self.consumer_concurrency)
-        .with_metrics(self.metrics.clone())
+    /// The messaging runtime's builder for this service, as every service
+    /// starts it: its stream, source and consumers' settings from the
+    /// service's configuration, the relay on its own pool, and the
+    /// runtime's metrics served on `/metrics` under `shop_`. Add the
+    /// streams it consumes, then start it with the handlers' state and give
+    /// it to [`Server::bind`](crate::Server::bind).
+    pub fn messaging<S: Clone + Send + Sync + 'static>(&mut self) -> MessagingBuilder<S> {
+        let builder =
+            Messaging::builder(self.js.clone(), self.pool.clone(), self.messaging.clone())
+                .relay_pool(self.relay_pool.clone());
+        self.metrics = builder.metrics().clone();
+        // The runtime's metrics, named like the shop's own:
+        // shop_events_published, ...
+        self.register_metrics(|registry| {
+            builder
+                .metrics()
+                .register(registry.sub_registry_with_prefix("shop"));
+        });
+        builder
     }
 
     /// Registers a service's own metrics beside the runtime's, served on
@@ -270,17 +244,6 @@ impl Infrastructure {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
         text
-    }
-
-    /// The outbox relay of this service's database.
-    pub fn relay(&self) -> Relay {
-        Relay::new(
-            self.relay_pool.clone(),
-            self.js.clone(),
-            RelayConfig::default(),
-        )
-        .forgetting_for(&self.outbox)
-        .with_metrics(self.metrics.clone())
     }
 }
 

@@ -29,6 +29,8 @@ pub struct Server {
     routes: tonic::service::Routes,
     health: tonic_health::server::HealthReporter,
     infra: Infrastructure,
+    /// The outbox's relay, stopped last.
+    relay: pg_jetstream::Task,
     tasks: Vec<Task>,
     services: Vec<&'static str>,
     tls: Option<tls::ServerTls>,
@@ -95,10 +97,15 @@ impl Server {
     /// Binds the listeners of `config` for the service `identity` names, on
     /// its default ports unless the configuration names addresses, or takes
     /// the ones it was handed ([`ServiceConfig::listeners`]).
+    ///
+    /// `messaging` is the service's messaging runtime, started
+    /// ([`Infrastructure::messaging`]): its consumers run as the server's
+    /// tasks, and its relay stops after everything else.
     pub async fn bind(
         identity: &Identity,
         config: &ServiceConfig,
         infra: Infrastructure,
+        messaging: pg_jetstream::Messaging,
     ) -> anyhow::Result<Self> {
         let (name, ports) = (identity.name, identity.ports);
         let or_default = |addr: Option<SocketAddr>, port| {
@@ -117,6 +124,14 @@ impl Server {
             .context("loading the TLS certificate")?;
         let (health, health_service) = tonic_health::server::health_reporter();
         let routes = tonic::service::Routes::new(health_service);
+        let (relay, consumers) = messaging.into_tasks();
+        let mut tasks: Vec<Task> = Vec::new();
+        for consumer in consumers {
+            if let Some((durable, stream)) = consumer.consumer() {
+                infra.probes.add_consumer(durable, stream);
+            }
+            tasks.push(Box::new(move |shutdown| Box::pin(consumer.run(shutdown))));
+        }
         Ok(Self {
             name,
             grpc,
@@ -124,7 +139,8 @@ impl Server {
             routes,
             health,
             infra,
-            tasks: Vec::new(),
+            relay,
+            tasks,
             services: Vec::new(),
             tls,
             http_routes: axum::Router::new(),
@@ -194,6 +210,7 @@ impl Server {
             routes,
             health,
             infra,
+            relay,
             tasks,
             services,
             tls,
@@ -205,7 +222,7 @@ impl Server {
         // consumers commit while they finish, so a stopped service leaves
         // nothing in its outbox for the next start.
         let relay_stop = CancellationToken::new();
-        let relay = tokio::spawn(infra.relay().run(relay_stop.clone()));
+        let relay = tokio::spawn(relay.run(relay_stop.clone()));
         // Everything stops on `stop`: the caller's shutdown, or a server of
         // this service ending on its own (see `lifecycle`).
         let stop = shutdown.child_token();
