@@ -651,7 +651,7 @@ async fn check(
 ) -> (BTreeMap<String, i64>, u64) {
     // Nothing dead-lettered, since none of these faults is a poison message.
     let js = system.jetstream().await;
-    let dead = pg_jetstream::DeadLetters::open(js.clone())
+    let dead = pg_jetstream::dead_letters::DeadLetters::open(js.clone())
         .await
         .unwrap()
         .list()

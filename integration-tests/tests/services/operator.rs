@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use pg_jetstream::envelope::publish_direct;
-use pg_jetstream::{DeadLetters, OutgoingEvent};
+use pg_jetstream::{dead_letters::DeadLetters, envelope::OutgoingEvent};
 use shop::{Settings, Shop};
 use shop_proto::order::v1::{OrderItem, OrderPlaced, OrderStatus};
 use shopctl::timeline::{Outcome, Timeline};

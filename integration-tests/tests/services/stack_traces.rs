@@ -74,7 +74,10 @@ async fn one_process_exports_each_services_spans_under_its_own_name() {
         .expect("the PlaceOrder span");
     assert_eq!(placed.service, "order");
     for span in &spans {
-        if let Some(service) = span.attributes.get(pg_jetstream::trace::SERVICE_ATTRIBUTE) {
+        if let Some(service) = span
+            .attributes
+            .get(pg_jetstream::telemetry::SERVICE_ATTRIBUTE)
+        {
             assert_eq!(&span.service, service, "{span:?}");
         }
     }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use diesel_async::AsyncPgConnection;
 use pg_jetstream::db::PgPool;
-use pg_jetstream::{Carried, HandlerError};
+use pg_jetstream::{HandlerError, consumer::Carried};
 use shop_service::{ApiError, Caller, is_unique_violation, limits, step_failed, unknown_stored};
 use uuid::Uuid;
 
@@ -367,7 +367,7 @@ mod tests {
     /// breaks after `deadlock_timeout` by failing one of them).
     #[tokio::test(flavor = "multi_thread")]
     async fn a_compensation_batch_and_a_reservation_take_products_in_one_order() {
-        use pg_jetstream::LockNames as _;
+        use pg_jetstream::consumer::LockNames as _;
         use shop_proto::order::v1::OrderCancelled;
 
         let (_postgres, url, mut conn) = migrated().await;

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
-use pg_jetstream::Carried;
+use pg_jetstream::consumer::Carried;
 use pg_jetstream::db::KeepPrepared;
 use shop_domain::{OrderId, limits};
 use uuid::Uuid;

@@ -22,8 +22,8 @@ use std::time::Duration;
 use async_nats::jetstream;
 use pg_jetstream::envelope::publish_direct;
 use pg_jetstream::{
-    ConsumerSpec, Context, EventConsumer, Handler, HandlerError, Outbox, OutgoingEvent, Route,
-    Router,
+    Context, Handler, HandlerError, Outbox, Route, Router, consumer::EventConsumer,
+    envelope::OutgoingEvent, provision::ConsumerSpec,
 };
 use prost::Message as _;
 use shop_proto::inventory::v1::inventory_service_client::InventoryServiceClient;

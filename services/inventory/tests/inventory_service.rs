@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use pg_jetstream::OutgoingEvent;
+use pg_jetstream::envelope::OutgoingEvent;
 use pg_jetstream::envelope::publish_direct;
 use prost::Message as _;
 use shop_proto::inventory::v1::inventory_service_client::InventoryServiceClient;

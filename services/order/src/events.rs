@@ -8,7 +8,10 @@
 //! | `inventory.rejected`, `payment.failed` | CANCELLED with the reason | `order.cancelled` |
 
 use pg_jetstream::consumer::uuid_field as id;
-use pg_jetstream::{Context, Handler, HandlerError, Route, Router, Statement, StatementHandler};
+use pg_jetstream::{
+    Context, Handler, HandlerError, Route, Router,
+    consumer::{Statement, StatementHandler},
+};
 use shop_proto::Event;
 use shop_proto::inventory::v1::{InventoryRejected, InventoryReserved};
 use shop_proto::payment::v1::{PaymentCompleted, PaymentFailed};

@@ -2,7 +2,7 @@
 //! they took from `PlaceOrder` to the end.
 
 use chrono::{DateTime, Utc};
-use pg_jetstream::metrics::seconds_histogram;
+use pg_jetstream::telemetry::seconds_histogram;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;

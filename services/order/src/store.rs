@@ -10,9 +10,9 @@ use diesel::sql_types::{
     Array, BigInt, Bool, Integer, Nullable, Text, Timestamptz, Uuid as SqlUuid,
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
-use pg_jetstream::Carried;
-use pg_jetstream::OutboxWrite;
+use pg_jetstream::consumer::Carried;
 use pg_jetstream::db::KeepPrepared;
+use pg_jetstream::outbox::OutboxWrite;
 use uuid::Uuid;
 
 use crate::domain::Status;

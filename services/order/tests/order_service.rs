@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use pg_jetstream::envelope::publish_direct;
-use pg_jetstream::{OutgoingEvent, StreamSpec};
+use pg_jetstream::{envelope::OutgoingEvent, provision::StreamSpec};
 use prost::Message as _;
 use shop_proto::inventory::v1::InventoryRejected;
 use shop_proto::order::v1::order_service_client::OrderServiceClient;

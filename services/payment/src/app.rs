@@ -4,7 +4,7 @@
 
 use diesel_async::{AsyncConnection as _, AsyncPgConnection};
 use pg_jetstream::db::PgPool;
-use pg_jetstream::{Carried, HandlerError};
+use pg_jetstream::{HandlerError, consumer::Carried};
 use shop_domain::UserId;
 use shop_service::{
     ApiError, Caller, is_unique_violation, limits, roles, step_failed, unknown_stored,
@@ -304,7 +304,7 @@ pub(crate) async fn record_intent(
         &[charge.order_id.get()],
         &[charge.user_id.get()],
         &[charge.amount_cents],
-        pg_jetstream::trace::current().traceparent.as_deref(),
+        pg_jetstream::telemetry::current().traceparent.as_deref(),
     )
     .await?;
     Ok(())

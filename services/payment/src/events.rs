@@ -15,7 +15,8 @@ use diesel::QueryResult;
 use diesel_async::AsyncPgConnection;
 use pg_jetstream::consumer::uuid_field as id;
 use pg_jetstream::{
-    Context, Handler, HandlerError, LockNames, Route, Router, Statement, StatementHandler,
+    Context, Handler, HandlerError, Route, Router,
+    consumer::{LockNames, Statement, StatementHandler},
 };
 use shop_proto::Event;
 use shop_proto::inventory::v1::InventoryReserved;

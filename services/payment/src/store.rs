@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
-use pg_jetstream::Carried;
+use pg_jetstream::consumer::Carried;
 use pg_jetstream::db::KeepPrepared;
 use uuid::Uuid;
 

@@ -12,7 +12,7 @@ use async_nats::jetstream;
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
 use pg_jetstream::envelope::publish_direct;
-use pg_jetstream::{OutgoingEvent, StreamSpec};
+use pg_jetstream::{envelope::OutgoingEvent, provision::StreamSpec};
 use shop_payment::provider::{ProviderConfig, ProviderKind};
 use shop_proto::inventory::v1::InventoryReserved;
 use shop_proto::order::v1::OrderCancelled;

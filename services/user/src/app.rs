@@ -3,7 +3,7 @@
 
 use diesel_async::AsyncConnection as _;
 use pg_jetstream::db::PgPool;
-use pg_jetstream::{Outbox, OutgoingEvent};
+use pg_jetstream::{Outbox, envelope::OutgoingEvent};
 use shop_proto::user::v1::UserCreated;
 use shop_service::{ApiError, Caller, is_unique_violation, timestamp};
 use uuid::Uuid;

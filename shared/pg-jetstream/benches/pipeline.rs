@@ -29,8 +29,11 @@ use diesel_async::{AsyncConnection as _, AsyncPgConnection};
 use events::OrderPlaced;
 use hdrhistogram::Histogram;
 use pg_jetstream::{
-    ConsumerSpec, Context, EventConsumer, Handler, HandlerError, Outbox, OutgoingEvent, Processed,
-    Relay, RelayConfig, Route, Router, StreamSpec,
+    Context, Handler, HandlerError, Outbox, Route, Router,
+    consumer::{EventConsumer, Processed},
+    envelope::OutgoingEvent,
+    outbox::{Relay, RelayConfig},
+    provision::{ConsumerSpec, StreamSpec},
 };
 use shop_test_support::{TestNats, TestPostgres};
 use tokio_util::sync::CancellationToken;

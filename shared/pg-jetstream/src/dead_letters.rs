@@ -9,7 +9,7 @@
 //! is harmless. Once JetStream has stored the replay, the dead letter is
 //! deleted; if the event fails again, it comes back as a new dead letter.
 //!
-//! [`ConsumerSpec::replays`]: crate::ConsumerSpec::replays
+//! [`ConsumerSpec::replays`]: crate::provision::ConsumerSpec::replays
 
 use std::ops::ControlFlow;
 use std::time::Duration;

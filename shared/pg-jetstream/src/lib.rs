@@ -86,14 +86,14 @@
 //! that were written:
 //!
 //! - **In a transaction.** A handler emits with [`Context::emit`] (or
-//!   [`Batch::emit`]); the consumer writes the events in the batch's
+//!   [`Batch::emit`](consumer::Batch::emit)); the consumer writes the events in the batch's
 //!   transaction and publishes them after the commit. Outside a handler
 //!   (an API call), [`Outbox::append`] writes them in your transaction and
 //!   [`Outbox::publish`] sends what it returned once that has committed.
 //! - **In one statement** ([`Route::in_one_statement`]): a handler reads
-//!   without locks, decides, emits with [`Statement::emit`] and writes
+//!   without locks, decides, emits with [`Statement::emit`](consumer::Statement::emit) and writes
 //!   once, in one statement that commits by itself and carries the inbox
-//!   rows and the events ([`Statement::carry`]): SQL functions
+//!   rows and the events ([`Statement::carry`](consumer::Statement::carry)): SQL functions
 //!   `inbox_write` and `outbox_write` that the migrations create. What it
 //!   read must still hold, or the statement raises a serialization failure
 //!   and the events are decided again.
@@ -102,7 +102,7 @@
 //!
 //! - **Nothing written is lost.** An event is in the outbox once its
 //!   transaction commits; what its writer could not publish (a crash, NATS
-//!   away) the relay publishes after [`RelayConfig::sweep_after`].
+//!   away) the relay publishes after [`RelayConfig::sweep_after`](outbox::RelayConfig::sweep_after).
 //! - **Nothing is applied twice.** Each event has an id (`ce-id`, also
 //!   JetStream's `Nats-Msg-Id`, so a re-publish within the stream's
 //!   duplicate window is stored once), and each consumer records the ids it
@@ -119,17 +119,17 @@
 //!
 //! Everything is in [`Config`], whose [`Config::new`] documents each
 //! default: the stream and source names, [`provision::Names`] for the
-//! dead-letter and replay streams, [`RetryPolicy`], batch size and
-//! concurrency, inbox retention, ack wait, [`RelayConfig`], stream
+//! dead-letter and replay streams, [`RetryPolicy`](consumer::RetryPolicy), batch size and
+//! concurrency, inbox retention, ack wait, [`RelayConfig`](outbox::RelayConfig), stream
 //! replicas and size, and whether the shared streams are provisioned.
 //! Metrics have no prefix of their own: register them under yours
-//! ([`MessagingMetrics::register`]).
+//! ([`MessagingMetrics::register`](telemetry::MessagingMetrics::register)).
 //!
 //! # Failure handling
 //!
 //! A handler returns a [`HandlerError`]: [`HandlerError::retryable`] (a
 //! database error converts to it) is retried with a growing delay and
-//! dead-lettered on the last attempt [`RetryPolicy`] allows;
+//! dead-lettered on the last attempt [`RetryPolicy`](consumer::RetryPolicy) allows;
 //! [`HandlerError::permanent`] is dead-lettered at once. A batch whose
 //! transaction failed for a reason that says nothing about its messages
 //! (the database unreachable, a deadlock, a lock held elsewhere) is tried
@@ -164,14 +164,14 @@
 //!   binary-mode headers, trace context, correlation and causation ids.
 //! - [`provision`]: idempotent create-or-update of the service's stream, its
 //!   durable pull consumers and the shared streams.
-//! - [`outbox`]: the outbox and the [`Relay`].
-//! - [`consumer`]: the idempotent [`EventConsumer`] loop: inbox, routing,
+//! - [`outbox`]: the outbox and the [`Relay`](outbox::Relay).
+//! - [`consumer`]: the idempotent [`EventConsumer`](consumer::EventConsumer) loop: inbox, routing,
 //!   retries with exponential backoff, dead letters.
 //! - [`dead_letters`]: the operator's view of the dead letters: list,
 //!   inspect, replay to the consumer that gave up, delete.
-//! - [`metrics`]: the relay's and the consumers' Prometheus metrics.
-//! - [`trace`]: W3C trace context in and out of headers, outbox rows and
-//!   tonic metadata.
+//! - [`telemetry`]: the relay's and the consumers' Prometheus metrics, and
+//!   W3C trace context in and out of headers, outbox rows and tonic
+//!   metadata.
 //! - [`db`]: the PostgreSQL plumbing under all of it: pools with bounded
 //!   sessions, migrations applied under a lock, statements kept prepared,
 //!   and [`db::Failure`], what a failed statement means.
@@ -185,48 +185,29 @@ pub mod consumer;
 pub mod db;
 pub mod dead_letters;
 pub mod envelope;
-pub mod metrics;
+mod metrics;
 pub mod outbox;
 pub mod provision;
 mod schema;
-pub mod trace;
+mod trace;
+
+/// What the runtime tells of itself: Prometheus metrics
+/// ([`MessagingMetrics`](telemetry::MessagingMetrics)) and W3C trace
+/// context in and out of headers, outbox rows and tonic metadata.
+pub mod telemetry {
+    pub use crate::metrics::*;
+    pub use crate::trace::*;
+}
 
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 
 pub use builder::{Config, Messaging, MessagingBuilder, StartError, Task};
-pub use consumer::{
-    Batch, BatchHandler, Carried, Context, EventConsumer, Handler, HandlerError, LockNames,
-    Processed, ProcessedHook, RetryPolicy, Route, Router, Statement, StatementHandler,
-};
-pub use dead_letters::{DeadLetter, DeadLetterError, DeadLetterPage, DeadLetters};
-pub use envelope::{Envelope, EnvelopeError, OutgoingEvent};
-pub use metrics::MessagingMetrics;
-pub use outbox::{Outbox, OutboxWrite, PublishError, Relay, RelayConfig, Written};
-pub use provision::{ConsumerSpec, StreamSpec, replay_subject};
+pub use consumer::{Context, Handler, HandlerError, Route, Router};
+pub use outbox::Outbox;
 
 /// The outbox and inbox tables, from this crate's `migrations/`. Apply them
 /// before the service's own migrations.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
-
-/// The servers of a NATS URL list, `nats://a:4222,nats://b:4222` as
-/// `NATS_URL` takes them: a client given every node of a cluster goes to
-/// another when its own is lost, even one it has never heard of from the
-/// cluster (at start-up, say).
-pub fn nats_servers(urls: &str) -> std::io::Result<Vec<async_nats::ServerAddr>> {
-    let servers = urls
-        .split(',')
-        .map(str::trim)
-        .filter(|url| !url.is_empty())
-        .map(str::parse)
-        .collect::<std::io::Result<Vec<async_nats::ServerAddr>>>()?;
-    if servers.is_empty() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "no NATS server URL",
-        ));
-    }
-    Ok(servers)
-}
 
 /// A message that travels as an event: a protobuf message with its
 /// CloudEvents type and the NATS subject it is published on.
@@ -254,29 +235,5 @@ pub trait Event: prost::Message + Default + Send + Sync + 'static {
 }
 
 /// A boxed future, as stored handlers return.
-pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn a_nats_url_list_gives_every_server() {
-        let servers =
-            super::nats_servers("nats://127.0.0.1:4222, nats://10.0.0.2:4223,tls://n3:4222")
-                .unwrap();
-        let hosts: Vec<(String, u16)> = servers
-            .iter()
-            .map(|server| (server.host().to_owned(), server.port()))
-            .collect();
-        assert_eq!(
-            hosts,
-            [
-                ("127.0.0.1".to_owned(), 4222),
-                ("10.0.0.2".to_owned(), 4223),
-                ("n3".to_owned(), 4222)
-            ]
-        );
-        assert!(super::nats_servers("").is_err());
-        assert!(super::nats_servers(" , ").is_err());
-        assert!(super::nats_servers("nats://a:4222,http://b").is_err());
-    }
-}
+pub(crate) type BoxFuture<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;

@@ -104,7 +104,7 @@ impl MessagingMetrics {
     ///
     /// ```
     /// let mut registry = prometheus_client::registry::Registry::default();
-    /// pg_jetstream::MessagingMetrics::default()
+    /// pg_jetstream::telemetry::MessagingMetrics::default()
     ///     .register(registry.sub_registry_with_prefix("travel"));
     /// // travel_events_published, travel_outbox_lag, ...
     /// ```

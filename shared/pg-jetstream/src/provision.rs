@@ -324,7 +324,7 @@ pub struct ConsumerSpec {
     pub ack_wait: Duration,
     /// Redelivery delays after successive ack timeouts; empty means
     /// `ack_wait` every time. Handler failures do not wait for these: the
-    /// runtime naks them with its own [`crate::RetryPolicy`].
+    /// runtime naks them with its own [`crate::consumer::RetryPolicy`].
     pub ack_backoff: Vec<Duration>,
     /// How many messages may be delivered and not yet acknowledged, across
     /// all replicas.
@@ -386,6 +386,26 @@ impl ConsumerSpec {
     }
 }
 
+/// The servers of a NATS URL list, `nats://a:4222,nats://b:4222` as
+/// `NATS_URL` takes them: a client given every node of a cluster goes to
+/// another when its own is lost, even one it has never heard of from the
+/// cluster (at start-up, say).
+pub fn nats_servers(urls: &str) -> std::io::Result<Vec<async_nats::ServerAddr>> {
+    let servers = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(str::parse)
+        .collect::<std::io::Result<Vec<async_nats::ServerAddr>>>()?;
+    if servers.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "no NATS server URL",
+        ));
+    }
+    Ok(servers)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -422,5 +442,27 @@ mod tests {
             ["travel-replay.billing.>"]
         );
         assert_eq!(own.replay_stream_spec().subjects, ["travel-replay.>"]);
+    }
+
+    #[test]
+    fn a_nats_url_list_gives_every_server() {
+        let servers =
+            super::nats_servers("nats://127.0.0.1:4222, nats://10.0.0.2:4223,tls://n3:4222")
+                .unwrap();
+        let hosts: Vec<(String, u16)> = servers
+            .iter()
+            .map(|server| (server.host().to_owned(), server.port()))
+            .collect();
+        assert_eq!(
+            hosts,
+            [
+                ("127.0.0.1".to_owned(), 4222),
+                ("10.0.0.2".to_owned(), 4223),
+                ("n3".to_owned(), 4222)
+            ]
+        );
+        assert!(super::nats_servers("").is_err());
+        assert!(super::nats_servers(" , ").is_err());
+        assert!(super::nats_servers("nats://a:4222,http://b").is_err());
     }
 }

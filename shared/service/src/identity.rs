@@ -1,6 +1,6 @@
 //! Who a service is, written once.
 
-use pg_jetstream::{ConsumerSpec, StreamSpec};
+use pg_jetstream::provision::{ConsumerSpec, StreamSpec};
 
 use crate::Ports;
 

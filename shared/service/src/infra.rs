@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use async_nats::jetstream;
 use diesel_migrations::EmbeddedMigrations;
 use pg_jetstream::db::PgPool;
-use pg_jetstream::{Messaging, MessagingBuilder, MessagingMetrics};
+use pg_jetstream::{Messaging, MessagingBuilder, telemetry::MessagingMetrics};
 use prometheus_client::registry::Registry;
 use secrecy::ExposeSecret as _;
 
@@ -173,7 +173,8 @@ impl Infrastructure {
         if let (Some(user), Some(password)) = (&config.nats_user, &config.nats_password) {
             options = options.user_and_password(user.clone(), password.expose_secret().to_owned());
         }
-        let servers = pg_jetstream::nats_servers(&config.nats_url).context("reading NATS_URL")?;
+        let servers =
+            pg_jetstream::provision::nats_servers(&config.nats_url).context("reading NATS_URL")?;
         let nats = options
             .connect(servers)
             .await

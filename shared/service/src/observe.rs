@@ -9,8 +9,8 @@ use std::time::Instant;
 
 use axum::http;
 use futures::future::BoxFuture;
-use pg_jetstream::metrics::seconds_histogram;
-use pg_jetstream::trace;
+use pg_jetstream::telemetry;
+use pg_jetstream::telemetry::seconds_histogram;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -174,8 +174,8 @@ where
                 trace_id = tracing::field::Empty,
             );
             let metadata = tonic::metadata::MetadataMap::from_headers(request.headers().clone());
-            trace::extract_from_metadata(&span, &metadata);
-            span.record("trace_id", trace::trace_id(&span));
+            telemetry::extract_from_metadata(&span, &metadata);
+            span.record("trace_id", telemetry::trace_id(&span));
             span
         } else {
             tracing::Span::none()

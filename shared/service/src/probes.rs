@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 use axum::response::IntoResponse as _;
 use diesel_async::RunQueryDsl as _;
-use pg_jetstream::metrics::ConsumerLabels;
+use pg_jetstream::telemetry::ConsumerLabels;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 

@@ -67,7 +67,7 @@ impl Telemetry {
 
     /// For a process that runs several services (a local stack): like
     /// [`Telemetry::init`] for `process_name`, but a span that names its
-    /// service in [`pg_jetstream::trace::SERVICE_ATTRIBUTE`] (the gRPC,
+    /// service in [`pg_jetstream::telemetry::SERVICE_ATTRIBUTE`] (the gRPC,
     /// outbox, publish and consumer spans do) is exported under that service's `service.name`, as the
     /// service's own binary would export it; the rest under `process_name`.
     pub fn init_stack(process_name: &str, format: LogFormat) -> anyhow::Result<Self> {
@@ -174,7 +174,7 @@ fn otlp(endpoint: Option<&str>) -> anyhow::Result<opentelemetry_otlp::SpanExport
 const STACK_SERVICES: [&str; 4] = ["user", "order", "inventory", "payment"];
 
 /// Exports each span with the resource of the service its
-/// [`pg_jetstream::trace::SERVICE_ATTRIBUTE`] attribute names: one OTLP exporter per service, each with that service's
+/// [`pg_jetstream::telemetry::SERVICE_ATTRIBUTE`] attribute names: one OTLP exporter per service, each with that service's
 /// `service.name` on the process's resource, and one for the process's own
 /// spans.
 #[derive(Debug)]
@@ -199,7 +199,7 @@ impl ByService {
     fn route(&self, span: &SpanData) -> usize {
         span.attributes
             .iter()
-            .find(|kv| kv.key.as_str() == pg_jetstream::trace::SERVICE_ATTRIBUTE)
+            .find(|kv| kv.key.as_str() == pg_jetstream::telemetry::SERVICE_ATTRIBUTE)
             .and_then(|kv| {
                 let name = kv.value.as_str();
                 self.services

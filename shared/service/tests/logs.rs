@@ -11,8 +11,11 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use diesel_async::{AsyncConnection as _, AsyncPgConnection};
 use pg_jetstream::{
-    ConsumerSpec, Context, EventConsumer, Handler, HandlerError, Outbox, OutgoingEvent, Relay,
-    RelayConfig, RetryPolicy, Route, Router, StreamSpec,
+    Context, Handler, HandlerError, Outbox, Route, Router,
+    consumer::{EventConsumer, RetryPolicy},
+    envelope::OutgoingEvent,
+    outbox::{Relay, RelayConfig},
+    provision::{ConsumerSpec, StreamSpec},
 };
 use shop_proto::order::v1::OrderPlaced;
 use shop_service::{LogFormat, Telemetry};
@@ -91,7 +94,7 @@ async fn json_lines_about_a_saga_carry_its_order_id_and_trace_id() {
 
     // The event is written inside a span that stands for PlaceOrder.
     let place_order = tracing::info_span!("place order");
-    let trace_id = pg_jetstream::trace::trace_id(&place_order);
+    let trace_id = pg_jetstream::telemetry::trace_id(&place_order);
     assert_eq!(trace_id.len(), 32, "{trace_id:?}");
     let event = OutgoingEvent::new(&OrderPlaced {
         order_id: "o-1".into(),

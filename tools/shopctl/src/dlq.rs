@@ -3,8 +3,8 @@
 
 use anyhow::Context as _;
 use async_nats::jetstream;
+use pg_jetstream::dead_letters::{DeadLetter, DeadLetters};
 use pg_jetstream::envelope::headers;
-use pg_jetstream::{DeadLetter, DeadLetters};
 
 use shopctl::events::describe;
 use shopctl::nats::NatsArgs;

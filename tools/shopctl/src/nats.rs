@@ -43,7 +43,7 @@ impl NatsArgs {
                 secrecy::ExposeSecret::expose_secret(password).to_owned(),
             );
         }
-        let servers = pg_jetstream::nats_servers(&self.nats_url)
+        let servers = pg_jetstream::provision::nats_servers(&self.nats_url)
             .with_context(|| format!("reading the NATS URL {}", self.nats_url))?;
         options.connect(servers).await.with_context(|| {
             format!(
@@ -63,8 +63,8 @@ pub async fn provision_shared(
     let js = async_nats::jetstream::new(client);
     let mut made = Vec::new();
     for spec in [
-        pg_jetstream::StreamSpec::dead_letters(),
-        pg_jetstream::StreamSpec::replays(),
+        pg_jetstream::provision::StreamSpec::dead_letters(),
+        pg_jetstream::provision::StreamSpec::replays(),
     ] {
         let spec = spec.with_replicas(replicas);
         spec.provision(&js)

@@ -5,7 +5,7 @@
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 use async_nats::jetstream;
-use pg_jetstream::StreamSpec;
+use pg_jetstream::provision::StreamSpec;
 use shop_proto::inventory::v1::CreateProductRequest;
 use shop_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use shop_service::{Running, ServiceConfig};

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use diesel_async::AsyncPgConnection;
-use pg_jetstream::{Carried, HandlerError};
+use pg_jetstream::{HandlerError, consumer::Carried};
 use shop_proto::order::v1::{OrderCancelled, OrderConfirmed};
 use shop_service::unknown_stored;
 use uuid::Uuid;

@@ -5,7 +5,7 @@ use std::time::Duration;
 use chrono::Utc;
 use diesel_async::{AsyncConnection as _, AsyncPgConnection};
 use pg_jetstream::db::error_chain;
-use pg_jetstream::{Outbox, OutgoingEvent, Written};
+use pg_jetstream::{Outbox, envelope::OutgoingEvent, outbox::Written};
 use shop_proto::order::v1::OrderCancelled;
 use shop_service::ApiError;
 use tokio_util::sync::CancellationToken;

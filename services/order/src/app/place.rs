@@ -1,7 +1,7 @@
 //! PlaceOrder, the saga's start.
 
 use chrono::{SubsecRound as _, Utc};
-use pg_jetstream::OutgoingEvent;
+use pg_jetstream::envelope::OutgoingEvent;
 use shop_proto::order::v1::{OrderItem, OrderPlaced};
 use shop_service::{ApiError, Caller, timestamp};
 use tracing::Instrument as _;

@@ -8,7 +8,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{Nullable, Text};
 use diesel_async::RunQueryDsl;
 use pg_jetstream::db::PgPool;
-use pg_jetstream::{Carried, HandlerError, Outbox};
+use pg_jetstream::{HandlerError, Outbox, consumer::Carried};
 use shop_service::{ApiError, Caller};
 use shop_test_support::TestPostgres;
 use uuid::Uuid;

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::AtomicU64;
 
-use pg_jetstream::metrics::seconds_histogram;
+use pg_jetstream::telemetry::seconds_histogram;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;

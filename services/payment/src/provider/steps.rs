@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use diesel_async::{AsyncConnection as _, AsyncPgConnection};
 use pg_jetstream::db::PgPool;
-use pg_jetstream::{Outbox, OutgoingEvent, Written};
+use pg_jetstream::{Outbox, envelope::OutgoingEvent, outbox::Written};
 use shop_proto::payment::v1::{PaymentCompleted, PaymentFailed, PaymentRefunded, ProviderTrace};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -114,7 +114,7 @@ impl<P: PaymentProvider> Steps<P> {
                 futures::future::join_all(due.into_iter().map(|due| {
                     // The call belongs to its saga's trace.
                     let span = tracing::info_span!("provider call", order_id = %due.order_id);
-                    pg_jetstream::trace::continue_from(&span, due.traceparent.as_deref(), None);
+                    pg_jetstream::telemetry::continue_from(&span, due.traceparent.as_deref(), None);
                     self.call(due).instrument(span)
                 }))
                 .await;
@@ -422,7 +422,7 @@ async fn append(
     event: OutgoingEvent,
 ) -> diesel::QueryResult<Written> {
     let span = tracing::info_span!("provider outcome", order_id = %order_id);
-    pg_jetstream::trace::continue_from(&span, traceparent, None);
+    pg_jetstream::telemetry::continue_from(&span, traceparent, None);
     outbox
         .append(conn, vec![event.correlated(order_id.to_string())])
         .instrument(span)

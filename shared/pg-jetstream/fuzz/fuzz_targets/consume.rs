@@ -116,7 +116,7 @@ fuzz_target!(|data: &[u8]| {
     }
     // The consumer continues the producer's trace from these headers.
     let span = tracing::Span::none();
-    pg_jetstream::trace::continue_from(
+    pg_jetstream::telemetry::continue_from(
         &span,
         headers.get(headers::TRACEPARENT).map(|v| v.as_str()),
         headers.get(headers::TRACESTATE).map(|v| v.as_str()),

@@ -337,7 +337,7 @@ impl<S: Send + Sync + 'static, E: Event> Route<S, E, InOneStatement> {
     /// Such a route takes no locks, and asking it to does not compile:
     ///
     /// ```compile_fail,E0599
-    /// # use pg_jetstream::{Route, Router, Statement, StatementHandler, HandlerError};
+    /// # use pg_jetstream::{Route, Router, HandlerError, consumer::{Statement, StatementHandler}};
     /// # use pg_jetstream::consumer::LockNames;
     /// # #[derive(Clone, PartialEq, prost::Message)]
     /// # pub struct SeatHeld { #[prost(string, tag = "1")] pub seat: String }

@@ -18,8 +18,11 @@ use diesel_async::{
 use futures::StreamExt as _;
 use pg_jetstream::db::PgPool;
 use pg_jetstream::{
-    Batch, BatchHandler, ConsumerSpec, Context, EventConsumer, Handler, HandlerError, Outbox,
-    OutgoingEvent, Relay, RelayConfig, RetryPolicy, Route, Router, StreamSpec,
+    Context, Handler, HandlerError, Outbox, Route, Router,
+    consumer::{Batch, BatchHandler, EventConsumer, RetryPolicy},
+    envelope::OutgoingEvent,
+    outbox::{Relay, RelayConfig},
+    provision::{ConsumerSpec, StreamSpec},
 };
 use shop_test_support::TestInfra;
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::events::OrderPlaced;
 use async_nats::HeaderMap;
-use pg_jetstream::Processed;
+use pg_jetstream::consumer::Processed;
 use pg_jetstream::consumer::dead_letter_headers;
 use pg_jetstream::envelope::headers;
 use tokio_util::sync::CancellationToken;
@@ -380,7 +380,7 @@ async fn a_batch_route_applies_a_batch_in_one_call_and_one_by_one_when_it_fails(
         let router = pg_jetstream::Router::new().on::<OrderPlaced>(pg_jetstream::Route::batched());
         consumer_with(
             &setup,
-            pg_jetstream::ConsumerSpec::new("inventory", "ORDER", &["order.placed"]),
+            pg_jetstream::provision::ConsumerSpec::new("inventory", "ORDER", &["order.placed"]),
             router,
             Arc::clone(&behaviour),
         )

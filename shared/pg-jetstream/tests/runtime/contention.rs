@@ -10,10 +10,13 @@ use crate::events::OrderPlaced;
 use diesel::sql_types::Integer;
 use diesel_async::SimpleAsyncConnection as _;
 use diesel_async::{AsyncConnection as _, AsyncPgConnection};
-use pg_jetstream::metrics::ConsumerLabels;
+use pg_jetstream::telemetry::ConsumerLabels;
 use pg_jetstream::{
-    ConsumerSpec, Context, EventConsumer, Handler, HandlerError, LockNames, MessagingMetrics,
-    OutgoingEvent, Processed, Route, Router,
+    Context, Handler, HandlerError, Route, Router,
+    consumer::{EventConsumer, LockNames, Processed},
+    envelope::OutgoingEvent,
+    provision::ConsumerSpec,
+    telemetry::MessagingMetrics,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -213,7 +216,7 @@ async fn deliveries_of_one_event(
         Router::new().on::<OrderPlaced>(Route::single()),
         state,
     )
-    .with_retry(pg_jetstream::RetryPolicy {
+    .with_retry(pg_jetstream::consumer::RetryPolicy {
         initial: Duration::from_millis(100),
         multiplier: 2,
         max: Duration::from_secs(1),

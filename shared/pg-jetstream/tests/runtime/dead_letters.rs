@@ -7,7 +7,10 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use pg_jetstream::envelope::headers;
-use pg_jetstream::{ConsumerSpec, DeadLetterError, DeadLetters};
+use pg_jetstream::{
+    dead_letters::{DeadLetterError, DeadLetters},
+    provision::ConsumerSpec,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::common::*;

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use pg_jetstream::MessagingMetrics;
-use pg_jetstream::metrics::ConsumerLabels;
+use pg_jetstream::telemetry::ConsumerLabels;
+use pg_jetstream::telemetry::MessagingMetrics;
 use tokio_util::sync::CancellationToken;
 
 use crate::common::*;

@@ -8,7 +8,7 @@ use crate::common::*;
 async fn provisioning_creates_then_updates_in_place() {
     let setup = setup().await;
     // `setup` provisioned ORDER once; a new deploy changes its settings.
-    let mut spec = pg_jetstream::StreamSpec::new("ORDER", "order");
+    let mut spec = pg_jetstream::provision::StreamSpec::new("ORDER", "order");
     spec.max_age = Duration::from_secs(3600);
     spec.duplicate_window = Duration::from_secs(60);
     spec.provision(&setup.js).await.unwrap();
@@ -37,8 +37,11 @@ async fn provisioning_creates_then_updates_in_place() {
         async_nats::jetstream::stream::DiscardPolicy::New
     );
 
-    let mut consumer =
-        pg_jetstream::ConsumerSpec::new("payment", "ORDER", &["order.placed", "order.cancelled"]);
+    let mut consumer = pg_jetstream::provision::ConsumerSpec::new(
+        "payment",
+        "ORDER",
+        &["order.placed", "order.cancelled"],
+    );
     consumer.provision(&setup.js).await.unwrap();
     consumer.max_ack_pending = 64;
     consumer.ack_backoff = vec![Duration::from_secs(1), Duration::from_secs(5)];

@@ -14,7 +14,11 @@ use diesel_async::{AsyncConnection as _, AsyncPgConnection};
 use futures::StreamExt as _;
 use pg_jetstream::envelope::headers;
 use pg_jetstream::{
-    ConsumerSpec, EventConsumer, Outbox, OutgoingEvent, Relay, RelayConfig, StreamSpec, Written,
+    Outbox,
+    consumer::EventConsumer,
+    envelope::OutgoingEvent,
+    outbox::{Relay, RelayConfig, Written},
+    provision::{ConsumerSpec, StreamSpec},
 };
 use tokio_util::sync::CancellationToken;
 

@@ -12,7 +12,11 @@ use std::time::Duration;
 use crate::events::OrderPlaced;
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, SimpleAsyncConnection as _};
 use pg_jetstream::db::SessionLimits;
-use pg_jetstream::{ConsumerSpec, EventConsumer, RetryPolicy, Route, Router};
+use pg_jetstream::{
+    Route, Router,
+    consumer::{EventConsumer, RetryPolicy},
+    provision::ConsumerSpec,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::common::*;

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, SimpleAsyncConnection as _};
 use futures::StreamExt as _;
-use pg_jetstream::Relay;
 use pg_jetstream::envelope::headers;
+use pg_jetstream::outbox::Relay;
 use tokio_util::sync::CancellationToken;
 
 use crate::common::*;
@@ -163,7 +163,7 @@ async fn two_relays_publish_5000_events_with_none_lost_or_doubled() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_stream_refuses_new_events_which_wait_in_the_outbox() {
     let setup = setup().await;
-    pg_jetstream::StreamSpec::new("ORDER", "order")
+    pg_jetstream::provision::StreamSpec::new("ORDER", "order")
         .with_max_bytes(2048)
         .provision(&setup.js)
         .await
@@ -186,7 +186,7 @@ async fn a_full_stream_refuses_new_events_which_wait_in_the_outbox() {
     assert_eq!(pending(&setup).await, 1);
 
     // Room again (an operator raised the limit): it goes out.
-    pg_jetstream::StreamSpec::new("ORDER", "order")
+    pg_jetstream::provision::StreamSpec::new("ORDER", "order")
         .provision(&setup.js)
         .await
         .unwrap();

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, SimpleAsyncConnection as _};
-use pg_jetstream::Processed;
 use pg_jetstream::consumer::ConsumerStats;
+use pg_jetstream::consumer::Processed;
 use pg_jetstream::provision::StreamSpec;
 use tokio_util::sync::CancellationToken;
 

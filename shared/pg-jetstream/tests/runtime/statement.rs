@@ -12,7 +12,9 @@ use crate::events::{OrderConfirmed, OrderPlaced};
 use diesel::sql_types::{Array, BigInt, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, SimpleAsyncConnection as _};
 use pg_jetstream::{
-    ConsumerSpec, EventConsumer, HandlerError, Route, Router, Statement, StatementHandler,
+    HandlerError, Route, Router,
+    consumer::{EventConsumer, Statement, StatementHandler},
+    provision::ConsumerSpec,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -286,8 +288,8 @@ fn two_halves(setup: &Setup, behaviour: &Arc<Behaviour>) -> EventConsumer<Arc<Be
     .with_batch_size(64)
 }
 
-fn confirmed(order_id: &str) -> pg_jetstream::OutgoingEvent {
-    pg_jetstream::OutgoingEvent::new(&OrderConfirmed {
+fn confirmed(order_id: &str) -> pg_jetstream::envelope::OutgoingEvent {
+    pg_jetstream::envelope::OutgoingEvent::new(&OrderConfirmed {
         order_id: order_id.into(),
         ..Default::default()
     })

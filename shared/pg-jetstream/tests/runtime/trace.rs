@@ -8,7 +8,10 @@ use std::time::Duration;
 use crate::events::OrderPlaced;
 use opentelemetry::trace::{TraceContextExt as _, TraceId, TracerProvider as _};
 use pg_jetstream::{
-    ConsumerSpec, Context, EventConsumer, Handler, HandlerError, Relay, RelayConfig, Route, Router,
+    Context, Handler, HandlerError, Route, Router,
+    consumer::EventConsumer,
+    outbox::{Relay, RelayConfig},
+    provision::ConsumerSpec,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -191,11 +194,11 @@ fn grpc_metadata_carries_the_trace_both_ways() {
     tracing::subscriber::with_default(subscriber, || {
         let client = tracing::info_span!("client call");
         let mut metadata = tonic::metadata::MetadataMap::new();
-        client.in_scope(|| pg_jetstream::trace::inject_into_metadata(&mut metadata));
+        client.in_scope(|| pg_jetstream::telemetry::inject_into_metadata(&mut metadata));
         assert!(metadata.get("traceparent").is_some());
 
         let server = tracing::info_span!("server call");
-        pg_jetstream::trace::extract_from_metadata(&server, &metadata);
+        pg_jetstream::telemetry::extract_from_metadata(&server, &metadata);
         assert_eq!(
             server.context().span().span_context().trace_id(),
             client.context().span().span_context().trace_id()
