@@ -1,7 +1,5 @@
 //! Who a service is, written once.
 
-use pg_jetstream::provision::{ConsumerSpec, StreamSpec};
-
 use crate::Ports;
 
 /// A service's name, its stream and its default ports: one constant per
@@ -24,21 +22,6 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// The stream of the events this service publishes, on `<name>.>`.
-    pub fn stream_spec(&self) -> StreamSpec {
-        StreamSpec::new(self.stream, self.name)
-    }
-
-    /// This service's durable consumer of `stream`.
-    pub fn consumer_of(&self, stream: &str) -> ConsumerSpec {
-        ConsumerSpec::new(self.name, stream, &[])
-    }
-
-    /// This service's durable consumer of its replayed dead letters.
-    pub fn replays(&self) -> ConsumerSpec {
-        ConsumerSpec::replays(self.name)
-    }
-
     /// The `ce-source` of the events it publishes.
     pub fn source(&self) -> String {
         format!("shop/{}", self.name)
