@@ -60,6 +60,19 @@ macro_rules! events {
 
         /// Every event of the contract as (`ce-type`, subject).
         pub const EVENTS: &[(&str, &str)] = &[$(($type, $subject)),*];
+
+        /// Every event of the contract, each routed one at a time to
+        /// `S`'s handler: what a consumer of all of them accepts or
+        /// refuses before any handler runs (`Router::check`), for tests
+        /// and fuzzing.
+        pub fn contract_router<S>() -> pg_jetstream::Router<S>
+        where
+            S: Send + Sync + 'static,
+            $(S: pg_jetstream::Handler<$event>,)*
+        {
+            pg_jetstream::Router::new()
+                $(.on::<$event>(pg_jetstream::Route::single()))*
+        }
     };
 }
 
@@ -92,8 +105,27 @@ mod tests {
         let set = prost_types::FileDescriptorSet::decode(FILE_DESCRIPTOR_SET).unwrap();
         let mut services = Vec::new();
         let mut messages = Vec::new();
+        // The events: the messages of the events files that no message
+        // uses as a field's type.
+        let mut events = Vec::new();
+        let mut field_types = Vec::new();
         for file in &set.file {
             let package = file.package();
+            for message in &file.message_type {
+                field_types.extend(
+                    message
+                        .field
+                        .iter()
+                        .map(|field| field.type_name().trim_start_matches('.').to_owned()),
+                );
+            }
+            if file.name().ends_with("/events.proto") {
+                events.extend(
+                    file.message_type
+                        .iter()
+                        .map(|message| format!("{package}.{}", message.name())),
+                );
+            }
             for service in &file.service {
                 let methods: Vec<_> = service.method.iter().map(|m| m.name().to_owned()).collect();
                 services.push((format!("{package}.{}", service.name()), methods));
@@ -127,7 +159,17 @@ mod tests {
                 .unwrap_or_else(|| panic!("{name} missing from the descriptor set"));
             assert_eq!(found, methods, "RPCs of {name}");
         }
-        assert_eq!(EVENTS.len(), 10);
+        events.retain(|event| !field_types.contains(event));
+        let mut listed: Vec<String> = EVENTS
+            .iter()
+            .map(|(event, _)| (*event).to_owned())
+            .collect();
+        listed.sort();
+        events.sort();
+        assert_eq!(
+            listed, events,
+            "shop-proto's events! table against proto/*/events.proto"
+        );
         for (event, subject) in EVENTS {
             assert!(messages.iter().any(|m| m == event), "{event} missing");
             // Each event lives in its producer's package, and is published on
