@@ -63,6 +63,10 @@ pub struct MessagingMetrics {
     /// Batches tried again in place (database unreachable, deadlock), by
     /// consumer.
     pub batches_tried_again: Family<ConsumerLabels, Counter>,
+    /// One-statement writes refused because what their handler read had
+    /// changed meanwhile (another writer on the same rows), by consumer:
+    /// each is read and decided again. Many, steadily, mean a hot row.
+    pub stale_retries: Family<ConsumerLabels, Counter>,
     /// Outbox rows not yet deleted: unconfirmed, or confirmed a moment ago.
     pub outbox_pending: Gauge,
     /// Age of the oldest outbox row, in seconds.
@@ -87,6 +91,7 @@ impl Default for MessagingMetrics {
             consumed: Family::default(),
             handling: Family::new_with_constructor(latency_histogram),
             batches_tried_again: Family::default(),
+            stale_retries: Family::default(),
             outbox_pending: Gauge::default(),
             outbox_lag: Gauge::default(),
             dead_letters_stored: Gauge::default(),
@@ -134,6 +139,11 @@ impl MessagingMetrics {
             "consumer_batches_tried_again",
             "Batches tried again in place after a failure that was not their messages' (database unreachable, deadlock)",
             self.batches_tried_again.clone(),
+        );
+        registry.register(
+            "consumer_stale_retries",
+            "One-statement writes refused because what they read had changed meanwhile (another writer on the same rows), read and decided again",
+            self.stale_retries.clone(),
         );
         registry.register(
             "outbox_pending_rows",

@@ -166,6 +166,9 @@ pub struct ConsumerStats {
     /// Batches tried again in place after a failure that said nothing about
     /// their messages (the database unreachable, a deadlock).
     pub batches_tried_again: AtomicU64,
+    /// One-statement writes refused because what their handler read had
+    /// changed meanwhile, each read and decided again.
+    pub stale_retries: AtomicU64,
 }
 
 /// How one delivery ended, as reported to a [`ProcessedHook`].

@@ -14,6 +14,7 @@
 
 use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
 
 use crate::db::KeepPrepared;
 use diesel::QueryableByName;
@@ -28,6 +29,7 @@ use super::batch::{Outcome, Prepared, consumer_span};
 use super::failure::{BatchFailed, Failure, panic_message, split_retry_in_place};
 use super::handler::{HandlerError, Statement};
 use super::router::Handle;
+use crate::metrics::ConsumerLabels;
 use crate::outbox::Written;
 
 /// Why a route's statement wrote nothing.
@@ -152,7 +154,10 @@ impl<S: Send + Sync + 'static> Inner<S> {
                 Err(NotWritten::InPlace(DbError::DatabaseError(
                     DatabaseErrorKind::SerializationFailure,
                     _,
-                ))) if stale < STALE_RETRIES => stale += 1,
+                ))) if stale < STALE_RETRIES => {
+                    stale += 1;
+                    self.count_stale_retry();
+                }
                 Err(NotWritten::InPlace(error)) => return Err(BatchFailed::from(error)),
                 Err(NotWritten::Handler(error)) if pending.len() == 1 => {
                     outcomes[pending[0]] = Some(Err(Failure::from(error)));
@@ -174,6 +179,17 @@ impl<S: Send + Sync + 'static> Inner<S> {
             .into_iter()
             .map(|outcome| outcome.unwrap_or(Ok(Outcome::Applied)))
             .collect())
+    }
+
+    /// Counts a write refused because what it read had changed.
+    fn count_stale_retry(&self) {
+        self.stats.stale_retries.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .stale_retries
+            .get_or_create(&ConsumerLabels {
+                consumer: self.name.clone(),
+            })
+            .inc();
     }
 
     /// Runs the route's handler on `group` and, if it changed nothing,

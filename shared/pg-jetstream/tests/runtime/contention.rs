@@ -250,14 +250,14 @@ async fn deliveries_of_one_event(
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deadlock_is_tried_again_in_place_without_spending_a_delivery() {
     // More failures than the four deliveries allowed: none of them counts.
-    let (settled, tried_again) = deliveries_of_one_event("40P01", 5).await;
+    let (settled, tried_again) = Box::pin(deliveries_of_one_event("40P01", 5)).await;
     assert_eq!(settled, vec![(1, Processed::Applied)]);
     assert_eq!(tried_again, 5);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_serialization_failure_is_tried_again_in_place() {
-    let (settled, tried_again) = deliveries_of_one_event("40001", 2).await;
+    let (settled, tried_again) = Box::pin(deliveries_of_one_event("40001", 2)).await;
     assert_eq!(settled, vec![(1, Processed::Applied)]);
     assert_eq!(tried_again, 2);
 }
@@ -265,7 +265,7 @@ async fn a_serialization_failure_is_tried_again_in_place() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failure_of_the_handler_itself_spends_a_delivery() {
     // A check violation is about what the handler did: retried by a nak.
-    let (settled, tried_again) = deliveries_of_one_event("23514", 1).await;
+    let (settled, tried_again) = Box::pin(deliveries_of_one_event("23514", 1)).await;
     assert_eq!(
         settled,
         vec![(1, Processed::Retried), (2, Processed::Applied)]

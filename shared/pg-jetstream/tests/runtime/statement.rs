@@ -212,6 +212,7 @@ async fn a_stale_read_is_read_and_decided_again() {
     assert_eq!(effects(&setup, "a").await, 1);
     assert_eq!(inbox_rows(&setup).await, 1);
     assert_eq!(stats.batches_tried_again.load(Ordering::Relaxed), 0);
+    assert_eq!(stats.stale_retries.load(Ordering::Relaxed), 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
