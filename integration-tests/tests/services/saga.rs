@@ -39,8 +39,15 @@ async fn a_purchase_is_confirmed_and_paid() {
     assert_eq!(order.total_cents, 2 * 1999 + 500);
     assert_eq!(order.cancel_reason, "");
     // The order service reads `inventory.reserved` and `payment.completed`
-    // on durables of their own, so either may be recorded first; the
-    // confirmation follows the payment.
+    // on durables of their own, so either may be recorded first, and the
+    // reservation's record may even come after the confirmation (its
+    // durable lagging behind the payment's); the confirmation follows the
+    // payment.
+    shop::eventually("the reservation recorded on the order", || async {
+        shop.order(&order.order_id).await.steps.len() == 4
+    })
+    .await;
+    let order = shop.order(&order.order_id).await;
     let steps = steps(&order);
     let at = |name: &str| steps.iter().position(|step| *step == name);
     assert_eq!(steps.len(), 4, "{steps:?}");
