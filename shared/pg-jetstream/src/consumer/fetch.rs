@@ -34,14 +34,22 @@ impl<S: Send + Sync + 'static> EventConsumer<S> {
     /// is missed; what was applied before comes again and the inbox (kept
     /// longer than the streams keep messages) acks it without effect.
     pub async fn run(self, shutdown: CancellationToken) {
+        let labels = ConsumerLabels {
+            consumer: self.inner.name.clone(),
+        };
         let up = self
             .inner
             .metrics
             .consumer_up
-            .get_or_create(&ConsumerLabels {
-                consumer: self.inner.name.clone(),
-            })
+            .get_or_create(&labels)
             .clone();
+        // The consumer's counters exist from the start, at zero, so that
+        // their rates are 0 rather than absent until the first event.
+        let metrics = &self.inner.metrics;
+        let _ = (
+            metrics.batches_tried_again.get_or_create(&labels),
+            metrics.stale_retries.get_or_create(&labels),
+        );
         // The broker may be down at start-up or mid-way: keep trying.
         let Some(mut consumer) = self.provision(&shutdown).await else {
             return;
